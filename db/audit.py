@@ -1,0 +1,16 @@
+"""Append an audit event. There is deliberately no update or delete helper: the trail is append-only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db.models import AuditEvent, AuditEventType
+
+
+def record_audit(session: Session, event_type: AuditEventType | str, **fields: Any) -> AuditEvent:
+    """Add an audit event to the session (committed with the caller's transaction)."""
+    event = AuditEvent(event_type=str(event_type), **{k: v for k, v in fields.items() if v is not None})
+    session.add(event)
+    return event

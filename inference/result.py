@@ -1,0 +1,43 @@
+"""AnomalyResult: what the pipeline hands to the result writers, on the source grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class AnomalyResult:
+    """Anomaly detection output for one series, every array on the source grid (slices, rows, cols).
+
+    Slice k of each array belongs to the source image `source_sop_instance_uids[k]`; for a single
+    radiograph there is one slice.
+    """
+
+    model_id: str  # name + content hash of the weights that produced it
+    modality: str
+    series_instance_uid: str
+    source_sop_instance_uids: list[str]
+    anatomy_mask: np.ndarray  # bool: the condition (lungs for CT, lung field estimate for CR/DX)
+    anomaly_map: np.ndarray  # float32: squared error between input and mean reconstruction
+    uncertainty_map: np.ndarray  # float32: std of the reconstructions across ensemble members
+    segmentation: np.ndarray  # bool: thresholded and cleaned anomaly mask
+    threshold: float  # alpha = mean + lambda * std of the error outside the anatomy mask
+    slice_scores: np.ndarray  # float32 per slice, see docs/model-card.md for the definition
+    study_score: float
+    anomalous_volume_mm3: float  # voxels in `segmentation` x voxel volume (area x 1 mm for 2D)
+    mean_uncertainty: float  # mean of uncertainty_map inside the segmentation (or anatomy if empty)
+    pixel_spacing_mm: tuple[float, float]  # row spacing, column spacing
+    slice_thickness_mm: float
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    settings: dict[str, object] = field(default_factory=dict)  # t_start, steps, ensemble, lambda, ...
+
+    @property
+    def positive(self) -> bool:
+        return bool(self.segmentation.any())
+
+    def top_slices(self, n: int) -> list[int]:
+        """Indices of the n highest-scoring slices (all slices when n <= 0), best first."""
+        order = np.argsort(-self.slice_scores, kind="stable")
+        return [int(i) for i in (order if n <= 0 else order[:n])]

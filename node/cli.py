@@ -1,0 +1,65 @@
+"""The `edgenode` command line: one entry point, one sub-command module each.
+
+Each module in node/commands exposes `add_arguments(parser)` and `run(args, settings) -> int`, and
+keeps heavy imports (torch, pynetdicom) inside `run` so `edgenode --help` stays fast.
+Exit codes: 0 ok, 1 the operation failed, 2 bad configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+from node.config import ConfigError, load_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+# name -> (module, help). Add commands here; the module does the rest.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("node.commands.serve", "run the node: DICOM listener, scheduler, workers, sender, dashboard"),
+    "config": ("node.commands.config", "check or show the effective configuration"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgenode", description="DICOM AI edge node")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", type=Path, default=None, help="TOML configuration file")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, parents=[common])
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs full datasets at DEBUG, which can include patient names.
+    logging.getLogger("pynetdicom").setLevel(max(logging.INFO, getattr(logging, level)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"edgenode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.logging.level)
+    return int(args._module.run(args, settings) or EXIT_OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

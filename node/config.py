@@ -1,0 +1,289 @@
+"""Validated settings: one object built from the TOML file and EDGENODE_<SECTION>__<KEY> env vars.
+
+The keys are the operator's contract (docs/ and DESIGN.md): add keys, never rename them.
+Precedence: environment > TOML file > defaults. Unknown keys are errors, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+AE_TITLE_PATTERN = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not AE_TITLE_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return stripped
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NodeSettings(Section):
+    ae_title: str = "EDGENODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    data_dir: Path = Path("var")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
+    max_associations: int = Field(16, ge=1)
+    acse_timeout: float = Field(30.0, gt=0)
+    dimse_timeout: float = Field(60.0, gt=0)
+    network_timeout: float = Field(60.0, gt=0)
+    min_free_disk_mb: int = Field(1024, ge=0)  # below this, stores answer 0xA700 and associations are refused
+    require_called_ae: bool = True  # reject associations whose called AE title is not ours
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> NodeSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+
+class PeerSettings(Section):
+    ae_title: str
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    tls: bool = False  # use TLS when sending results to this peer
+
+    _ae = field_validator("ae_title")(_check_ae)
+
+
+class DatabaseSettings(Section):
+    url: str = ""  # empty: SQLite at <data_dir>/edgenode.db (WAL mode)
+
+
+class StabilitySettings(Section):
+    stable_seconds: float = Field(30.0, ge=0)
+    max_wait_seconds: float = Field(900.0, gt=0)
+    scan_interval_seconds: float = Field(1.0, gt=0)
+
+
+class Priority(StrEnum):
+    ROUTINE = "routine"
+    STAT = "stat"
+
+
+class RoutingRule(Section):
+    """Which complete studies get an inference job, with what priority and where results go."""
+
+    name: str = "chest"
+    modalities: list[str] = Field(default_factory=lambda: ["CT", "CR", "DX"])
+    body_parts: list[str] = Field(default_factory=list)  # empty: any BodyPartExamined
+    series_description: str = ""  # regex (search, case-insensitive); empty: any
+    calling_ae: list[str] = Field(default_factory=list)  # empty: any allowed peer
+    priority: Priority = Priority.ROUTINE
+    destination: str = ""  # peer AE title for results; empty: the peer that sent the study
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("modalities", "body_parts")
+    @classmethod
+    def _upper(cls, values: list[str]) -> list[str]:
+        return [v.strip().upper() for v in values]
+
+
+class InferenceSettings(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    ensemble: int = Field(7, ge=1, le=64)
+    model: str = "bundled"  # "bundled" or a path to a .safetensors file
+    steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
+    t_start: dict[str, int] = Field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
+    threshold_lambda: dict[str, float] = Field(default_factory=lambda: {"CT": 3.0, "CR": 3.0, "DX": 3.0})
+    max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
+    seed: int = 0
+    workers: int = Field(1, ge=1)  # worker processes (one per GPU)
+
+
+class ResultsSettings(Section):
+    heatmap_slices: int = Field(5, ge=0)  # top-N slices by score; 0 = all
+    seg_all_slices: bool = False
+    fractional_anomaly_seg: bool = False
+    fractional_uncertainty_seg: bool = False
+
+
+class SendSettings(Section):
+    initial_backoff_seconds: float = Field(30.0, gt=0)
+    max_backoff_seconds: float = Field(600.0, gt=0)
+    max_attempts: int = Field(20, ge=1)
+
+
+class JobSettings(Section):
+    lease_seconds: float = Field(120.0, gt=0)
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_seconds: float = Field(30.0, ge=0)
+
+
+class WebSettings(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token: str = ""  # empty: generated at first start, stored under data_dir, printed once
+
+
+class RetentionSettings(Section):
+    enabled: bool = True
+    days: int = Field(30, ge=1)
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """Everything the node needs to know, passed down explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EDGENODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    peers: list[PeerSettings] = Field(default_factory=list)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    stability: StabilitySettings = Field(default_factory=StabilitySettings)
+    routing: list[RoutingRule] = Field(default_factory=lambda: [RoutingRule()])
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        if self.stability.max_wait_seconds < self.stability.stable_seconds:
+            raise ValueError("stability.max_wait_seconds must be >= stability.stable_seconds")
+        known = {p.ae_title for p in self.peers}
+        for rule in self.routing:
+            if rule.destination and rule.destination not in known:
+                raise ValueError(f"routing rule {rule.name!r}: destination {rule.destination!r} is not in [[peers]]")
+        return self
+
+    # Derived paths: one place decides where things live under data_dir.
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir.expanduser().resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'edgenode.db'}"
+
+    def peer(self, ae_title: str) -> PeerSettings | None:
+        return next((p for p in self.peers if p.ae_title == ae_title), None)
+
+
+class ConfigError(Exception):
+    """A configuration problem, with a message that names the offending key."""
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        env = "EDGENODE_" + "__".join(str(p).upper() for p in err["loc"] if not isinstance(p, int))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg} (input {err.get('input')!r}; env override {env})")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from an optional TOML file, the environment and explicit overrides."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+
+    class _FromFile(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if path is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            return tuple(sources)
+
+    source = str(path) if path else "defaults and environment"
+    try:
+        loaded = _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
+        raise ConfigError(f"invalid configuration ({source}): {exc}") from exc
+    return Settings.model_validate(loaded.model_dump())
+
+
+def settings_to_toml(settings: Settings) -> str:
+    """Render effective settings as TOML (for `edgenode config show`); hides the web token."""
+    data = settings.model_dump(mode="json")
+    if data["web"]["token"]:
+        data["web"]["token"] = "********"
+    out: list[str] = []
+
+    def scalar(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        if value is None:
+            return '""'
+        if isinstance(value, list):
+            return "[" + ", ".join(scalar(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{ " + ", ".join(f"{k} = {scalar(v)}" for k, v in value.items()) + " }"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    for section, body in data.items():
+        if isinstance(body, list):
+            for item in body:
+                out.append(f"[[{section}]]")
+                out.extend(f"{k} = {scalar(v)}" for k, v in item.items() if v is not None)
+                out.append("")
+        else:
+            out.append(f"[{section}]")
+            out.extend(f"{k} = {scalar(v)}" for k, v in body.items() if v is not None)
+            out.append("")
+    return "\n".join(out)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian machine for edgenode: the DICOM peers and validators the node and its tests
+# use (dcmtk, dicom3tools, Orthanc), Chromium for the dashboard test, and a virtualenv in .venv with
+# torch 2.13.0 installed before the project so pip never resolves another (CUDA) build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  need=()
+  for pkg in dcmtk dicom3tools orthanc chromium; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+else
+  echo "setup: not root or no apt-get; expecting dcmtk, dicom3tools, orthanc and chromium to be installed" >&2
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch==2.13.0"
+  .venv/bin/python -m pip install -q "torch==2.13.0"
+fi
+echo "setup: installing edgenode and its dependencies"
+.venv/bin/python -m pip install -q -e ".[dev]"
+echo "setup: done"

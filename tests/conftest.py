@@ -1,0 +1,76 @@
+"""Shared fixtures: real peers' tool paths, free loopback ports, and process environments."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# dcmtk's tools by absolute path: pynetdicom installs same-named scripts into the venv's bin.
+DCMTK = {name: Path("/usr/bin") / name for name in ("storescu", "echoscu", "storescp", "dcmdump", "dcmcjpeg",
+                                                       "dcmcrle", "dcmcjpls")}
+DCIODVFY = Path("/usr/bin/dciodvfy")
+DCENTVFY = Path("/usr/bin/dcentvfy")
+ORTHANC = Path("/usr/sbin/Orthanc")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peer_env() -> dict[str, str]:
+    """Environment for dcmtk and Orthanc processes: TCP_NODELAY avoids Nagle's ~50 ms per image."""
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    """Environment for an `edgenode` subprocess running this checkout's code."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def edgenode_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "node", *args]
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run scripts/setup.sh (it installs dcmtk, dicom3tools and orthanc)")
+    return path
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def dcmtk() -> dict[str, Path]:
+    for path in DCMTK.values():
+        require(path)
+    return DCMTK
+
+
+@pytest.fixture(scope="session")
+def have_orthanc() -> Path:
+    return require(ORTHANC)
+
+
+def which_or_fail(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found on PATH")
+    return found
