@@ -41,7 +41,11 @@ PRESETS: dict[str, UNetConfig] = {
     "small": UNetConfig(base_channels=32, channel_mults=(1, 2, 2, 4), attention_levels=(3,), image_size=128),
     # For GPU sites.
     "base": UNetConfig(
-        base_channels=64, channel_mults=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(2, 3), image_size=256
+        base_channels=64,
+        channel_mults=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(2, 3),
+        image_size=256,
     ),
 }
 
@@ -121,8 +125,11 @@ class UNet(nn.Module):
                 skip_channels.append(cur)
 
         self.mid = nn.ModuleList(
-            [ResBlock(cur, cur, emb_dim, config.groups), SelfAttention(cur, config.groups),
-             ResBlock(cur, cur, emb_dim, config.groups)]
+            [
+                ResBlock(cur, cur, emb_dim, config.groups),
+                SelfAttention(cur, config.groups),
+                ResBlock(cur, cur, emb_dim, config.groups),
+            ]
         )
 
         self.up = nn.ModuleList()
@@ -135,11 +142,15 @@ class UNet(nn.Module):
                 self.up.append(block)
                 cur = out
             if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(cur, cur, 3, padding=1)]))
+                self.up.append(
+                    nn.ModuleList(
+                        [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)]
+                    )
+                )
 
-        self.head = nn.Sequential(nn.GroupNorm(config.groups, cur), nn.SiLU(),
-                                  nn.Conv2d(cur, config.image_channels, 3, padding=1))
+        self.head = nn.Sequential(
+            nn.GroupNorm(config.groups, cur), nn.SiLU(), nn.Conv2d(cur, config.image_channels, 3, padding=1)
+        )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 

@@ -21,7 +21,6 @@ EXIT_USAGE = 2
 
 # name -> (module, help). Add commands here; the module does the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("node.commands.serve", "run the node: DICOM listener, scheduler, workers, sender, dashboard"),
     "config": ("node.commands.config", "check or show the effective configuration"),
 }
 

@@ -190,7 +190,9 @@ class Settings(BaseSettings):
         known = {p.ae_title for p in self.peers}
         for rule in self.routing:
             if rule.destination and rule.destination not in known:
-                raise ValueError(f"routing rule {rule.name!r}: destination {rule.destination!r} is not in [[peers]]")
+                raise ValueError(
+                    f"routing rule {rule.name!r}: destination {rule.destination!r} is not in [[peers]]"
+                )
         return self
 
     # Derived paths: one place decides where things live under data_dir.

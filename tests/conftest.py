@@ -13,8 +13,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # dcmtk's tools by absolute path: pynetdicom installs same-named scripts into the venv's bin.
-DCMTK = {name: Path("/usr/bin") / name for name in ("storescu", "echoscu", "storescp", "dcmdump", "dcmcjpeg",
-                                                       "dcmcrle", "dcmcjpls")}
+DCMTK = {
+    name: Path("/usr/bin") / name
+    for name in ("storescu", "echoscu", "storescp", "dcmdump", "dcmcjpeg", "dcmcrle", "dcmcjpls")
+}
 DCIODVFY = Path("/usr/bin/dciodvfy")
 DCENTVFY = Path("/usr/bin/dcentvfy")
 ORTHANC = Path("/usr/sbin/Orthanc")

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -39,8 +39,16 @@ def chest_slice_hu(rows: int, cols: int, z: float = 0.0) -> np.ndarray:
     return img
 
 
-def _base_dataset(sop_class: str, modality: str, study_uid: str, series_uid: str, patient_id: str,
-                  accession: str, series_number: int, instance_number: int) -> Dataset:
+def _base_dataset(
+    sop_class: str,
+    modality: str,
+    study_uid: str,
+    series_uid: str,
+    patient_id: str,
+    accession: str,
+    series_number: int,
+    instance_number: int,
+) -> Dataset:
     now = datetime(2026, 11, 1, 9, 30, 0)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -74,10 +82,21 @@ def _base_dataset(sop_class: str, modality: str, study_uid: str, series_uid: str
     return ds
 
 
-def make_ct_series(n_slices: int = 8, rows: int = 64, cols: int = 64, *, study_uid: str | None = None,
-                   series_uid: str | None = None, patient_id: str = "PAT001", accession: str = "ACC001",
-                   spacing: float = 0.7, thickness: float = 2.5, series_number: int = 1,
-                   shuffle_instance_numbers: bool = False, seed: int = 0) -> list[Dataset]:
+def make_ct_series(
+    n_slices: int = 8,
+    rows: int = 64,
+    cols: int = 64,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    patient_id: str = "PAT001",
+    accession: str = "ACC001",
+    spacing: float = 0.7,
+    thickness: float = 2.5,
+    series_number: int = 1,
+    shuffle_instance_numbers: bool = False,
+    seed: int = 0,
+) -> list[Dataset]:
     """A CT Image Storage series in HU (slope 1, intercept -1024), feet-to-head positions."""
     rng = np.random.default_rng(seed)
     study_uid = study_uid or generate_uid()
@@ -88,8 +107,9 @@ def make_ct_series(n_slices: int = 8, rows: int = 64, cols: int = 64, *, study_u
         rng.shuffle(numbers)
     out = []
     for k in range(n_slices):
-        ds = _base_dataset(CTImageStorage, "CT", study_uid, series_uid, patient_id, accession, series_number,
-                           numbers[k])
+        ds = _base_dataset(
+            CTImageStorage, "CT", study_uid, series_uid, patient_id, accession, series_number, numbers[k]
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.FrameOfReferenceUID = frame_uid
         ds.PositionReferenceIndicator = ""
@@ -118,12 +138,28 @@ def make_ct_series(n_slices: int = 8, rows: int = 64, cols: int = 64, *, study_u
     return out
 
 
-def make_dx(rows: int = 128, cols: int = 128, *, study_uid: str | None = None, patient_id: str = "PAT002",
-            accession: str = "ACC002", monochrome1: bool = False, seed: int = 0) -> Dataset:
+def make_dx(
+    rows: int = 128,
+    cols: int = 128,
+    *,
+    study_uid: str | None = None,
+    patient_id: str = "PAT002",
+    accession: str = "ACC002",
+    monochrome1: bool = False,
+    seed: int = 0,
+) -> Dataset:
     """A Digital X-Ray (for presentation) chest PA image; lungs dark (MONOCHROME2) unless monochrome1."""
     rng = np.random.default_rng(seed)
-    ds = _base_dataset(DigitalXRayImageStorageForPresentation, "DX", study_uid or generate_uid(), generate_uid(),
-                       patient_id, accession, 1, 1)
+    ds = _base_dataset(
+        DigitalXRayImageStorageForPresentation,
+        "DX",
+        study_uid or generate_uid(),
+        generate_uid(),
+        patient_id,
+        accession,
+        1,
+        1,
+    )
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationIntentType = "FOR PRESENTATION"
     ds.ViewPosition = "PA"

@@ -17,6 +17,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(settings_to_toml(settings))
     else:
         source = args.config or "defaults and environment"
-        print(f"configuration OK ({source}): AE {settings.node.ae_title} on port {settings.node.port}, "
-              f"{len(settings.peers)} peer(s), database {settings.database_url}")
+        print(
+            f"configuration OK ({source}): AE {settings.node.ae_title} on port {settings.node.port}, "
+            f"{len(settings.peers)} peer(s), database {settings.database_url}"
+        )
     return 0
