@@ -59,23 +59,25 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
 
-# Everything pydicom can hold: uncompressed, deflated, RLE, JPEG, JPEG-LS, JPEG 2000 and HTJ2K.
+# Everything pydicom can hold. pynetdicom accepts the first syntax in THIS order that the sender
+# proposes, so: lossless compressed first (the sender keeps its native encoding, nothing is lost), then
+# uncompressed, then lossy last (only chosen when the sender offers nothing else, i.e. holds lossy data).
 TRANSFER_SYNTAXES = [
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
-    RLELossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
     JPEGLSNearLossless,
-    JPEG2000Lossless,
     JPEG2000,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
     HTJ2K,
 ]
 
@@ -252,7 +254,6 @@ class StorageSCP:
         called = str(primitive.called_ae_title or "").strip()
         _, _, address = self._peer(assoc)
         log.warning("rejecting association from %s@%s: %s", calling, address, why)
-        assoc.acse.send_reject(result, source, reason)
         self._audit(
             AuditEventType.ASSOCIATION_REJECTED,
             outcome="failure",
@@ -261,6 +262,7 @@ class StorageSCP:
             peer_address=address,
             detail=f"{why} (A-ASSOCIATE-RJ result {result}, source {source}, reason {reason})",
         )
+        assoc.acse.send_reject(result, source, reason)  # after the audit commit: the sender sees it last
         assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
