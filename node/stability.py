@@ -61,7 +61,9 @@ class StabilityScanner:
         }
         rule = select_rule(self.settings.routing, study.calling_ae, pending.series)
         grew = study.completed_at is not None
-        study.completed_at = now
+        # The completion mark is real time taken under the ingest lock, so every instance committed
+        # after this scan is later than it ("grew"), even when `now` is a simulated future time.
+        study.completed_at = min(now, utcnow())
         study.completed_instance_count = pending.source_count
         record_audit(
             session,

@@ -65,7 +65,9 @@ class ServeProcess:
     def start(self, timeout: float = 60.0) -> ServeProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                edgenode_cmd("serve", "--config", str(self.config)), stdout=log, stderr=subprocess.STDOUT,
+                edgenode_cmd("serve", "--config", str(self.config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env=node_env(**self.env),
             )
         wait_for_port("127.0.0.1", self.port, timeout, self.proc)

@@ -21,12 +21,15 @@ from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.ingest_support import SENDER_AE, dataset_bytes, node_settings, running_node, sender_ae
 
 
-def storescu(port: int, files: list[Path], *extra: str, aet: str = "STORESCU", aec: str = "EDGENODE") -> (
-    subprocess.CompletedProcess[str]
-):
+def storescu(
+    port: int, files: list[Path], *extra: str, aet: str = "STORESCU", aec: str = "EDGENODE"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(DCMTK["storescu"]), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port), *map(str, files)],
-        env=peer_env(), capture_output=True, text=True, timeout=300,
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -75,7 +78,11 @@ def test_ct_series_stored_byte_for_byte_and_resend_is_idempotent(tmp_path: Path,
             series = s.scalars(select(Series)).one()
             assert (study.patient_id, study.accession_number, study.calling_ae) == ("PAT-SCP", "ACC-SCP", "STORESCU")
             assert (series.modality, series.body_part, series.series_number, series.instance_count) == (
-                "CT", "CHEST", 1, 100)
+                "CT",
+                "CHEST",
+                1,
+                100,
+            )
             numbers = sorted(s.scalars(select(Instance.instance_number)).all())
             assert numbers == list(range(1, 101))
             assert {i.transfer_syntax_uid for i in s.scalars(select(Instance))} == {"1.2.840.10008.1.2.1"}
@@ -94,14 +101,18 @@ def test_unknown_ae_wrong_address_and_wrong_called_ae_are_rejected(tmp_path: Pat
     peers = [{"ae_title": SENDER_AE, "host": "127.0.0.2", "port": 104}]
     with running_node(node_settings(tmp_path / "var", peers=peers)) as node:
         port = node.scp.port
-        echo = subprocess.run([str(DCMTK["echoscu"]), "-aet", "STRANGER", "-aec", "EDGENODE", "127.0.0.1", str(port)],
-                              env=peer_env(), capture_output=True, text=True, timeout=60)
+        echo = subprocess.run(
+            [str(DCMTK["echoscu"]), "-aet", "STRANGER", "-aec", "EDGENODE", "127.0.0.1", str(port)],
+            env=peer_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert echo.returncode != 0
         assert "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
 
         def rejection(ae_title: str, bind: str, called: str = "EDGENODE") -> tuple[int, int, int] | None:
-            assoc = sender_ae(ae_title=ae_title).associate("127.0.0.1", port, ae_title=called,
-                                                           bind_address=(bind, 0))
+            assoc = sender_ae(ae_title=ae_title).associate("127.0.0.1", port, ae_title=called, bind_address=(bind, 0))
             if assoc.is_established:
                 assert assoc.send_c_echo().Status == 0
                 assoc.release()
@@ -208,8 +219,7 @@ def test_truncated_or_garbage_data_sets_fail_and_leave_nothing(tmp_path: Path, c
         statuses = {name: int(assoc.send_c_store(path).Status) for name, path in files.items()}
         assert int(assoc.send_c_store(ct_files[1]).Status) == 0  # the association is still usable
         assoc.release()
-        assert statuses == {"truncated": 0xC210, "cut-before-pixels": 0xA900, "garbage": 0xC210,
-                            "no-study-uid": 0xA900}
+        assert statuses == {"truncated": 0xC210, "cut-before-pixels": 0xA900, "garbage": 0xC210, "no-study-uid": 0xA900}
         assert instance_count(node) == 1
         assert len([p for p in node.spool.root.rglob("*") if p.is_file()]) == 1
         rejected = audit(node, "instance.rejected")
