@@ -28,8 +28,9 @@ def send_files_unparsed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
-def send_concurrently(port: int, batches: list[list[Path]], acked: dict[str, Path], enough: threading.Event,
-                      threshold: int) -> list[threading.Thread]:
+def send_concurrently(
+    port: int, batches: list[list[Path]], acked: dict[str, Path], enough: threading.Event, threshold: int
+) -> list[threading.Thread]:
     """One association per batch; records every instance the node answered Success for."""
     lock = threading.Lock()
 
