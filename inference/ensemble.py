@@ -49,8 +49,8 @@ def ensemble_reconstruct(
 
     x0, cond: (Z, H, W) in [-1, 1] and {0, 1}. Items are (member, slice) pairs in member-major order; a chunk of
     up to denoiser.max_batch items runs the whole reverse process before the next chunk starts, so memory is
-    bounded by the chunk. Sums of the differences to the input are accumulated, which keeps float32 exact enough
-    for the std.
+    bounded by the chunk. Sums of the differences to member 0's reconstruction (always computed first) are
+    accumulated: shifting by a member avoids the float32 cancellation of sum(x^2) - sum(x)^2 when members agree.
     """
     if members < 1:
         raise ValueError(f"ensemble members must be >= 1, got {members}")
@@ -62,6 +62,7 @@ def ensemble_reconstruct(
     seeds = member_seeds(seed, members, z)
     total = members * z
     chunk = max(1, int(denoiser.max_batch))
+    reference = torch.zeros((z, h, w), dtype=torch.float32, device=device)
     sum_d = torch.zeros((z, h, w), dtype=torch.float32, device=device)
     sum_d2 = torch.zeros((z, h, w), dtype=torch.float32, device=device)
     n_chunks = (total + chunk - 1) // chunk
@@ -86,14 +87,18 @@ def ensemble_reconstruct(
         rec = reverse_process(
             x_t, cc, denoiser, schedule, timesteps, sampler, noise, item_seeds, clip=clip, on_step=on_step
         )
-        d = (rec[:, 0] - xc[:, 0]).float()
+        rec = rec[:, 0].float()
+        first = idx < z  # member 0
+        reference[slices[first]] = rec[first]
+        d = rec - reference[slices]
         sum_d.index_add_(0, slices, d)
         sum_d2.index_add_(0, slices, d * d)
     mean_d = sum_d / members
     var = (sum_d2 / members - mean_d * mean_d).clamp(min=0.0)
+    mean = reference + mean_d
     return EnsembleOutput(
-        mean=(x0 + mean_d).cpu(),
+        mean=mean.cpu(),
         std=var.sqrt().cpu(),
-        anomaly_map=(mean_d * mean_d).cpu(),
+        anomaly_map=((x0 - mean) ** 2).cpu(),
         denoiser_calls=steps_done,  # one call per step per chunk: chunks never exceed max_batch
     )
