@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -135,42 +135,61 @@ def _lattice_contributions(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch
     return out
 
 
-def opensimplex2(x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """Single-octave OpenSimplex 2D at shared points (x, y) (any shape S) for each seed: (len(seeds), *S) float32.
+@dataclass(frozen=True)
+class LatticeGeometry:
+    """The seed-independent part of OpenSimplex 2D at a set of points: box-indexed vertices and their weights."""
 
-    Item n equals opensimplex.OpenSimplex(seeds[n]).noise2(x, y) up to float32 rounding, in [-1, 1]. The point
-    geometry is computed once for the batch; per item only the vertex gradients differ, looked up once per lattice
-    vertex in the points' bounding box and gathered per point.
-    """
-    shape = x.shape
-    device = x.device
+    shape: tuple[int, ...]
+    box_x: torch.Tensor  # (B,) lattice x of every vertex in the points' bounding box
+    box_y: torch.Tensor  # (B,)
+    columns: tuple[torch.Tensor, ...]  # per contribution, (P,) index into the box
+    weights: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per contribution, (wx, wy) float32 (P,)
+
+
+def lattice_geometry(x: torch.Tensor, y: torch.Tensor) -> LatticeGeometry:
+    """Precompute what opensimplex2 needs for points (x, y); reusable for any seeds."""
     contributions = _lattice_contributions(x.reshape(-1).double(), y.reshape(-1).double())
     xmin = min(int(c[0].min()) for c in contributions)
     xmax = max(int(c[0].max()) for c in contributions)
     ymin = min(int(c[1].min()) for c in contributions)
     ymax = max(int(c[1].max()) for c in contributions)
     ny = ymax - ymin + 1
-    box = (xmax - xmin + 1) * ny
-    k = torch.arange(box, device=device)
-    box_x = xmin + k // ny
-    box_y = ymin + k % ny
+    k = torch.arange((xmax - xmin + 1) * ny, device=x.device)
+    return LatticeGeometry(
+        shape=tuple(x.shape),
+        box_x=xmin + k // ny,
+        box_y=ymin + k % ny,
+        columns=tuple((xv - xmin) * ny + (yv - ymin) for xv, yv, _, _ in contributions),
+        weights=tuple((wx.float(), wy.float()) for _, _, wx, wy in contributions),
+    )
 
+
+def opensimplex2(
+    x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int], geometry: LatticeGeometry | None = None
+) -> torch.Tensor:
+    """Single-octave OpenSimplex 2D at shared points (x, y) (any shape S) for each seed: (len(seeds), *S) float32.
+
+    Item n equals opensimplex.OpenSimplex(seeds[n]).noise2(x, y) up to float32 rounding, in [-1, 1]. The point
+    geometry is computed once for the batch (or passed in, precomputed); per item only the vertex gradients differ,
+    looked up once per lattice vertex in the points' bounding box and gathered per point.
+    """
+    geo = geometry or lattice_geometry(x, y)
+    device = geo.box_x.device
     perm_np = opensimplex_permutations(seeds)
     grad_index = perm_np & 0x0E
     perm = torch.from_numpy(perm_np).to(device)
     gx = torch.from_numpy(_GRADIENTS2[grad_index].astype(np.float32)).to(device)
     gy = torch.from_numpy(_GRADIENTS2[grad_index + 1].astype(np.float32)).to(device)
     # Reference hash: perm[(perm[xsb & 0xFF] + ysb) & 0xFF] picks the gradient.
-    h = (perm.index_select(1, box_x & 0xFF) + box_y) & 0xFF
+    h = (perm.index_select(1, geo.box_x & 0xFF) + geo.box_y) & 0xFF
+    box = geo.box_x.numel()
     grads = torch.cat([gx.gather(1, h), gy.gather(1, h)], dim=1)  # (N, 2 * box): all gx, then all gy
-
     value = None
-    for xv, yv, wx, wy in contributions:
-        col = (xv - xmin) * ny + (yv - ymin)
-        term = grads.index_select(1, col) * wx.float() + grads.index_select(1, col + box) * wy.float()
-        value = term if value is None else value + term
+    for col, (wx, wy) in zip(geo.columns, geo.weights, strict=True):
+        term = grads.index_select(1, col) * wx + grads.index_select(1, col + box) * wy
+        value = term if value is None else value.add_(term)
     assert value is not None
-    return value.reshape(len(seeds), *shape)
+    return value.reshape(len(seeds), *geo.shape)
 
 
 def simplex_noise(
@@ -180,8 +199,13 @@ def simplex_noise(
     octaves: int = 6,
     base_frequency: float = 2**-6,
     persistence: float = 0.8,
+    geometry_cache: dict[tuple[object, ...], LatticeGeometry] | None = None,
 ) -> torch.Tensor:
-    """(N, H, W) float32 multi-octave simplex noise with unit variance, an independent field per item."""
+    """(N, H, W) float32 multi-octave simplex noise with unit variance, an independent field per item.
+
+    geometry_cache (owned by the caller, e.g. a NoiseSource) keeps the seed-independent lattice geometry per
+    (H, W, frequency, device), so repeated calls (every reverse step) skip it.
+    """
     n, h, w = shape
     device = torch.device(device)
     seeds = item_seeds(seed, n)
@@ -193,9 +217,13 @@ def simplex_noise(
     for o in range(octaves):
         freq = base_frequency * 2**o
         amp = persistence**o
-        y = (rows * freq)[:, None].expand(h, w)
-        x = (cols * freq)[None, :].expand(h, w)
-        total += amp * opensimplex2(x, y, octave_seeds[o])
+        key = (h, w, freq, str(device))
+        geometry = geometry_cache.get(key) if geometry_cache is not None else None
+        if geometry is None:
+            geometry = lattice_geometry((cols * freq)[None, :].expand(h, w), (rows * freq)[:, None].expand(h, w))
+            if geometry_cache is not None:
+                geometry_cache[key] = geometry
+        total += amp * opensimplex2(rows, cols, octave_seeds[o], geometry)
         weight2 += amp * amp
     return total / (SIMPLEX_STD * math.sqrt(weight2))
 
@@ -222,6 +250,8 @@ class NoiseSource:
     octaves: int = 6
     base_frequency: float = 2**-6
     persistence: float = 0.8
+    # Seed-independent lattice geometry per image size, filled on first use (per instance, not global).
+    cache: dict[tuple[object, ...], LatticeGeometry] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(
         self, shape: tuple[int, int, int], seed: SeedLike = 0, device: str | torch.device = "cpu"
@@ -229,5 +259,7 @@ class NoiseSource:
         if self.kind == "gaussian":
             return gaussian_noise(shape, seed, device)
         if self.kind == "simplex":
-            return simplex_noise(shape, seed, device, self.octaves, self.base_frequency, self.persistence)
+            return simplex_noise(
+                shape, seed, device, self.octaves, self.base_frequency, self.persistence, geometry_cache=self.cache
+            )
         raise ValueError(f"unknown noise kind {self.kind!r}: use 'simplex' or 'gaussian'")

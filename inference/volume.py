@@ -213,7 +213,7 @@ def radiograph_intensity(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     if ds.get("VOILUTSequence"):
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2])
-        out = apply_voi(arr, ds).astype(np.float64) / (2**bits - 1)
+        out = apply_voi(np.rint(arr).astype(np.int64), ds).astype(np.float64) / (2**bits - 1)  # LUT indices
     else:
         windowed = _window(arr, ds)
         if windowed is not None:
