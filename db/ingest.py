@@ -89,6 +89,18 @@ class IngestIndex:
                 return False
         return True
 
+    def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
+        """Index several stored instances in ONE transaction (group commit); per record: False if duplicate."""
+        with self.write_lock:
+            try:
+                with self.db.session() as session:
+                    for rec in records:
+                        _add_instance(session, rec)
+                return [True] * len(records)
+            except IntegrityError:
+                pass
+        return [self.add_instance(rec) for rec in records]  # rare: find which one was already there
+
     def record_event(self, event_type: AuditEventType | str, **fields: object) -> None:
         """Append one audit event in its own short transaction."""
         with self.write_lock, self.db.session() as session:

@@ -1,8 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE from allowed peers, durably stored before Success.
 
 Per C-STORE: free-space check, completeness check and index parse of the encoded bytes (no pixel
-decode), duplicate/own-output lookup, file fsync + rename + folder fsync, one database commit with
-the audit event, and only then the Success response. Anything that cannot be stored gets a failure
+decode), duplicate/own-output lookup, file write + fsync + rename, then folder fsync and database
+commit with the audit event (group-committed with concurrent stores, node/committer.py), and only
+then the Success response. Anything that cannot be stored gets a failure
 status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
 
 Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
@@ -49,6 +50,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from db.ingest import IngestIndex, InstanceRecord
 from db.models import AuditEventType
+from node.committer import GroupCommitter
 from node.config import Settings
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
 from node.spool import Spool
@@ -152,6 +154,7 @@ class StorageSCP:
         self.ae = build_ae(settings)
         self.allowed = resolve_peers(settings)
         self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
+        self.committer = GroupCommitter(index, spool)
         self._server: ThreadedAssociationServer | None = None
         self._sop_locks = [threading.Lock() for _ in range(64)]
         self._inflight = 0
@@ -177,6 +180,7 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         node = self.settings.node
+        self.committer.start()
         self._server = self.ae.start_server(
             (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=build_ssl_context(self.settings)
         )
@@ -205,6 +209,7 @@ class StorageSCP:
                 self._cond.wait()
         for assoc in self._acceptors():
             assoc.abort()
+        self.committer.stop()
         log.info("listener stopped")
 
     def _acceptors(self) -> list[Association]:
@@ -372,7 +377,9 @@ class StorageSCP:
                     return STATUS_SUCCESS
                 own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
                 data = _meta_prefix(event.file_meta) + stream
-                stored = self.spool.store_instance(fields.study_instance_uid, fields.series_instance_uid, sop, data)
+                stored = self.spool.store_instance(
+                    fields.study_instance_uid, fields.series_instance_uid, sop, data, sync_dir=False
+                )
             except OSError as exc:
                 log.error("cannot write instance %s: %s", sop, exc)
                 return self._reject(
@@ -406,7 +413,7 @@ class StorageSCP:
                 stat=fields.stat or request.Priority == 1,  # C-STORE priority HIGH
             )
             try:
-                added = self.index.add_instance(record)
+                added = self.committer.submit(record)  # folder fsync + commit, shared with concurrent stores
             except Exception as exc:
                 # Not indexed: remove the file so a retry starts clean and nothing unindexed stays behind.
                 self.spool.delete(stored.relpath)

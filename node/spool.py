@@ -59,11 +59,21 @@ class Spool:
             INSTANCE_SUFFIX
         )
 
-    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
-        """Write a received instance to `<study>/<series>/<sop>.dcm` durably."""
-        return self.write_atomic(self.instance_relpath(study_uid, series_uid, sop_uid), data)
+    def store_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sync_dir: bool = True
+    ) -> StoredFile:
+        """Write a received instance to `<study>/<series>/<sop>.dcm` durably.
 
-    def write_atomic(self, relpath: str, data: bytes) -> StoredFile:
+        `sync_dir=False` leaves the folder fsync to the caller (`sync_parent`), which the listener uses to
+        make one folder fsync cover every file renamed into it by concurrent associations.
+        """
+        return self.write_atomic(self.instance_relpath(study_uid, series_uid, sop_uid), data, sync_dir=sync_dir)
+
+    def sync_parent(self, relpath: str) -> None:
+        """fsync the folder holding `relpath`, making renames into it durable."""
+        _fsync_dir(self.path(relpath).parent)
+
+    def write_atomic(self, relpath: str, data: bytes, *, sync_dir: bool = True) -> StoredFile:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
         final = self.path(relpath)
         self._ensure_dir(final.parent)
@@ -91,7 +101,8 @@ class Spool:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        if sync_dir:
+            _fsync_dir(final.parent)
         return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def path(self, relpath: str) -> Path:
