@@ -99,9 +99,7 @@ def render_heatmap(
     bar_axes.yaxis.tick_right()
     bar_axes.tick_params(colors="white", labelsize=7)
     bar_axes.set_title("error", color="white", fontsize=7)
-    figure.text(
-        0.01, 1 - 6 / height, DISCLAIMER, color="yellow", fontsize=10, va="top", ha="left", fontweight="bold"
-    )
+    figure.text(0.01, 1 - 6 / height, DISCLAIMER, color="yellow", fontsize=10, va="top", ha="left", fontweight="bold")
     figure.text(
         0.01,
         1 - 30 / height,

@@ -189,7 +189,10 @@ class ResultWriter:
         omit_empty = not self.settings.seg_all_slices and pixels.any()
         extra: dict[str, Any] = {}
         if seg_type == "FRACTIONAL":
-            extra = {"fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY, "max_fractional_value": 255}
+            extra = {
+                "fractional_type": hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+                "max_fractional_value": 255,
+            }
         seg = hd.seg.Segmentation(
             source_images=self.sources,
             pixel_array=pixels,
@@ -213,6 +216,10 @@ class ResultWriter:
         )
         if "FrameOfReferenceUID" not in seg:  # projection radiograph: orientation is given by letters instead
             seg.PatientOrientation = self.sources[0].get("PatientOrientation", "")
+            # highdicom's reader (segread) insists on a slice thickness; a radiograph is nominally 1 mm thick
+            # (the same convention as AnomalyResult's "area x 1 mm" volume).
+            measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+            measures.SliceThickness = self.result.slice_thickness_mm or 1.0
         return self.finish(seg, kind)
 
     def binary_seg(self) -> Dataset | None:
@@ -238,7 +245,9 @@ class ResultWriter:
             segment = self.segment(
                 "Uncertainty", codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.MorphologicallyAbnormalStructure
             )
-            out.append(("seg-uncertainty", self.seg("seg-uncertainty", level.astype(np.float32), "FRACTIONAL", segment)))
+            out.append(
+                ("seg-uncertainty", self.seg("seg-uncertainty", level.astype(np.float32), "FRACTIONAL", segment))
+            )
         return out
 
     # ---- SC heatmaps -----------------------------------------------------------------------------
