@@ -331,6 +331,18 @@ class ResultWriter:
             ],
         )
 
+    def library_slices(self, seg: Dataset | None) -> set[int]:
+        """Slices the report's content refers to: the top slices and those the SEG has frames for.
+
+        The Image Library (TID 1600) lists these, not every source image: its entries carry geometry for
+        each image and made the SR for an 80-slice CT take seconds to build. The evidence sequence still
+        lists every source image.
+        """
+        chosen = set(self.result.top_slices(self.settings.heatmap_slices))
+        if seg is not None:
+            chosen |= {k for k in range(len(self.sources)) if self.result.segmentation[k].any()}
+        return chosen
+
     # ---- SR --------------------------------------------------------------------------------------
     def sr(self, seg: Dataset | None) -> Dataset:
         result = self.result
@@ -419,7 +431,7 @@ class ResultWriter:
             observation_context=observer,
             procedure_reported=PROCEDURES["CT" if self.is_ct else "XR"],
             imaging_measurements=groups,
-            referenced_images=self.sources,
+            referenced_images=[self.sources[k] for k in sorted(self.library_slices(seg))],
         )
         evidence = [*self.sources, *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(
