@@ -138,10 +138,10 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
     if not due:
         return report
 
-    def destination(item: DueItem) -> tuple[str, str, int]:
-        return item.destination_ae, item.host, item.port
+    def destination(item: DueItem) -> tuple[str, str, int, bool]:
+        return _destination(settings, item)
 
-    for (ae_title, host, port), group in groupby(sorted(due, key=destination), key=destination):
+    for (ae_title, host, port, tls), group in groupby(sorted(due, key=destination), key=destination):
         items = list(group)
         files, missing = [], []
         for item in items:
@@ -152,16 +152,20 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
                 missing.append(StoreOutcome(item.id, None, f"result file {item.path} unreadable: {exc}"))
         for outcome in missing:
             _record(db, outcome, now, backoff, report, give_up=True)
-        peer = PeerSettings(ae_title=ae_title, host=host, port=port, tls=_peer_tls(settings, ae_title))
+        peer = PeerSettings(ae_title=ae_title, host=host, port=port, tls=tls)
         for outcome in store_files(settings.node, peer, files):
             _record(db, outcome, now, backoff, report)
     log.info("send pass: %d sent, %d to retry, %d dead", len(report.sent), len(report.retried), len(report.dead))
     return report
 
 
-def _peer_tls(settings: Settings, ae_title: str) -> bool:
-    peer = settings.peer(ae_title)
-    return bool(peer and peer.tls)
+def _destination(settings: Settings, item: DueItem) -> tuple[str, str, int, bool]:
+    """Where to send: the peer's current [[peers]] entry (so a corrected address applies to queued items),
+    else the address recorded when the item was queued (the peer was removed from the configuration)."""
+    peer = settings.peer(item.destination_ae)
+    if peer is not None:
+        return peer.ae_title, peer.host, peer.port, peer.tls
+    return item.destination_ae, item.host, item.port, False
 
 
 def _record(

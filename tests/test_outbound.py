@@ -319,3 +319,14 @@ def test_restart_as_a_real_process(tmp_path: Path, node_db: tuple[Database, Spoo
         assert "sent 0" in again.stdout
         received = [str(pydicom.dcmread(p).SOPInstanceUID) for p in scp.received()]
     assert sorted(received) == sorted(str(o.dataset.SOPInstanceUID) for o in objects)  # each exactly once
+
+
+def test_queued_items_follow_a_corrected_peer_address(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=1)
+    wrong = PeerSettings(ae_title="STORESCP", port=free_port())  # the address when the job ran
+    enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, wrong, now=T0)
+    with StoreSCP(tmp_path / "storescp") as scp:
+        fixed = make_settings(tmp_path, [PeerSettings(ae_title="STORESCP", port=scp.port)])
+        assert len(send_due(fixed, db, spool, now=T0).sent) == len(objects)
+        assert len(scp.received()) == len(objects)
