@@ -64,6 +64,17 @@ COPIED_ATTRIBUTES = (
 
 SERIES_ONLY_ATTRIBUTES = ("BodyPartExamined", "Laterality")  # General Series: images and SEG, not SR
 
+# What highdicom's Image Library entry (TID 1602) reads from an image, by modality group.
+CROSS_SECTIONAL_MODALITIES = ("CT", "MR", "PT")
+CROSS_SECTIONAL_LIBRARY_ATTRIBUTES = (
+    "PixelSpacing",
+    "ImageOrientationPatient",
+    "ImagePositionPatient",
+    "SliceThickness",
+)
+PROJECTION_MODALITIES = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+PROJECTION_LIBRARY_ATTRIBUTES = ("PatientOrientation", "ImagerPixelSpacing")
+
 # Codes that no standard terminology has: a private scheme, declared in the SR's coding scheme table.
 SCHEME = "99EDGENODE"
 STUDY_SCORE = hd.sr.CodedConcept("EN001", SCHEME, "Study anomaly score")
@@ -343,6 +354,22 @@ class ResultWriter:
             chosen |= {k for k in range(len(self.sources)) if self.result.segmentation[k].any()}
         return chosen
 
+    def library_images(self, seg: Dataset | None) -> list[Dataset]:
+        """Image Library entries; images lacking the geometry highdicom describes them with are left out
+        (they stay in the evidence sequence and in the measurement groups' source references)."""
+        chosen = []
+        for k in sorted(self.library_slices(seg)):
+            ds = self.sources[k]
+            needed = PROJECTION_LIBRARY_ATTRIBUTES if ds.Modality in PROJECTION_MODALITIES else ()
+            if ds.Modality in CROSS_SECTIONAL_MODALITIES:
+                needed = CROSS_SECTIONAL_LIBRARY_ATTRIBUTES
+            absent = [keyword for keyword in needed if keyword not in ds]
+            if absent:
+                log.info("image %s left out of the SR image library: no %s", ds.SOPInstanceUID, ", ".join(absent))
+                continue
+            chosen.append(ds)
+        return chosen
+
     # ---- SR --------------------------------------------------------------------------------------
     def sr(self, seg: Dataset | None) -> Dataset:
         result = self.result
@@ -431,7 +458,7 @@ class ResultWriter:
             observation_context=observer,
             procedure_reported=PROCEDURES["CT" if self.is_ct else "XR"],
             imaging_measurements=groups,
-            referenced_images=[self.sources[k] for k in sorted(self.library_slices(seg))],
+            referenced_images=self.library_images(seg) or None,
         )
         evidence = [*self.sources, *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(

@@ -330,3 +330,49 @@ def test_queued_items_follow_a_corrected_peer_address(tmp_path: Path, node_db: t
         fixed = make_settings(tmp_path, [PeerSettings(ae_title="STORESCP", port=scp.port)])
         assert len(send_due(fixed, db, spool, now=T0).sent) == len(objects)
         assert len(scp.received()) == len(objects)
+
+
+def test_sender_killed_mid_send_loses_nothing(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    """SIGKILL the sending process while a slow storescp is receiving; a new process finishes the job.
+
+    Only the object in flight at the kill can arrive twice (acknowledged but not yet committed); the
+    peer gets it with the same SOP Instance UID. Everything committed as sent is never sent again.
+    """
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=3)
+    peer = PeerSettings(ae_title="STORESCP", port=free_port())
+    enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer)
+    config = tmp_path / "edgenode.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[[peers]]\nae_title = "STORESCP"\nport = {peer.port}\n'
+    )
+    command = edgenode_cmd("outbound", "send", "--config", str(config))
+    slow = ["--sleep-after", "1", "--unique-filenames"]
+    with StoreSCP(tmp_path / "storescp", port=peer.port, extra_args=slow) as scp:
+        sender = subprocess.Popen(command, env=node_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while len(scp.received()) < 2 and sender.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sender.kill()
+        sender.wait()
+        with db.session() as session:
+            committed = set(session.scalars(select(OutboundItem.id).where(OutboundItem.status == "sent")).all())
+        assert len(committed) < len(objects), "the sender finished before it could be killed"
+        done = subprocess.run(command, env=node_env(), capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        received = [str(pydicom.dcmread(p).SOPInstanceUID) for p in scp.received()]
+    assert set(received) == {str(o.dataset.SOPInstanceUID) for o in objects}
+    assert len(received) - len(set(received)) <= 1  # at most the one in flight at the kill
+    assert {i.status for i in items(db)} == {OutboundStatus.SENT}
+    assert audit_count(db, "send.ok") == len(objects)  # one acknowledgement recorded per item
+
+
+def test_peer_aborting_the_association_is_retried(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=1)
+    with StoreSCP(tmp_path / "storescp", extra_args=["--abort-after"]) as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
+        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
+        report = send_due(make_settings(tmp_path, [peer]), db, spool, now=T0)
+    assert not report.sent and len(report.retried) == len(objects)
+    assert all(i.status == OutboundStatus.PENDING and i.attempts == 1 for i in items(db))

@@ -14,7 +14,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import SegmentationStorage
+from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
 from inference.result import AnomalyResult
 from node.config import ResultsSettings
@@ -65,7 +65,7 @@ def dx_result(source: Dataset) -> AnomalyResult:
     seg = anomaly > 0.5
     return AnomalyResult(
         model_id=MODEL["version"],
-        modality="DX",
+        modality=str(source.Modality),
         series_instance_uid=str(source.SeriesInstanceUID),
         source_sop_instance_uids=[str(source.SOPInstanceUID)],
         anatomy_mask=np.ones(seg.shape, bool),
@@ -144,13 +144,23 @@ def check_sr_readback(path: Path, result: AnomalyResult, seg_uid: str | None, to
     assert ai and ai[0].ManufacturerModelName == MODEL["name"] and ai[0].SoftwareVersions == MODEL["version"]
 
 
-@pytest.mark.parametrize("modality", ["CT", "DX"])
+def make_cr(rows: int, cols: int) -> Dataset:
+    """A Computed Radiography image: the synthetic radiograph under the CR SOP class."""
+    ds = make_dx(rows, cols)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.Modality = "CR"
+    for keyword in ("PresentationIntentType", "DetectorType", "ImagerPixelSpacing"):
+        delattr(ds, keyword)
+    return ds
+
+
+@pytest.mark.parametrize("modality", ["CT", "DX", "CR"])
 def test_every_object_is_valid_and_reads_back(tmp_path: Path, modality: str) -> None:
     if modality == "CT":
         sources = make_ct_series(10, 48, 48)
         result = ct_result(sources)
     else:
-        sources = [make_dx(96, 96, monochrome1=True)]
+        sources = [make_dx(96, 96, monochrome1=True) if modality == "DX" else make_cr(96, 96)]
         result = dx_result(sources[0])
     settings = ResultsSettings(heatmap_slices=3, fractional_anomaly_seg=True, fractional_uncertainty_seg=True)
     objects = write_results(result, sources, "job-17", settings, MODEL)
