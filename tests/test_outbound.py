@@ -123,6 +123,9 @@ def test_orthanc_files_seg_sc_and_sr_under_the_source_study(tmp_path: Path, node
         report = send_due(make_settings(tmp_path, [peer]), db, spool)
         assert len(report.sent) == len(objects)
         held = orthanc_sop_classes(orthanc, str(sources[0].StudyInstanceUID))
+        instances = orthanc.instances_of_study(str(sources[0].StudyInstanceUID))
+        studies = {orthanc.get(f"/series/{i['ParentSeries']}")["ParentStudy"] for i in instances}
+    assert len(studies) == 1  # one Orthanc study (same patient + study): the results sit beside the images
     assert len(held) == len(sources) + len(objects)
     classes = [held[str(o.dataset.SOPInstanceUID)] for o in objects]
     assert classes.count(SegmentationStorage) == 1
