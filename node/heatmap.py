@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 DISCLAIMER = "AI anomaly map - not for diagnostic use"
 LUNG_WINDOW = (-600.0, 1500.0)  # centre, width in HU
 MIN_IMAGE_PIXELS = 384  # small sources are upscaled so the burned-in text stays legible
+MAX_IMAGE_PIXELS = 1024  # large radiographs are reduced: the heatmap is an overview, not a diagnostic image
 HEADER_PIXELS = 56
 BAR_PIXELS = 96
 COLORMAP = "inferno"
@@ -64,6 +65,13 @@ def blend(grey: np.ndarray, anomaly: np.ndarray, vmax: float, max_alpha: float =
     return (1.0 - alpha) * grey[..., None] + alpha * colour
 
 
+def reduce_blocks(image: np.ndarray, factor: int, how: str = "mean") -> np.ndarray:
+    """Shrink the first two axes by an integer factor (block mean, or block max for masks)."""
+    rows, cols = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor, *image.shape[2:])
+    return blocks.max(axis=(1, 3)) if how == "max" else blocks.mean(axis=(1, 3))
+
+
 def render_heatmap(
     source: Dataset, anomaly: np.ndarray, vmax: float, text: HeatmapText, segmentation: np.ndarray | None = None
 ) -> np.ndarray:
@@ -74,7 +82,12 @@ def render_heatmap(
     """
     values = modality_values(source)
     grey = windowed_grey(values, *window_for(source, values))
-    rgb = blend(grey, anomaly.astype(np.float32), vmax)
+    anomaly = anomaly.astype(np.float32)
+    shrink = int(np.ceil(max(grey.shape) / MAX_IMAGE_PIXELS))
+    if shrink > 1:
+        grey, anomaly = reduce_blocks(grey, shrink), reduce_blocks(anomaly, shrink, "max")
+        segmentation = None if segmentation is None else reduce_blocks(segmentation, shrink, "max")
+    rgb = blend(grey, anomaly, vmax)
     rows, cols = grey.shape
     scale = max(1, int(np.ceil(MIN_IMAGE_PIXELS / max(rows, cols))))
     if scale > 1:

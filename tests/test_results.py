@@ -326,3 +326,16 @@ def test_results_settings_keys_and_defaults(tmp_path: Path) -> None:
     toml = tmp_path / "edgenode.toml"
     toml.write_text("[results]\nempty_seg = true\n")
     assert load_settings(toml).results.empty_seg is True
+
+
+def test_large_radiograph_heatmap_is_reduced_to_an_overview() -> None:
+    from node.heatmap import BAR_PIXELS, HEADER_PIXELS, MAX_IMAGE_PIXELS
+
+    source = make_dx(1100, 900)
+    anomaly = np.zeros((1100, 900), np.float32)
+    anomaly[500:520, 400:420] = 1.0
+    rgb = render_heatmap(source, anomaly, 1.0, HeatmapText(0.5, 0.5, "image"), anomaly > 0.5)
+    assert rgb.shape == (550 + HEADER_PIXELS, 450 + BAR_PIXELS, 3)
+    assert max(rgb.shape[:2]) <= MAX_IMAGE_PIXELS + max(HEADER_PIXELS, BAR_PIXELS)
+    spot = rgb[HEADER_PIXELS + 255, 205].astype(int)
+    assert spot[0] - spot[2] > 40  # the small finding survives the reduction (block max)
