@@ -10,18 +10,22 @@ Durability contract:
   (Orthanc keeps one copy), so the worst case is one duplicate transfer, never a lost or duplicated object.
 - Files are never deleted here: removing delivered files is retention's job.
 
-`send_due` is meant to run from one thread at a time (the scheduler runs it with max_instances=1); it
+`send_due` runs one pass at a time per data directory: an flock on <data_dir>/outbound.lock makes a
+concurrent pass (the CLI's `outbound send` beside the scheduler, or a second thread) return at once. It
 holds no state between calls, so a restart only needs the database and the spool.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import groupby
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
@@ -39,6 +43,8 @@ if TYPE_CHECKING:  # results pulls in highdicom and matplotlib; the queue itself
 
 log = logging.getLogger(__name__)
 
+LOCK_NAME = "outbound.lock"
+
 
 @dataclass
 class SendReport:
@@ -47,6 +53,7 @@ class SendReport:
     sent: list[int] = field(default_factory=list)
     retried: list[int] = field(default_factory=list)
     dead: list[int] = field(default_factory=list)
+    busy: bool = False  # another sender held the lock: nothing was attempted
 
     @property
     def attempted(self) -> int:
@@ -128,9 +135,39 @@ def backoff_of(settings: Settings) -> Backoff:
     )
 
 
+@contextmanager
+def sender_lock(data_dir: Path) -> Iterator[bool]:
+    """An exclusive, non-blocking lock on <data_dir>/outbound.lock; yields whether it was obtained.
+
+    It keeps `edgenode outbound send` and the running node's scheduler (or two threads) from sending the
+    same items at once; the kernel drops it when the holder dies, so a killed sender never blocks the next.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / LOCK_NAME).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | None = None) -> SendReport:
-    """One pass: every due pending item, one association per destination, each outcome committed at once."""
-    now = now or datetime.now(UTC)
+    """One pass: every due pending item, one association per destination, each outcome committed at once.
+
+    Returns at once with `busy` set when another sender (thread or process) holds the lock.
+    """
+    with sender_lock(settings.data_dir) as held:
+        if not held:
+            log.info("another sender is running; this pass is skipped")
+            return SendReport(busy=True)
+        return _send_pass(settings, db, spool, now or datetime.now(UTC))
+
+
+def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) -> SendReport:
     backoff = backoff_of(settings)
     report = SendReport()
     with db.session() as session:

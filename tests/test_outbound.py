@@ -19,7 +19,7 @@ from db.models import AuditEvent, Job, OutboundItem, OutboundStatus, Study
 from db.outbound import Backoff, list_items
 from db.session import Database
 from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings
-from node.outbound import enqueue, retry_dead, send_due
+from node.outbound import enqueue, retry_dead, send_due, sender_lock
 from node.peers import Orthanc, StoreSCP, free_port
 from node.results import ResultObject, write_results
 from node.spool import Spool
@@ -379,3 +379,19 @@ def test_peer_aborting_the_association_is_retried(tmp_path: Path, node_db: tuple
         report = send_due(make_settings(tmp_path, [peer]), db, spool, now=T0)
     assert not report.sent and len(report.retried) == len(objects)
     assert all(i.status == OutboundStatus.PENDING and i.attempts == 1 for i in items(db))
+
+
+def test_one_sender_at_a_time(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=1)
+    with StoreSCP(tmp_path / "storescp") as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
+        settings = make_settings(tmp_path, [peer])
+        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
+        with sender_lock(settings.data_dir) as held:  # e.g. the scheduler's pass in progress
+            assert held
+            busy = send_due(settings, db, spool, now=T0)
+            assert busy.busy and busy.attempted == 0
+            assert scp.received() == []
+        report = send_due(settings, db, spool, now=T0)
+        assert not report.busy and len(report.sent) == len(objects)

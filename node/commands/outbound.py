@@ -71,6 +71,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from node.spool import Spool
 
         report = send_due(settings, db, Spool(settings.spool_dir))
+        if report.busy:
+            print("another sender (the running node?) is sending now; nothing done")
+            return 0
         print(f"sent {len(report.sent)}, to retry {len(report.retried)}, dead {len(report.dead)}")
         return 0 if not report.retried and not report.dead else 1
     finally:
