@@ -23,6 +23,7 @@ EXIT_USAGE = 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
     "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, scheduler"),
+    "outbound": ("node.commands.outbound", "list the result delivery queue, retry dead items, send now"),
 }
 
 

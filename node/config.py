@@ -130,6 +130,7 @@ class ResultsSettings(Section):
     seg_all_slices: bool = False
     fractional_anomaly_seg: bool = False
     fractional_uncertainty_seg: bool = False
+    empty_seg: bool = False  # negative result: write an all-empty BINARY SEG too (default: SEG omitted, SR says absent)
 
 
 class SendSettings(Section):
