@@ -17,7 +17,18 @@ from pathlib import Path
 from sqlalchemy import select
 
 from db.audit import record_audit
-from db.models import AuditEventType, Instance, Job, JobStatus, OutboundStatus, Result, Series, Study, StudyStatus, utcnow
+from db.models import (
+    AuditEventType,
+    Instance,
+    Job,
+    JobStatus,
+    OutboundStatus,
+    Result,
+    Series,
+    Study,
+    StudyStatus,
+    utcnow,
+)
 from db.session import Database
 from node.config import Settings
 

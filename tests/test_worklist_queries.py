@@ -30,7 +30,9 @@ def test_triage_order_stat_then_score_then_age(db: Database, tmp_path: Path) -> 
     low = record_received_study(db, spool, patient_id="P1", accession="A1", received_at=now - timedelta(hours=5))
     high = record_received_study(db, spool, patient_id="P2", accession="A2", received_at=now - timedelta(hours=1))
     stat = record_received_study(db, spool, patient_id="P3", accession="A3", received_at=now)
-    old_unscored = record_received_study(db, spool, patient_id="P4", accession="A4", received_at=now - timedelta(days=1))
+    old_unscored = record_received_study(
+        db, spool, patient_id="P4", accession="A4", received_at=now - timedelta(days=1)
+    )
     new_unscored = record_received_study(db, spool, patient_id="P5", accession="A5", received_at=now)
     record_inference_outcome(db, spool, low, score=0.2, uncertainty=0.01)
     record_inference_outcome(db, spool, high, score=0.9, uncertainty=0.05)

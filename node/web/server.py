@@ -7,6 +7,7 @@ web.host:web.port (127.0.0.1 unless the operator configures otherwise).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -52,22 +53,37 @@ class WebServer:
             lifespan="off",
             server_header=False,
         )
+        listener = self._bind()
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="edgenode-web", daemon=True)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, name="edgenode-web", daemon=True)
         self._server, self._thread = server, thread
+        self.port = int(listener.getsockname()[1])
         thread.start()
         deadline = time.monotonic() + self.startup_timeout
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                listener.close()
                 self._server = self._thread = None
-                raise RuntimeError(
-                    f"web dashboard could not listen on {self.settings.web.host}:{self.settings.web.port} "
-                    "(port in use or address not available? set [web] host/port)"
-                )
+                raise RuntimeError(f"web dashboard did not start on {self.url}")
             time.sleep(0.02)
-        sockets = [s for srv in server.servers for s in srv.sockets]
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.web.port
         log.info("web dashboard listening on %s", self.url)
+
+    def _bind(self) -> socket.socket:
+        """Bind here, not in the server thread, so a busy port is a clear error at start()."""
+        host, port = self.settings.web.host, self.settings.web.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((host, port))
+        except OSError as exc:
+            listener.close()
+            raise RuntimeError(
+                f"web dashboard could not listen on {host}:{port}: {exc.strerror} (set [web] host/port)"
+            ) from exc
+        listener.listen(128)
+        return listener
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and wait for the thread (idempotent)."""
