@@ -114,7 +114,7 @@ def record_inference_outcome(
         record_audit(session, AuditEventType.JOB_DONE, study_instance_uid=study_uid, job_id=job.id)
         for k in range(heatmaps):
             ds = heatmap_sc(study_uid, study.patient_id, hot=(16 + 8 * k, 40 - 6 * k))
-            relative = f"{study_uid}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
+            relative = f"results/{study_uid}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
             path = spool_dir / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)

@@ -22,7 +22,12 @@ log = logging.getLogger(__name__)
 
 
 class WebServer:
-    """The dashboard, REST API and /metrics on a uvicorn server in a daemon thread."""
+    """The dashboard, REST API and /metrics on a uvicorn server in a daemon thread.
+
+    Has `name`, `start()` and `stop()`, so `EdgeNode.add_component(WebServer(settings, node.db))` runs it.
+    """
+
+    name = "web"
 
     def __init__(self, settings: Settings, db: Database, startup_timeout: float = 30.0) -> None:
         self.settings = settings
