@@ -159,6 +159,8 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
     for study in studies:
         job = current.get(study.id)
         dlv = delivery.get(job.id, _Delivery()) if job else _Delivery()
+        # STAT comes from the study (sender asked for it) or from the routing rule that made the job.
+        priority = max(study.priority, job.priority if job else study.priority)
         rows.append(
             {
                 "study_instance_uid": study.study_instance_uid,
@@ -172,7 +174,7 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
                 "last_received_at": iso(study.last_received_at),
                 "completed_at": iso(study.completed_at),
                 "status": study.status,
-                "priority": "stat" if study.priority >= PRIORITY_STAT else "routine",
+                "priority": "stat" if priority >= PRIORITY_STAT else "routine",
                 "score": job.score if job else None,
                 "uncertainty": job.uncertainty if job else None,
                 "instance_count": study.instance_count,
@@ -182,7 +184,7 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
                 "results_count": result_counts.get(job.id, 0) if job else 0,
                 "results_destination": ",".join(sorted(dlv.destinations)) or (job.destination_ae if job else ""),
                 "delivery": dlv.summary(),
-                "_priority": study.priority,
+                "_priority": priority,
                 "_received": study.first_received_at,
             }
         )

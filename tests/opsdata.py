@@ -9,8 +9,13 @@ is only for unit tests of the queries that do not need a listener; the CLI tests
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -40,6 +45,10 @@ from db.models import (
     utcnow,
 )
 from db.session import Database
+from node.config import Settings, load_settings, settings_to_toml
+from node.peers import wait_for_port
+from tests.conftest import DCMTK, edgenode_cmd, free_port, node_env, peer_env
+from tests.dicomgen import make_ct_series, make_dx, write_datasets
 
 
 def heatmap_sc(study_uid: str, patient_id: str, size: int = 64, hot: tuple[int, int] = (20, 40)) -> Dataset:
@@ -100,7 +109,7 @@ def record_inference_outcome(
             job = Job(study=study, rule="chest", destination_ae=destination, instance_count=study.instance_count)
             session.add(job)
         if stat:
-            study.priority = job.priority = PRIORITY_STAT
+            job.priority = PRIORITY_STAT  # as a STAT routing rule does
         job.status = JobStatus.DONE
         job.attempts = max(job.attempts, 1)
         job.started_at = now - timedelta(seconds=5)
@@ -240,3 +249,110 @@ def record_received_study(
         if status == StudyStatus.QUEUED:
             session.add(Job(study=study, rule="chest", destination_ae=calling_ae, instance_count=instances))
     return study_uid
+
+
+# --- A real run: `edgenode serve` as a child process, studies sent with dcmtk's storescu ---------------
+
+
+@dataclass
+class SentStudy:
+    study_uid: str
+    patient_id: str
+    accession: str
+    modality: str
+    calling_ae: str
+    instances: int
+
+
+@dataclass
+class ServedNode:
+    config: Path
+    settings: Settings
+    log: Path
+    studies: dict[str, SentStudy] = field(default_factory=dict)  # by accession
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                edgenode_cmd("serve", "--config", str(self.config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=node_env(),
+            )
+        wait_for_port("127.0.0.1", self.settings.node.port, timeout, self.proc)
+
+    def send(self, accession: str, patient_id: str, *, calling_ae: str = "STORESCU", modality: str = "CT") -> SentStudy:
+        """Send one synthetic study with /usr/bin/storescu; returns what was sent."""
+        if modality == "CT":
+            datasets = make_ct_series(n_slices=3, rows=32, cols=32, patient_id=patient_id, accession=accession)
+        else:
+            datasets = [make_dx(rows=64, cols=64, patient_id=patient_id, accession=accession)]
+        files = write_datasets(datasets, self.config.parent / "outgoing" / accession)
+        store(self.settings.node.port, files, calling_ae=calling_ae, called_ae=self.settings.node.ae_title)
+        sent = SentStudy(str(datasets[0].StudyInstanceUID), patient_id, accession, modality, calling_ae, len(files))
+        self.studies[accession] = sent
+        return sent
+
+    def wait_until_judged(self, db: Database, timeout: float = 90.0) -> None:
+        """Block until the stability scan has judged every sent study (job created or complete)."""
+        wanted = {s.study_uid for s in self.studies.values()}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with db.session() as session:
+                judged = set(
+                    session.scalars(
+                        select(Study.study_instance_uid).where(
+                            Study.status.not_in([StudyStatus.RECEIVING]), Study.study_instance_uid.in_(wanted)
+                        )
+                    )
+                )
+            if judged == wanted:
+                return
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+            time.sleep(0.2)
+        raise TimeoutError(f"studies not judged complete in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def store(port: int, files: list[Path], *, calling_ae: str, called_ae: str = "EDGENODE") -> subprocess.CompletedProcess:
+    """C-STORE files with dcmtk's storescu (absolute path, TCP_NODELAY); raises if storescu fails."""
+    return subprocess.run(
+        [str(DCMTK["storescu"]), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        env=peer_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+
+
+def served_node(folder: Path, **sections: Any) -> ServedNode:
+    """Configuration for a node on a free port accepting STORESCU and ER_CT (STAT rule) from 127.0.0.1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sections.setdefault("web", {"port": 0})  # never the default 8080, should `serve` start the dashboard
+    settings = load_settings(
+        None,
+        node={"port": free_port(), "data_dir": str(folder / "var"), "min_free_disk_mb": 1},
+        peers=[
+            {"ae_title": "STORESCU", "host": "127.0.0.1", "port": free_port()},
+            {"ae_title": "ER_CT", "host": "127.0.0.1", "port": free_port()},
+        ],
+        stability={"stable_seconds": 1.0, "max_wait_seconds": 60.0, "scan_interval_seconds": 0.2},
+        routing=[
+            {"name": "emergency", "calling_ae": ["ER_CT"], "priority": "stat"},
+            {"name": "chest"},
+        ],
+        **sections,
+    )
+    config = folder / "edgenode.toml"
+    config.write_text(settings_to_toml(settings))
+    return ServedNode(config=config, settings=settings, log=folder / "serve.log")
