@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
     "worklist": ("node.commands.worklist", "studies ranked for triage (STAT, anomaly score, age)"),
     "audit": ("node.commands.audit", "query the append-only audit trail"),
+    "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, scheduler"),
 }
 
 
