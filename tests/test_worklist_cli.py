@@ -22,9 +22,6 @@ from db.session import Database
 from tests.conftest import edgenode_cmd, node_env
 from tests.opsdata import ServedNode, record_inference_outcome, served_node, store
 
-# The listener comes from the ingest branch via main; until it is merged here there is nothing to run.
-pytest.importorskip("node.commands.serve", reason="needs `edgenode serve` (ingest) merged from main")
-
 
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory: pytest.TempPathFactory, dcmtk) -> ServedNode:
