@@ -90,7 +90,7 @@ def record_inference_outcome(
     *,
     score: float,
     uncertainty: float,
-    destination: str = "PACS",
+    destination: str = "",
     delivery: OutboundStatus | None = OutboundStatus.SENT,
     timings: dict[str, float] | None = None,
     heatmaps: int = 1,
@@ -117,7 +117,8 @@ def record_inference_outcome(
         job.score, job.uncertainty = score, uncertainty
         job.model_id = "edgenode-ddpm-tiny-0123abcd"
         job.timings = timings or {"load": 0.2, "inference": 3.5, "write": 0.3}
-        job.destination_ae = job.destination_ae or destination
+        destination = destination or job.destination_ae or "PACS"  # the real job's destination when there is one
+        job.destination_ae = destination
         study.status = StudyStatus.DONE
         session.flush()
         record_audit(session, AuditEventType.JOB_DONE, study_instance_uid=study_uid, job_id=job.id)

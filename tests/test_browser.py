@@ -1,20 +1,24 @@
 """The dashboard in a real browser: Debian's chromium driven by Playwright (never `playwright install`).
 
-Signs in with the token, checks the worklist is ordered by anomaly score, opens the top study and
-checks its heatmap image really decoded. Screenshots are kept in test-artifacts/ (gitignored).
+The studies are received by a real `edgenode serve` (storescu -> listener -> stability scan makes the
+jobs); scores, SC heatmaps and deliveries are added through the db models on top (the inference and
+results path is another issue's). Then the dashboard runs on that database: sign in with the token,
+check the worklist is ordered by anomaly score, open the top study and check its heatmap image really
+decoded. Screenshots are kept in test-artifacts/ (gitignored).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from db.session import Database
-from node.config import load_settings
 from node.web.server import WebServer
 from tests.conftest import REPO_ROOT
-from tests.opsdata import record_inference_outcome, record_received_study
+from tests.opsdata import record_inference_outcome, served_node
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -36,18 +40,33 @@ pytestmark = pytest.mark.skipif(
 def test_dashboard_sign_in_worklist_and_heatmap(tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    settings = load_settings(None, node={"data_dir": str(tmp_path)}, web={"port": 0})
-    db = Database(settings.database_url)
-    spool = settings.spool_dir
+    node = served_node(tmp_path / "node")
+    node.start()
+    try:
+        for accession in ("ACC-MID", "ACC-TOP", "ACC-LOW"):
+            node.send(accession, f"P-{accession}")
+        db = Database(node.settings.database_url)
+        node.wait_until_judged(db)
+    finally:
+        node.stop()
+    settings = node.settings
     scores = {"ACC-MID": 0.41, "ACC-TOP": 0.87, "ACC-LOW": 0.09}
     for accession, score in scores.items():
-        uid = record_received_study(db, spool, patient_id=f"P-{accession}", accession=accession)
-        record_inference_outcome(db, spool, uid, score=score, uncertainty=score / 10, heatmaps=2)
+        uid = node.studies[accession].study_uid
+        record_inference_outcome(db, settings.spool_dir, uid, score=score, uncertainty=score / 10, heatmaps=2)
     server = WebServer(settings, db)
     server.start()
     token = (settings.data_dir / "web-token").read_text().strip()
     ARTIFACTS.mkdir(exist_ok=True)
     try:
+        metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        received = next(
+            s.value
+            for f in text_string_to_metric_families(metrics.text)
+            for s in f.samples
+            if s.name == "edgenode_instances_received_total"
+        )
+        assert received == sum(s.instances for s in node.studies.values()) == 9
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 900})

@@ -78,7 +78,7 @@ def test_order_and_fields_from_the_real_run(real_run: ServedNode) -> None:
     assert waiting["patient_id"] == "PAT-WAIT" and waiting["modality"] == "CT" and waiting["instance_count"] == 3
     assert waiting["status"] == "queued" and waiting["job_status"] == "queued" and waiting["score"] is None
     assert waiting["received_at"].endswith("Z") and waiting["completed_at"] is not None
-    assert by_acc["ACC-HIGH"]["delivery"] == "sent" and by_acc["ACC-HIGH"]["results_destination"] == "PACS"
+    assert by_acc["ACC-HIGH"]["delivery"] == "sent" and by_acc["ACC-HIGH"]["results_destination"] == "STORESCU"
     assert by_acc["ACC-DX"]["delivery"] == "dead"
 
 
@@ -118,7 +118,7 @@ def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     assert {e["calling_ae"] for e in stored} == {"STORESCU"} and {e["peer_address"] for e in stored} == {"127.0.0.1"}
     assert all(e["study_instance_uid"] == high.study_uid and e["dimse_status"] == 0 for e in stored)
     sent = next(e for e in events if e["event_type"] == "send.ok")
-    assert sent["called_ae"] == "PACS"
+    assert sent["called_ae"] == "STORESCU"  # results go back to the sender (the rule has no destination)
 
     assert {e["study_instance_uid"] for e in audit_json(real_run, "--patient-id", "PAT-STAT")} == {
         real_run.studies["ACC-STAT"].study_uid

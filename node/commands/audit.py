@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from node.config import Settings
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter is not query output
     from db.queries import AUDIT_FIELDS, AuditFilter, audit_events, parse_time
     from db.session import Database
     from node.commands.tabular import write_rows

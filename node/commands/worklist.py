@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from node.config import Settings
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter is not query output
     from db.models import StudyStatus
     from db.queries import WORKLIST_FIELDS, WorklistFilter, parse_time, worklist
     from db.session import Database
