@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, case, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from db.models import (
     PRIORITY_STAT,
@@ -184,33 +184,56 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
                 "results_count": result_counts.get(job.id, 0) if job else 0,
                 "results_destination": ",".join(sorted(dlv.destinations)) or (job.destination_ae if job else ""),
                 "delivery": dlv.summary(),
-                "_priority": priority,
-                "_received": study.first_received_at,
             }
         )
     return rows
-
-
-def triage_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """STAT first, then highest anomaly score (unscored last), then oldest received first."""
-    score = row["score"]
-    return (-row["_priority"], score is None, -(score or 0.0), row["_received"])
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if not k.startswith("_")}
 
 
+def _current_job_ids() -> Any:
+    """Per study, the id of the job that speaks for it (as _current_job): newest live, else newest."""
+    live = (
+        select(Job.study_id, func.max(Job.id).label("job_id"))
+        .where(Job.status != JobStatus.SUPERSEDED)
+        .group_by(Job.study_id)
+        .subquery()
+    )
+    newest = select(Job.study_id, func.max(Job.id).label("job_id")).group_by(Job.study_id).subquery()
+    return (
+        select(newest.c.study_id, func.coalesce(live.c.job_id, newest.c.job_id).label("job_id"))
+        .outerjoin(live, live.c.study_id == newest.c.study_id)
+        .subquery()
+    )
+
+
 def worklist(session: Session, flt: WorklistFilter | None = None) -> list[dict[str, Any]]:
-    """Studies ranked for triage, filtered; each row has exactly WORKLIST_FIELDS."""
+    """Studies ranked for triage, filtered; each row has exactly WORKLIST_FIELDS.
+
+    Order: STAT first (study or job priority), then highest anomaly score (unscored last), then oldest
+    received first. Ranking, filters and the limit run in SQL, so the cost follows the limit, not the
+    size of the database.
+    """
     flt = flt or WorklistFilter()
-    query = select(Study)
+    current = _current_job_ids()
+    job = aliased(Job)
+    priority = case((job.priority > Study.priority, job.priority), else_=Study.priority)
+    query = (
+        select(Study)
+        .outerjoin(current, current.c.study_id == Study.id)
+        .outerjoin(job, job.id == current.c.job_id)
+        .order_by(priority.desc(), job.score.is_(None), job.score.desc(), Study.first_received_at, Study.id)
+    )
     if flt.statuses:
         query = query.where(Study.status.in_(flt.statuses))
     if flt.since is not None:
         query = query.where(Study.first_received_at >= flt.since)
     if flt.until is not None:
         query = query.where(Study.first_received_at < flt.until)
+    if flt.min_score is not None:
+        query = query.where(job.score >= flt.min_score)
     if flt.modality:
         query = query.where(
             select(Series.id)
@@ -221,13 +244,9 @@ def worklist(session: Session, flt: WorklistFilter | None = None) -> list[dict[s
             )
             .exists()
         )
-    rows = _study_rows(session, list(session.scalars(query)))
-    if flt.min_score is not None:
-        rows = [r for r in rows if r["score"] is not None and r["score"] >= flt.min_score]
-    rows.sort(key=triage_key)
     if flt.limit is not None:
-        rows = rows[: flt.limit]
-    return [_public(r) for r in rows]
+        query = query.limit(flt.limit)
+    return [_public(r) for r in _study_rows(session, list(session.scalars(query)))]
 
 
 def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:

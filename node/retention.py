@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.audit import record_audit
 from db.models import (
@@ -97,6 +97,12 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
         ]
     for uid in candidates:
         with db.session() as session:
+            # Take the database write lock first (a no-op UPDATE), so no instance can join this study
+            # between the checks below and the delete; the listener waits on its busy timeout.
+            session.execute(
+                update(Study).where(Study.study_instance_uid == uid).values(status=Study.status),
+                execution_options={"synchronize_session": False},
+            )
             study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
             if study is None or study.last_received_at >= cutoff:  # gone or grew meanwhile
                 continue

@@ -73,3 +73,27 @@ def test_parse_time_spellings() -> None:
     assert parse_time("2026-11-01T09:30Z").isoformat() == "2026-11-01T09:30:00+00:00"
     with pytest.raises(ValueError, match="ISO date"):
         parse_time("yesterday")
+
+
+def test_superseded_job_does_not_rank_the_study(db: Database, tmp_path: Path) -> None:
+    """A study that grew after its job ran is ranked by its new (unscored) job, not the old score."""
+    from sqlalchemy import select
+
+    from db.models import Job, JobStatus, Study
+
+    spool = tmp_path / "spool"
+    grown = record_received_study(db, spool, patient_id="P1", accession="GROWN")
+    other = record_received_study(db, spool, patient_id="P2", accession="OTHER")
+    record_inference_outcome(db, spool, grown, score=0.99, uncertainty=0.1)
+    record_inference_outcome(db, spool, other, score=0.30, uncertainty=0.1)
+    with db.session() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == grown))
+        old = study.jobs[0]
+        old.status = JobStatus.SUPERSEDED
+        session.add(Job(study=study, rule="chest", destination_ae="PACS"))
+    with db.session() as session:
+        rows = worklist(session)
+        assert [r["accession_number"] for r in rows] == ["OTHER", "GROWN"]
+        assert rows[1]["score"] is None and rows[1]["job_status"] == "queued"
+        assert [r["accession_number"] for r in worklist(session, WorklistFilter(min_score=0.5))] == []
+        assert len(worklist(session, WorklistFilter(limit=1))) == 1
