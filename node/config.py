@@ -151,11 +151,13 @@ class WebSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str = ""  # empty: generated at first start, stored under data_dir, printed once
+    worklist_limit: int = Field(500, ge=1)  # rows on the dashboard worklist and the API default
 
 
 class RetentionSettings(Section):
     enabled: bool = True
     days: int = Field(30, ge=1)
+    interval_minutes: float = Field(60.0, gt=0)  # how often the scheduler runs the cleanup
 
 
 class LoggingSettings(Section):
