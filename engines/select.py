@@ -30,7 +30,9 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 # CPU preference without a probe, from benchmarks/RESULTS.md (## Engines): ONNX Runtime's fused
 # GroupNorm + conv graph beats torch eager on the `small` preset at every batch size measured.
 CPU_DEFAULT_BACKEND = "onnxruntime"
-# Micro-batch on CPUs: activations of a few 128x128 images stay in cache; whole batches of 28 do not.
+# ONNX Runtime on CPUs runs a batch as micro-batches of this many images (activations of a few
+# 128x128 images stay in cache). torch eager gets none by default: every extra call multiplies its
+# per-operator thread synchronisation, which costs more than it saves on a loaded machine.
 CPU_MICRO_BATCH = 7
 BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "inference" / "weights"
 
@@ -197,8 +199,6 @@ def build_denoiser(
     exporter: Exporter = "dynamo",
 ) -> Denoiser:
     """Instantiate what `plan` says. ONNX/TensorRT artefacts go to cache_dir (a temporary one if None)."""
-    if plan.device == "cpu" and micro_batch is None:
-        micro_batch = CPU_MICRO_BATCH
     if plan.backend == "torch":
         return TorchDenoiser(
             model,
@@ -222,7 +222,7 @@ def build_denoiser(
             device=plan.device,
             max_batch=max_batch,
             threads=threads,
-            micro_batch=micro_batch if plan.device == "cpu" else None,
+            micro_batch=(micro_batch or CPU_MICRO_BATCH) if plan.device == "cpu" else None,
         )
     return TensorRTDenoiser(onnx_model, cache_dir, device=plan.device, precision=plan.precision, max_batch=max_batch)
 
