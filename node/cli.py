@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("node.commands.audit", "query the append-only audit trail"),
     "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, scheduler"),
     "outbound": ("node.commands.outbound", "list the result delivery queue, retry dead items, send now"),
+    "engine": ("node.commands.engine", "U-Net backends: show what runs here (info), export and build engines (build)"),
 }
 
 

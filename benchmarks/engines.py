@@ -1,0 +1,253 @@
+"""U-Net backends on this machine: per-step latency, images/s, GFLOP/s and the fraction of peak.
+
+One "step" is one U-Net call on a batch (one reverse-diffusion step for K members x slices). Peak is
+measured here, in the same process, precision and thread count: the best of a large square matmul
+(fp32 on the CPU, bf16 on a GPU). FLOPs are `inference.unet.count_flops` (2 x MACs of convolutions,
+linears and attention; normalisations and activations are not counted, so the fraction is a lower
+bound on how busy the cores are).
+
+    PYTHONPATH=. python benchmarks/engines.py                      # small preset, batches 1 7 14 28
+    PYTHONPATH=. python benchmarks/engines.py --batches 7 28 --rounds 7 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engines.base import Denoiser  # noqa: E402
+from engines.onnx_export import cached_onnx  # noqa: E402
+from engines.ort_backend import OrtDenoiser, ort_providers  # noqa: E402
+from engines.select import plan_backend  # noqa: E402
+from engines.torch_backend import TorchDenoiser  # noqa: E402
+from inference.unet import PRESETS, ModelInfo, UNet, count_flops  # noqa: E402
+
+DEFAULT_BATCH = 28  # [inference] max_batch default: what full pipeline calls use
+
+
+@dataclass
+class Row:
+    backend: str
+    batch: int
+    seconds: list[float]  # per call, one per round
+    peaks: list[float]  # matmul GFLOP/s measured right before each of those calls
+    flops_per_image: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread(self) -> float:
+        return (max(self.seconds) - min(self.seconds)) / self.median_s
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.median_s
+
+    @property
+    def gflops(self) -> float:
+        return self.flops_per_image * self.batch / self.median_s / 1e9
+
+    @property
+    def peak(self) -> float:
+        return statistics.median(self.peaks)
+
+    @property
+    def fraction(self) -> float:
+        # Per round, achieved / peak measured in the same moment; the median is robust to load spikes.
+        return statistics.median(
+            self.flops_per_image * self.batch / s / 1e9 / p for s, p in zip(self.seconds, self.peaks, strict=True)
+        )
+
+    def cells(self) -> list[str]:
+        return [
+            self.backend,
+            str(self.batch),
+            f"{self.median_s * 1e3:.1f}",
+            f"{self.spread * 100:.0f}%",
+            f"{self.images_per_s:.2f}",
+            f"{self.gflops:.1f}",
+            f"{self.peak:.1f}",
+            f"{self.fraction * 100:.0f}%",
+        ]
+
+
+HEADER = ["backend", "batch", "ms/step", "spread", "images/s", "GFLOP/s", "peak GFLOP/s", "of peak"]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 3) -> float:
+    """Best GFLOP/s of a size x size matmul: the machine's practical peak for this precision/threads."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    with torch.inference_mode():
+        a @ b
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+class Inputs:
+    """Random inputs per batch size, on the denoiser's device, made once."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+
+    def get(self, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        key = (batch, str(device))
+        if key not in self._cache:
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, 1, self.size, self.size, generator=gen)
+            c = (torch.rand(batch, 1, self.size, self.size, generator=gen) > 0.5).float()
+            t = torch.rand(batch, generator=gen) * 500
+            self._cache[key] = (x.to(device), c.to(device), t.to(device))
+        return self._cache[key]
+
+
+def time_call(denoiser: Denoiser, inputs: tuple[torch.Tensor, ...]) -> float:
+    sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    denoiser(*inputs)
+    sync()
+    return time.perf_counter() - start
+
+
+def cpu_variants(
+    model: UNet, info: ModelInfo, cache: Path, threads: int, max_batch: int, micro: list[int]
+) -> dict[str, Callable[[], Denoiser]]:
+    variants: dict[str, Callable[[], Denoiser]] = {
+        "torch-cpu-fp32": lambda: TorchDenoiser(model, info, max_batch=max_batch, threads=threads),
+        "torch-cpu-fp32-cl": lambda: TorchDenoiser(
+            model, info, max_batch=max_batch, threads=threads, channels_last=True
+        ),
+    }
+    for m in micro:
+        variants[f"torch-cpu-fp32 mb{m}"] = lambda m=m: TorchDenoiser(
+            model, info, max_batch=max_batch, threads=threads, micro_batch=m
+        )
+    if "CPUExecutionProvider" in ort_providers():
+        onnx_model = cached_onnx(model, info, cache)
+        variants["onnxruntime-cpu"] = lambda: OrtDenoiser(onnx_model, max_batch=max_batch, threads=threads)
+        for m in micro:
+            variants[f"onnxruntime-cpu mb{m}"] = lambda m=m: OrtDenoiser(
+                onnx_model, max_batch=max_batch, threads=threads, micro_batch=m
+            )
+    return variants
+
+
+def cuda_variants(model: UNet, info: ModelInfo, cache: Path, max_batch: int) -> dict[str, Callable[[], Denoiser]]:
+    low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    variants: dict[str, Callable[[], Denoiser]] = {
+        "torch-cuda-fp32": lambda: TorchDenoiser(model, info, device="cuda", max_batch=max_batch),
+        f"torch-cuda-{low}-cl-graphs": lambda: TorchDenoiser(
+            model, info, device="cuda", precision=low, channels_last=True, cuda_graphs=True, max_batch=max_batch
+        ),
+    }
+    try:
+        import tensorrt  # noqa: F401
+
+        from engines.tensorrt_backend import TensorRTDenoiser
+
+        onnx_model = cached_onnx(model, info, cache)
+        variants["tensorrt-fp16"] = lambda: TensorRTDenoiser(onnx_model, cache, precision="fp16", max_batch=max_batch)
+    except ImportError:
+        pass
+    return variants
+
+
+def print_table(rows: list[Row]) -> None:
+    widths = [max(len(h), *(len(r.cells()[i]) for r in rows)) for i, h in enumerate(HEADER)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row.cells(), widths, strict=True)) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 7, 14, 28])
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per variant and batch (interleaved)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--micro-batch", type=int, nargs="*", default=[7], help="CPU micro-batch sizes to try")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these variants (names in the table)")
+    parser.add_argument("--matmul", type=int, default=2048, help="side of the peak-measuring matmul (CPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    config = PRESETS[args.preset]
+    flops = count_flops(config)
+    torch.manual_seed(0)
+    model = UNet(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.05)
+    info = ModelInfo(name=f"bench-{args.preset}", config=config, sha256="0" * 64)
+    max_batch = max(args.batches)
+    print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}")
+    print(f"preset {args.preset}: {config.image_size}x{config.image_size}, {flops / 1e9:.2f} GFLOP per image")
+    print(f"chosen by engines.select (no probe): {plan_backend(device=args.device).reason}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="edgenode-bench-") as tmp:
+        cache = Path(tmp)
+        if args.device == "cuda":
+            peak_dtype, peak_size = torch.bfloat16, 8192
+            variants = cuda_variants(model, info, cache, max_batch)
+        else:
+            peak_dtype, peak_size = torch.float32, args.matmul
+            variants = cpu_variants(model, info, cache, args.threads, max_batch, args.micro_batch)
+        device = torch.device(args.device)
+        print(f"peak: {peak_dtype} matmul {peak_size}^2, measured before every timed call", flush=True)
+        if args.only:
+            variants = {k: v for k, v in variants.items() if k in args.only}
+        denoisers = {name: make() for name, make in variants.items()}
+        inputs = Inputs(config.image_size)
+        rows = {(name, b): Row(name, b, [], [], flops) for b in args.batches for name in denoisers}
+        for denoiser in denoisers.values():  # warm-up: allocation, kernel choice, graph capture
+            for b in args.batches:
+                denoiser(*inputs.get(b, device))
+        # Rounds interleave every variant, so a load change on a shared machine hits them all alike.
+        with tqdm(total=args.rounds * len(rows), desc="timing", unit="call", file=sys.stderr) as bar:
+            for _ in range(args.rounds):
+                for (name, b), row in rows.items():
+                    row.peaks.append(matmul_peak(device, peak_dtype, peak_size, repeats=1))
+                    row.seconds.append(time_call(denoisers[name], inputs.get(b, device)))
+                    bar.update()
+        rows_list = sorted(rows.values(), key=lambda r: (list(denoisers).index(r.backend), r.batch))
+        peak = statistics.median(p for r in rows_list for p in r.peaks)
+    print()
+    print_table(rows_list)
+    default = [r for r in rows_list if r.batch == DEFAULT_BATCH]
+    if default:
+        best = max(default, key=lambda r: r.fraction)
+        print(
+            f"\nbest at the default batch {DEFAULT_BATCH}: {best.backend} {best.gflops:.1f} GFLOP/s = "
+            f"{best.fraction * 100:.0f}% of the matmul peak measured alongside (median {peak:.1f} GFLOP/s)"
+        )
+    print(f"load after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Pick the fastest correct backend this machine offers, and say why.
+
+Order on a GPU: TensorRT > torch with CUDA graphs > torch CUDA eager. On a CPU: ONNX Runtime or
+torch eager (fp32), either by the static preference measured in benchmarks/engines.py or by a short
+probe that times both on one batch. `[inference] backend` / `device` / `precision` override the
+choice; a requested backend that cannot run here is an error that says why, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engines.base import Denoiser
+from engines.onnx_export import Exporter, OnnxModel, cached_onnx
+from engines.ort_backend import OrtDenoiser, ort_providers
+from engines.tensorrt_backend import TensorRTDenoiser, tensorrt_version
+from engines.torch_backend import TorchDenoiser
+from inference.unet import ModelInfo, load_model
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# CPU preference without a probe, from benchmarks/RESULTS.md (## Engines): ONNX Runtime's fused
+# GroupNorm + conv graph beats torch eager on the `small` preset at every batch size measured.
+CPU_DEFAULT_BACKEND = "onnxruntime"
+# ONNX Runtime on CPUs runs a batch as micro-batches of this many images (activations of a few
+# 128x128 images stay in cache). torch eager gets none by default: every extra call multiplies its
+# per-operator thread synchronisation, which costs more than it saves on a loaded machine.
+CPU_MICRO_BATCH = 7
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "inference" / "weights"
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured device/backend/precision cannot run on this machine (message says why)."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str  # backend-device, e.g. "onnxruntime-cpu"
+    available: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What will run, decided before anything is loaded."""
+
+    backend: str
+    device: str
+    precision: str
+    cuda_graphs: bool
+    reason: str
+
+
+@dataclass
+class Selection:
+    denoiser: Denoiser
+    plan: Plan
+    reason: str  # the plan's reason, plus the probe's timings when one ran
+
+
+def backend_statuses() -> list[BackendStatus]:
+    """Every backend-device pair and whether it can run here."""
+    cuda = torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if cuda else ""
+    no_gpu = "torch sees no CUDA GPU"
+    providers = ort_providers()
+    trt = tensorrt_version()
+    return [
+        BackendStatus("torch-cpu", True, f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
+        BackendStatus("torch-cuda", cuda, gpu or no_gpu),
+        BackendStatus("torch-cuda-graphs", cuda, "capture per batch shape" if cuda else no_gpu),
+        BackendStatus(
+            "onnxruntime-cpu",
+            "CPUExecutionProvider" in providers,
+            "CPUExecutionProvider" if providers else "onnxruntime not importable",
+        ),
+        BackendStatus(
+            "onnxruntime-cuda",
+            cuda and "CUDAExecutionProvider" in providers,
+            "CUDAExecutionProvider" if "CUDAExecutionProvider" in providers else "no CUDAExecutionProvider",
+        ),
+        BackendStatus(
+            "tensorrt",
+            cuda and trt is not None,
+            (f"TensorRT {trt}" if trt else "tensorrt not installed") + ("" if cuda else f"; {no_gpu}"),
+        ),
+    ]
+
+
+def _available(name: str) -> BackendStatus:
+    return next(s for s in backend_statuses() if s.name == name)
+
+
+def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "auto") -> Plan:
+    """Decide backend, device and precision from the request and what this machine has."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}")
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise BackendUnavailable("[inference] device = 'cuda' but torch sees no CUDA GPU; set device = 'auto' or 'cpu'")
+    if backend == "tensorrt" and device == "cpu":
+        raise BackendUnavailable("[inference] backend = 'tensorrt' needs device 'cuda' (or 'auto' on a GPU machine)")
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+        why_device = "a CUDA GPU is visible" if cuda else "no CUDA GPU is visible"
+    else:
+        why_device = f"[inference] device = {device!r}"
+
+    if backend == "auto":
+        if device == "cuda":
+            if _available("tensorrt").available:
+                backend, reason = "tensorrt", "TensorRT is installed (fastest on NVIDIA GPUs)"
+            else:
+                backend, reason = "torch", "TensorRT is not installed; torch with CUDA graphs is next fastest"
+        else:
+            backend = CPU_DEFAULT_BACKEND if _available("onnxruntime-cpu").available else "torch"
+            reason = f"CPU preference {backend} (measured in benchmarks/engines.py)"
+    else:
+        status = _available(f"{backend}-{device}" if backend != "tensorrt" else "tensorrt")
+        if not status.available:
+            raise BackendUnavailable(
+                f"[inference] backend = {backend!r} is not available on {device}: {status.detail}; "
+                "set backend = 'auto' to use what this machine has"
+            )
+        reason = f"[inference] backend = {backend!r}"
+
+    if precision == "auto":
+        if device == "cpu" or backend == "onnxruntime":
+            precision = "fp32"
+        elif backend == "tensorrt":
+            precision = "fp16"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and precision == "fp16":
+        raise BackendUnavailable("[inference] precision = 'fp16' is not supported on the CPU; use fp32")
+    if backend == "onnxruntime" and precision != "fp32":
+        raise BackendUnavailable("the onnxruntime backend runs the fp32 export only; set precision = 'fp32'")
+    if backend == "tensorrt" and precision == "bf16":
+        raise BackendUnavailable("the tensorrt backend builds fp16 or fp32 engines; set precision = 'fp16'")
+    cuda_graphs = backend == "torch" and device == "cuda"
+    return Plan(backend, device, precision, cuda_graphs, f"{reason}; {why_device}; precision {precision}")
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """`[inference] model`: "bundled" (the .safetensors in inference/weights/) or a file path."""
+    if str(spec) == "bundled":
+        found = sorted(BUNDLED_WEIGHTS_DIR.glob("*.safetensors")) if BUNDLED_WEIGHTS_DIR.is_dir() else []
+        if not found:
+            raise FileNotFoundError(
+                f"no bundled model: {BUNDLED_WEIGHTS_DIR} holds no .safetensors file yet; "
+                "train one (edgenode train) or set [inference] model to a weights file"
+            )
+        return found[0]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist ([inference] model)")
+    return path
+
+
+ModelSource = str | Path | tuple[nn.Module, ModelInfo]
+
+
+def load_source(source: ModelSource) -> tuple[nn.Module, ModelInfo]:
+    if isinstance(source, tuple):
+        return source
+    return load_model(resolve_model_path(source), device="cpu")
+
+
+def _onnx(model: nn.Module, info: ModelInfo, cache_dir: Path, exporter: Exporter) -> OnnxModel:
+    try:
+        return cached_onnx(model, info, cache_dir, exporter=exporter)
+    except Exception as exc:  # the dynamo exporter can fail on exotic setups; the legacy one rarely does
+        if exporter != "dynamo":
+            raise
+        log.warning("dynamo ONNX export failed (%s); falling back to the TorchScript exporter", exc)
+        return cached_onnx(model, info, cache_dir, exporter="torchscript")
+
+
+def build_denoiser(
+    plan: Plan,
+    model: nn.Module,
+    info: ModelInfo,
+    max_batch: int,
+    cache_dir: Path | None,
+    threads: int | None = None,
+    micro_batch: int | None = None,
+    exporter: Exporter = "dynamo",
+) -> Denoiser:
+    """Instantiate what `plan` says. ONNX/TensorRT artefacts go to cache_dir (a temporary one if None)."""
+    if plan.backend == "torch":
+        return TorchDenoiser(
+            model,
+            info,
+            device=plan.device,
+            precision=plan.precision,
+            channels_last=plan.device == "cuda",
+            cuda_graphs=plan.cuda_graphs,
+            max_batch=max_batch,
+            micro_batch=micro_batch if plan.device == "cpu" else None,
+            threads=threads,
+        )
+    if cache_dir is None:
+        # The session/engine is built from the file and keeps no reference to it afterwards.
+        with tempfile.TemporaryDirectory(prefix="edgenode-engines-") as tmp:
+            return build_denoiser(plan, model, info, max_batch, Path(tmp), threads, micro_batch, exporter)
+    onnx_model = _onnx(model, info, cache_dir, exporter)
+    if plan.backend == "onnxruntime":
+        return OrtDenoiser(
+            onnx_model,
+            device=plan.device,
+            max_batch=max_batch,
+            threads=threads,
+            micro_batch=(micro_batch or CPU_MICRO_BATCH) if plan.device == "cpu" else None,
+        )
+    return TensorRTDenoiser(onnx_model, cache_dir, device=plan.device, precision=plan.precision, max_batch=max_batch)
+
+
+def time_call(denoiser: Denoiser, batch: int, size: int, repeats: int = 1) -> float:
+    """Seconds per call on random inputs of one batch, after one warm-up call."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 1, size, size, generator=gen).to(denoiser.device)
+    c = torch.randn(batch, 1, size, size, generator=gen).to(denoiser.device)
+    t = (torch.rand(batch, generator=gen) * 500).to(denoiser.device)
+    denoiser(x, c, t)
+    sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        denoiser(x, c, t)
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def select(
+    source: ModelSource,
+    device: str = "auto",
+    backend: str = "auto",
+    precision: str = "auto",
+    max_batch: int = 28,
+    cache_dir: Path | None = None,
+    probe: bool = False,
+    threads: int | None = None,
+    micro_batch: int | None = None,
+    exporter: Exporter = "dynamo",
+) -> Selection:
+    """Plan, load and build the denoiser; with probe=True on a CPU (backend auto), time both backends."""
+    plan = plan_backend(device, backend, precision)
+    model, info = load_source(source)
+    denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter)
+    reason = plan.reason
+    if probe and backend == "auto" and plan.device == "cpu" and _available("onnxruntime-cpu").available:
+        other_backend = "torch" if plan.backend == "onnxruntime" else "onnxruntime"
+        other_plan = Plan(other_backend, "cpu", "fp32", False, f"faster in a probe on {max_batch} images")
+        other = build_denoiser(other_plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter)
+        size = info.config.image_size
+        mine, theirs = time_call(denoiser, max_batch, size), time_call(other, max_batch, size)
+        timings = f"probe: {plan.backend} {mine:.3f} s, {other_backend} {theirs:.3f} s per {max_batch}-image call"
+        if theirs < mine:
+            plan, denoiser = other_plan, other
+            reason = f"{other_backend} was faster; {timings}"
+        else:
+            reason = f"{plan.backend} was faster; {timings}"
+    log.info("U-Net backend: %s for %s; %s", denoiser.name, info.model_id, reason)
+    return Selection(denoiser, plan, reason)
+
+
+def select_denoiser(source: ModelSource, **kwargs: object) -> Denoiser:
+    """The Denoiser that `select` picks (its reason is logged)."""
+    return select(source, **kwargs).denoiser  # type: ignore[arg-type]

@@ -1,0 +1,147 @@
+"""`edgenode engine info|build`: what can run the U-Net here, what would be chosen, and the engine cache.
+
+`build` exports the model to ONNX (and builds a TensorRT engine on a GPU machine with TensorRT) into
+`<data_dir>/engines/`, so the first job does not pay for it; `info` reads the same directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from node.config import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["info", "build"], help="info: backends and cache; build: export + build")
+    parser.add_argument("--model", default=None, help="weights file (default: [inference] model)")
+    parser.add_argument(
+        "--exporter",
+        choices=["dynamo", "torchscript"],
+        default="dynamo",
+        help="ONNX exporter (dynamo: opset 21 GroupNormalization; torchscript: opset 17, faster export)",
+    )
+    parser.add_argument("--probe", action="store_true", help="info: load the model and time the CPU backends")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+
+
+def engines_dir(settings: Settings) -> Path:
+    return settings.data_dir / "engines"
+
+
+def _cache_lines(cache: Path) -> list[str]:
+    if not cache.is_dir():
+        return [f"  (empty: {cache} does not exist; run `edgenode engine build`)"]
+    lines = []
+    for path in sorted(cache.iterdir()):
+        if path.suffix not in (".onnx", ".plan"):
+            continue
+        meta_path = path.with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        size_mb = path.stat().st_size / 1e6
+        if path.suffix == ".onnx":
+            what = f"ONNX {meta.get('exporter', '?')} opset {meta.get('opset', '?')}, model {meta.get('model_id', '?')}"
+        else:
+            what = (
+                f"TensorRT {meta.get('tensorrt_version', '?')} {meta.get('precision', '?')} on "
+                f"{meta.get('gpu_name', '?')} (sm {meta.get('compute_capability', '?')}), "
+                f"batch {meta.get('profile', '?')}, model {meta.get('model_id', '?')}"
+            )
+        lines.append(f"  {path.name}  {size_mb:.1f} MB  {what}")
+    return lines or [f"  (empty: nothing in {cache})"]
+
+
+def _info(args: argparse.Namespace, settings: Settings) -> int:
+    from engines.select import BackendUnavailable, backend_statuses, plan_backend, select
+
+    inf = settings.inference
+    print("backends:")
+    for status in backend_statuses():
+        print(f"  {'yes' if status.available else 'no ':3}  {status.name:18} {status.detail}")
+    try:
+        plan = plan_backend(inf.device, inf.backend, inf.precision)
+    except BackendUnavailable as exc:
+        print(f"chosen: none: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"chosen: {plan.backend} on {plan.device} ({plan.precision}{', CUDA graphs' if plan.cuda_graphs else ''})")
+    print(f"  why: {plan.reason}")
+    if args.probe:
+        selection = select(
+            args.model or inf.model,
+            device=inf.device,
+            backend=inf.backend,
+            precision=inf.precision,
+            max_batch=inf.max_batch,
+            cache_dir=engines_dir(settings),
+            probe=True,
+            threads=args.threads,
+            exporter=args.exporter,
+        )
+        print(f"probe: {selection.denoiser.name}: {selection.reason}")
+    print(f"cache {engines_dir(settings)}:")
+    print("\n".join(_cache_lines(engines_dir(settings))))
+    return EXIT_OK
+
+
+def _build(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from engines.onnx_export import cached_onnx
+    from engines.select import backend_statuses, load_source, time_call
+    from engines.tensorrt_backend import TensorRTDenoiser
+
+    inf = settings.inference
+    cache = engines_dir(settings)
+    start = time.perf_counter()
+
+    def step(n: int, total: int, text: str) -> None:
+        print(f"[{n}/{total}] {text} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    trt_ok = next(s for s in backend_statuses() if s.name == "tensorrt").available and inf.device != "cpu"
+    total = 4 if trt_ok else 3
+    step(1, total, f"loading model {args.model or inf.model}")
+    model, info = load_source(args.model or inf.model)
+    step(2, total, f"exporting {info.model_id} to ONNX ({args.exporter}) into {cache}")
+    onnx_model = cached_onnx(model, info, cache, exporter=args.exporter)
+    print(f"  {onnx_model.path.name}: opset {onnx_model.opset}, sha256 {onnx_model.sha256[:16]}, checker OK")
+    step(3, total, "checking ONNX Runtime against torch on a random batch")
+    from engines.ort_backend import OrtDenoiser
+
+    size = info.config.image_size
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 1, size, size, generator=gen), torch.randn(2, 1, size, size, generator=gen)
+    t = torch.rand(2, generator=gen) * 500
+    with torch.inference_mode():
+        ref = model.eval()(x, c, t)
+    got = OrtDenoiser(onnx_model, threads=args.threads)(x, c, t)
+    rel = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+    print(f"  relative error onnxruntime vs torch: {rel:.2e}")
+    if rel > 1e-4:
+        print(f"edgenode: exported model disagrees with torch (relative error {rel:.2e} > 1e-4)", file=sys.stderr)
+        return EXIT_FAILED
+    if trt_ok:
+        step(4, total, "building the TensorRT engine (minutes on first build)")
+        precision = inf.precision if inf.precision in ("fp16", "fp32") else "fp16"
+        engine = TensorRTDenoiser(onnx_model, cache, precision=precision, max_batch=inf.max_batch)
+        print(f"  {engine.describe()}: {time_call(engine, inf.max_batch, size, repeats=5) * 1e3:.1f} ms per call")
+    else:
+        print("  TensorRT: not built (needs tensorrt and a CUDA GPU)")
+    print(f"done in {time.perf_counter() - start:.1f} s; cache {cache}:")
+    print("\n".join(_cache_lines(cache)))
+    return EXIT_OK
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        return _info(args, settings) if args.action == "info" else _build(args, settings)
+    except FileNotFoundError as exc:
+        print(f"edgenode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:  # not an edgenode model, bad option combination
+        print(f"edgenode: {exc}", file=sys.stderr)
+        return EXIT_USAGE
