@@ -165,6 +165,19 @@ def fail_job(
     return _retry_or_fail(session, job, error, max_attempts=max_attempts, backoff_seconds=backoff_seconds, now=now)
 
 
+def release_job(session: Session, job_id: int, owner: str) -> bool:
+    """Hand a job back to the queue unfinished (the worker is stopping); the attempt does not count."""
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
+        return False
+    job.status = JobStatus.QUEUED
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.attempts = max(job.attempts - 1, 0)
+    job.study.status = StudyStatus.QUEUED
+    return True
+
+
 def requeue_expired(
     session: Session, *, max_attempts: int, backoff_seconds: float, now: datetime | None = None
 ) -> list[int]:

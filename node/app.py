@@ -16,13 +16,17 @@ from pathlib import Path
 from typing import Protocol
 
 from db.ingest import IngestIndex
+from db.jobs import requeue_expired, requeue_owned_by
 from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
-from node.scheduler import SchedulerComponent, build_scheduler, register_stability_scan
+from node.outbound import send_due
+from node.retention import run_retention
+from node.scheduler import SchedulerComponent, build_scheduler, register_periodic, register_stability_scan
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.stability import StabilityScanner
+from node.worker import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ class ListenerComponent:
 
 
 class EdgeNode:
-    """One node process. Add further components (workers, sender, web) with `add_component` before start."""
+    """One node process: listener, scheduler (stability scan, sender, lease check, retention), inference
+    worker processes and the web dashboard, started in that order and stopped in reverse."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -68,6 +73,26 @@ class EdgeNode:
             SchedulerComponent(self.scheduler),
             ListenerComponent(self.scp, settings.node.shutdown_grace_seconds),
         ]
+        self.workers: WorkerSupervisor | None = None
+        if settings.inference.workers > 0:
+            self.workers = WorkerSupervisor(settings)
+            self.components.append(self.workers)
+            register_periodic(self.scheduler, "worker-check", self.workers.check, 2.0)
+        register_periodic(
+            self.scheduler, "lease-check", self.requeue_expired_jobs, max(1.0, settings.jobs.lease_seconds / 4)
+        )
+        register_periodic(self.scheduler, "send", self.send_results, settings.send.interval_seconds)
+        if settings.retention.enabled:
+            register_periodic(
+                self.scheduler, "retention", self.apply_retention, settings.retention.interval_minutes * 60
+            )
+        if settings.web.enabled:
+            from node.web.server import WebServer
+
+            self.web: WebServer | None = WebServer(settings, self.db)
+            self.components.append(self.web)
+        else:
+            self.web = None
         self._started: list[Component] = []
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -81,8 +106,30 @@ class EdgeNode:
             raise RuntimeError("add components before start()")
         self.components.append(component)
 
+    def requeue_expired_jobs(self) -> None:
+        with self.db.session() as session:
+            requeued = requeue_expired(
+                session,
+                max_attempts=self.settings.jobs.max_attempts,
+                backoff_seconds=self.settings.jobs.retry_backoff_seconds,
+            )
+        if requeued:
+            log.warning("jobs %s: their workers stopped heart-beating; back in the queue", requeued)
+
+    def send_results(self) -> None:
+        report = send_due(self.settings, self.db, self.spool)
+        if report.attempted:
+            log.info("sender: %d sent, %d to retry, %d dead", len(report.sent), len(report.retried), len(report.dead))
+
+    def apply_retention(self) -> None:
+        run_retention(self.settings, self.db, self.settings.spool_dir)
+
     def start(self) -> None:
         self.recover_spool()
+        with self.db.session() as session:  # no worker of ours is alive yet: their jobs go back to the queue
+            requeued = requeue_owned_by(session)
+        if requeued:
+            log.warning("jobs %s were running when the node stopped; back in the queue", requeued)
         try:
             for component in self.components:
                 component.start()

@@ -122,7 +122,7 @@ class InferenceSettings(Section):
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: {"CT": 3.0, "CR": 3.0, "DX": 3.0})
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
-    workers: int = Field(1, ge=1)  # worker processes (one per GPU)
+    workers: int = Field(1, ge=0)  # worker processes (one per GPU); 0 = this node runs no inference
 
 
 class ResultsSettings(Section):
@@ -137,6 +137,7 @@ class SendSettings(Section):
     initial_backoff_seconds: float = Field(30.0, gt=0)
     max_backoff_seconds: float = Field(600.0, gt=0)
     max_attempts: int = Field(20, ge=1)
+    interval_seconds: float = Field(2.0, gt=0)  # how often the sender looks for due items
 
 
 class JobSettings(Section):

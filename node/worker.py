@@ -1,0 +1,356 @@
+"""Inference workers: separate processes that claim jobs from the database and run them.
+
+A crash, a hang or an out-of-memory kill in inference takes down only its worker: the supervisor in
+`edgenode serve` starts a new one, and the job's lease expires and puts it back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from db.jobs import ClaimedJob, claim_next_job, complete_job, fail_job, heartbeat, release_job
+from db.models import Instance, Series
+from db.session import Database
+from node.config import InferenceSettings, Settings
+from node.spool import Spool
+
+if TYPE_CHECKING:
+    from inference.pipeline import PipelineSettings
+
+log = logging.getLogger(__name__)
+
+IMAGE_MODALITIES = ("CT", "CR", "DX")
+EXIT_NO_MODEL = 3
+RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a worker that keeps dying
+
+
+class UnroutableJob(Exception):
+    """The job's results have nowhere to go (its destination AE is not configured)."""
+
+
+class JobAborted(Exception):
+    """The worker lost the job's lease (superseded by a newer job, or stalled past its lease)."""
+
+
+@dataclass(frozen=True)
+class SeriesFiles:
+    series_instance_uid: str
+    modality: str
+    paths: list[Path]
+
+
+def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineSettings:
+    """Map the operator's `[inference]` section onto the pipeline's settings."""
+    from inference.pipeline import PipelineSettings
+
+    return PipelineSettings(
+        t_start=dict(inference.t_start),
+        steps=inference.steps,
+        ensemble=inference.ensemble,
+        threshold_lambda=dict(inference.threshold_lambda),
+        max_batch=max_batch,
+        seed=inference.seed,
+    )
+
+
+def series_to_process(db: Database, spool: Spool, job: ClaimedJob, modalities: tuple[str, ...]) -> list[SeriesFiles]:
+    """The study's source image series (never the node's own output), largest first."""
+    with db.session() as session:
+        rows = session.execute(
+            select(Series.series_instance_uid, Series.modality, Instance.path)
+            .join(Instance, Instance.series_id == Series.id)
+            .where(Series.study_id == job.study_id, Series.is_own_output.is_(False), Series.modality.in_(modalities))
+            .order_by(Series.id, Instance.id)
+        ).all()
+    grouped: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for uid, modality, relpath in rows:
+        grouped[(uid, modality)].append(spool.path(relpath))
+    found = [SeriesFiles(uid, modality, paths) for (uid, modality), paths in grouped.items()]
+    return sorted(found, key=lambda s: -len(s.paths))
+
+
+class Heartbeat:
+    """Extends the job's lease in the background; flags `lost` when the lease is no longer ours."""
+
+    def __init__(self, db: Database, job_id: int, owner: str, settings: Settings) -> None:
+        self._db, self._job_id, self._owner, self._settings = db, job_id, owner, settings
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._settings.jobs.heartbeat_seconds):
+            with self._db.session() as session:
+                if not heartbeat(session, self._job_id, self._owner, self._settings.jobs.lease_seconds):
+                    self.lost.set()
+                    return
+
+    def check(self) -> None:
+        if self.lost.is_set():
+            raise JobAborted(f"job {self._job_id} is no longer ours (superseded or lease expired)")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class JobRunner:
+    """Runs claimed jobs end to end: load, infer, encode results, queue them for sending."""
+
+    def __init__(self, settings: Settings, owner: str, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.owner = owner
+        self.stop = stop or threading.Event()
+        self.db = Database(settings.database_url, run_migrations=False)
+        self.spool = Spool(settings.spool_dir)
+        self._denoiser = None
+        self._model_info = None
+        self.max_batch = settings.inference.max_batch
+
+    def _engine(self):  # type: ignore[no-untyped-def]
+        """Load the model and pick its backend once per worker process (the first job pays for it)."""
+        if self._denoiser is None:
+            from engines.select import resolve_model_path, select_denoiser
+            from inference.unet import read_model_info
+
+            path = resolve_model_path(self.settings.inference.model)
+            self._model_info = read_model_info(path)
+            self._denoiser = select_denoiser(
+                path,
+                device=self.settings.inference.device,
+                backend=self.settings.inference.backend,
+                precision=self.settings.inference.precision,
+                max_batch=self.settings.inference.max_batch,
+                cache_dir=self.settings.data_dir / "engines",
+            )
+        return self._denoiser, self._model_info
+
+    def run_once(self) -> bool:
+        """Claim and run one job; False when the queue had nothing due."""
+        with self.db.session() as session:
+            job = claim_next_job(session, self.owner, self.settings.jobs.lease_seconds)
+        if job is None:
+            return False
+        self.run(job)
+        return True
+
+    def run(self, job: ClaimedJob) -> None:
+        from inference.volume import SeriesError
+
+        log.info("job %s: study %s, attempt %s", job.id, job.study_instance_uid, job.attempts)
+        try:
+            with Heartbeat(self.db, job.id, self.owner, self.settings) as beat:
+
+                def check() -> None:
+                    beat.check()
+                    if self.stop.is_set():
+                        raise JobAborted("the node is stopping")
+
+                self._process(job, check)
+        except JobAborted as exc:
+            log.warning("job %s abandoned: %s", job.id, exc)
+            if self.stop.is_set():
+                with self.db.session() as session:
+                    release_job(session, job.id, self.owner)
+        except (SeriesError, UnroutableJob) as exc:  # retrying cannot help
+            self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=1)
+        except Exception as exc:  # noqa: BLE001 - anything else is retried with backoff
+            log.exception("job %s failed", job.id)
+            self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=self.settings.jobs.max_attempts)
+
+    def _fail(self, job: ClaimedJob, error: str, *, max_attempts: int) -> None:
+        with self.db.session() as session:
+            fail_job(
+                session,
+                job.id,
+                self.owner,
+                error,
+                max_attempts=max_attempts,
+                backoff_seconds=self.settings.jobs.retry_backoff_seconds,
+            )
+
+    def _process(self, job: ClaimedJob, check: Callable[[], None]) -> None:
+        import pydicom
+
+        from inference.pipeline import run_pipeline
+        from node.outbound import enqueue
+        from node.results import write_results
+
+        timings: dict[str, float] = {"queue_wait": max(0.0, time.time() - job.created_at.timestamp())}
+        rule = next((r for r in self.settings.routing if r.name == self.rule_name(job)), None)
+        modalities = tuple(rule.modalities) if rule else IMAGE_MODALITIES
+        series = series_to_process(self.db, self.spool, job, tuple(m for m in modalities if m in IMAGE_MODALITIES))
+        if not series:
+            from inference.volume import SeriesError
+
+            raise SeriesError(f"study {job.study_instance_uid} has no CT/CR/DX image series to process")
+        denoiser, model_info = self._engine()
+        destination = self.settings.peer(job.destination_ae)
+        if destination is None:
+            raise UnroutableJob(f"results destination {job.destination_ae!r} is not in [[peers]]")
+        scores, uncertainties, produced = [], [], 0
+        for item in series:
+            check()
+            started = time.perf_counter()
+            result = self._infer_with_oom_retry(run_pipeline, item, denoiser, model_info, check)
+            timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - started
+            for stage, seconds in result.timings.items():
+                timings[f"infer.{stage}"] = timings.get(f"infer.{stage}", 0.0) + seconds
+            check()
+            started = time.perf_counter()
+            sources = [pydicom.dcmread(p) for p in item.paths]
+            objects = write_results(result, sources, f"job-{job.id}", self.settings.results, model_info)
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
+            check()
+            enqueue(self.db, self.spool, job.id, objects, destination)
+            produced += len(objects)
+            scores.append(result.study_score)
+            uncertainties.append(result.mean_uncertainty)
+        with self.db.session() as session:
+            done = complete_job(
+                session,
+                job.id,
+                self.owner,
+                score=max(scores),
+                uncertainty=max(uncertainties),
+                model_id=model_info.model_id,
+                timings={k: round(v, 4) for k, v in timings.items()},
+            )
+        if done:
+            log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
+
+    def rule_name(self, job: ClaimedJob) -> str:
+        from db.models import Job
+
+        with self.db.session() as session:
+            row = session.get(Job, job.id)
+            return row.rule if row is not None else ""
+
+    def _infer_with_oom_retry(self, run_pipeline, item: SeriesFiles, denoiser, model_info, check):  # type: ignore[no-untyped-def]
+        """Run the pipeline; on GPU out-of-memory halve the batch and try again instead of failing."""
+        import torch
+
+        while True:
+            settings = pipeline_settings(self.settings.inference, self.max_batch)
+            try:
+                return run_pipeline(item.paths, denoiser, model_info, settings, progress=lambda *_: check())
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch <= 1:
+                    raise
+                self.max_batch //= 2
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: retrying with batches of %d", self.max_batch)
+
+
+def worker_main(settings_json: str, owner: str) -> None:
+    """Entry point of a worker process: claim and run jobs until SIGTERM."""
+    settings = Settings.model_validate_json(settings_json)
+    from node.cli import configure_logging
+
+    configure_logging(settings.logging.level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    runner = JobRunner(settings, owner, stop)
+    try:
+        denoiser, info = runner._engine()
+    except Exception as exc:  # noqa: BLE001 - a worker without a model must not claim jobs
+        log.error("worker %s cannot load the model: %s; jobs stay queued", owner, exc)
+        sys.exit(EXIT_NO_MODEL)
+    log.info("worker %s started (pid %d): %s on %s", owner, os.getpid(), info.model_id, denoiser.name)
+    while not stop.is_set():
+        if not runner.run_once():
+            stop.wait(0.5)
+    log.info("worker %s stopped", owner)
+
+
+class WorkerSupervisor:
+    """Keeps `inference.workers` worker processes alive; restarts any that die, backing off if they keep dying."""
+
+    name = "workers"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: dict[str, multiprocessing.process.BaseProcess] = {}
+        self._failures: dict[int, int] = {}  # slot -> consecutive early exits
+        self._not_before: dict[int, float] = {}  # slot -> monotonic time of the next allowed start
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._generation = 0
+        self._started_at: dict[str, float] = {}
+
+    def _spawn(self, slot: int) -> None:
+        self._generation += 1
+        owner = f"worker-{os.getpid()}-{slot}.{self._generation}"
+        proc = self._ctx.Process(target=worker_main, args=(self.settings.model_dump_json(), owner), name=owner)
+        proc.start()
+        self._procs[owner] = proc
+        self._started_at[owner] = time.monotonic()
+
+    def start(self) -> None:
+        with self._lock:
+            for slot in range(self.settings.inference.workers):
+                self._spawn(slot)
+
+    @staticmethod
+    def _slot(owner: str) -> int:
+        return int(owner.rsplit("-", 1)[1].split(".", 1)[0])
+
+    def check(self) -> None:
+        """Restart dead workers (called periodically by the scheduler)."""
+        with self._lock:
+            if self._stopping:
+                return
+            now = time.monotonic()
+            for owner, proc in list(self._procs.items()):
+                if proc.is_alive():
+                    continue
+                slot = self._slot(owner)
+                if slot not in self._not_before:
+                    if now - self._started_at.pop(owner, now) > 60:
+                        self._failures[slot] = 0  # it ran well for a while: not a crash loop
+                    failures = self._failures.get(slot, 0) + 1
+                    self._failures[slot] = failures
+                    first, longest = RESTART_BACKOFF_SECONDS
+                    delay = min(first * 2 ** (failures - 1), longest)
+                    self._not_before[slot] = now + delay
+                    log.error("worker %s exited with code %s; restarting in %.0f s", owner, proc.exitcode, delay)
+                if now >= self._not_before[slot]:
+                    del self._procs[owner]
+                    del self._not_before[slot]
+                    self._spawn(slot)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values() if p.pid is not None and p.is_alive()]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            for proc in self._procs.values():
+                if proc.is_alive() and proc.pid:
+                    os.kill(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in self._procs.values():
+                proc.join(max(0.1, deadline - time.monotonic()))
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join(5)
+            self._procs.clear()
