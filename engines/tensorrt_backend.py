@@ -134,7 +134,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if key.precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in later 10.x releases
             log.warning("this GPU has no fast FP16; the FP16 engine may be slower than FP32")
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
