@@ -24,7 +24,7 @@ class AnomalyResult:
     uncertainty_map: np.ndarray  # float32: std of the reconstructions across ensemble members
     segmentation: np.ndarray  # bool: thresholded and cleaned anomaly mask
     threshold: float  # alpha = mean + lambda * std of the error outside the anatomy mask
-    slice_scores: np.ndarray  # float32 per slice, see docs/model-card.md for the definition
+    slice_scores: np.ndarray  # float32 per slice, see docs/method.md for the definition
     study_score: float
     anomalous_volume_mm3: float  # voxels in `segmentation` x voxel volume (area x 1 mm for 2D)
     mean_uncertainty: float  # mean of uncertainty_map inside the segmentation (or anatomy if empty)
@@ -32,6 +32,7 @@ class AnomalyResult:
     slice_thickness_mm: float
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     settings: dict[str, object] = field(default_factory=dict)  # t_start, steps, ensemble, lambda, ...
+    anomalous_fraction: float = 0.0  # segmented voxels / anatomy-mask voxels (model grid), see docs/method.md
 
     @property
     def positive(self) -> bool:

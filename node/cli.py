@@ -22,6 +22,10 @@ EXIT_USAGE = 2
 # name -> (module, help). Add commands here; the module does the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
+    "worklist": ("node.commands.worklist", "studies ranked for triage (STAT, anomaly score, age)"),
+    "audit": ("node.commands.audit", "query the append-only audit trail"),
+    "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, scheduler"),
+    "outbound": ("node.commands.outbound", "list the result delivery queue, retry dead items, send now"),
     "engine": ("node.commands.engine", "U-Net backends: show what runs here (info), export and build engines (build)"),
 }
 

@@ -48,6 +48,7 @@ class NodeSettings(Section):
     network_timeout: float = Field(60.0, gt=0)
     min_free_disk_mb: int = Field(1024, ge=0)  # below this, stores answer 0xA700 and associations are refused
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
+    shutdown_grace_seconds: float = Field(5.0, ge=0)  # on stop, open associations get this long to finish
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -129,6 +130,7 @@ class ResultsSettings(Section):
     seg_all_slices: bool = False
     fractional_anomaly_seg: bool = False
     fractional_uncertainty_seg: bool = False
+    empty_seg: bool = False  # negative result: write an all-empty BINARY SEG too (default: SEG omitted, SR says absent)
 
 
 class SendSettings(Section):
@@ -149,11 +151,13 @@ class WebSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     token: str = ""  # empty: generated at first start, stored under data_dir, printed once
+    worklist_limit: int = Field(500, ge=1)  # rows on the dashboard worklist and the API default
 
 
 class RetentionSettings(Section):
     enabled: bool = True
     days: int = Field(30, ge=1)
+    interval_minutes: float = Field(60.0, gt=0)  # how often the scheduler runs the cleanup
 
 
 class LoggingSettings(Section):

@@ -1,0 +1,171 @@
+"""Ingest throughput: the same CT series sent with dcmtk storescu to edgenode, dcmtk storescp and Orthanc.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/ingest.py [--slices 100] [--size 512] [--repeats 2]
+
+Each run starts the receiver fresh (empty storage, so nothing is a duplicate), sends the series
+uncompressed (Explicit VR Little Endian) over 1 or 4 concurrent associations (the files split evenly),
+and times from the first storescu start to the last exit. Durability differs and is shown:
+edgenode fsyncs file + folder and commits to SQLite (synchronous=FULL) before each Success; Orthanc
+with SyncStorageArea=true fsyncs each file and indexes it in SQLite; storescp writes without fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from node.peers import Orthanc, StoreSCP, free_port, peer_env, wait_for_port  # noqa: E402
+from tests.dicomgen import make_ct_series, write_datasets  # noqa: E402
+
+STORESCU = "/usr/bin/storescu"
+CALLING_AE = "STORESCU"
+
+
+@contextmanager
+def edgenode(workdir: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+    port = free_port()
+    config = workdir / "edgenode.toml"
+    config.write_text(
+        f'[node]\nport = {port}\ndata_dir = "{workdir / "var"}"\nmin_free_disk_mb = 100\n'
+        f'[[peers]]\nae_title = "{CALLING_AE}"\nhost = "127.0.0.1"\nport = 104\n'
+        "[stability]\nstable_seconds = 3600\nmax_wait_seconds = 7200\n"
+        '[logging]\nlevel = "WARNING"\n'
+    )
+    env = peer_env()
+    env["PYTHONPATH"] = str(REPO)
+    log = (workdir / "edgenode.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node", "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        wait_for_port("127.0.0.1", port, 60, proc)
+
+        def count() -> int:
+            with sqlite3.connect(workdir / "var" / "edgenode.db") as db:
+                return int(db.execute("select count(*) from instances").fetchone()[0])
+
+        yield "EDGENODE", port, count
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@contextmanager
+def storescp(workdir: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+    with StoreSCP(workdir / "out") as scp:
+        yield scp.aet, scp.port, lambda: len(scp.received())
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+    with Orthanc(workdir, sync_storage=True) as server:
+        yield server.aet, server.dicom_port, lambda: int(server.get("/statistics")["CountInstances"])
+
+
+TARGETS: dict[str, tuple[Callable[[Path], AbstractContextManager[tuple[str, int, Callable[[], int]]]], str]] = {
+    "edgenode": (edgenode, "fsync file+dir, SQLite FULL commit"),
+    "storescp": (storescp, "no fsync, no index"),
+    "orthanc": (orthanc, "SyncStorageArea fsync, SQLite index"),
+}
+
+
+def send(aet: str, port: int, files: list[Path], associations: int) -> float:
+    chunks = [files[k::associations] for k in range(associations)]
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [STORESCU, "-aet", CALLING_AE, "-aec", aet, "127.0.0.1", str(port), *map(str, chunk)],
+            env=peer_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - start
+    for proc, err in zip(procs, errors, strict=True):
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=100)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per cell; the best is reported")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="edgenode-bench-ingest-"))
+    try:
+        files = write_datasets(make_ct_series(args.slices, args.size, args.size), root / "series")
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        print(
+            f"series: {len(files)} CT images {args.size}x{args.size}, {megabytes:.1f} MB; storage under {root}",
+            flush=True,
+        )
+        results: dict[tuple[str, int], float] = {}
+        for target in args.targets:
+            factory, _ = TARGETS[target]
+            for associations in args.associations:
+                best = float("inf")
+                for repeat in range(args.repeats):
+                    workdir = root / f"{target}-{associations}-{repeat}"
+                    workdir.mkdir()
+                    with factory(workdir) as (aet, port, count):
+                        seconds = send(aet, port, files, associations)
+                        received = count()
+                    if received != len(files):
+                        raise RuntimeError(f"{target}: {received} of {len(files)} instances stored")
+                    best = min(best, seconds)
+                    print(f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s", flush=True)
+                    shutil.rmtree(workdir, ignore_errors=True)
+                results[(target, associations)] = best
+
+        header = "| receiver | durability | assoc. | seconds | instances/s | MB/s | vs Orthanc |"
+        print()
+        print(header)
+        print("|---|---|---:|---:|---:|---:|---:|")
+        rows = []
+        for (target, associations), seconds in results.items():
+            reference = results.get(("orthanc", associations))
+            ratio = f"{reference / seconds:.2f}x" if reference else "-"
+            rate = len(files) / seconds
+            print(
+                f"| {target} | {TARGETS[target][1]} | {associations} | {seconds:.2f} | {rate:.1f} | "
+                f"{megabytes / seconds:.1f} | {ratio} |"
+            )
+            rows.append(
+                {
+                    "receiver": target,
+                    "associations": associations,
+                    "seconds": seconds,
+                    "instances_per_s": rate,
+                    "mb_per_s": megabytes / seconds,
+                }
+            )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Series files -> AnomalyResult, through any Denoiser: load, mask, model grid, ensemble, threshold, map back.
+
+`detect` is the model-grid core (arrays in, arrays out) that the evaluation calls without DICOM; `run_pipeline`
+wraps it with loading, masking and the mapping back to the source grid. Every switch the ablations need is a
+field of PipelineSettings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from engines.base import Denoiser
+from inference.diffusion import LinearSchedule, Sampler, strided_timesteps
+from inference.ensemble import ensemble_reconstruct
+from inference.lungmask import anatomy_mask
+from inference.postprocess import detect_anomalies
+from inference.result import AnomalyResult
+from inference.simplex import NoiseSource
+from inference.unet import ModelInfo
+from inference.volume import from_model_grid, load_series, mask_from_grid, mask_to_grid, to_model_grid
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class PipelineSettings:
+    """Everything that changes what the pipeline computes (node config maps onto it; evaluation ablates it)."""
+
+    t_start: dict[str, int] = field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
+    steps: int = 10  # visited timesteps = U-Net calls per member (ignored when stride is set)
+    stride: int | None = None  # visit every stride-th timestep instead
+    ensemble: int = 7
+    threshold_lambda: dict[str, float] = field(default_factory=lambda: {"CT": 3.0, "CR": 3.0, "DX": 3.0})
+    max_batch: int | None = None  # cap below the denoiser's own max_batch (None: the denoiser's)
+    seed: int = 0
+    sampler: Sampler = "ddim"
+    noise: Literal["simplex", "gaussian"] = "simplex"
+    octaves: int = 6
+    base_frequency: float = 2**-6
+    persistence: float = 0.8
+    use_mask_condition: bool = True  # False: the condition channel is zeros (ablation / unconditioned model)
+    adaptive_threshold: bool = True  # False: fixed_threshold instead of mean + lambda * std outside the mask
+    fixed_threshold: float = 0.05
+    restrict_to_mask: bool = True
+    opening: int = 1
+    closing: int = 1
+    min_component_size: int = 4  # voxels on the model grid
+    clip: bool = True
+    schedule_T: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def t_start_for(self, modality: str) -> int:
+        return int(self.t_start.get(modality, self.t_start.get("CT", 250)))
+
+    def lambda_for(self, modality: str) -> float:
+        return float(self.threshold_lambda.get(modality, 3.0))
+
+    def noise_source(self) -> NoiseSource:
+        return NoiseSource(self.noise, self.octaves, self.base_frequency, self.persistence)
+
+    def schedule(self) -> LinearSchedule:
+        return LinearSchedule(self.schedule_T, self.beta_start, self.beta_end)
+
+    def timesteps(self, modality: str) -> list[int]:
+        return strided_timesteps(self.t_start_for(modality), steps=self.steps, stride=self.stride)
+
+
+@dataclass
+class ModelGridDetection:
+    """detect()'s output on the model grid, (Z, S, S) arrays."""
+
+    reconstruction: np.ndarray
+    anomaly_map: np.ndarray
+    uncertainty_map: np.ndarray
+    segmentation: np.ndarray
+    threshold: float
+    slice_scores: np.ndarray
+    study_score: float
+    anomalous_fraction: float
+    timings: dict[str, float]
+
+
+class _CappedDenoiser:
+    """The same denoiser with a lower max_batch (settings.max_batch), without touching the engine."""
+
+    def __init__(self, inner: Denoiser, max_batch: int) -> None:
+        self.inner = inner
+        self.name, self.device, self.dtype, self.model_id = inner.name, inner.device, inner.dtype, inner.model_id
+        self.max_batch = max_batch
+
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.inner(x_t, cond, t)
+
+
+def detect(
+    volume_norm: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    denoiser: Denoiser,
+    settings: PipelineSettings,
+    modality: str = "CT",
+    progress: Progress | None = None,
+) -> ModelGridDetection:
+    """Anomaly detection on model-grid arrays: volume_norm (Z, S, S) in [-1, 1], mask (Z, S, S) bool."""
+    timings: dict[str, float] = {}
+    x0 = torch.as_tensor(np.asarray(volume_norm, dtype=np.float32))
+    mask_np = np.asarray(mask, dtype=bool)
+    if x0.ndim != 3 or x0.shape != mask_np.shape:
+        raise ValueError(f"volume {tuple(x0.shape)} and mask {mask_np.shape} must both be (Z, H, W)")
+    cond = torch.from_numpy(mask_np.astype(np.float32)) if settings.use_mask_condition else torch.zeros_like(x0)
+    if settings.max_batch is not None and settings.max_batch < denoiser.max_batch:
+        denoiser = _CappedDenoiser(denoiser, settings.max_batch)
+
+    start = time.perf_counter()
+    ens = ensemble_reconstruct(
+        x0,
+        cond,
+        denoiser,
+        settings.schedule(),
+        settings.timesteps(modality),
+        members=settings.ensemble,
+        sampler=settings.sampler,
+        noise=settings.noise_source(),
+        seed=settings.seed,
+        clip=settings.clip,
+        progress=(lambda f: progress("reconstruct", f)) if progress else None,
+    )
+    timings["reconstruct"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    error = ens.anomaly_map.numpy()
+    det = detect_anomalies(
+        error,
+        mask_np,
+        settings.lambda_for(modality),
+        adaptive_threshold=settings.adaptive_threshold,
+        fixed_threshold=settings.fixed_threshold,
+        restrict_to_mask=settings.restrict_to_mask,
+        opening=settings.opening,
+        closing=settings.closing,
+        min_component_size=settings.min_component_size,
+    )
+    timings["postprocess"] = time.perf_counter() - start
+    return ModelGridDetection(
+        reconstruction=ens.mean.numpy(),
+        anomaly_map=error,
+        uncertainty_map=ens.std.numpy(),
+        segmentation=det.segmentation,
+        threshold=det.threshold,
+        slice_scores=det.slice_scores,
+        study_score=det.study_score,
+        anomalous_fraction=det.anomalous_fraction,
+        timings=timings,
+    )
+
+
+def run_pipeline(
+    files: Sequence[Path],
+    denoiser: Denoiser,
+    model_info: ModelInfo,
+    settings: PipelineSettings,
+    progress: Progress | None = None,
+) -> AnomalyResult:
+    """One series' files -> AnomalyResult on the source grid (slice k <-> source_sop_instance_uids[k])."""
+
+    def report(stage: str, fraction: float) -> None:
+        if progress is not None:
+            progress(stage, fraction)
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    report("load", 0.0)
+    volume = load_series(files)
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    report("mask", 0.0)
+    mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing)
+    timings["mask"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    grid, mapping = to_model_grid(volume, model_info.config.image_size)
+    grid_mask = mask_to_grid(mask, mapping)
+    timings["resample"] = time.perf_counter() - start
+
+    det = detect(grid, grid_mask, denoiser, settings, volume.modality, progress=report)
+    timings.update(det.timings)
+
+    start = time.perf_counter()
+    anomaly = np.clip(from_model_grid(det.anomaly_map, mapping), 0.0, None)
+    uncertainty = np.clip(from_model_grid(det.uncertainty_map, mapping), 0.0, None)
+    segmentation = mask_from_grid(det.segmentation, mapping)
+    if settings.restrict_to_mask:
+        segmentation &= mask
+    timings["map_back"] = time.perf_counter() - start
+    report("done", 1.0)
+
+    inside = segmentation if segmentation.any() else mask
+    mean_uncertainty = float(uncertainty[inside].mean()) if inside.any() else 0.0
+    modality = volume.modality
+    recorded = {
+        **asdict(settings),
+        "t_start": settings.t_start_for(modality),
+        "threshold_lambda": settings.lambda_for(modality),
+        "timesteps": settings.timesteps(modality),
+        "engine": denoiser.name,
+    }
+    return AnomalyResult(
+        model_id=model_info.model_id,
+        modality=modality,
+        series_instance_uid=volume.series_instance_uid,
+        source_sop_instance_uids=list(volume.sop_instance_uids),
+        anatomy_mask=mask,
+        anomaly_map=anomaly.astype(np.float32),
+        uncertainty_map=uncertainty.astype(np.float32),
+        segmentation=segmentation,
+        threshold=det.threshold,
+        slice_scores=det.slice_scores.astype(np.float32),
+        study_score=det.study_score,
+        anomalous_volume_mm3=float(segmentation.sum()) * volume.voxel_volume_mm3,
+        mean_uncertainty=mean_uncertainty,
+        pixel_spacing_mm=volume.pixel_spacing,
+        slice_thickness_mm=volume.slice_thickness,
+        timings=timings,
+        settings=recorded,
+        anomalous_fraction=det.anomalous_fraction,
+    )

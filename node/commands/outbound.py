@@ -1,0 +1,97 @@
+"""`edgenode outbound list|retry|send`: inspect the result delivery queue, revive dead letters, send now."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+from node.config import Settings
+
+FIELDS = (
+    "id",
+    "status",
+    "destination",
+    "address",
+    "kind",
+    "sop_instance_uid",
+    "job_id",
+    "attempts",
+    "next_attempt_at",
+    "last_status",
+    "last_error",
+    "sent_at",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action",
+        choices=["list", "retry", "send"],
+        help="list: show queue items; retry: put dead items back in the queue; send: one delivery pass now",
+    )
+    parser.add_argument("--status", choices=["pending", "sent", "dead"], help="list: only items in this state")
+    parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="list: output format")
+    parser.add_argument("--limit", type=int, default=500, help="list: at most this many items (newest first)")
+    parser.add_argument(
+        "--id", type=int, action="append", dest="ids", metavar="N", help="retry: this item (repeatable)"
+    )
+    parser.add_argument("--all-dead", action="store_true", help="retry: every dead item")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from db.outbound import list_items
+    from db.session import Database
+
+    if args.action == "retry" and not (args.ids or args.all_dead):
+        print("edgenode outbound retry: give --id N (repeatable) or --all-dead", file=sys.stderr)
+        return 2
+    if args.action == "retry" and args.ids and args.all_dead:
+        print("edgenode outbound retry: --id and --all-dead are exclusive", file=sys.stderr)
+        return 2
+    db = Database(settings.database_url)
+    try:
+        if args.action == "list":
+            with db.session() as session:
+                rows = list_items(session, args.status, args.limit)
+            _print(rows, args.format)
+            return 0
+        if args.action == "retry":
+            from node.outbound import retry_dead
+
+            revived = retry_dead(db, None if args.all_dead else args.ids)
+            missing = sorted(set(args.ids or ()) - set(revived))
+            print(f"requeued {len(revived)} item(s)" + (f": {', '.join(map(str, revived))}" if revived else ""))
+            if missing:
+                print(f"not dead (or unknown), left alone: {', '.join(map(str, missing))}", file=sys.stderr)
+                return 1
+            return 0
+        from node.outbound import send_due
+        from node.spool import Spool
+
+        report = send_due(settings, db, Spool(settings.spool_dir))
+        if report.busy:
+            print("another sender (the running node?) is sending now; nothing done")
+            return 0
+        print(f"sent {len(report.sent)}, to retry {len(report.retried)}, dead {len(report.dead)}")
+        return 0 if not report.retried and not report.dead else 1
+    finally:
+        db.dispose()
+
+
+def _print(rows: list[dict[str, object]], fmt: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        shown = ("id", "status", "destination", "kind", "attempts", "last_status", "next_attempt_at", "last_error")
+        table = [[str(row[f]) for f in shown] for row in rows]
+        widths = [max([len(f), *(len(r[i]) for r in table)]) for i, f in enumerate(shown)]
+        widths[-1] = min(widths[-1], 60)
+        print("  ".join(f.ljust(w) for f, w in zip(shown, widths, strict=True)))
+        for r in table:
+            print("  ".join(v[:w].ljust(w) for v, w in zip(r, widths, strict=True)))

@@ -1,0 +1,114 @@
+"""Prometheus metrics read from the database at scrape time, through a registry built per app.
+
+Nothing is counted in process memory: the database is the truth, so the numbers survive restarts,
+agree across the listener, workers and CLI, and need no global registry. Counters come from the
+append-only audit trail (never deleted, so they only grow); gauges from the current tables.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from db.models import AuditEvent, AuditEventType, Job, JobStatus, OutboundItem, OutboundStatus, Study, StudyStatus
+from db.session import Database
+from node.config import Settings
+from node.web.health import free_disk_bytes
+
+log = logging.getLogger(__name__)
+
+INFERENCE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+SEND_FAILURE_EVENTS = (str(AuditEventType.SEND_RETRY), str(AuditEventType.SEND_DEAD))
+
+
+def inference_seconds(timings: dict[str, Any] | None) -> float | None:
+    """A job's inference time: its "total" stage when recorded, else the sum of its stages."""
+    if not timings:
+        return None
+    if isinstance(timings.get("total"), int | float):
+        return float(timings["total"])
+    values = [float(v) for v in timings.values() if isinstance(v, int | float)]
+    return sum(values) if values else None
+
+
+def histogram_buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
+    """Cumulative (le, count) pairs, ending with +Inf, as Prometheus histograms expect."""
+    out = [(repr(float(b)), float(sum(1 for v in values if v <= b))) for b in bounds]
+    out.append(("+Inf", float(len(values))))
+    return out
+
+
+class DatabaseCollector(Collector):
+    """Collects the edgenode_* metrics from one node's database on every scrape."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self._settings = settings
+        self._db = db
+
+    def collect(self) -> Iterator[Metric]:
+        disk = GaugeMetricFamily("edgenode_disk_free_bytes", "Free bytes on the file system of data_dir")
+        disk.add_metric([], float(free_disk_bytes(self._settings.data_dir)))
+        yield disk
+        up = GaugeMetricFamily("edgenode_database_up", "1 when the database answered this scrape")
+        try:
+            families = list(self._from_database())
+        except Exception:  # a scrape must still answer when the database does not
+            log.exception("metrics: database query failed")
+            up.add_metric([], 0.0)
+            yield up
+            return
+        up.add_metric([], 1.0)
+        yield up
+        yield from families
+
+    def _from_database(self) -> Iterator[Metric]:
+        with self._db.session() as session:
+            stored = session.scalar(
+                select(func.count(AuditEvent.id)).where(AuditEvent.event_type == str(AuditEventType.INSTANCE_STORED))
+            )
+            failures = session.scalar(
+                select(func.count(AuditEvent.id)).where(AuditEvent.event_type.in_(SEND_FAILURE_EVENTS))
+            )
+            jobs = dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
+            studies = dict(session.execute(select(Study.status, func.count(Study.id)).group_by(Study.status)).all())
+            outbound = dict(
+                session.execute(
+                    select(OutboundItem.status, func.count(OutboundItem.id)).group_by(OutboundItem.status)
+                ).all()
+            )
+            timings = session.scalars(select(Job.timings).where(Job.status == JobStatus.DONE)).all()
+
+        received = CounterMetricFamily("edgenode_instances_received", "DICOM instances stored (C-STORE accepted)")
+        received.add_metric([], float(stored or 0))
+        yield received
+        send_failures = CounterMetricFamily(
+            "edgenode_send_failures", "Failed result C-STORE attempts (retried or dead-lettered)"
+        )
+        send_failures.add_metric([], float(failures or 0))
+        yield send_failures
+        for name, doc, counts, states in (
+            ("edgenode_jobs", "Inference jobs by state", jobs, JobStatus),
+            ("edgenode_studies", "Studies by state", studies, StudyStatus),
+            ("edgenode_outbound_items", "Result deliveries by state", outbound, OutboundStatus),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["state"])
+            for state in sorted({str(s) for s in states} | set(counts)):
+                gauge.add_metric([state], float(counts.get(state, 0)))
+            yield gauge
+        seconds = [s for s in (inference_seconds(t) for t in timings) if s is not None]
+        hist = HistogramMetricFamily("edgenode_inference_seconds", "Inference time of finished jobs (jobs.timings)")
+        hist.add_metric([], histogram_buckets(seconds, INFERENCE_BUCKETS), sum_value=float(sum(seconds)))
+        yield hist
+
+
+def build_registry(settings: Settings, db: Database) -> CollectorRegistry:
+    """A fresh registry holding only this node's database collector (no process-global state)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(settings, db))
+    return registry

@@ -1,0 +1,142 @@
+"""Retention: remove old studies from the spool and the database, never undelivered results or audit records.
+
+A study is removed when its last instance arrived more than `retention.days` ago, no job of it is
+queued or running, and every result it produced was acknowledged by every destination (all outbound
+items `sent`; a result never queued for delivery counts as undelivered and keeps the study). Files go
+first, then the rows, so a crash in between leaves rows whose files are already gone and the next run
+finishes the job. Each removal appends a `retention.deleted` audit event; audit rows are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from db.audit import record_audit
+from db.models import (
+    AuditEventType,
+    Instance,
+    Job,
+    JobStatus,
+    OutboundStatus,
+    Result,
+    Series,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from db.session import Database
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+BUSY_STUDY = (StudyStatus.RECEIVING, StudyStatus.QUEUED, StudyStatus.PROCESSING)
+BUSY_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass
+class RetentionReport:
+    cutoff: datetime
+    studies_deleted: list[str] = field(default_factory=list)  # Study Instance UIDs
+    studies_kept_undelivered: list[str] = field(default_factory=list)
+    studies_kept_busy: list[str] = field(default_factory=list)
+    files_deleted: int = 0
+    bytes_freed: int = 0
+    files_missing: int = 0  # already gone from the spool (earlier interrupted run, manual cleanup)
+
+
+def _undelivered(study: Study) -> bool:
+    for job in study.jobs:
+        for result in job.results:
+            if not result.outbound or any(o.status != OutboundStatus.SENT for o in result.outbound):
+                return True
+    return False
+
+
+def _remove(path: Path, spool_root: Path, report: RetentionReport) -> None:
+    if not path.resolve().is_relative_to(spool_root):
+        log.error("retention: refusing to delete %s outside the spool %s", path, spool_root)
+        return
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        report.files_missing += 1
+        return
+    report.files_deleted += 1
+    report.bytes_freed += size
+
+
+def _prune_empty_dirs(paths: set[Path], spool_root: Path) -> None:
+    """Remove now-empty folders between each deleted file and the spool root (never the root)."""
+    for folder in sorted(paths, key=lambda p: len(p.parts), reverse=True):
+        current = folder
+        while current != spool_root and current.is_relative_to(spool_root):
+            try:
+                current.rmdir()
+            except OSError:  # not empty, or already gone
+                break
+            current = current.parent
+
+
+def run_retention(settings: Settings, db: Database, spool_root: Path, now: datetime | None = None) -> RetentionReport:
+    """Delete studies older than retention.days whose results were all delivered; report what happened."""
+    spool_root = spool_root.resolve()
+    cutoff = (now or utcnow()) - timedelta(days=settings.retention.days)
+    report = RetentionReport(cutoff=cutoff)
+    with db.session() as session:
+        candidates = [
+            uid
+            for uid in session.scalars(
+                select(Study.study_instance_uid).where(Study.last_received_at < cutoff).order_by(Study.id)
+            )
+        ]
+    for uid in candidates:
+        with db.session() as session:
+            # Take the database write lock first (a no-op UPDATE), so no instance can join this study
+            # between the checks below and the delete; the listener waits on its busy timeout.
+            session.execute(
+                update(Study).where(Study.study_instance_uid == uid).values(status=Study.status),
+                execution_options={"synchronize_session": False},
+            )
+            study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+            if study is None or study.last_received_at >= cutoff:  # gone or grew meanwhile
+                continue
+            if study.status in BUSY_STUDY or any(j.status in BUSY_JOB for j in study.jobs):
+                report.studies_kept_busy.append(uid)
+                continue
+            if _undelivered(study):
+                report.studies_kept_undelivered.append(uid)
+                continue
+            relative = list(
+                session.scalars(select(Instance.path).join(Series).where(Series.study_id == study.id))
+            ) + list(session.scalars(select(Result.path).join(Job).where(Job.study_id == study.id)))
+            files = [spool_root / p for p in relative]
+            before = report.bytes_freed
+            for path in files:
+                _remove(path, spool_root, report)
+            _prune_empty_dirs({p.parent for p in files}, spool_root)
+            record_audit(
+                session,
+                AuditEventType.RETENTION_DELETED,
+                patient_id=study.patient_id,
+                accession_number=study.accession_number,
+                study_instance_uid=uid,
+                detail=(
+                    f"older than {settings.retention.days} days, all results delivered: removed "
+                    f"{len(files)} files ({report.bytes_freed - before} bytes) and the study's database rows"
+                ),
+            )
+            session.delete(study)
+        report.studies_deleted.append(uid)
+        log.info("retention: removed study %s (%d files)", uid, len(files))
+    if report.studies_kept_undelivered:
+        log.warning(
+            "retention: kept %d old studies with undelivered results (see the queue page)",
+            len(report.studies_kept_undelivered),
+        )
+    return report

@@ -1,0 +1,64 @@
+"""Liveness facts shared by /healthz, the queue page and /metrics: database reachable, disk free."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import text
+
+from db.session import Database
+from node.config import Settings
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def database_ok(db: Database) -> tuple[bool, str]:
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any driver error means "not reachable"
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class Health:
+    database_ok: bool
+    database_error: str
+    disk_free_bytes: int
+    min_free_disk_bytes: int
+
+    @property
+    def disk_ok(self) -> bool:
+        return self.disk_free_bytes >= self.min_free_disk_bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.database_ok and self.disk_ok
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "status": "ok" if self.ok else "unhealthy",
+            "database": "ok" if self.database_ok else f"unreachable: {self.database_error}",
+            "disk": "ok" if self.disk_ok else "low",
+            "disk_free_bytes": self.disk_free_bytes,
+            "min_free_disk_bytes": self.min_free_disk_bytes,
+        }
+
+
+def check_health(settings: Settings, db: Database) -> Health:
+    ok, error = database_ok(db)
+    return Health(
+        database_ok=ok,
+        database_error=error,
+        disk_free_bytes=free_disk_bytes(settings.data_dir),
+        min_free_disk_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+    )

@@ -1,0 +1,147 @@
+"""The pipeline end to end on DICOM files: a nodule the "healthy" oracle cannot reconstruct is found on its slice."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.diffusion import LinearSchedule
+from inference.pipeline import PipelineSettings, detect, run_pipeline
+from inference.unet import PRESETS, ModelInfo, save_model
+from inference.volume import load_series, to_model_grid
+from tests.dicomgen import make_ct_series, make_dx, write_datasets
+from tests.test_diffusion import OracleDenoiser, TinyUNetDenoiser
+
+TINY_INFO = ModelInfo(name="oracle", config=PRESETS["tiny"], sha256="0" * 64)
+
+
+def fast_settings(**kw: object) -> PipelineSettings:
+    base = PipelineSettings(t_start={"CT": 200, "DX": 150, "CR": 150}, steps=3, ensemble=2, min_component_size=2)
+    return replace(base, **kw)
+
+
+def nodule_series(tmp_path: Path) -> tuple[list[Path], list[Path], int, np.ndarray]:
+    """Two copies of one CT series (same UIDs), the second with a soft-tissue nodule in the right lung."""
+    healthy = make_ct_series(4, 48, 48, seed=5, shuffle_instance_numbers=True)
+    sick = make_ct_series(4, 48, 48, seed=5, shuffle_instance_numbers=True)
+    for a, b in zip(healthy, sick, strict=True):
+        b.SOPInstanceUID = a.SOPInstanceUID
+        b.file_meta.MediaStorageSOPInstanceUID = a.SOPInstanceUID
+        b.SeriesInstanceUID = a.SeriesInstanceUID
+    k = 2  # by position; files are written in reverse so file order != slice order
+    yy, xx = np.mgrid[0:48, 0:48]
+    nodule = (yy - 22) ** 2 + (xx - 34) ** 2 <= 9
+    raw = np.frombuffer(sick[k].PixelData, np.uint16).reshape(48, 48).copy()
+    raw[nodule] = 1024 + 40
+    sick[k].PixelData = raw.tobytes()
+    return (
+        write_datasets(healthy[::-1], tmp_path / "healthy"),
+        write_datasets(sick[::-1], tmp_path / "sick"),
+        k,
+        nodule,
+    )
+
+
+class HealthyOracle(OracleDenoiser):
+    """Returns the noise that would make x_t come from the healthy image (+ a faint global texture), i.e. a
+    perfect model of normal anatomy: what differs from it (the nodule) cannot be reconstructed."""
+
+
+def test_nodule_is_found_on_its_source_slice(tmp_path: Path) -> None:
+    healthy_files, sick_files, k, nodule = nodule_series(tmp_path)
+    settings = fast_settings(ensemble=3)
+    grid, _ = to_model_grid(load_series(healthy_files), 32)
+    texture = 0.01 * np.sin(np.arange(32) / 3.0)[None, None, :] * np.ones((4, 32, 1))
+    healthy = torch.from_numpy((grid + texture).astype(np.float32))[:, None]
+    # One chunk holds all members x slices, so the oracle can follow items in order.
+    oracle = HealthyOracle(healthy.repeat(settings.ensemble, 1, 1, 1), LinearSchedule(), max_batch=64)
+    stages: list[str] = []
+    result = run_pipeline(sick_files, oracle, TINY_INFO, settings, progress=lambda s, f: stages.append(s))
+
+    vol = load_series(sick_files)
+    assert result.source_sop_instance_uids == vol.sop_instance_uids
+    assert result.anomaly_map.shape == result.segmentation.shape == result.anatomy_mask.shape == (4, 48, 48)
+    assert result.uncertainty_map.shape == (4, 48, 48) and result.slice_scores.shape == (4,)
+    assert result.top_slices(1) == [k]
+    assert result.positive and result.segmentation[k].sum() > 0
+    others = [i for i in range(4) if i != k]
+    assert not result.segmentation[others].any()
+    seg = result.segmentation[k]
+    dice = 2 * (seg & nodule).sum() / (seg.sum() + nodule.sum())
+    assert dice >= 0.6, dice
+    assert result.slice_scores[k] > 1 and result.study_score == pytest.approx(float(result.slice_scores[k]))
+    assert result.anomalous_volume_mm3 == pytest.approx(seg.sum() * 0.7 * 0.7 * 2.5)
+    assert result.model_id == TINY_INFO.model_id and result.modality == "CT"
+    assert result.settings["t_start"] == 200 and result.settings["timesteps"] == [200, 100, 0]
+    assert {"load", "mask", "resample", "reconstruct", "postprocess", "map_back"} <= set(result.timings)
+    assert stages[0] == "load" and "reconstruct" in stages and stages[-1] == "done"
+    assert 0 < result.anomalous_fraction < 0.2
+
+
+def test_healthy_series_is_negative(tmp_path: Path) -> None:
+    healthy_files, _, _, _ = nodule_series(tmp_path)
+    settings = fast_settings()
+    grid, _ = to_model_grid(load_series(healthy_files), 32)
+    texture = 0.01 * np.sin(np.arange(32) / 3.0)[None, None, :] * np.ones((4, 32, 1))
+    healthy = torch.from_numpy((grid + texture).astype(np.float32))[:, None]
+    oracle = HealthyOracle(healthy.repeat(settings.ensemble, 1, 1, 1), LinearSchedule(), max_batch=64)
+    result = run_pipeline(healthy_files, oracle, TINY_INFO, settings)
+    assert not result.positive
+    assert result.study_score < 1
+
+
+def test_radiograph_with_tiny_unet(tmp_path: Path) -> None:
+    model = TinyUNetDenoiser(max_batch=4)
+    info = save_model(model.model, tmp_path / "tiny.safetensors", "tiny")
+    files = write_datasets([make_dx(40, 40, monochrome1=True)], tmp_path / "dx")
+    result = run_pipeline(files, model, info, fast_settings(sampler="ddpm", ensemble=3))
+    assert result.modality == "DX" and result.anomaly_map.shape == (1, 40, 40)
+    assert np.isfinite(result.anomaly_map).all() and (result.anomaly_map >= 0).all()
+    assert result.uncertainty_map.max() > 0  # members differ
+    assert result.anatomy_mask.any() and result.model_id == info.model_id
+    assert result.slice_thickness_mm == 1.0 and result.pixel_spacing_mm == (0.5, 0.5)
+
+
+class CondRecorder(OracleDenoiser):
+    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.cond_max = float(cond.max())
+        self.batch = x_t.shape[0]
+        return super().__call__(x_t, cond, t)
+
+
+def test_detect_on_model_grid_and_switches() -> None:
+    x0 = torch.linspace(-0.9, 0.9, 2 * 16 * 16).reshape(2, 16, 16)
+    mask = np.zeros((2, 16, 16), bool)
+    mask[:, 4:12, 4:12] = True
+    oracle = CondRecorder(x0[:, None].repeat(2, 1, 1, 1), LinearSchedule(), max_batch=64)
+    det = detect(x0.numpy(), mask, oracle, fast_settings(), "CT")
+    assert oracle.cond_max == 1.0 and oracle.batch == 4
+    assert det.anomaly_map.max() < 1e-8 and not det.segmentation.any()
+    assert det.reconstruction.shape == (2, 16, 16)
+    oracle = CondRecorder(x0[:, None].repeat(2, 1, 1, 1), LinearSchedule(), max_batch=64)
+    det = detect(x0, mask, oracle, fast_settings(use_mask_condition=False, noise="gaussian", stride=50), "CT")
+    assert oracle.cond_max == 0.0
+    with pytest.raises(ValueError, match="must both be"):
+        detect(x0.numpy(), mask[:, :8], oracle, fast_settings())
+
+
+def test_max_batch_setting_caps_the_denoiser() -> None:
+    x0 = torch.zeros(3, 8, 8)
+    mask = np.ones((3, 8, 8), bool)
+    unet = TinyUNetDenoiser(max_batch=16)
+    seen: list[int] = []
+    inner = unet.__call__
+
+    class Spy:
+        name, device, dtype, model_id, max_batch = unet.name, unet.device, unet.dtype, unet.model_id, 16
+
+        def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            seen.append(x_t.shape[0])
+            return inner(x_t, cond, t)
+
+    detect(x0, mask, Spy(), fast_settings(max_batch=4, ensemble=2, steps=2), "CT")
+    assert max(seen) == 4 and sum(seen) == 6 * 2

@@ -1,0 +1,48 @@
+"""Outbound C-STORE: TLS to a peer that requires it (dcmtk storescp with a test PKI), contexts proposed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from node.config import NodeSettings, PeerSettings
+from node.peers import StoreSCP
+from node.scu import OutgoingFile, contexts_for, store_files
+from tests.dicomgen import make_ct_series, write_datasets
+from tests.test_scp_tls import make_pki
+
+
+def test_contexts_are_the_distinct_pairs_the_files_need(tmp_path: Path) -> None:
+    series = make_ct_series(3, 16, 16)
+    series[2].file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    files = [OutgoingFile.from_path(n, p) for n, p in enumerate(write_datasets(series, tmp_path))]
+    assert contexts_for(files) == [(CTImageStorage, ExplicitVRLittleEndian), (CTImageStorage, ImplicitVRLittleEndian)]
+
+
+def test_tls_peer_receives_over_tls_and_plain_is_refused(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    series = make_ct_series(2, 16, 16)
+    files = [OutgoingFile.from_path(n, p) for n, p in enumerate(write_datasets(series, tmp_path / "out"))]
+    node = NodeSettings(tls_cert=pki["client.pem"], tls_key=pki["client.key"], tls_ca=pki["ca.pem"])
+    tls_args = ["+tls", str(pki["server.key"]), str(pki["server.pem"]), "+cf", str(pki["ca.pem"]), "-rc", "-pw"]
+    with StoreSCP(tmp_path / "scp", extra_args=tls_args) as scp:
+        plain = list(store_files(node, PeerSettings(ae_title="STORESCP", port=scp.port), files))
+        assert [o.stored for o in plain] == [False, False] and all(o.error for o in plain)
+        secure = list(store_files(node, PeerSettings(ae_title="STORESCP", port=scp.port, tls=True), files))
+        assert [(o.key, o.status) for o in secure] == [(0, 0), (1, 0)]
+        received = {str(pydicom.dcmread(p).SOPInstanceUID) for p in scp.received()}
+    assert received == {str(ds.SOPInstanceUID) for ds in series}
+
+
+def test_untrusted_peer_certificate_is_refused(tmp_path: Path) -> None:
+    """The node verifies the PACS against its CA: a peer with a certificate from another CA gets nothing."""
+    ours, theirs = make_pki(tmp_path / "ours"), make_pki(tmp_path / "theirs")
+    files = [OutgoingFile.from_path(0, write_datasets(make_ct_series(1, 16, 16), tmp_path / "out")[0])]
+    node = NodeSettings(tls_cert=ours["client.pem"], tls_key=ours["client.key"], tls_ca=ours["ca.pem"])
+    tls_args = ["+tls", str(theirs["server.key"]), str(theirs["server.pem"]), "+cf", str(ours["ca.pem"]), "-pw"]
+    with StoreSCP(tmp_path / "scp", extra_args=tls_args) as scp:
+        (outcome,) = store_files(node, PeerSettings(ae_title="STORESCP", port=scp.port, tls=True), files)
+        assert not outcome.stored and outcome.status is None and "STORESCP" in outcome.error
+        assert scp.received() == []

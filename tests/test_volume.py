@@ -1,0 +1,281 @@
+"""Series loading: geometry, sorting, HU, compressed transfer syntaxes, radiographs, clear errors, model grid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from inference.volume import (
+    CT_WINDOW_HU,
+    GridMapping,
+    InconsistentGeometryError,
+    InconsistentSpacingError,
+    MissingPixelDataError,
+    MixedOrientationError,
+    MixedSeriesError,
+    MultiFrameError,
+    NotDicomError,
+    PixelDecodeError,
+    SeriesError,
+    UnsupportedSOPClassError,
+    from_model_grid,
+    load_series,
+    mask_from_grid,
+    mask_to_grid,
+    normalise,
+    resample_to_grid,
+    to_model_grid,
+)
+from tests.conftest import DCMTK
+from tests.dicomgen import make_ct_series, make_dx, write_datasets
+
+PATIENT_NAME = "Test^Synthetic"
+
+
+def stored_hu(ds: Dataset) -> np.ndarray:
+    raw = np.frombuffer(ds.PixelData, np.uint16).reshape(ds.Rows, ds.Columns)
+    return raw.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_ct_sorted_by_position_not_instance_number(tmp_path: Path) -> None:
+    series = make_ct_series(6, 24, 20, shuffle_instance_numbers=True, seed=2)
+    by_z = sorted(series, key=lambda ds: ds.ImagePositionPatient[2])
+    shuffled = [series[i] for i in (3, 0, 5, 1, 4, 2)]
+    paths = write_datasets(shuffled, tmp_path)
+    vol = load_series(paths)
+    assert vol.modality == "CT" and vol.shape == (6, 24, 20)
+    assert vol.sop_instance_uids == [ds.SOPInstanceUID for ds in by_z]
+    for k, ds in enumerate(by_z):
+        np.testing.assert_array_equal(vol.pixels[k], stored_hu(ds))  # HU, not stored values
+        np.testing.assert_allclose(vol.positions[k], [float(v) for v in ds.ImagePositionPatient])
+        assert vol.headers[k].SOPInstanceUID == ds.SOPInstanceUID and "PixelData" not in vol.headers[k]
+    assert vol.pixel_spacing == (0.7, 0.7) and vol.slice_spacing == pytest.approx(2.5)
+    assert vol.slice_thickness == 2.5
+    np.testing.assert_allclose(vol.normal, [0, 0, 1])
+    assert vol.voxel_volume_mm3 == pytest.approx(0.7 * 0.7 * 2.5)
+    assert vol.series_instance_uid == series[0].SeriesInstanceUID
+    assert [p.name for p in vol.paths] == [paths[shuffled.index(ds)].name for ds in by_z]
+
+
+def test_oblique_series_sorts_along_its_normal(tmp_path: Path) -> None:
+    series = make_ct_series(5, 16, 16, seed=1)
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, np.cos(0.3), -np.sin(0.3)])
+    normal = np.cross(row, col)
+    origin = np.array([-5.0, -5.0, 10.0])
+    order = [2, 4, 0, 3, 1]  # position index per file; z of the position alone would mislead
+    for ds, k in zip(series, order, strict=True):
+        ds.ImageOrientationPatient = [*row, *col]
+        ds.ImagePositionPatient = [float(v) for v in origin + 3.0 * k * normal + 40.0 * k * col]
+    vol = load_series(write_datasets(series, tmp_path))
+    expected = [series[order.index(k)].SOPInstanceUID for k in range(5)]
+    assert vol.sop_instance_uids == expected
+    assert vol.slice_spacing == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "exact"),
+    [
+        ("dcmcjpeg", [], True),  # JPEG lossless, process 14 SV1 (decoded by python-gdcm)
+        ("dcmcrle", [], True),  # RLE lossless (pylibjpeg-rle)
+        ("dcmcjpls", [], True),  # JPEG-LS lossless (pyjpegls)
+        ("pydicom-j2k", [], True),  # JPEG 2000 lossless via pylibjpeg-openjpeg
+    ],
+)
+def test_compressed_series_round_trip(
+    tmp_path: Path, dcmtk: dict[str, Path], tool: str, args: list[str], exact: bool
+) -> None:
+    series = make_ct_series(3, 32, 32, seed=4)
+    raw_paths = write_datasets(series, tmp_path / "raw")
+    out = tmp_path / "compressed"
+    out.mkdir()
+    env = dict(os.environ, TCP_NODELAY="1")
+    for p in raw_paths:
+        target = out / p.name
+        if tool == "pydicom-j2k":
+            ds = pydicom.dcmread(p)
+            ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+            ds.save_as(target)
+        else:
+            subprocess.run([str(dcmtk[tool]), *args, str(p), str(target)], check=True, env=env, capture_output=True)
+    ts = pydicom.dcmread(out / raw_paths[0].name, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    assert ts.is_compressed
+    ref = load_series(raw_paths)
+    vol = load_series(sorted(out.iterdir()))
+    assert vol.sop_instance_uids == ref.sop_instance_uids
+    np.testing.assert_allclose(vol.positions, ref.positions)
+    assert exact
+    np.testing.assert_array_equal(vol.pixels, ref.pixels)
+
+
+def test_undecodable_transfer_syntax_is_a_clear_error(tmp_path: Path, dcmtk: dict[str, Path]) -> None:
+    """12-bit JPEG Extended (lossy) needs the GPL libjpeg plugin, which edgenode does not ship: a clear error."""
+    ds = make_ct_series(1, 16, 16)[0]
+    raw = write_datasets([ds], tmp_path / "raw")[0]
+    target = tmp_path / "jpeg12.dcm"
+    env = dict(os.environ, TCP_NODELAY="1")
+    subprocess.run([str(dcmtk["dcmcjpeg"]), "+ee", str(raw), str(target)], check=True, env=env, capture_output=True)
+    uid = pydicom.dcmread(target, stop_before_pixels=True).SOPInstanceUID  # lossy: dcmcjpeg gives a new UID
+    with pytest.raises(PixelDecodeError) as info:
+        load_series([target])
+    _assert_clear(info.value, uid)
+    assert "JPEG Extended" in str(info.value)
+
+
+def test_monochrome1_is_inverted(tmp_path: Path) -> None:
+    m2 = load_series(write_datasets([make_dx(48, 40, seed=5)], tmp_path / "m2"))
+    m1 = load_series(write_datasets([make_dx(48, 40, seed=5, monochrome1=True)], tmp_path / "m1"))
+    assert m1.modality == "DX" and m1.shape == (1, 48, 40)
+    np.testing.assert_allclose(m1.pixels, m2.pixels, atol=1e-6)
+    assert m2.pixels.min() >= 0 and m2.pixels.max() <= 1
+    # bright = dense: the spine (bone) is brighter than the lungs, as in MONOCHROME2 display
+    assert m1.pixels[0, int(48 * 0.775), 20] > m1.pixels[0, int(48 * 0.45), int(40 * 0.29)]
+    assert m1.pixel_spacing == (0.5, 0.5) and m1.positions is None and m1.slice_thickness == 1.0
+
+
+def test_radiograph_window_and_voi_lut(tmp_path: Path) -> None:
+    ds = make_dx(16, 16, seed=0)
+    ds.WindowCenter, ds.WindowWidth = 1000, 1001  # linear: (x - 999.5) / 1000 + 0.5
+    vol = load_series(write_datasets([ds], tmp_path / "win"))
+    raw = np.frombuffer(ds.PixelData, np.uint16).reshape(16, 16).astype(np.float64)
+    np.testing.assert_allclose(vol.pixels[0], np.clip((raw - 999.5) / 1000 + 0.5, 0, 1), atol=1e-6)
+
+    lut = make_dx(16, 16, seed=0)
+    del lut.WindowCenter, lut.WindowWidth
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 12]  # 4096 entries from stored value 0, 12-bit output
+    item.add_new(0x00283006, "US", [min(4095, 2 * v) for v in range(4096)])  # LUT Data: a contrast stretch
+    lut.VOILUTSequence = [item]
+    vol = load_series(write_datasets([lut], tmp_path / "lut"))
+    np.testing.assert_allclose(vol.pixels[0], np.minimum(4095, 2 * raw) / 4095, atol=1e-6)
+
+    plain = make_dx(16, 16, seed=0)
+    del plain.WindowCenter, plain.WindowWidth
+    vol = load_series(write_datasets([plain], tmp_path / "plain"))
+    assert vol.pixels.min() == 0 and vol.pixels.max() == 1
+
+
+def _assert_clear(err: SeriesError, uid: str) -> None:
+    assert uid in str(err) and err.sop_instance_uid == uid
+    assert PATIENT_NAME not in str(err) and "Synthetic" not in str(err)
+
+
+def test_inconsistent_spacing_is_rejected(tmp_path: Path) -> None:
+    series = make_ct_series(5, 16, 16)
+    series[3].ImagePositionPatient = [series[3].ImagePositionPatient[0], series[3].ImagePositionPatient[1], -90.0]
+    for k in (4,):
+        series[k].ImagePositionPatient = [*series[k].ImagePositionPatient[:2], -100 + 2.5 * k + 5]
+    with pytest.raises(InconsistentSpacingError) as info:
+        load_series(write_datasets(series, tmp_path))
+    assert "slice gap" in str(info.value) and PATIENT_NAME not in str(info.value)
+    assert info.value.sop_instance_uid in {ds.SOPInstanceUID for ds in series}
+
+
+def test_missing_slice_and_duplicate_position(tmp_path: Path) -> None:
+    series = make_ct_series(5, 16, 16)
+    with pytest.raises(InconsistentSpacingError) as info:
+        load_series(write_datasets([s for i, s in enumerate(series) if i != 2], tmp_path / "gap"))
+    _assert_clear(info.value, series[3].SOPInstanceUID)
+    series[1].ImagePositionPatient = series[0].ImagePositionPatient
+    with pytest.raises(InconsistentSpacingError, match="same slice position"):
+        load_series(write_datasets(series, tmp_path / "dup"))
+
+
+def test_mixed_orientation_is_rejected(tmp_path: Path) -> None:
+    series = make_ct_series(3, 16, 16)
+    series[2].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    with pytest.raises(MixedOrientationError) as info:
+        load_series(write_datasets(series, tmp_path))
+    _assert_clear(info.value, series[2].SOPInstanceUID)
+
+
+def test_missing_pixel_data_is_rejected(tmp_path: Path) -> None:
+    series = make_ct_series(2, 16, 16)
+    del series[1].PixelData
+    with pytest.raises(MissingPixelDataError) as info:
+        load_series(write_datasets(series, tmp_path))
+    _assert_clear(info.value, series[1].SOPInstanceUID)
+
+
+def test_multi_frame_is_rejected(tmp_path: Path) -> None:
+    ds = make_ct_series(1, 16, 16)[0]
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    with pytest.raises(MultiFrameError) as info:
+        load_series(write_datasets([ds], tmp_path))
+    _assert_clear(info.value, ds.SOPInstanceUID)
+
+
+def test_non_image_sop_class_is_rejected(tmp_path: Path) -> None:
+    sr = Dataset()
+    sr.file_meta = FileMetaDataset()
+    sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    sr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sr.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID
+    sr.SOPInstanceUID = sr.file_meta.MediaStorageSOPInstanceUID
+    sr.PatientName = PATIENT_NAME
+    sr.Modality = "SR"
+    with pytest.raises(UnsupportedSOPClassError) as info:
+        load_series(write_datasets([sr], tmp_path))
+    _assert_clear(info.value, sr.SOPInstanceUID)
+    assert "Basic Text SR" in str(info.value)
+
+
+def test_mixed_series_size_and_non_dicom(tmp_path: Path) -> None:
+    a = make_ct_series(2, 16, 16)
+    b = make_ct_series(1, 16, 16)
+    with pytest.raises(MixedSeriesError) as info:
+        load_series(write_datasets(a + b, tmp_path / "mixed"))
+    _assert_clear(info.value, b[0].SOPInstanceUID)
+    c = make_ct_series(2, 16, 16)
+    c[1].Rows = 8
+    c[1].PixelData = c[1].PixelData[: 8 * 16 * 2]
+    with pytest.raises(InconsistentGeometryError, match="Rows"):
+        load_series(write_datasets(c, tmp_path / "size"))
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom at all")
+    with pytest.raises(NotDicomError, match="junk.dcm"):
+        load_series([junk])
+    with pytest.raises(SeriesError):
+        load_series([])
+
+
+def test_normalisation() -> None:
+    lo, hi = CT_WINDOW_HU
+    hu = np.array([[[-2000, lo, (lo + hi) / 2, hi, 3000]]], np.float32)
+    np.testing.assert_allclose(normalise(hu, "CT"), [[[-1, -1, 0, 1, 1]]])
+    np.testing.assert_allclose(normalise(np.array([[[0.0, 0.25, 1.0]]], np.float32), "DX"), [[[-1, -0.5, 1]]])
+
+
+def test_model_grid_round_trip_keeps_geometry(tmp_path: Path) -> None:
+    """A marker keeps its place through pad/resize and back; smooth content survives the round trip."""
+    mapping = GridMapping(rows=40, cols=24, size=32)
+    yy, xx = np.mgrid[0:40, 0:24].astype(np.float32)
+    smooth = np.sin(yy / 7.0) * np.cos(xx / 5.0)
+    back = from_model_grid(resample_to_grid(smooth[None], mapping), mapping)
+    assert back.shape == (1, 40, 24)
+    assert np.abs(back - smooth).mean() < 0.05
+    marker = np.zeros((1, 40, 24), np.float32)
+    marker[0, 10:14, 16:20] = 1.0
+    grid_mask = mask_to_grid(marker > 0, mapping)
+    restored = mask_from_grid(grid_mask, mapping)
+    ys, xs = np.nonzero(restored[0])
+    assert abs(ys.mean() - 11.5) < 0.6 and abs(xs.mean() - 17.5) < 0.6
+
+    vol = load_series(write_datasets(make_ct_series(3, 48, 48), tmp_path))
+    grid, m = to_model_grid(vol, 32)
+    assert grid.shape == (3, 32, 32) and grid.min() >= -1 and grid.max() <= 1
+    assert m.rows == 48 and from_model_grid(grid, m).shape == vol.shape
+
+
+def test_dcmtk_tools_exist() -> None:
+    for name in ("dcmcjpeg", "dcmcrle", "dcmcjpls"):
+        assert DCMTK[name].exists()
