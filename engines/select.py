@@ -120,10 +120,14 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
 
     if backend == "auto":
         if device == "cuda":
-            if _available("tensorrt").available:
+            if _available("tensorrt").available and precision != "bf16":
                 backend, reason = "tensorrt", "TensorRT is installed (fastest on NVIDIA GPUs)"
+            elif precision == "bf16":
+                backend, reason = "torch", "bf16 requested: torch with CUDA graphs (TensorRT builds fp16/fp32)"
             else:
                 backend, reason = "torch", "TensorRT is not installed; torch with CUDA graphs is next fastest"
+        elif precision not in ("auto", "fp32"):
+            backend, reason = "torch", f"{precision} requested: only torch runs it on a CPU"
         else:
             backend = CPU_DEFAULT_BACKEND if _available("onnxruntime-cpu").available else "torch"
             reason = f"CPU preference {backend} (measured in benchmarks/engines.py)"
