@@ -209,7 +209,7 @@ def build_denoiser(
             info,
             device=plan.device,
             precision=plan.precision,
-            channels_last=plan.device == "cuda",
+            channels_last=True,  # faster on CUDA (tensor cores) and, measured, for torch on CPUs too
             cuda_graphs=plan.cuda_graphs,
             max_batch=max_batch,
             micro_batch=micro_batch if plan.device == "cpu" else None,

@@ -33,8 +33,8 @@ def test_masks_and_scores_agree_across_fp32_backends(tmp_path: Path) -> None:
     results = {}
     for plan in fp32_plans():
         denoiser = build_denoiser(plan, model, info, max_batch=8, cache_dir=tmp_path / "engines")
-        results[denoiser.name] = run_pipeline(files, denoiser, info, settings)
-    assert {"torch-cpu-fp32", "onnxruntime-cpu"} <= set(results)
+        results[f"{plan.backend}-{plan.device} ({denoiser.name})"] = run_pipeline(files, denoiser, info, settings)
+    assert any(k.startswith("torch-cpu") for k in results) and any(k.startswith("onnxruntime-cpu") for k in results)
     (ref_name, ref), *others = results.items()
     assert ref.segmentation.any() and not ref.segmentation.all()  # a real decision to agree on
     for name, got in others:
