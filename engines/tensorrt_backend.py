@@ -108,6 +108,10 @@ def _mark_fp32_layers(network: Any, trt: Any) -> int:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                # get_layer returns the base ILayer; the subclass view exposes the internal precision.
+                layer.__class__ = trt.INormalizationLayer
+                layer.compute_precision = trt.float32
             pinned += 1
     return pinned
 
