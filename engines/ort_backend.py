@@ -86,9 +86,9 @@ class OrtDenoiser:
 
     def _run_cpu(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feeds = {
-            "x_t": x_t.contiguous().numpy(),
-            "cond": cond.contiguous().numpy(),
-            "t": t.contiguous().numpy(),
+            "x_t": x_t.detach().contiguous().numpy(),
+            "cond": cond.detach().contiguous().numpy(),
+            "t": t.detach().contiguous().numpy(),
         }
         (out,) = self.session.run([OUTPUT_NAME], feeds)
         return torch.from_numpy(out)

@@ -120,10 +120,14 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
 
     if backend == "auto":
         if device == "cuda":
-            if _available("tensorrt").available:
+            if _available("tensorrt").available and precision != "bf16":
                 backend, reason = "tensorrt", "TensorRT is installed (fastest on NVIDIA GPUs)"
+            elif precision == "bf16":
+                backend, reason = "torch", "bf16 requested: torch with CUDA graphs (TensorRT builds fp16/fp32)"
             else:
                 backend, reason = "torch", "TensorRT is not installed; torch with CUDA graphs is next fastest"
+        elif precision not in ("auto", "fp32"):
+            backend, reason = "torch", f"{precision} requested: only torch runs it on a CPU"
         else:
             backend = CPU_DEFAULT_BACKEND if _available("onnxruntime-cpu").available else "torch"
             reason = f"CPU preference {backend} (measured in benchmarks/engines.py)"
@@ -205,7 +209,7 @@ def build_denoiser(
             info,
             device=plan.device,
             precision=plan.precision,
-            channels_last=plan.device == "cuda",
+            channels_last=True,  # faster on CUDA (tensor cores) and, measured, for torch on CPUs too
             cuda_graphs=plan.cuda_graphs,
             max_batch=max_batch,
             micro_batch=micro_batch if plan.device == "cpu" else None,

@@ -108,6 +108,10 @@ def _mark_fp32_layers(network: Any, trt: Any) -> int:
             layer.precision = trt.float32
             for j in range(layer.num_outputs):
                 layer.set_output_type(j, trt.float32)
+            if layer.type == trt.LayerType.NORMALIZATION:
+                # get_layer returns the base ILayer; the subclass view exposes the internal precision.
+                layer.__class__ = trt.INormalizationLayer
+                layer.compute_precision = trt.float32
             pinned += 1
     return pinned
 
@@ -134,7 +138,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if key.precision == "fp16":
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in later 10.x releases
             log.warning("this GPU has no fast FP16; the FP16 engine may be slower than FP32")
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)

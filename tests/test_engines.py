@@ -110,6 +110,8 @@ def test_cpu_plans() -> None:
     assert (forced.backend, forced.device) == ("torch", "cpu") and "[inference] backend = 'torch'" in forced.reason
     with pytest.raises(BackendUnavailable, match="fp16"):
         plan_backend(precision="fp16")
+    bf16 = plan_backend(precision="bf16")  # auto backend: the one that can run it
+    assert (bf16.backend, bf16.precision) == ("torch", "bf16") and "only torch" in bf16.reason
     with pytest.raises(BackendUnavailable, match="onnxruntime backend runs the fp32"):
         plan_backend(backend="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="backend must be"):
@@ -149,3 +151,14 @@ def test_probe_times_both_cpu_backends_and_logs_why(tiny, caplog: pytest.LogCapt
     assert "probe: " in selection.reason and "torch" in selection.reason and "onnxruntime" in selection.reason
     assert selection.plan.backend in selection.denoiser.name
     assert any("U-Net backend" in r.message and selection.reason in r.message for r in caplog.records)
+
+
+def test_torch_cpu_bf16_autocast_returns_float32_close_to_fp32(tiny) -> None:
+    model, info, _ = tiny
+    x, c, t = random_batch(3, 32)
+    ref = TorchDenoiser(model, info)(x, c, t)
+    low = TorchDenoiser(model, info, precision="bf16")
+    out = low(x, c, t)
+    assert low.dtype == torch.bfloat16 and low.name == "torch-cpu-bf16"
+    assert out.dtype == torch.float32
+    assert 0 < rel_error(out, ref) < 5e-2  # really computed in bf16, and still close
