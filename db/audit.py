@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.models import AuditEvent, AuditEventType
+from db.models import AuditEvent, AuditEventType, Job
 
 
 def record_audit(session: Session, event_type: AuditEventType | str, **fields: Any) -> AuditEvent:
@@ -14,3 +14,14 @@ def record_audit(session: Session, event_type: AuditEventType | str, **fields: A
     event = AuditEvent(event_type=str(event_type), **{k: v for k, v in fields.items() if v is not None})
     session.add(event)
     return event
+
+
+def job_fields(job: Job) -> dict[str, Any]:
+    """The audit fields that identify a job's study (what audit queries filter on)."""
+    study = job.study
+    return {
+        "job_id": job.id,
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": study.patient_id,
+        "accession_number": study.accession_number,
+    }

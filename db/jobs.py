@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.audit import record_audit
+from db.audit import job_fields, record_audit
 from db.models import AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
 
 
@@ -64,10 +64,7 @@ def claim_next_job(
         record_audit(
             session,
             AuditEventType.JOB_STARTED,
-            job_id=job.id,
-            study_instance_uid=study.study_instance_uid,
-            patient_id=study.patient_id,
-            accession_number=study.accession_number,
+            **job_fields(job),
             detail=f"attempt {job.attempts} by {owner}",
         )
         return ClaimedJob(
@@ -131,10 +128,7 @@ def complete_job(
     record_audit(
         session,
         AuditEventType.JOB_DONE,
-        job_id=job.id,
-        study_instance_uid=study.study_instance_uid,
-        patient_id=study.patient_id,
-        accession_number=study.accession_number,
+        **job_fields(job),
         detail=f"score={score if score is None else round(score, 4)} model={model_id}",
     )
     return True
@@ -215,10 +209,7 @@ def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[i
         record_audit(
             session,
             AuditEventType.JOB_RETRY,
-            job_id=job.id,
-            study_instance_uid=study.study_instance_uid,
-            patient_id=study.patient_id,
-            accession_number=study.accession_number,
+            **job_fields(job),
             outcome="warning",
             detail="re-queued at start-up: its worker was gone",
         )
@@ -232,12 +223,7 @@ def _retry_or_fail(
     job.lease_owner = None
     job.lease_expires_at = None
     job.error = error[:4000]
-    audit = {
-        "job_id": job.id,
-        "study_instance_uid": study.study_instance_uid,
-        "patient_id": study.patient_id,
-        "accession_number": study.accession_number,
-    }
+    audit = job_fields(job)
     if job.attempts >= max_attempts:
         job.status = JobStatus.FAILED
         job.finished_at = now
