@@ -28,6 +28,7 @@ class ClaimedJob:
     priority: int
     destination_ae: str
     created_at: datetime
+    rule: str
 
 
 def claim_next_job(
@@ -68,7 +69,14 @@ def claim_next_job(
             detail=f"attempt {job.attempts} by {owner}",
         )
         return ClaimedJob(
-            job.id, study.id, study.study_instance_uid, job.attempts, job.priority, job.destination_ae, job.created_at
+            job.id,
+            study.id,
+            study.study_instance_uid,
+            job.attempts,
+            job.priority,
+            job.destination_ae,
+            job.created_at,
+            job.rule,
         )
     return None
 

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
     "worklist": ("node.commands.worklist", "studies ranked for triage (STAT, anomaly score, age)"),
     "audit": ("node.commands.audit", "query the append-only audit trail"),
-    "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, inference workers, result sender, dashboard"),
+    "serve": ("node.commands.serve", "run the node: listener, completion, inference workers, sender, dashboard"),
     "outbound": ("node.commands.outbound", "list the result delivery queue, retry dead items, send now"),
     "engine": ("node.commands.engine", "U-Net backends: show what runs here (info), export and build engines (build)"),
 }

@@ -194,7 +194,7 @@ class JobRunner:
         from node.results import write_results
 
         timings: dict[str, float] = {"queue_wait": max(0.0, time.time() - job.created_at.timestamp())}
-        rule = next((r for r in self.settings.routing if r.name == self.rule_name(job)), None)
+        rule = next((r for r in self.settings.routing if r.name == job.rule), None)
         modalities = tuple(rule.modalities) if rule else IMAGE_MODALITIES
         series = series_to_process(self.db, self.spool, job, tuple(m for m in modalities if m in IMAGE_MODALITIES))
         if not series:
@@ -235,13 +235,6 @@ class JobRunner:
             )
         if done:
             log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
-
-    def rule_name(self, job: ClaimedJob) -> str:
-        from db.models import Job
-
-        with self.db.session() as session:
-            row = session.get(Job, job.id)
-            return row.rule if row is not None else ""
 
     def _infer_with_oom_retry(self, run_pipeline, item: SeriesFiles, denoiser, model_info, check):  # type: ignore[no-untyped-def]
         """Run the pipeline; on GPU out-of-memory halve the batch and try again instead of failing."""
