@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 # name -> (module, help). Add commands here; the module does the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
+    "phantoms": ("node.commands.phantoms", "write synthetic chest CT/DX/CR studies with ground truth"),
 }
 
 
