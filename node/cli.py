@@ -23,6 +23,7 @@ EXIT_USAGE = 2
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
     "phantoms": ("node.commands.phantoms", "write synthetic chest CT/DX/CR studies with ground truth"),
+    "train": ("node.commands.train", "train the anomaly model on healthy images (phantoms or DICOM)"),
 }
 
 
