@@ -125,7 +125,9 @@ def augment(x: torch.Tensor, m: torch.Tensor, cfg: TrainConfig, gen: torch.Gener
     if cfg.rotate_degrees > 0:
         angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(cfg.rotate_degrees)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
         m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
@@ -179,8 +181,10 @@ def train(
     checkpoint: Path | None = None,
     pool: SlicePool | None = None,
     progress: bool = True,
+    stop_after: int | None = None,
 ) -> TrainResult:
-    """Train (or resume from `checkpoint` when it exists) and return the EMA model."""
+    """Train (or resume from `checkpoint` when it exists) and return the EMA model; `stop_after` ends this run
+    early at that step (with a checkpoint), as an interruption would."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -229,7 +233,7 @@ def train(
     data = batches(pool, cfg, step)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     model.train()
-    while step < cfg.steps:
+    while step < min(cfg.steps, stop_after or cfg.steps):
         if cfg.time_limit_s and wall_before + time.monotonic() - t0 > cfg.time_limit_s:
             log.info("time limit reached at step %d", step)
             break

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
     "phantoms": ("node.commands.phantoms", "write synthetic chest CT/DX/CR studies with ground truth"),
     "train": ("node.commands.train", "train the anomaly model on healthy images (phantoms or DICOM)"),
+    "evaluate": ("node.commands.evaluate", "ablation table and figure on held-out phantoms (docs/EVALUATION.md)"),
 }
 
 

@@ -1,0 +1,53 @@
+"""`edgenode evaluate`: the ablation table and figure on held-out phantoms, written to docs/EVALUATION.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from node.config import Settings
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "inference" / "weights" / "chest-ct-small.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=DEFAULT_WEIGHTS, help="weights (default: the shipped model)")
+    parser.add_argument("--out", type=Path, default=Path("docs/EVALUATION.md"), help="Markdown report")
+    parser.add_argument("--figure", type=Path, default=None, help="figure PNG (default: beside the report)")
+    parser.add_argument("--lesion-cases", type=int, default=5)
+    parser.add_argument("--healthy-cases", type=int, default=3)
+    parser.add_argument("--ensemble", type=int, default=3, help="K for the ensemble rows")
+    parser.add_argument("--subset-cases", type=int, default=2, help="cases of each kind for the 25/50-step rows")
+    parser.add_argument("--subset-slices", type=int, default=6, help="central lung slices per case there")
+    parser.add_argument("--every-step-cases", type=int, default=1)
+    parser.add_argument("--every-step-slices", type=int, default=2)
+    parser.add_argument("--lambda", dest="lam", type=float, default=3.0, help="adaptive threshold lambda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="", help="comma-separated row numbers to run (default: all)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.evaluate import write_report
+
+    if not args.model.exists():
+        print(f"edgenode evaluate: model {args.model} not found")
+        return 2
+    rows = [int(r) for r in args.rows.split(",") if r.strip()] if args.rows else None
+    figure = args.figure or args.out.with_name("evaluation.png")
+    write_report(
+        args.model,
+        args.out,
+        figure,
+        lesion_cases=args.lesion_cases,
+        healthy_cases=args.healthy_cases,
+        ensemble=args.ensemble,
+        subset_cases=args.subset_cases,
+        subset_slices=args.subset_slices,
+        every_step_cases=args.every_step_cases,
+        every_step_slices=args.every_step_slices,
+        lam=args.lam,
+        seed=args.seed,
+        only_rows=rows,
+    )
+    print(f"wrote {args.out} and {figure}")
+    return 0
