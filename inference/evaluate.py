@@ -158,7 +158,7 @@ class Row:
     ensemble: int = 1
     steps: int | None = 10  # None: every timestep
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
-    max_slices: int | None = None  # and on the central n lung slices of each
+    max_slices: int | None = None  # and on n slices of each: centred on the lesion, or central lung slices
     note: str = ""
 
 
@@ -204,9 +204,14 @@ def _subset(cases: Sequence[Case], row: Row) -> list[Case]:
         return chosen
     out = []
     for c in chosen:
+        # lesion cases: slices centred on the slice with the most lesion; controls: the central lung slices
         lung_slices = np.flatnonzero(c.anatomy.any(axis=(1, 2)))
-        mid = len(lung_slices) // 2
-        pick = lung_slices[max(0, mid - row.max_slices // 2) : max(0, mid - row.max_slices // 2) + row.max_slices]
+        if c.lesion.any():
+            centre = int(np.argmax(c.lesion.sum(axis=(1, 2))))
+        else:
+            centre = int(lung_slices[len(lung_slices) // 2]) if len(lung_slices) else len(c.image) // 2
+        first = min(max(0, centre - row.max_slices // 2), max(0, len(c.image) - row.max_slices))
+        pick = np.arange(first, min(len(c.image), first + row.max_slices))
         out.append(
             replace(c, image=c.image[pick], anatomy=c.anatomy[pick], lesion=c.lesion[pick], hu_image=c.hu_image[pick])
         )
@@ -273,7 +278,7 @@ def evaluate_row(row: Row, cases: Sequence[Case], denoiser: ModelDenoiser | None
         slice_truth.append(truth.any(axis=(1, 2)))
     elapsed = time.perf_counter() - start
     s, p, y = np.concatenate(slice_scores), np.concatenate(slice_pred), np.concatenate(slice_truth)
-    image = {"auroc": auroc(s, y), "auprc": auprc(s, y), "f1": f1(p, y)}
+    image = {"auroc": auroc(s, y), "auprc": auprc(s, y), "f1": f1(p, y) if y.any() else float("nan")}
     return RowResult(row, per_case, image, elapsed / max(n_slices, 1), len(chosen), n_slices)
 
 
@@ -282,10 +287,11 @@ def default_rows(
 ) -> list[Row]:
     """The ablation ladder of docs/EVALUATION.md; the costly rows (25, 50, every step) run on subsets."""
     k = ensemble
-    subset = f"subset: {subset_cases} lesion + {subset_cases} healthy cases, {subset_slices} central lung slices each"
+    where = "centred on the lesion; controls: central lung slices"
+    subset = f"subset: {subset_cases} lesion + {subset_cases} healthy cases, {subset_slices} slices each ({where})"
     every = (
         f"subset: {every_step_cases} lesion + {every_step_cases} healthy cases, "
-        f"{every_step_slices} central lung slices each"
+        f"{every_step_slices} slices each ({where})"
     )
     return [
         Row("Intensity threshold (> -400 HU in lung)", method="intensity"),
