@@ -26,6 +26,14 @@ from scipy.stats import rankdata
 from inference.unet import ModelInfo, UNet
 
 GT_FRACTION = 0.25
+# Ablation models trained identically (same data, steps, seed) except for the one component; file names in the
+# --ablations folder. Rows 2-6 use them when present, else the shipped weights with the component switched off at
+# inference only (the report says which).
+ABLATION_MODELS = {
+    "gaussian": "ablation-gaussian.safetensors",  # Gaussian noise, no mask condition
+    "uncond": "ablation-uncond.safetensors",  # simplex noise, no mask condition
+    "simplex": "ablation-simplex.safetensors",  # simplex noise, mask condition (the method, same budget)
+}
 
 
 # --- metrics ------------------------------------------------------------------------------------------------
@@ -157,6 +165,7 @@ class Row:
     adaptive: bool = True
     ensemble: int = 1
     steps: int | None = 10  # None: every timestep
+    model: str = "shipped"  # which weights: "shipped", or an ablation model's name (see ABLATION_MODELS)
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
     max_slices: int | None = None  # and on n slices of each: centred on the lesion, or central lung slices
     note: str = ""
@@ -295,11 +304,11 @@ def default_rows(
     )
     return [
         Row("Intensity threshold (> -400 HU in lung)", method="intensity"),
-        Row("DDPM, Gaussian noise", noise="gaussian", condition=False, adaptive=False),
-        Row("Simplex noise", condition=False, adaptive=False),
-        Row("Simplex + mask conditioning", condition=True, adaptive=False),
-        Row("Simplex + adaptive threshold", condition=False, adaptive=True),
-        Row("Simplex + mask + adaptive threshold", condition=True, adaptive=True),
+        Row("DDPM, Gaussian noise", noise="gaussian", condition=False, adaptive=False, model="gaussian"),
+        Row("Simplex noise", condition=False, adaptive=False, model="uncond"),
+        Row("Simplex + mask conditioning", condition=True, adaptive=False, model="simplex"),
+        Row("Simplex + adaptive threshold", condition=False, adaptive=True, model="uncond"),
+        Row("Simplex + mask + adaptive threshold", condition=True, adaptive=True, model="simplex"),
         Row(f"Simplex + mask + adaptive + K={k} ensemble, 10 steps", ensemble=k, steps=10),
         Row(f"Full method, K={k}, 5 steps", ensemble=k, steps=5),
         Row(
@@ -419,6 +428,7 @@ def write_report(
     lam: float = 3.0,
     seed: int = 0,
     only_rows: Sequence[int] | None = None,
+    ablations: Path | None = None,
     grid_source_size: int = 192,
     slices: int = 16,
 ) -> list[RowResult]:
@@ -436,16 +446,36 @@ def write_report(
     cases = make_cases(seed, lesion_cases, healthy_cases, grid, grid_source_size, slices)
     rows = default_rows(ensemble, subset_cases, subset_slices, every_step_cases, every_step_slices)
     numbered = [(i + 1, r) for i, r in enumerate(rows) if only_rows is None or (i + 1) in only_rows]
+    denoisers: dict[str, ModelDenoiser] = {"shipped": denoiser}
+    used: dict[str, str] = {"shipped": f"`{info.model_id}` (shipped)"}
+    for key, filename in ABLATION_MODELS.items():
+        path = ablations / filename if ablations else None
+        if path is not None and path.exists():
+            abl_model, abl_info = load_model(path)
+            if abl_info.config.image_size != grid:
+                raise ValueError(f"{path}: model grid {abl_info.config.image_size} differs from the shipped {grid}")
+            denoisers[key] = ModelDenoiser(abl_model, abl_info)
+            t = abl_info.training
+            used[key] = f"`{abl_info.model_id}` ({t.get('steps')} steps, {t.get('noise')}, cond {t.get('conditioned')})"
+        else:
+            denoisers[key] = denoiser
+            used[key] = f"`{info.model_id}` (shipped weights, component switched off at inference only)"
     results = []
     for _, row in tqdm(numbered, desc="rows", unit="row"):
-        results.append(evaluate_row(row, cases, denoiser, seed, lam))
+        results.append(evaluate_row(row, cases, denoisers[row.model], seed, lam))
+    rows_models = "\n".join(
+        f"  - row {n} ({row.label}): {used[row.model]}" for n, row in numbered if row.method != "intensity"
+    )
     figure(results, cases, figure_path, denoiser, seed)
     training = info.training
+    model_arg = f" --model {_rel(model_path)}"
+    ablation_arg = f" --ablations {_rel(ablations)}" if ablations else ""
     text = f"""# Evaluation on held-out phantoms
 
 Produced by one command (fixed seed {seed}):
 
-    edgenode evaluate --lesion-cases {lesion_cases} --healthy-cases {healthy_cases} --ensemble {ensemble} \\
+    edgenode evaluate{model_arg}{ablation_arg} \\
+        --lesion-cases {lesion_cases} --healthy-cases {healthy_cases} --ensemble {ensemble} \\
         --subset-cases {subset_cases} --subset-slices {subset_slices} \\
         --every-step-cases {every_step_cases} --every-step-slices {every_step_slices} --seed {seed}
 
@@ -460,10 +490,9 @@ Produced by one command (fixed seed {seed}):
   Image level: every slice of every case is an image (positive: holds lesion pixels); score = the pipeline's slice
   score; F1 of "slice has a segmented pixel".
 - Fixed-threshold rows (no adaptive threshold) use the pipeline's `fixed_threshold` (0.05 on the squared error).
-- **Ablations reuse the shipped weights** (trained with simplex noise and the mask condition): the "Gaussian"
-  row runs that model with Gaussian noise at inference, and the rows without conditioning feed a zero condition
-  channel. Separately trained Gaussian and unconditioned models were not trained in this session, so those rows
-  measure the inference-time component, not a model trained without it.
+- Weights per row (rows 2-6 compare models trained with the same data, steps and seed that differ in one
+  component, when those ablation models are given with `--ablations`):
+{rows_models}
 - Seconds per slice: wall time of the row divided by its slices, on {platform.processor() or platform.machine()}
   with torch {torch.__version__} ({torch.get_num_threads()} threads); the machine was shared with other work,
   so timings are indicative only.
@@ -476,3 +505,11 @@ Rows are numbered from 1 in the figure, in table order.
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return results
+
+
+def _rel(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (for the reproducible command line)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -14,6 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, default=DEFAULT_WEIGHTS, help="weights (default: the shipped model)")
     parser.add_argument("--out", type=Path, default=Path("docs/EVALUATION.md"), help="Markdown report")
     parser.add_argument("--figure", type=Path, default=None, help="figure PNG (default: beside the report)")
+    parser.add_argument(
+        "--ablations", type=Path, default=None, help="folder with ablation-{gaussian,uncond,simplex}.safetensors"
+    )
     parser.add_argument("--lesion-cases", type=int, default=5)
     parser.add_argument("--healthy-cases", type=int, default=3)
     parser.add_argument("--ensemble", type=int, default=3, help="K for the ensemble rows")
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lam=args.lam,
         seed=args.seed,
         only_rows=rows,
+        ablations=args.ablations,
     )
     print(f"wrote {args.out} and {figure}")
     return 0
