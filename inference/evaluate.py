@@ -189,7 +189,7 @@ class RowResult:
 class ModelDenoiser:
     """The Denoiser protocol over a UNet in fp32 with torch (evaluation needs nothing faster)."""
 
-    def __init__(self, model: UNet, info: ModelInfo, max_batch: int = 32) -> None:
+    def __init__(self, model: UNet, info: ModelInfo, max_batch: int = 24) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.dtype = torch.float32
@@ -418,19 +418,19 @@ def write_report(
     out: Path,
     figure_path: Path,
     *,
-    lesion_cases: int = 5,
-    healthy_cases: int = 3,
+    lesion_cases: int = 4,
+    healthy_cases: int = 2,
     ensemble: int = 3,
     subset_cases: int = 2,
-    subset_slices: int = 6,
+    subset_slices: int = 4,
     every_step_cases: int = 1,
-    every_step_slices: int = 2,
+    every_step_slices: int = 1,
     lam: float = 3.0,
     seed: int = 0,
     only_rows: Sequence[int] | None = None,
     ablations: Path | None = None,
     grid_source_size: int = 192,
-    slices: int = 16,
+    slices: int = 12,
 ) -> list[RowResult]:
     """Run the rows on a fixed-seed held-out set and write the Markdown table and the figure."""
     import platform
@@ -477,7 +477,8 @@ Produced by one command (fixed seed {seed}):
     edgenode evaluate{model_arg}{ablation_arg} \\
         --lesion-cases {lesion_cases} --healthy-cases {healthy_cases} --ensemble {ensemble} \\
         --subset-cases {subset_cases} --subset-slices {subset_slices} \\
-        --every-step-cases {every_step_cases} --every-step-slices {every_step_slices} --seed {seed}
+        --every-step-cases {every_step_cases} --every-step-slices {every_step_slices} \\
+        --source-size {grid_source_size} --slices {slices} --seed {seed}
 
 - Model: `{info.model_id}` (grid {grid}x{grid}, trained {training.get("steps")} steps on healthy phantoms,
   {training.get("noise")} noise, mask-conditioned: {training.get("conditioned")}).

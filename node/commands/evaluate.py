@@ -17,13 +17,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ablations", type=Path, default=None, help="folder with ablation-{gaussian,uncond,simplex}.safetensors"
     )
-    parser.add_argument("--lesion-cases", type=int, default=5)
-    parser.add_argument("--healthy-cases", type=int, default=3)
+    parser.add_argument("--lesion-cases", type=int, default=4)
+    parser.add_argument("--healthy-cases", type=int, default=2)
+    parser.add_argument("--source-size", type=int, default=192, help="phantom rows/cols before the model grid")
+    parser.add_argument("--slices", type=int, default=12, help="phantom CT slices per case")
     parser.add_argument("--ensemble", type=int, default=3, help="K for the ensemble rows")
     parser.add_argument("--subset-cases", type=int, default=2, help="cases of each kind for the 25/50-step rows")
-    parser.add_argument("--subset-slices", type=int, default=6, help="central lung slices per case there")
+    parser.add_argument("--subset-slices", type=int, default=4, help="central lung slices per case there")
     parser.add_argument("--every-step-cases", type=int, default=1)
-    parser.add_argument("--every-step-slices", type=int, default=2)
+    parser.add_argument("--every-step-slices", type=int, default=1)
     parser.add_argument("--lambda", dest="lam", type=float, default=3.0, help="adaptive threshold lambda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -60,6 +62,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         only_rows=rows,
         ablations=args.ablations,
+        grid_source_size=args.source_size,
+        slices=args.slices,
     )
     print(f"wrote {args.out} and {figure}")
     return 0
