@@ -22,6 +22,7 @@ EXIT_USAGE = 2
 # name -> (module, help). Add commands here; the module does the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("node.commands.config", "check or show the effective configuration"),
+    "serve": ("node.commands.serve", "run the node: DICOM listener, study completion, scheduler"),
     "phantoms": ("node.commands.phantoms", "write synthetic chest CT/DX/CR studies with ground truth"),
     "train": ("node.commands.train", "train the anomaly model on healthy images (phantoms or DICOM)"),
     "evaluate": ("node.commands.evaluate", "ablation table and figure on held-out phantoms (docs/EVALUATION.md)"),

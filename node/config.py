@@ -48,6 +48,7 @@ class NodeSettings(Section):
     network_timeout: float = Field(60.0, gt=0)
     min_free_disk_mb: int = Field(1024, ge=0)  # below this, stores answer 0xA700 and associations are refused
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
+    shutdown_grace_seconds: float = Field(5.0, ge=0)  # on stop, open associations get this long to finish
 
     _ae = field_validator("ae_title")(_check_ae)
 

@@ -1,0 +1,266 @@
+"""The job queue: claiming with a lease, heartbeats, completion, retries and re-queueing dead workers' jobs.
+
+Every state change is a conditional UPDATE (status and lease owner must still match), so several
+worker processes can share one SQLite database without claiming the same job twice, and a worker
+that lost its lease (it stalled, or the job was superseded) cannot overwrite the newer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.audit import record_audit
+from db.models import AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run a job, detached from the session."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    attempts: int
+    priority: int
+    destination_ae: str
+    created_at: datetime
+
+
+def claim_next_job(
+    session: Session, owner: str, lease_seconds: float, now: datetime | None = None
+) -> ClaimedJob | None:
+    """Claim the most urgent due job (STAT first, then oldest) for `owner`; None when the queue is empty."""
+    now = now or utcnow()
+    candidates = session.execute(
+        select(Job.id)
+        .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(5)
+    ).scalars()
+    for job_id in list(candidates):
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                started_at=now,
+            )
+        ).rowcount
+        if claimed != 1:
+            continue  # another worker took it
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.refresh(job)
+        study = job.study
+        study.status = StudyStatus.PROCESSING
+        record_audit(
+            session,
+            AuditEventType.JOB_STARTED,
+            job_id=job.id,
+            study_instance_uid=study.study_instance_uid,
+            patient_id=study.patient_id,
+            accession_number=study.accession_number,
+            detail=f"attempt {job.attempts} by {owner}",
+        )
+        return ClaimedJob(
+            job.id, study.id, study.study_instance_uid, job.attempts, job.priority, job.destination_ae, job.created_at
+        )
+    return None
+
+
+def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
+    """Extend the lease; False means the worker no longer owns the job and must stop working on it."""
+    now = now or utcnow()
+    extended = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
+        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+    ).rowcount
+    return extended == 1
+
+
+def still_owned(session: Session, job_id: int, owner: str) -> bool:
+    job = session.get(Job, job_id)
+    return job is not None and job.status == JobStatus.RUNNING and job.lease_owner == owner
+
+
+def complete_job(
+    session: Session,
+    job_id: int,
+    owner: str,
+    *,
+    score: float | None,
+    uncertainty: float | None,
+    model_id: str,
+    timings: dict[str, float],
+    now: datetime | None = None,
+) -> bool:
+    """Mark the job done (only if `owner` still holds it) and the study done."""
+    now = now or utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
+        .values(
+            status=JobStatus.DONE,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            score=score,
+            uncertainty=uncertainty,
+            model_id=model_id,
+            timings=timings,
+            error="",
+        )
+    ).rowcount
+    if done != 1:
+        return False
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.refresh(job)
+    study = job.study
+    if _is_latest_job(session, job):
+        study.status = StudyStatus.DONE
+    record_audit(
+        session,
+        AuditEventType.JOB_DONE,
+        job_id=job.id,
+        study_instance_uid=study.study_instance_uid,
+        patient_id=study.patient_id,
+        accession_number=study.accession_number,
+        detail=f"score={score if score is None else round(score, 4)} model={model_id}",
+    )
+    return True
+
+
+def update_timings(session: Session, job_id: int, timings: dict[str, float]) -> None:
+    """Merge stage timings into a job (e.g. `send` once its results are delivered)."""
+    job = session.get(Job, job_id)
+    if job is not None:
+        job.timings = {**(job.timings or {}), **timings}
+
+
+def fail_job(
+    session: Session,
+    job_id: int,
+    owner: str,
+    error: str,
+    *,
+    max_attempts: int,
+    backoff_seconds: float,
+    now: datetime | None = None,
+) -> JobStatus | None:
+    """Record a failed attempt: re-queue with exponential backoff, or give up after `max_attempts`."""
+    now = now or utcnow()
+    job = session.get(Job, job_id)
+    if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
+        return None
+    return _retry_or_fail(session, job, error, max_attempts=max_attempts, backoff_seconds=backoff_seconds, now=now)
+
+
+def requeue_expired(
+    session: Session, *, max_attempts: int, backoff_seconds: float, now: datetime | None = None
+) -> list[int]:
+    """Jobs whose worker stopped heart-beating (it died) go back to the queue, or fail after max attempts."""
+    now = now or utcnow()
+    expired = (
+        session.execute(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)).scalars().all()
+    )
+    for job in expired:
+        _retry_or_fail(
+            session,
+            job,
+            f"lease expired (worker {job.lease_owner} stopped)",
+            max_attempts=max_attempts,
+            backoff_seconds=backoff_seconds,
+            now=now,
+        )
+    return [job.id for job in expired]
+
+
+def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[int]:
+    """At start-up: running jobs of workers that no longer exist go straight back to the queue.
+
+    `owners=None` means every running job (a single node restarting owns no live workers yet).
+    Attempts are kept, so a job that kills its worker every time still ends up failed.
+    """
+    query = select(Job).where(Job.status == JobStatus.RUNNING)
+    jobs = [j for j in session.execute(query).scalars() if owners is None or j.lease_owner in owners]
+    for job in jobs:
+        study = job.study
+        job.status = JobStatus.QUEUED
+        job.lease_owner = None
+        job.lease_expires_at = None
+        study.status = StudyStatus.QUEUED
+        record_audit(
+            session,
+            AuditEventType.JOB_RETRY,
+            job_id=job.id,
+            study_instance_uid=study.study_instance_uid,
+            patient_id=study.patient_id,
+            accession_number=study.accession_number,
+            outcome="warning",
+            detail="re-queued at start-up: its worker was gone",
+        )
+    return [job.id for job in jobs]
+
+
+def _retry_or_fail(
+    session: Session, job: Job, error: str, *, max_attempts: int, backoff_seconds: float, now: datetime
+) -> JobStatus:
+    study = job.study
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.error = error[:4000]
+    audit = {
+        "job_id": job.id,
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": study.patient_id,
+        "accession_number": study.accession_number,
+    }
+    if job.attempts >= max_attempts:
+        job.status = JobStatus.FAILED
+        job.finished_at = now
+        if _is_latest_job(session, job):
+            study.status = StudyStatus.FAILED
+        record_audit(
+            session,
+            AuditEventType.JOB_FAILED,
+            outcome="failure",
+            detail=f"gave up after {job.attempts} attempt(s): {error[:500]}",
+            **audit,
+        )
+        return JobStatus.FAILED
+    delay = backoff_seconds * (2 ** max(job.attempts - 1, 0))
+    job.status = JobStatus.QUEUED
+    job.next_attempt_at = now + timedelta(seconds=delay)
+    study.status = StudyStatus.QUEUED
+    record_audit(
+        session,
+        AuditEventType.JOB_RETRY,
+        outcome="warning",
+        detail=f"attempt {job.attempts} failed, retry in {delay:.0f} s: {error[:500]}",
+        **audit,
+    )
+    return JobStatus.QUEUED
+
+
+def _is_latest_job(session: Session, job: Job) -> bool:
+    latest = session.execute(
+        select(Job.id).where(Job.study_id == job.study_id).order_by(Job.id.desc()).limit(1)
+    ).scalar_one()
+    return latest == job.id
+
+
+def study_of(session: Session, job_id: int) -> Study:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return job.study

@@ -1,0 +1,136 @@
+"""Anatomy masks used as the U-Net's condition and as the "inside" for the background-adaptive threshold.
+
+CT (from HU, in 3D): air below AIR_THRESHOLD_HU; air connected to the in-plane image border removed slice by slice
+(outside-body air, also under the table); the remaining air labelled in 3D (face-connected) and the largest one or
+two components kept (the lungs; the second only if it is at least SECOND_LUNG_FRACTION of the first, which drops
+bowel gas and small pockets); holes filled per slice (vessels, nodules inside the lung), then a per-slice closing
+with a disc of CLOSING_RADIUS_MM to take in vessels and nodules at the lung border; holes filled again.
+
+CR/DX (from [0, 1] intensity, bright = dense), a lung-field estimate: the body is the largest region brighter than
+an Otsu threshold of the whole image (holes filled); the lung fields are regions inside the body darker than an Otsu
+threshold computed within the body, not touching the image border, keeping the largest two with at least 2 % of
+the body's area, then closed and filled. When nothing qualifies the filled body is returned (and the limits in
+docs/method.md apply: effusions, white-out, lateral views, devices, collimation and post-processing all mislead it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+AIR_THRESHOLD_HU = -320.0
+SECOND_LUNG_FRACTION = 0.1
+CLOSING_RADIUS_MM = 3.0
+MIN_LUNG_VOXELS = 10
+
+_CROSS_2D = ndimage.generate_binary_structure(2, 1)
+_FACES_3D = ndimage.generate_binary_structure(3, 1)
+
+
+def _disc(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (yy * yy + xx * xx) <= radius * radius
+
+
+def _drop_border_components(binary: np.ndarray) -> np.ndarray:
+    """Per 2D slice: remove components (8-connected) that touch the image border."""
+    out = np.zeros_like(binary)
+    eight = np.ones((3, 3), dtype=bool)
+    for k in range(binary.shape[0]):
+        labels, n = ndimage.label(binary[k], structure=eight)
+        if n == 0:
+            continue
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        keep = np.ones(n + 1, dtype=bool)
+        keep[border] = False
+        keep[0] = False
+        out[k] = keep[labels]
+    return out
+
+
+def _close_and_fill(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Per slice: fill holes, close with a disc (padded so the border does not erode), fill holes again."""
+    out = np.zeros_like(mask)
+    disc = _disc(radius) if radius > 0 else None
+    for k in range(mask.shape[0]):
+        sl = ndimage.binary_fill_holes(mask[k])
+        if disc is not None and sl.any():
+            padded = np.pad(sl, radius)
+            sl = ndimage.binary_closing(padded, structure=disc)[radius:-radius, radius:-radius]
+            sl = ndimage.binary_fill_holes(sl)
+        out[k] = sl
+    return out
+
+
+def ct_lung_mask(
+    hu: np.ndarray,
+    pixel_spacing: tuple[float, float] = (1.0, 1.0),
+    threshold: float = AIR_THRESHOLD_HU,
+    closing_radius_mm: float = CLOSING_RADIUS_MM,
+) -> np.ndarray:
+    """Boolean lung mask (Z, Y, X) of a chest CT volume in HU (see the module docstring for the steps)."""
+    hu = np.asarray(hu, dtype=np.float32)
+    if hu.ndim == 2:
+        hu = hu[None]
+    air = _drop_border_components(hu < threshold)
+    labels, n = ndimage.label(air, structure=_FACES_3D)
+    if n == 0:
+        return np.zeros(hu.shape, dtype=bool)
+    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+    sizes[0] = 0
+    order = np.argsort(-sizes)
+    keep = [order[0]] if sizes[order[0]] >= MIN_LUNG_VOXELS else []
+    if keep and n > 1 and sizes[order[1]] >= SECOND_LUNG_FRACTION * sizes[order[0]]:
+        keep.append(order[1])
+    lungs = np.isin(labels, keep)
+    radius = int(round(closing_radius_mm / max(min(pixel_spacing), 1e-3)))
+    return _close_and_fill(lungs, max(radius, 1))
+
+
+def radiograph_lung_mask(image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Boolean lung-field estimate (Z, Y, X) for radiographs in [0, 1] (bright = dense), one image per slice."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        image = image[None]
+    out = np.zeros(image.shape, dtype=bool)
+    radius = max(1, int(round(CLOSING_RADIUS_MM / max(min(pixel_spacing), 1e-3))))
+    for k in range(image.shape[0]):
+        out[k] = _radiograph_slice(image[k], radius)
+    return out
+
+
+def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
+    smooth = ndimage.uniform_filter(img, size=3)
+    if float(smooth.max() - smooth.min()) < 1e-6:
+        return np.zeros(img.shape, dtype=bool)
+    bright = smooth > threshold_otsu(smooth)
+    labels, n = ndimage.label(bright)
+    if n == 0:
+        return np.zeros(img.shape, dtype=bool)
+    sizes = np.bincount(labels.reshape(-1))
+    sizes[0] = 0
+    body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    inside = smooth[body]
+    if inside.size < 2 or float(inside.max() - inside.min()) < 1e-6:
+        return body
+    dark = body & (smooth <= threshold_otsu(inside))
+    dark = _drop_border_components(dark[None])[0]
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        return body
+    sizes = np.bincount(labels.reshape(-1))
+    sizes[0] = 0
+    order = np.argsort(-sizes)[:2]
+    keep = [i for i in order if sizes[i] >= 0.02 * body.sum()]
+    if not keep:
+        return body
+    lungs = np.isin(labels, keep)
+    return _close_and_fill(lungs[None], radius)[0]
+
+
+def anatomy_mask(pixels: np.ndarray, modality: str, pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """The condition mask for a volume on the source grid: lungs for CT, lung fields for CR/DX."""
+    if modality == "CT":
+        return ct_lung_mask(pixels, pixel_spacing)
+    return radiograph_lung_mask(pixels, pixel_spacing)

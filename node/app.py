@@ -1,0 +1,143 @@
+"""The running node: database, spool, listener and scheduler wired together as components.
+
+`EdgeNode.start()` first recovers the spool after an unclean stop (temp files removed; files that were
+renamed into place but never committed to the database are deleted: the sender never got Success for
+them and still holds them), then starts the components in order. `stop()` stops them in reverse
+order (the listener first: stop accepting, finish in-flight stores) and leaves a clean-stop marker,
+so the next start can skip the full spool scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from db.ingest import IngestIndex
+from db.models import AuditEventType
+from db.session import Database
+from node.config import Settings
+from node.scheduler import SchedulerComponent, build_scheduler, register_stability_scan
+from node.scp import StorageSCP
+from node.spool import Spool
+from node.stability import StabilityScanner
+
+log = logging.getLogger(__name__)
+
+CLEAN_STOP_MARKER = "clean-stop"
+
+
+class Component(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class ListenerComponent:
+    name = "listener"
+
+    def __init__(self, scp: StorageSCP, grace_seconds: float) -> None:
+        self.scp = scp
+        self.grace_seconds = grace_seconds
+
+    def start(self) -> None:
+        self.scp.start()
+
+    def stop(self) -> None:
+        self.scp.stop(self.grace_seconds)
+
+
+class EdgeNode:
+    """One node process. Add further components (workers, sender, web) with `add_component` before start."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(settings.database_url)
+        self.spool = Spool(settings.spool_dir)
+        self.index = IngestIndex(self.db)
+        self.scheduler = build_scheduler(settings)
+        self.stability = StabilityScanner(settings, self.db, self.index)
+        register_stability_scan(self.scheduler, settings, self.stability.scan)
+        self.scp = StorageSCP(settings, self.spool, self.index)
+        self.components: list[Component] = [
+            SchedulerComponent(self.scheduler),
+            ListenerComponent(self.scp, settings.node.shutdown_grace_seconds),
+        ]
+        self._started: list[Component] = []
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    @property
+    def marker(self) -> Path:
+        return self.settings.data_dir / CLEAN_STOP_MARKER
+
+    def add_component(self, component: Component) -> None:
+        if self._started:
+            raise RuntimeError("add components before start()")
+        self.components.append(component)
+
+    def start(self) -> None:
+        self.recover_spool()
+        try:
+            for component in self.components:
+                component.start()
+                self._started.append(component)
+        except BaseException:
+            self.stop()
+            raise
+        self.index.record_event(
+            AuditEventType.NODE_STARTED, called_ae=self.settings.node.ae_title, detail=f"port {self.scp.port}"
+        )
+
+    def recover_spool(self) -> tuple[list[str], list[str]]:
+        """After an unclean stop: remove temp files and spool files the database does not know."""
+        if self.marker.exists():
+            self.marker.unlink()
+            return [], []
+        temps = self.spool.cleanup_temp()
+        known = set(self.index.iter_instance_paths())
+        orphans = [rel for rel in self.spool.iter_instance_files() if rel not in known]
+        for rel in orphans:
+            self.spool.delete(rel)
+        if temps or orphans:
+            log.warning(
+                "spool recovery: removed %d temp file(s) and %d unacknowledged file(s)", len(temps), len(orphans)
+            )
+            self.index.record_event(
+                AuditEventType.INSTANCE_REJECTED,
+                outcome="warning",
+                detail=f"recovery after unclean stop: removed {len(temps)} temp and {len(orphans)} unindexed "
+                "file(s) that were never acknowledged",
+            )
+        return temps, orphans
+
+    def stop(self) -> None:
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            for component in reversed(self._started):
+                try:
+                    component.stop()
+                except Exception:
+                    log.exception("stopping %s failed", component.name)
+            clean = len(self._started) == len(self.components)
+            self._started.clear()
+            try:
+                self.index.record_event(AuditEventType.NODE_STOPPED, called_ae=self.settings.node.ae_title)
+            except Exception:
+                log.exception("could not record node.stopped")
+            self.db.dispose()
+            if clean:
+                fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                os.fsync(fd)
+                os.close(fd)
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() has finished; True if it has."""
+        return self._stopped.wait(timeout)

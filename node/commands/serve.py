@@ -1,0 +1,43 @@
+"""`edgenode serve`: run the node until SIGTERM/SIGINT, then stop gracefully and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Run the DICOM listener, study completion and the scheduler until stopped."
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from node.app import EdgeNode
+
+    for noisy in ("apscheduler.executors.default", "apscheduler.scheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: stopping (in-flight stores finish first)", signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node = EdgeNode(settings)
+    try:
+        node.start()
+    except OSError as exc:
+        log.error("cannot start: %s (is port %d free?)", exc, settings.node.port)
+        return 1
+    log.info("edgenode ready: AE %s port %d, data in %s", settings.node.ae_title, node.scp.port, settings.data_dir)
+    while not stop_requested.wait(1.0):
+        pass
+    node.stop()
+    log.info("edgenode stopped")
+    return 0

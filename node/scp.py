@@ -1,0 +1,435 @@
+"""The DICOM listener: C-ECHO and C-STORE from allowed peers, durably stored before Success.
+
+Per C-STORE: free-space check, completeness check and index parse of the encoded bytes (no pixel
+decode), duplicate/own-output lookup, file fsync + rename + folder fsync, one database commit with
+the audit event, and only then the Success response. Anything that cannot be stored gets a failure
+status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
+
+Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
+does not match the SOP class (required UIDs missing, or not the ones in the C-STORE request),
+0xC210 cannot understand (truncated or undecodable stream), 0x0110 processing failure (our fault).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from db.ingest import IngestIndex, InstanceRecord
+from db.models import AuditEventType
+from node.config import Settings
+from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_PROCESSING_FAILURE = 0x0110
+
+# Everything pydicom can hold. pynetdicom accepts the first syntax in THIS order that the sender
+# proposes, so: lossless compressed first (the sender keeps its native encoding, nothing is lost), then
+# uncompressed, then lossy last (only chosen when the sender offers nothing else, i.e. holds lossy data).
+TRANSFER_SYNTAXES = [
+    JPEGLosslessSV1,
+    JPEGLossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+]
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
+
+MAX_PDU = 1 << 20  # receive PDUs up to 1 MiB: fewer round trips per image than the 16 KiB default
+
+
+def _normalise_ip(address: str) -> str:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def resolve_peers(settings: Settings) -> dict[str, set[str]]:
+    """AE title -> the source IP addresses it may connect from (hostnames resolved at start)."""
+    allowed: dict[str, set[str]] = {}
+    for peer in settings.peers:
+        try:
+            addresses = {_normalise_ip(peer.host)}
+        except ValueError:
+            infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
+            addresses = {_normalise_ip(str(info[4][0])) for info in infos}
+        allowed.setdefault(peer.ae_title, set()).update(addresses)
+    return allowed
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    node = settings.node
+    if node.tls_cert is None or node.tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(node.tls_cert), str(node.tls_key))
+    if node.tls_ca is not None:
+        context.load_verify_locations(str(node.tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def build_ae(settings: Settings) -> AE:
+    node = settings.node
+    ae = AE(ae_title=node.ae_title)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+    ae.maximum_associations = node.max_associations
+    ae.acse_timeout = node.acse_timeout
+    ae.dimse_timeout = node.dimse_timeout
+    ae.network_timeout = node.network_timeout
+    ae.maximum_pdu_size = MAX_PDU
+    ae.require_called_aet = False  # checked in _on_requested, so the rejection is audited
+    return ae
+
+
+def _meta_prefix(file_meta: Any) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information pynetdicom built for the received data set."""
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
+
+
+class StorageSCP:
+    """A pynetdicom association server bound to the spool and the ingest index."""
+
+    def __init__(self, settings: Settings, spool: Spool, index: IngestIndex) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.index = index
+        self.ae = build_ae(settings)
+        self.allowed = resolve_peers(settings)
+        self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
+        self._server: ThreadedAssociationServer | None = None
+        self._sop_locks = [threading.Lock() for _ in range(64)]
+        self._inflight = 0
+        self._draining = False
+        self._cond = threading.Condition()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handlers: list[tuple[evt.EventType, Callable[..., Any]]] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        node = self.settings.node
+        self._server = self.ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=build_ssl_context(self.settings)
+        )
+        log.info(
+            "listening as %s on %s:%d (%d peer(s) allowed)", node.ae_title, node.host, self.port, len(self.allowed)
+        )
+
+    def stop(self, grace_seconds: float = 5.0) -> None:
+        """Stop accepting, give open associations `grace_seconds` to finish, then end them.
+
+        A C-STORE being handled always completes (file, commit, response); stores that arrive after
+        the grace period are refused with 0xA700 so the sender keeps them and retries later.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()  # no new associations
+        self._server = None
+        deadline = threading.Event()
+        waited = 0.0
+        while self._acceptors() and waited < grace_seconds:
+            deadline.wait(0.05)
+            waited += 0.05
+        with self._cond:
+            self._draining = True
+            while self._inflight:
+                self._cond.wait()
+        for assoc in self._acceptors():
+            assoc.abort()
+        log.info("listener stopped")
+
+    def _acceptors(self) -> list[Association]:
+        return [a for a in self.ae.active_associations if a.is_acceptor]
+
+    # --- association events ----------------------------------------------------------------------
+
+    def _peer(self, assoc: Association) -> tuple[str, str, str]:
+        calling = (assoc.requestor.ae_title or "").strip()
+        called = (assoc.acceptor.ae_title or "").strip()
+        try:
+            address = assoc.requestor.address
+        except ValueError:
+            address = ""
+        return calling, called, address
+
+    def _rejection(self, assoc: Association) -> tuple[tuple[int, int, int], str] | None:
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title or "").strip()
+        called = str(primitive.called_ae_title or "").strip()
+        _, _, address = self._peer(assoc)
+        if self.settings.node.require_called_ae and called != self.settings.node.ae_title:
+            return REJECT_CALLED_AE, f"called AE {called!r} is not {self.settings.node.ae_title!r}"
+        allowed = self.allowed.get(calling)
+        if allowed is None:
+            return REJECT_CALLING_AE, f"calling AE {calling!r} is not a configured peer"
+        try:
+            source = _normalise_ip(address)
+        except ValueError:
+            source = address
+        if source not in allowed:
+            return REJECT_CALLING_AE, f"calling AE {calling!r} is not allowed from {address}"
+        if self.spool.free_bytes() < self.min_free_bytes:
+            return REJECT_LOCAL_LIMIT, "free disk space below node.min_free_disk_mb"
+        if self._draining:
+            return REJECT_LOCAL_LIMIT, "node is shutting down"
+        return None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        decision = self._rejection(assoc)
+        if decision is None:
+            return
+        (result, source, reason), why = decision
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title or "").strip()
+        called = str(primitive.called_ae_title or "").strip()
+        _, _, address = self._peer(assoc)
+        log.warning("rejecting association from %s@%s: %s", calling, address, why)
+        self._audit(
+            AuditEventType.ASSOCIATION_REJECTED,
+            outcome="failure",
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+            detail=f"{why} (A-ASSOCIATE-RJ result {result}, source {source}, reason {reason})",
+        )
+        assoc.acse.send_reject(result, source, reason)  # after the audit commit: the sender sees it last
+        assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        calling, called, address = self._peer(event.assoc)
+        tls = " (TLS)" if self.settings.node.tls_cert else ""
+        self._audit(
+            AuditEventType.ASSOCIATION_ACCEPTED,
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+            detail=f"{len(event.assoc.accepted_contexts)} presentation context(s) accepted{tls}",
+        )
+
+    def _on_rejected(self, event: evt.Event) -> None:  # rejections made by pynetdicom itself (max associations)
+        calling, called, address = self._peer(event.assoc)
+        self._audit(
+            AuditEventType.ASSOCIATION_REJECTED,
+            outcome="failure",
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+            detail="local limit exceeded (node.max_associations)",
+        )
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        calling, called, address = self._peer(event.assoc)
+        self._audit(
+            AuditEventType.ASSOCIATION_ABORTED,
+            outcome="warning",
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=address,
+        )
+
+    def _on_released(self, event: evt.Event) -> None:
+        calling, called, address = self._peer(event.assoc)
+        self._audit(AuditEventType.ASSOCIATION_RELEASED, calling_ae=calling, called_ae=called, peer_address=address)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        calling, called, address = self._peer(event.assoc)
+        self._audit(AuditEventType.ECHO, calling_ae=calling, called_ae=called, peer_address=address)
+        return STATUS_SUCCESS
+
+    def _audit(self, event_type: AuditEventType, **fields: Any) -> None:
+        try:
+            self.index.record_event(event_type, **fields)
+        except Exception:  # auditing must never take the listener down; the log keeps the trace
+            log.exception("could not record audit event %s", event_type)
+
+    # --- C-STORE ---------------------------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        with self._cond:
+            if self._draining:
+                return _status(STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later")
+            self._inflight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
+    def _store(self, event: evt.Event) -> int | Dataset:
+        calling, called, address = self._peer(event.assoc)
+        request = event.request
+        requested_sop = str(request.AffectedSOPInstanceUID or "").strip()
+        requested_class = str(request.AffectedSOPClassUID or "").strip()
+        who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
+        stream = event.encoded_dataset(include_meta=False)
+        transfer_syntax = str(event.context.transfer_syntax)
+
+        if self.spool.free_bytes() - len(stream) < self.min_free_bytes:
+            return self._reject(
+                STATUS_OUT_OF_RESOURCES, "free disk space below node.min_free_disk_mb", requested_sop, who
+            )
+        try:
+            fields = parse_index_fields(stream, transfer_syntax)
+            if fields.sop_instance_uid != requested_sop:
+                raise InvalidDataSet(STATUS_DOES_NOT_MATCH, "SOP Instance UID differs from the C-STORE request")
+            if fields.sop_class_uid != requested_class:
+                raise InvalidDataSet(STATUS_DOES_NOT_MATCH, "SOP Class UID differs from the C-STORE request")
+        except InvalidDataSet as exc:
+            return self._reject(exc.status, exc.reason, requested_sop, who)
+
+        sop = fields.sop_instance_uid
+        ids = {
+            "patient_id": fields.patient_id,
+            "accession_number": fields.accession_number,
+            "study_instance_uid": fields.study_instance_uid,
+            "series_instance_uid": fields.series_instance_uid,
+            "sop_instance_uid": sop,
+        }
+        lock = self._sop_locks[int(hashlib.blake2s(sop.encode(), digest_size=2).hexdigest(), 16) % 64]
+        with lock:
+            try:
+                stored_before, is_result = self.index.lookup(sop)
+                if stored_before:
+                    log.info("duplicate instance %s from %s: already stored", sop, calling)
+                    self._audit(
+                        AuditEventType.INSTANCE_DUPLICATE,
+                        **who,
+                        **ids,
+                        dimse_status=STATUS_SUCCESS,
+                        detail="already stored; kept the first copy",
+                    )
+                    return STATUS_SUCCESS
+                own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
+                data = _meta_prefix(event.file_meta) + stream
+                stored = self.spool.store_instance(fields.study_instance_uid, fields.series_instance_uid, sop, data)
+            except OSError as exc:
+                log.error("cannot write instance %s: %s", sop, exc)
+                return self._reject(
+                    STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", sop, who, ids
+                )
+            except Exception as exc:
+                log.exception("cannot store instance %s", sop)
+                return self._reject(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", sop, who, ids)
+            record = InstanceRecord(
+                study_instance_uid=fields.study_instance_uid,
+                series_instance_uid=fields.series_instance_uid,
+                sop_instance_uid=sop,
+                sop_class_uid=fields.sop_class_uid,
+                transfer_syntax_uid=transfer_syntax,
+                path=stored.relpath,
+                size_bytes=stored.size,
+                sha256=stored.sha256,
+                calling_ae=calling,
+                called_ae=called,
+                peer_address=address,
+                patient_id=fields.patient_id,
+                accession_number=fields.accession_number,
+                study_date=fields.study_date,
+                study_description=fields.study_description,
+                modality=fields.modality,
+                body_part=fields.body_part,
+                series_description=fields.series_description,
+                series_number=fields.series_number,
+                instance_number=fields.instance_number,
+                own_output=own,
+                stat=fields.stat or request.Priority == 1,  # C-STORE priority HIGH
+            )
+            try:
+                added = self.index.add_instance(record)
+            except Exception as exc:
+                # Not indexed: remove the file so a retry starts clean and nothing unindexed stays behind.
+                self.spool.delete(stored.relpath)
+                log.exception("cannot index instance %s", sop)
+                return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
+            if not added:  # another process indexed the same SOP Instance UID in between
+                return STATUS_SUCCESS
+        log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
+        return STATUS_SUCCESS
+
+    def _reject(
+        self, status: int, reason: str, sop: str, who: dict[str, str], ids: dict[str, str] | None = None
+    ) -> Dataset:
+        log.warning("refused instance %s from %s: %s (status 0x%04X)", sop, who.get("calling_ae"), reason, status)
+        fields = dict(ids or {"sop_instance_uid": sop})
+        self._audit(
+            AuditEventType.INSTANCE_REJECTED, outcome="failure", **who, **fields, dimse_status=status, detail=reason
+        )
+        return _status(status, reason)
+
+
+def _status(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds

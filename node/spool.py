@@ -1,0 +1,164 @@
+"""Durable on-disk store of received instances and outgoing result files.
+
+Write order for every file: temp file in the destination folder, write, fsync, rename onto the
+final name, fsync the folder. A crash leaves either the old state or the complete new file, plus
+at worst a temp file, which `cleanup_temp()` removes at start. Temp files never have the `.dcm`
+suffix, so nothing that scans for instances can pick one up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+TEMP_SUFFIX = ".part"
+INSTANCE_SUFFIX = ".dcm"
+RESULTS_DIR = "results"  # outgoing files; never scanned as received instances
+RESERVED_TOP_DIRS = frozenset({RESULTS_DIR})
+_SAFE_UID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,127}$")
+
+
+def safe_component(uid: str) -> str:
+    """A path component for a UID: unchanged when it is a well-formed UID, otherwise made safe.
+
+    Unsafe values (spaces, slashes, '..') are mapped to underscores plus a short hash of the original,
+    so two different malformed UIDs never share a file.
+    """
+    uid = uid.strip()
+    if _SAFE_UID.match(uid) and uid not in RESERVED_TOP_DIRS and ".." not in uid:
+        return uid
+    cleaned = re.sub(r"[^0-9A-Za-z.-]", "_", uid).strip(".")[:96] or "_"
+    return f"{cleaned}_{hashlib.sha256(uid.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relpath: str  # relative to the spool root, '/' separated
+    size: int
+    sha256: str
+
+
+class Spool:
+    """Files under one root folder; every write is atomic and durable before it returns."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = {self.root}
+        self._dirs_lock = threading.Lock()
+
+    def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        return "/".join((safe_component(study_uid), safe_component(series_uid), safe_component(sop_uid))) + (
+            INSTANCE_SUFFIX
+        )
+
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Write a received instance to `<study>/<series>/<sop>.dcm` durably."""
+        return self.write_atomic(self.instance_relpath(study_uid, series_uid, sop_uid), data)
+
+    def write_atomic(self, relpath: str, data: bytes) -> StoredFile:
+        """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
+        final = self.path(relpath)
+        self._ensure_dir(final.parent)
+        temp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
+            with self._dirs_lock:
+                self._known_dirs.discard(final.parent)
+            self._ensure_dir(final.parent)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        try:
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+        return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def path(self, relpath: str) -> Path:
+        """Absolute path of a spool-relative path; refuses paths that escape the spool."""
+        candidate = (self.root / relpath).resolve()
+        if candidate != self.root and self.root not in candidate.parents:
+            raise ValueError(f"{relpath!r} is outside the spool")
+        return candidate
+
+    def delete(self, relpath: str) -> None:
+        """Remove a file (missing is fine) and folders left empty up to the spool root."""
+        target = self.path(relpath)
+        target.unlink(missing_ok=True)
+        if target.parent.exists():
+            _fsync_dir(target.parent)
+        parent = target.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            with self._dirs_lock:
+                self._known_dirs.discard(parent)
+            parent = parent.parent
+
+    def free_bytes(self) -> int:
+        """Bytes available to this (unprivileged) process on the spool's file system."""
+        return shutil.disk_usage(self.root).free
+
+    def cleanup_temp(self) -> list[str]:
+        """Remove temp files left by an interrupted write; returns their relative paths."""
+        removed = []
+        for temp in self.root.rglob(f"*{TEMP_SUFFIX}"):
+            if temp.is_file():
+                temp.unlink(missing_ok=True)
+                removed.append(temp.relative_to(self.root).as_posix())
+        return removed
+
+    def iter_instance_files(self) -> Iterator[str]:
+        """Relative paths of every received-instance file (excludes results/ and temp files)."""
+        for top in sorted(self.root.iterdir()):
+            if not top.is_dir() or top.name in RESERVED_TOP_DIRS:
+                continue
+            for path in top.rglob(f"*{INSTANCE_SUFFIX}"):
+                if path.is_file() and not path.name.startswith("."):
+                    yield path.relative_to(self.root).as_posix()
+
+    def _ensure_dir(self, folder: Path) -> None:
+        """Create a folder and make its entry durable in each newly created parent."""
+        with self._dirs_lock:
+            if folder in self._known_dirs:
+                return
+        missing = []
+        probe = folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            _fsync_dir(new.parent)
+        with self._dirs_lock:
+            self._known_dirs.add(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,115 @@
+"""Helpers for the ingest tests: a node in this process or as an `edgenode serve` child, and a sender."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from node.app import EdgeNode
+from node.config import Settings, load_settings
+from node.peers import wait_for_port
+from tests.conftest import edgenode_cmd, free_port, node_env
+
+SENDER_AE = "SENDER"
+
+
+def node_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings for a test node on a free port that accepts SENDER (and STORESCU) from 127.0.0.1."""
+    node = {"port": free_port(), "data_dir": str(data_dir), "min_free_disk_mb": 1, "shutdown_grace_seconds": 1.0}
+    node.update(sections.pop("node", {}))
+    peers = sections.pop(
+        "peers",
+        [
+            {"ae_title": SENDER_AE, "host": "127.0.0.1", "port": free_port()},
+            {"ae_title": "STORESCU", "host": "127.0.0.1", "port": free_port()},
+        ],
+    )
+    return load_settings(None, node=node, peers=peers, **sections)
+
+
+@contextmanager
+def running_node(settings: Settings) -> Iterator[EdgeNode]:
+    node = EdgeNode(settings)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def write_toml(settings: Settings, path: Path) -> Path:
+    from node.config import settings_to_toml
+
+    path.write_text(settings_to_toml(settings))
+    return path
+
+
+@dataclass
+class ServeProcess:
+    """`edgenode serve` as a child process (the real CLI), stdout+stderr captured to a log file."""
+
+    config: Path
+    port: int
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> ServeProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                edgenode_cmd("serve", "--config", str(self.config)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=node_env(**self.env),
+            )
+        wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def sender_ae(paths: list[Path] | None = None, ae_title: str = SENDER_AE) -> AE:
+    """A pynetdicom SCU proposing the SOP class/transfer syntax pairs of the given files (or CT)."""
+    ae = AE(ae_title=ae_title)
+    pairs: dict[str, set[str]] = {}
+    for path in paths or []:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        pairs.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
+    if not pairs:
+        pairs = {"1.2.840.10008.5.1.4.1.1.2": {"1.2.840.10008.1.2.1"}}
+    for sop_class, syntaxes in pairs.items():
+        for ts in sorted(syntaxes):  # one context per pair, so each file goes out in its own syntax
+            ae.add_requested_context(sop_class, [ts])
+    ae.add_requested_context("1.2.840.10008.1.1")
+    return ae
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded data set of a Part 10 file (everything after the File Meta Information)."""
+    raw = path.read_bytes()
+    ds = dcmread(path, stop_before_pixels=True)
+    # File meta group length + its 12-byte element + 132 bytes of preamble and 'DICM'
+    return raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]

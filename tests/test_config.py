@@ -1,0 +1,121 @@
+"""Settings: TOML file, EDGENODE_<SECTION>__<KEY> overrides, and errors that name the bad key."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, Priority, load_settings
+from tests.conftest import edgenode_cmd, node_env
+
+TOML = """
+[node]
+ae_title = "EDGE1"
+port = 11113
+data_dir = "{data}"
+min_free_disk_mb = 50
+
+[[peers]]
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 4242
+
+[stability]
+stable_seconds = 10
+max_wait_seconds = 100
+
+[[routing]]
+name = "er"
+modalities = ["ct"]
+priority = "stat"
+destination = "PACS"
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "edgenode.toml"
+    path.write_text(TOML.format(data=tmp_path / "var"))
+    return path
+
+
+def test_defaults_match_the_operator_contract() -> None:
+    s = load_settings(None)
+    assert (s.node.ae_title, s.node.host, s.node.port) == ("EDGENODE", "0.0.0.0", 11112)
+    assert (s.stability.stable_seconds, s.stability.max_wait_seconds, s.stability.scan_interval_seconds) == (30, 900, 1)
+    assert s.peers == []  # default deny
+    assert s.routing[0].modalities == ["CT", "CR", "DX"]
+    assert (s.web.host, s.web.port, s.inference.ensemble) == ("127.0.0.1", 8080, 7)
+
+
+def test_toml_then_environment_override(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings(config)
+    assert (s.node.ae_title, s.node.port, s.node.min_free_disk_mb) == ("EDGE1", 11113, 50)
+    assert s.peer("PACS") is not None and s.peer("PACS").port == 4242
+    assert (s.routing[0].modalities, s.routing[0].priority) == (["CT"], Priority.STAT)
+    monkeypatch.setenv("EDGENODE_NODE__PORT", "10104")
+    monkeypatch.setenv("EDGENODE_STABILITY__STABLE_SECONDS", "2.5")
+    monkeypatch.setenv("EDGENODE_NODE__SHUTDOWN_GRACE_SECONDS", "3")
+    s = load_settings(config)
+    assert (s.node.port, s.stability.stable_seconds, s.node.ae_title) == (10104, 2.5, "EDGE1")
+    assert s.node.shutdown_grace_seconds == 3
+    assert s.database_url == f"sqlite:///{config.parent / 'var' / 'edgenode.db'}"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[node]\nae_titel = 'X'\n")
+    with pytest.raises(ConfigError, match=r"node\.ae_titel: unknown key"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[node]\nport = 70000\n", "node.port"),
+        ("[node]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "node.ae_title"),
+        ("[stability]\nstable_seconds = 60\nmax_wait_seconds = 30\n", "max_wait_seconds"),
+        ("[[routing]]\nseries_description = '(['\n", "routing.0.series_description"),
+        ("[[routing]]\ndestination = 'NOWHERE'\n", "NOWHERE"),
+        ("[node]\ntls_cert = '/x.pem'\n", "tls_key"),
+    ],
+)
+def test_invalid_values_are_named(tmp_path: Path, text: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace("[", r"\[")):
+        load_settings(path)
+
+
+def test_config_check_cli_exit_codes(config: Path, tmp_path: Path) -> None:
+    ok = subprocess.run(
+        edgenode_cmd("config", "check", "--config", str(config)),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "configuration OK" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[stability]\nstable_secs = 3\n")
+    failed = subprocess.run(
+        edgenode_cmd("config", "check", "--config", str(bad)),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 2
+    assert "stability.stable_secs" in failed.stderr
+    env_bad = subprocess.run(
+        edgenode_cmd("config", "check", "--config", str(config)),
+        env=node_env(EDGENODE_NODE__PORT="not-a-port"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert env_bad.returncode == 2
+    assert "node.port" in env_bad.stderr and "EDGENODE_NODE__PORT" in env_bad.stderr

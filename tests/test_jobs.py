@@ -1,0 +1,140 @@
+"""The job queue on a real SQLite file: ordering, leases, retries, and concurrent claimers in real processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from db.jobs import (
+    claim_next_job,
+    complete_job,
+    fail_job,
+    heartbeat,
+    requeue_expired,
+    requeue_owned_by,
+)
+from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEvent, Job, JobStatus, Study, StudyStatus, utcnow
+from db.session import Database
+
+
+def _db(tmp_path: Path) -> Database:
+    return Database(f"sqlite:///{tmp_path / 'edgenode.db'}")
+
+
+def _add_job(db: Database, uid: str, priority: int = PRIORITY_ROUTINE, age_s: float = 0.0) -> int:
+    with db.session() as s:
+        study = s.execute(select(Study).where(Study.study_instance_uid == uid)).scalar_one_or_none()
+        if study is None:
+            study = Study(study_instance_uid=uid, patient_id="P", status=StudyStatus.QUEUED)
+            s.add(study)
+            s.flush()
+        job = Job(study_id=study.id, priority=priority, created_at=utcnow() - timedelta(seconds=age_s))
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def test_stat_first_then_oldest(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    old_routine = _add_job(db, "1.1", age_s=100)
+    new_routine = _add_job(db, "1.2", age_s=10)
+    stat = _add_job(db, "1.3", PRIORITY_STAT, age_s=1)
+    order = []
+    for _ in range(3):
+        with db.session() as s:
+            claimed = claim_next_job(s, "w1", 60)
+            assert claimed is not None
+            order.append(claimed.id)
+    assert order == [stat, old_routine, new_routine]
+    with db.session() as s:
+        assert claim_next_job(s, "w1", 60) is None
+
+
+def test_complete_only_by_owner_and_study_done(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "2.1")
+    with db.session() as s:
+        claim_next_job(s, "w1", 60)
+    with db.session() as s:
+        assert not complete_job(s, job_id, "intruder", score=1.0, uncertainty=0.1, model_id="m", timings={})
+    with db.session() as s:
+        assert complete_job(s, job_id, "w1", score=0.7, uncertainty=0.1, model_id="m-1", timings={"infer": 1.5})
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.DONE and job.score == 0.7 and job.timings == {"infer": 1.5}
+        assert job.study.status == StudyStatus.DONE
+        events = [e.event_type for e in s.execute(select(AuditEvent)).scalars()]
+        assert events == ["job.started", "job.done"]
+
+
+def test_failures_back_off_then_give_up(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "3.1")
+    now = utcnow()
+    with db.session() as s:
+        claim_next_job(s, "w1", 60, now=now)
+        assert fail_job(s, job_id, "w1", "boom", max_attempts=2, backoff_seconds=30, now=now) == JobStatus.QUEUED
+    with db.session() as s:
+        assert claim_next_job(s, "w1", 60, now=now + timedelta(seconds=29)) is None  # still backing off
+        claimed = claim_next_job(s, "w1", 60, now=now + timedelta(seconds=31))
+        assert claimed is not None and claimed.attempts == 2
+        assert fail_job(s, job_id, "w1", "boom again", max_attempts=2, backoff_seconds=30) == JobStatus.FAILED
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.FAILED and "boom again" in job.error
+        assert job.study.status == StudyStatus.FAILED
+
+
+def test_dead_worker_lease_expires_and_job_is_requeued(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "4.1")
+    now = utcnow()
+    with db.session() as s:
+        claim_next_job(s, "dead-worker", 10, now=now)
+    with db.session() as s:
+        assert requeue_expired(s, max_attempts=3, backoff_seconds=0, now=now + timedelta(seconds=5)) == []
+        assert requeue_expired(s, max_attempts=3, backoff_seconds=0, now=now + timedelta(seconds=11)) == [job_id]
+    with db.session() as s:
+        assert not heartbeat(s, job_id, "dead-worker", 10)  # the old owner lost the job
+        claimed = claim_next_job(s, "w2", 10, now=now + timedelta(seconds=12))
+        assert claimed is not None and claimed.id == job_id and claimed.attempts == 2
+
+
+def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "5.1")
+    with db.session() as s:
+        claim_next_job(s, "w-before-crash", 600)
+    with db.session() as s:
+        assert requeue_owned_by(s) == [job_id]
+    with db.session() as s:
+        assert s.get(Job, job_id).status == JobStatus.QUEUED
+
+
+def _claim_all(url: str, owner: str, out: multiprocessing.Queue) -> None:
+    db = Database(url, run_migrations=False)
+    claimed = []
+    while True:
+        with db.session() as s:
+            job = claim_next_job(s, owner, 60)
+        if job is None:
+            break
+        claimed.append(job.id)
+    out.put(claimed)
+
+
+def test_concurrent_workers_never_claim_the_same_job(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    ids = {_add_job(db, f"6.{n}") for n in range(40)}
+    ctx = multiprocessing.get_context("spawn")
+    results: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(db.url, f"w{n}", results)) for n in range(3)]
+    for p in procs:
+        p.start()
+    claimed = [job_id for _ in procs for job_id in results.get(timeout=120)]
+    for p in procs:
+        p.join(timeout=30)
+    assert sorted(claimed) == sorted(ids)  # each job exactly once

@@ -1,0 +1,97 @@
+"""Lung masks against synthetic chests with known lungs: vessels, a nodule, noise, table, outside air."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.lungmask import anatomy_mask, ct_lung_mask, radiograph_lung_mask
+from tests.dicomgen import chest_slice_hu
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+
+def true_lungs(rows: int, cols: int, z: float) -> np.ndarray:
+    """The analytic lungs of chest_slice_hu (HU -850 there, nowhere else)."""
+    return chest_slice_hu(rows, cols, z) == -850.0
+
+
+def synthetic_chest_ct(n_slices: int = 12, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Chest slices with vessels (inside and touching the lung border), a nodule, a table, bowel gas, noise."""
+    rng = np.random.default_rng(seed)
+    vol = np.empty((n_slices, size, size), np.float32)
+    truth = np.empty((n_slices, size, size), bool)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for k in range(n_slices):
+        z = 2 * k / (n_slices - 1) - 1
+        hu = chest_slice_hu(size, size, z)
+        lungs = true_lungs(size, size, z)
+        truth[k] = lungs
+        ys, xs = np.nonzero(lungs)
+        for _ in range(12):  # vessels: small soft-tissue discs centred in the lung, some reach the border
+            i = rng.integers(len(ys))
+            r = rng.uniform(0.8, 2.0)
+            hu[((yy - ys[i]) ** 2 + (xx - xs[i]) ** 2 <= r * r) & lungs] = 40.0
+        if k == n_slices // 2:  # a 4-pixel nodule inside the right lung
+            cy, cx = int(ys.mean()), int(xs[xs > size / 2].mean())
+            hu[((yy - cy) ** 2 + (xx - cx) ** 2 <= 16) & lungs] = 30.0
+        hu[int(0.9 * size) : int(0.93 * size), 5:-5] = 200.0  # table below the patient
+        body = ((yy - size / 2) / (0.38 * size)) ** 2 + ((xx - size / 2) / (0.46 * size)) ** 2 <= 1
+        if k < 2:  # bowel gas in the lowest slices, inside the body, outside the lungs
+            gas = ((yy - 0.75 * size) ** 2 + (xx - 0.3 * size) ** 2 <= 9) & body & ~lungs
+            hu[gas] = -900.0
+        vol[k] = hu + rng.normal(0, 25, hu.shape).astype(np.float32)
+    return vol, truth
+
+
+def test_ct_lung_mask_dice_on_synthetic_chest() -> None:
+    vol, truth = synthetic_chest_ct()
+    mask = ct_lung_mask(vol, (0.8, 0.8))
+    assert dice(mask, truth) >= 0.95
+    # The border air, table surroundings and bowel gas stay out; the nodule (inside the lung) is in.
+    assert not mask[:, 0, :].any() and not mask[:, :, 0].any()
+    assert mask.sum() <= truth.sum() * 1.1
+
+
+def test_ct_lung_mask_per_slice_dice() -> None:
+    vol, truth = synthetic_chest_ct(n_slices=8, size=64, seed=3)
+    mask = ct_lung_mask(vol, (1.0, 1.0))
+    for k in range(len(vol)):
+        assert dice(mask[k], truth[k]) >= 0.9, k
+
+
+def test_ct_lung_mask_empty_without_lungs() -> None:
+    hu = np.full((3, 32, 32), -1000.0, np.float32)
+    hu[:, 4:28, 4:28] = 40.0  # a body with no air inside
+    assert not ct_lung_mask(hu).any()
+
+
+def test_ct_lung_mask_selects_components_in_3d() -> None:
+    """A gas pocket as large as the lungs on its one slice, but small as a 3D component, is not lung."""
+    vol, truth = synthetic_chest_ct(n_slices=6, size=64, seed=1)
+    yy, xx = np.mgrid[0:64, 0:64]
+    gas = ((yy - 44) ** 2 + (xx - 32) ** 2 <= 36) & ~truth[0]
+    vol[0][gas] = -950.0
+    mask = ct_lung_mask(vol)
+    assert not (mask[0] & gas).any()
+    assert (mask.sum(axis=(1, 2)) > 0).all()  # lungs found on every slice
+    assert dice(mask, truth) >= 0.9
+
+
+@pytest.mark.parametrize("monochrome_seed", [0, 1])
+def test_radiograph_lung_field_estimate(monochrome_seed: int) -> None:
+    rng = np.random.default_rng(monochrome_seed)
+    size = 128
+    hu = chest_slice_hu(size, size)
+    image = np.clip((hu + 1000) / 1700, 0, 1) * 0.75 + 0.12 + rng.normal(0, 0.01, hu.shape)
+    mask = radiograph_lung_mask(image.astype(np.float32), (0.5, 0.5))
+    assert dice(mask[0], true_lungs(size, size, 0.0)) >= 0.9
+
+
+def test_anatomy_mask_dispatches_by_modality() -> None:
+    vol, truth = synthetic_chest_ct(n_slices=4, size=64)
+    assert dice(anatomy_mask(vol, "CT", (1.0, 1.0)), truth) >= 0.9
+    flat = np.zeros((1, 32, 32), np.float32)
+    assert not anatomy_mask(flat, "DX", (1.0, 1.0)).any()

@@ -1,0 +1,84 @@
+"""Threshold, morphology and scores against values computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.postprocess import background_threshold, clean_segmentation, detect_anomalies, slice_scores
+
+
+def test_background_threshold_hand_computed() -> None:
+    error = np.array([[[1.0, 3.0, 9.0], [5.0, 100.0, 7.0]]], np.float32)
+    mask = np.array([[[False, False, False], [False, True, True]]])
+    # outside: 1, 3, 9, 5 -> mean 4.5, population std sqrt(((3.5)^2 + 1.5^2 + 4.5^2 + 0.5^2) / 4) = sqrt(8.75)
+    assert background_threshold(error, mask, 2.0) == pytest.approx(4.5 + 2 * np.sqrt(8.75))
+    assert background_threshold(error, mask, 0.0) == pytest.approx(4.5)
+    # a mask covering everything falls back to all voxels
+    assert background_threshold(error, np.ones_like(mask), 0.0) == pytest.approx(error.mean())
+
+
+def test_slice_scores_hand_computed() -> None:
+    error = np.zeros((3, 1, 101), np.float32)
+    error[0, 0] = np.arange(101)  # 99th percentile of 0..100 = 99
+    error[1, 0] = 2.0
+    mask = np.ones((3, 1, 101), bool)
+    mask[2] = False  # no anatomy in slice 2
+    scores = slice_scores(error, mask, threshold=4.0)
+    np.testing.assert_allclose(scores, [99 / 4, 0.5, 0.0])
+    # only in-mask voxels count: mask out the top half of slice 0 -> 0..50, 99th percentile 49.5
+    mask[0, 0, 51:] = False
+    assert slice_scores(error, mask, 1.0)[0] == pytest.approx(49.5)
+
+
+def test_morphology_and_min_component_size() -> None:
+    seg = np.zeros((2, 12, 12), bool)
+    seg[0, 2:6, 2:6] = True  # 16-pixel square survives opening
+    seg[0, 9, 9] = True  # isolated pixel: removed by opening
+    seg[1, 2:6, 2:6] = True
+    seg[1, 3, 3] = False  # a hole: filled by closing
+    seg[1, 8:10, 8:11] = True  # 2x3 block
+    opened = clean_segmentation(seg, opening=1, closing=0)
+    assert opened[0, 2:6, 2:6].sum() == 12 and not opened[0, 9, 9]  # cross opening trims the 4 corners
+    closed = clean_segmentation(seg, opening=0, closing=1)
+    assert closed[1, 3, 3] and closed[0, 9, 9]
+    # 3D components: the two squares touch across slices -> one component of ~ 2 x 16 voxels
+    big = clean_segmentation(seg, opening=0, closing=0, min_component_size=20)
+    assert big[0, 2:6, 2:6].all() and big[1, 2, 2] and not big[0, 9, 9] and not big[1, 8:10, 8:11].any()
+    # the closing is padded: a block at the image edge keeps its edge pixels
+    edge = np.zeros((1, 8, 8), bool)
+    edge[0, 0:4, 0:4] = True
+    assert clean_segmentation(edge, opening=0, closing=2)[0, 0:4, 0:4].all()
+
+
+def test_detect_anomalies_end_to_end_hand_values() -> None:
+    rng = np.random.default_rng(0)
+    error = np.abs(rng.normal(0, 0.01, (2, 32, 32))).astype(np.float32)
+    mask = np.zeros((2, 32, 32), bool)
+    mask[:, 8:24, 8:24] = True
+    error[1, 12:18, 12:18] = 1.0  # a 36-voxel lesion inside the mask
+    error[0, 0:3, 0:3] = 1.0  # a hot spot outside the mask: raises alpha, never segmented
+    outside = error[~mask]
+    alpha = outside.mean(dtype=np.float64) + 3 * outside.std(dtype=np.float64)
+    det = detect_anomalies(error, mask, 3.0, opening=1, closing=1, min_component_size=10)
+    assert det.threshold == pytest.approx(alpha)
+    assert det.segmentation[1, 12:18, 12:18].sum() >= 32 and not det.segmentation[0].any()
+    assert not det.segmentation[~mask].any()
+    assert det.anomalous_fraction == pytest.approx(det.segmentation.sum() / mask.sum())
+    expected_scores = [np.percentile(error[k][mask[k]], 99) / alpha for k in range(2)]
+    np.testing.assert_allclose(det.slice_scores, expected_scores, rtol=1e-5)
+    assert det.study_score == pytest.approx(max(expected_scores), rel=1e-5)
+    assert det.slice_scores[1] > 1 > det.slice_scores[0]
+
+
+def test_fixed_threshold_and_unrestricted() -> None:
+    error = np.zeros((1, 8, 8), np.float32)
+    error[0, :3, :3] = 5.0
+    mask = np.zeros((1, 8, 8), bool)
+    mask[0, 4:, 4:] = True
+    det = detect_anomalies(
+        error, mask, 3.0, adaptive_threshold=False, fixed_threshold=1.0, restrict_to_mask=False, opening=0, closing=0
+    )
+    assert det.threshold == 1.0 and det.segmentation[0, :3, :3].all()
+    with pytest.raises(ValueError, match="differ in shape"):
+        detect_anomalies(error, mask[:, :4], 3.0)

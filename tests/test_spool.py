@@ -1,0 +1,55 @@
+"""The spool: atomic durable writes, safe paths, temp-file cleanup, and what counts as an instance file."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from node.spool import TEMP_SUFFIX, Spool, safe_component
+
+
+def test_store_instance_layout_size_and_checksum(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    stored = spool.store_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", b"DICM-bytes")
+    assert stored.relpath == "1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    assert (stored.size, stored.sha256) == (10, hashlib.sha256(b"DICM-bytes").hexdigest())
+    assert spool.path(stored.relpath).read_bytes() == b"DICM-bytes"
+    assert list(spool.iter_instance_files()) == [stored.relpath]
+
+
+def test_write_atomic_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.write_atomic("results/job-1/seg.dcm", b"one")
+    spool.write_atomic("results/job-1/seg.dcm", b"two")
+    assert spool.path("results/job-1/seg.dcm").read_bytes() == b"two"
+    assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
+    assert list(spool.iter_instance_files()) == []  # outgoing results are not received instances
+
+
+def test_unsafe_uids_cannot_escape_or_collide(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    a = spool.store_instance("../..", "x/y", "1 2", b"a")
+    b = spool.store_instance("../..", "x/y", "1_2", b"b")
+    assert a.relpath != b.relpath
+    assert all(spool.path(s.relpath).is_relative_to(spool.root) for s in (a, b))
+    assert safe_component("1.2.840.10008") == "1.2.840.10008"
+    assert safe_component("results") != "results"
+    with pytest.raises(ValueError):
+        spool.path("../outside.dcm")
+
+
+def test_cleanup_temp_and_delete(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    kept = spool.store_instance("1.2", "1.2.3", "1.2.3.4", b"x")
+    leftover = tmp_path / "1.2" / "1.2.3" / f".1.2.3.5.dcm.abc{TEMP_SUFFIX}"
+    leftover.write_bytes(b"partial")
+    assert list(spool.iter_instance_files()) == [kept.relpath]  # temp files are never instances
+    assert spool.cleanup_temp() == [leftover.relative_to(tmp_path).as_posix()]
+    assert not leftover.exists()
+    spool.delete(kept.relpath)
+    assert not (tmp_path / "1.2").exists()  # empty folders go too
+    again = spool.store_instance("1.2", "1.2.3", "1.2.3.6", b"y")  # and the folder comes back when needed
+    assert spool.path(again.relpath).read_bytes() == b"y"
+    assert spool.free_bytes() > 0
