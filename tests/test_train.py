@@ -45,3 +45,13 @@ def test_resume_matches_an_unbroken_run(tmp_path) -> None:
     resumed = train(tiny_config(steps=8), checkpoint=ckpt, pool=pool, progress=False)
     assert resumed.steps_done == 8
     np.testing.assert_allclose(resumed.losses, unbroken.losses, rtol=1e-4, atol=1e-6)
+
+
+def test_pool_from_a_dicom_folder(tmp_path) -> None:
+    from inference.phantoms import write_study
+    from inference.train import dicom_slices
+
+    write_study(tmp_path, "ct", seed=4, index=0, lesions="none", size=48, slices=3)
+    pool = dicom_slices(tmp_path, grid=32)
+    assert pool.images.shape == (3, 32, 32)
+    assert pool.masks.sum() > 0
