@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("node.commands.serve", "run the node: listener, completion, inference workers, sender, dashboard"),
     "outbound": ("node.commands.outbound", "list the result delivery queue, retry dead items, send now"),
     "engine": ("node.commands.engine", "U-Net backends: show what runs here (info), export and build engines (build)"),
+    "phantoms": ("node.commands.phantoms", "write synthetic chest CT/DX/CR studies with ground truth"),
+    "train": ("node.commands.train", "train the anomaly model on healthy images (phantoms or DICOM)"),
+    "evaluate": ("node.commands.evaluate", "ablation table and figure on held-out phantoms (docs/EVALUATION.md)"),
+    "demo": ("node.commands.demo", "one synthetic study through a real Orthanc and the node, end to end"),
 }
 
 

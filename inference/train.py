@@ -1,0 +1,302 @@
+"""Training of the mask-conditioned denoising U-Net on healthy chest images only.
+
+Why healthy only: the model learns to reconstruct normal anatomy; at inference whatever it cannot reconstruct
+is the anomaly. Training uses exactly the inference noise (`NoiseSource`, simplex by default, Gaussian for the
+ablation), the same schedule and forward diffusion (`q_sample`), the same intensity normalisation and model-grid
+resampling (`inference.volume`), and the lung mask as the condition channel. Timesteps are drawn only up to
+`t_max` because inference diffuses to t_start << T: capacity goes where it is used.
+
+Loss: epsilon-prediction L2. Optimiser: AdamW, linear warm-up then cosine decay. EMA weights are what ships.
+Checkpoints hold model, EMA, optimiser and data position, so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from inference.diffusion import LinearSchedule, q_sample
+from inference.phantoms import make_ct
+from inference.simplex import NoiseSource, splitmix64
+from inference.unet import PRESETS, UNet, UNetConfig, save_model
+from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; stored in the checkpoint and the shipped weights' metadata."""
+
+    preset: str = "small"
+    image_size: int | None = None  # overrides the preset's model grid
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    t_max: int = 350  # timesteps drawn from [0, t_max); inference uses t_start <= t_max
+    noise: str = "simplex"  # simplex | gaussian (ablation)
+    conditioned: bool = True  # False: the condition channel is all zeros (ablation)
+    seed: int = 0
+    subjects: int = 120  # phantom subjects in the training pool
+    phantom_size: int = 256  # phantom rows/cols before resampling to the model grid
+    phantom_slices: int = 24
+    data_dir: str = ""  # a folder of healthy DICOM series instead of phantoms
+    rotate_degrees: float = 0.0  # augmentation: random rotation in [-d, d]
+    intensity_jitter: float = 0.0  # augmentation: random gain 1 +- j and offset +- j (in [-1, 1] units)
+    flip: bool = False  # left-right flips: off for chests (the heart is on the left)
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    checkpoint_every: int = 200
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def unet_config(self) -> UNetConfig:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        base = PRESETS[self.preset]
+        return replace(base, image_size=self.image_size) if self.image_size else base
+
+
+@dataclass
+class SlicePool:
+    """Healthy slices on the model grid: images in [-1, 1] and lung masks, (N, S, S) float32."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) -> SlicePool:
+    """Healthy phantom CT subjects, normalised and resampled to the model grid like inference does."""
+    images, masks = [], []
+    for i in range(subjects):
+        ph = make_ct(splitmix64(seed, i) % 2**31, size, size, slices, "none")
+        mapping = GridMapping(rows=size, cols=size, size=grid)
+        images.append(resample_to_grid(normalise(ph.hu, "CT"), mapping, fill=-1.0))
+        masks.append(mask_to_grid(ph.lung_mask, mapping).astype(np.float32))
+    return SlicePool(
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(masks)),
+        f"phantoms(seed={seed}, subjects={subjects}, {size}x{size}x{slices})",
+    )
+
+
+def dicom_slices(folder: Path, grid: int) -> SlicePool:
+    """Every DICOM series under `folder` (healthy by the operator's word), with the inference lung mask."""
+    from inference.lungmask import anatomy_mask
+    from inference.volume import load_series, to_model_grid
+
+    by_dir: dict[Path, list[Path]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix.lower() == ".dcm" or path.suffix == ""):
+            by_dir.setdefault(path.parent, []).append(path)
+    images, masks = [], []
+    for files in by_dir.values():
+        volume = load_series(files)
+        x, mapping = to_model_grid(volume, grid)
+        images.append(x)
+        masks.append(
+            mask_to_grid(anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing), mapping).astype(np.float32)
+        )
+    if not images:
+        raise ValueError(f"no DICOM series found under {folder}")
+    return SlicePool(
+        torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(masks)), f"dicom({folder})"
+    )
+
+
+def augment(x: torch.Tensor, m: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Small rotations, intensity jitter and (optional) flips, applied identically to image and mask."""
+    n = x.shape[0]
+    if cfg.rotate_degrees > 0:
+        angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(cfg.rotate_degrees)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack(
+            [torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
+        m = (F.grid_sample(m, grid, mode="bilinear", padding_mode="zeros", align_corners=False) >= 0.5).float()
+    if cfg.intensity_jitter > 0:
+        j = cfg.intensity_jitter
+        gain = 1 + (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j
+        offset = (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * j
+        x = ((x + 1) * gain - 1 + offset).clamp(-1, 1)
+    if cfg.flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        m = torch.where(flip[:, None, None, None], m.flip(-1), m)
+    return x, m
+
+
+def batches(pool: SlicePool, cfg: TrainConfig, start_step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Random batches; batch k depends only on (seed, k), so a resumed run sees the same data as an unbroken one."""
+    step = start_step
+    while True:
+        gen = torch.Generator().manual_seed(splitmix64(cfg.seed, 10_000_000 + step) % 2**63)
+        idx = torch.randint(0, len(pool), (cfg.batch_size,), generator=gen)
+        x, m = pool.images[idx, None], pool.masks[idx, None]
+        yield augment(x, m, cfg, gen)
+        step += 1
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    model: UNet  # the EMA weights
+    losses: list[float]
+    steps_done: int
+    wall_s: float
+    pool_source: str
+
+
+def train(
+    cfg: TrainConfig,
+    checkpoint: Path | None = None,
+    pool: SlicePool | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train (or resume from `checkpoint` when it exists) and return the EMA model; `stop_after` ends this run
+    early at that step (with a checkpoint), as an interruption would."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    unet_cfg = cfg.unet_config()
+    if pool is None:
+        if cfg.data_dir:
+            pool = dicom_slices(Path(cfg.data_dir), unet_cfg.image_size)
+        else:
+            pool = phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, unet_cfg.image_size)
+    model = UNet(unet_cfg).to(device)
+    ema = UNet(unet_cfg).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = LinearSchedule()
+    noise = NoiseSource(kind=cfg.noise)  # type: ignore[arg-type]
+    losses: list[float] = []
+    step, wall_before = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step, losses, wall_before = state["step"], state["losses"], state["wall_s"]
+        log.info("resumed from %s at step %d", checkpoint, step)
+
+    def save_checkpoint() -> None:
+        if checkpoint is None:
+            return
+        tmp = checkpoint.with_suffix(".tmp")
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "losses": losses,
+            "wall_s": wall_before + time.monotonic() - t0,
+            "config": asdict(cfg),
+        }
+        torch.save(state, tmp)
+        tmp.replace(checkpoint)
+
+    use_amp = cfg.amp and device.type == "cuda"
+    t0 = time.monotonic()
+    data = batches(pool, cfg, step)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    model.train()
+    while step < min(cfg.steps, stop_after or cfg.steps):
+        if cfg.time_limit_s and wall_before + time.monotonic() - t0 > cfg.time_limit_s:
+            log.info("time limit reached at step %d", step)
+            break
+        x0, mask = next(data)
+        x0, mask = x0.to(device), mask.to(device)
+        if not cfg.conditioned:
+            mask = torch.zeros_like(mask)
+        n, _, h, w = x0.shape
+        gen = torch.Generator().manual_seed(splitmix64(cfg.seed, step) % 2**63)
+        t = torch.randint(0, cfg.t_max, (n,), generator=gen).to(device)
+        eps = noise((n, h, w), splitmix64(cfg.seed, 20_000_000 + step), device).unsqueeze(1)
+        x_t = q_sample(schedule, x0, t, eps)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            pred = model(x_t, mask, t.float())
+        loss = F.mse_loss(pred.float(), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        elapsed = time.monotonic() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{n * bar.n / max(elapsed, 1e-9):.1f}")
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint()
+            log.info(
+                "step %d loss %.4f (mean of 50) %.1f img/s",
+                step,
+                float(np.mean(losses[-50:])),
+                cfg.batch_size * step / max(wall_before + elapsed, 1e-9),
+            )
+    bar.close()
+    save_checkpoint()
+    ema.eval()
+    return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source)
+
+
+def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:
+    """Write the EMA weights with the training metadata the model card and the pipeline read."""
+    metadata = {
+        "t_start": 250,
+        "t_max": cfg.t_max,
+        "noise": cfg.noise,
+        "conditioned": cfg.conditioned,
+        "grid": result.model.config.image_size,
+        "preset": cfg.preset,
+        "steps": result.steps_done,
+        "batch_size": cfg.batch_size,
+        "data": result.pool_source,
+        "data_seed": cfg.seed,
+        "wall_time_s": round(result.wall_s, 1),
+        "final_loss_mean50": round(float(np.mean(result.losses[-50:])), 5) if result.losses else None,
+        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()}'}",
+        "config": json.dumps(asdict(cfg)),
+    }
+    save_model(result.model, path, name, metadata)

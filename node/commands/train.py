@@ -1,0 +1,82 @@
+"""`edgenode train`: train the mask-conditioned U-Net on healthy images (phantoms or a DICOM folder)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from node.config import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="where to write the EMA weights (.safetensors)")
+    parser.add_argument("--name", default="chest-ct-small", help="model name stored in the weights")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file: saved often, resumed from")
+    parser.add_argument("--data", type=Path, default=None, help="folder of healthy DICOM series (default: phantoms)")
+    parser.add_argument("--preset", default="small", help="U-Net preset: tiny, small, base")
+    parser.add_argument("--image-size", type=int, default=None, help="model grid (overrides the preset)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--t-max", type=int, default=350, help="train on timesteps below this")
+    parser.add_argument("--noise", choices=["simplex", "gaussian"], default="simplex")
+    parser.add_argument("--unconditioned", action="store_true", help="zero condition channel (ablation)")
+    parser.add_argument("--subjects", type=int, default=120, help="phantom subjects in the pool")
+    parser.add_argument("--phantom-size", type=int, default=256)
+    parser.add_argument("--phantom-slices", type=int, default=24)
+    parser.add_argument("--rotate", type=float, default=0.0, help="augmentation: max rotation in degrees")
+    parser.add_argument("--jitter", type=float, default=0.0, help="augmentation: intensity gain/offset jitter")
+    parser.add_argument("--flip", action="store_true", help="augmentation: left-right flips (not anatomical)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a busy CPU)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import torch
+
+    from inference.train import TrainConfig, ship, train
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    if args.steps < 1 or args.batch_size < 1:
+        print("edgenode train: --steps and --batch-size must be >= 1")
+        return 2
+    if args.data is not None and not args.data.is_dir():
+        print(f"edgenode train: --data {args.data} is not a folder")
+        return 2
+    cfg = TrainConfig(
+        preset=args.preset,
+        image_size=args.image_size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        t_max=args.t_max,
+        noise=args.noise,
+        conditioned=not args.unconditioned,
+        seed=args.seed,
+        subjects=args.subjects,
+        phantom_size=args.phantom_size,
+        phantom_slices=args.phantom_slices,
+        data_dir=str(args.data or ""),
+        rotate_degrees=args.rotate,
+        intensity_jitter=args.jitter,
+        flip=args.flip,
+        device=args.device,
+        time_limit_s=args.time_limit,
+        checkpoint_every=args.checkpoint_every,
+    )
+    try:
+        cfg.unet_config()
+    except ValueError as exc:
+        print(f"edgenode train: {exc}")
+        return 2
+    result = train(cfg, args.checkpoint)
+    ship(result, cfg, args.out, args.name)
+    print(f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s, final loss {result.losses[-1]:.4f}")
+    return 0
