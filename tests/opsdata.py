@@ -316,8 +316,13 @@ class ServedNode:
         calling_ae: str = "STORESCU",
         modality: str = "CT",
         body_part: str = "CHEST",
+        lesion: tuple[int, int] | None = None,
     ) -> SentStudy:
-        """Send one synthetic study with /usr/bin/storescu; each accession gets its own pixels (seed)."""
+        """Send one synthetic study with /usr/bin/storescu; each accession gets its own pixels (seed).
+
+        `lesion` (stored-value increase, radius in pixels) adds a bright disc in the right lung of every image,
+        so the studies differ by more than their noise.
+        """
         seed = zlib.crc32(accession.encode())
         if modality == "CT":
             datasets = make_ct_series(
@@ -327,6 +332,8 @@ class ServedNode:
             datasets = [make_dx(rows=64, cols=64, patient_id=patient_id, accession=accession, seed=seed)]
         for ds in datasets:
             ds.BodyPartExamined = body_part
+            if lesion is not None:
+                add_lesion(ds, *lesion)
         files = write_datasets(datasets, self.config.parent / "outgoing" / accession)
         store(self.settings.node.port, files, calling_ae=calling_ae, called_ae=self.settings.node.ae_title)
         sent = SentStudy(
@@ -376,6 +383,16 @@ class ServedNode:
                 self.proc.wait()
         for receiver in self.receivers.values():
             receiver.stop()
+
+
+def add_lesion(ds: Dataset, increase: int, radius: int) -> None:
+    """Raise the stored values of a disc centred in the image's right lung (patient right = image left)."""
+    pixels = ds.pixel_array.astype(np.int32)
+    rows, cols = pixels.shape
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    disc = (yy - 0.47 * rows) ** 2 + (xx - 0.29 * cols) ** 2 <= radius**2
+    pixels[disc] += increase
+    ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
 
 
 def store(port: int, files: list[Path], *, calling_ae: str, called_ae: str = "EDGENODE") -> subprocess.CompletedProcess:

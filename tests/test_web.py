@@ -1,4 +1,9 @@
-"""Dashboard, REST API, /metrics and /healthz: token on every route, same data as the CLI, real HTTP bind."""
+"""Dashboard, REST API, /metrics and /healthz: token on every route, same data as the CLI, real HTTP bind.
+
+HAND-MADE rows (tests/opsdata.record_*) so the tests know exact scores, timings and delivery states (a
+pending delivery with a DIMSE error, a result under another study for the access check). The dashboard of a
+real run (inference, SC heatmaps, delivery) is checked in a browser in tests/test_browser.py.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from db.models import OutboundStatus
 from db.session import Database
 from node.config import Settings, load_settings
+from node.metrics import inference_seconds, queue_wait_seconds
 from node.web.app import COOKIE, create_app, safe_next
 from node.web.server import WebServer
 from node.web.token import resolve_token, token_path
@@ -237,3 +243,12 @@ def test_web_and_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGENODE_RETENTION__INTERVAL_MINUTES", "15")
     loaded = load_settings(None)
     assert loaded.web.worklist_limit == 50 and loaded.retention.interval_minutes == 15
+
+
+def test_worker_time_is_the_sum_of_top_level_stages() -> None:
+    """infer.<stage> keys are parts of infer; queue_wait and send are waiting and delivery, not work."""
+    timings = {"queue_wait": 9.0, "infer": 2.0, "infer.reconstruct": 1.9, "infer.load": 0.1, "encode": 0.5, "send": 3}
+    assert inference_seconds(timings) == pytest.approx(2.5)
+    assert queue_wait_seconds(timings) == pytest.approx(9.0)
+    assert inference_seconds({"queue_wait": 1.0}) is None and inference_seconds({}) is None
+    assert inference_seconds(None) is None and queue_wait_seconds({"infer": 1.0}) is None

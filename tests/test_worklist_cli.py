@@ -39,8 +39,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, dcmtk) -> Iterator[Served
     node = served_node(tmp_path_factory.mktemp("real-run"), web={"enabled": False}, results={"empty_seg": True})
     node.start()
     try:
-        for accession in ("ACC-A", "ACC-B", "ACC-C"):
-            node.send(accession, f"PAT-{accession[4:]}")
+        for accession, lesion in (("ACC-A", None), ("ACC-B", (600, 2)), ("ACC-C", (900, 6))):
+            node.send(accession, f"PAT-{accession[4:]}", lesion=lesion)
         node.send("ACC-OFF", "PAT-OFF", calling_ae=OFFLINE_AE, modality="DX")
         node.send("ACC-STAT", "PAT-STAT", calling_ae="ER_CT", modality="DX")
         node.send("ACC-ABD", "PAT-ABD", body_part="ABDOMEN")
