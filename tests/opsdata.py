@@ -411,7 +411,7 @@ def served_node(folder: Path, **sections: Any) -> ServedNode:
     """A node on free ports that infers with a tiny random-weight U-Net and sends results back to the sender.
 
     Allowed senders: STORESCU and ER_CT (a routing rule makes its studies STAT), each with a real dcmtk
-    storescp receiving results, and OFFLINE, whose result port has no listener (2 attempts, then dead letter).
+    storescp receiving results, and OFFLINE, whose result port has no listener (3 tries, then dead letter).
     The "chest" rule only takes BodyPartExamined CHEST, so a study of another body part stays `complete`.
     The dashboard listens on a free port of 127.0.0.1 with a generated token (<data_dir>/web-token).
     """
@@ -421,7 +421,7 @@ def served_node(folder: Path, **sections: Any) -> ServedNode:
     sections.setdefault("web", {"port": free_port()})
     sections.setdefault("inference", {**TINY_INFERENCE, "model": str(model)})
     sections.setdefault(
-        "send", {"interval_seconds": 0.5, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 1, "max_attempts": 2}
+        "send", {"interval_seconds": 0.5, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 1, "max_attempts": 3}
     )
     settings = load_settings(
         None,

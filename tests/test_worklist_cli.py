@@ -23,6 +23,7 @@ from sqlalchemy import select
 from db.models import Job, Study
 from db.queries import AUDIT_FIELDS, WORKLIST_FIELDS
 from db.session import Database
+from node.peers import StoreSCP
 from tests.conftest import edgenode_cmd, node_env
 from tests.opsdata import OFFLINE_AE, ServedNode, served_node, store
 
@@ -183,7 +184,8 @@ def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     assert {e["study_instance_uid"] for e in dead} == {real_run.studies["ACC-OFF"].study_uid}
     assert len(dead) == 3  # SEG, SC and SR of the one DX image
     retried = audit_json(real_run, "--event-type", "send.retry", "--ae", OFFLINE_AE)
-    assert len(retried) == 3 and all(e["outcome"] == "failure" for e in retried)
+    assert len(retried) == 3 * (real_run.settings.send.max_attempts - 1)  # every try but the last, per object
+    assert all(e["outcome"] == "failure" for e in retried)
 
     rows = list(csv.DictReader(io.StringIO(cli(real_run, "audit", "--format", "csv", "--ae", "ROGUE").stdout)))
     assert list(rows[0]) == list(AUDIT_FIELDS) and rows[0]["event_type"] == "association.rejected"
@@ -191,3 +193,19 @@ def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     assert table.startswith("AT") and "instance.stored" in table and "send.ok" in table
     bad = cli(real_run, "audit", "--since", "whenever", check=False)
     assert bad.returncode == 2 and "ISO date" in bad.stderr
+
+
+def test_dead_letters_retried_once_the_destination_is_back(real_run: ServedNode) -> None:
+    """The operator guide's fix for dead letters, for real: start a receiver on OFFLINE's port, then
+    `edgenode outbound retry --all-dead` and `edgenode outbound send`. Runs last: it changes the delivery state."""
+    assert worklist_json(real_run, "--modality", "dx")[1]["delivery"] == "dead"
+    peer = real_run.settings.peer(OFFLINE_AE)
+    assert peer is not None
+    with StoreSCP(real_run.config.parent / "received" / OFFLINE_AE, aet=OFFLINE_AE, port=peer.port) as receiver:
+        assert cli(real_run, "outbound", "retry", "--all-dead").stdout.startswith("requeued 3 item(s)")
+        assert cli(real_run, "outbound", "send").stdout.strip() == "sent 3, to retry 0, dead 0"
+        received = receiver.received()
+    off = next(r for r in worklist_json(real_run) if r["accession_number"] == "ACC-OFF")
+    assert off["delivery"] == "sent" and len(received) == off["results_count"] == 3
+    requeued = audit_json(real_run, "--event-type", "send.requeued", "--accession", "ACC-OFF")
+    assert len(requeued) == 3
