@@ -79,7 +79,7 @@ def fill(db: Database, n: int, batch: int = 500) -> list[str]:
                     status=JobStatus.DONE,
                     score=(k * 7919 % 1000) / 1000,
                     uncertainty=0.01,
-                    timings={"load": 0.1, "inference": 2.0 + k % 5, "write": 0.2},
+                    timings={"queue_wait": 0.5, "infer": 2.0 + k % 5, "infer.reconstruct": 1.9 + k % 5, "encode": 0.2},
                 )
                 session.add(job)
                 for r in range(2):

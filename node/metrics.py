@@ -27,14 +27,30 @@ INFERENCE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 
 SEND_FAILURE_EVENTS = (str(AuditEventType.SEND_RETRY), str(AuditEventType.SEND_DEAD))
 
 
+WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
+
+
 def inference_seconds(timings: dict[str, Any] | None) -> float | None:
-    """A job's inference time: its "total" stage when recorded, else the sum of its stages."""
+    """Seconds a worker spent on a job: the sum of its top-level stages (keys without a dot: infer, encode).
+
+    The worker records `queue_wait`, `infer`, `infer.<stage>` (parts of `infer`, so not added again) and
+    `encode`; the sender may add `send`. Waiting in the queue and delivery are left out: a backlog or a slow
+    PACS must not look like slow inference (queue_wait has its own histogram). None when nothing was recorded.
+    """
     if not timings:
         return None
-    if isinstance(timings.get("total"), int | float):
-        return float(timings["total"])
-    values = [float(v) for v in timings.values() if isinstance(v, int | float)]
+    values = [
+        float(v)
+        for k, v in timings.items()
+        if "." not in k and k not in WAITING_STAGES and isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     return sum(values) if values else None
+
+
+def queue_wait_seconds(timings: dict[str, Any] | None) -> float | None:
+    """How long a job waited between its creation and a worker taking it (its `queue_wait` stage)."""
+    value = (timings or {}).get("queue_wait")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def histogram_buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
@@ -101,10 +117,18 @@ class DatabaseCollector(Collector):
             for state in sorted({str(s) for s in states} | set(counts)):
                 gauge.add_metric([state], float(counts.get(state, 0)))
             yield gauge
-        seconds = [s for s in (inference_seconds(t) for t in timings) if s is not None]
-        hist = HistogramMetricFamily("edgenode_inference_seconds", "Inference time of finished jobs (jobs.timings)")
-        hist.add_metric([], histogram_buckets(seconds, INFERENCE_BUCKETS), sum_value=float(sum(seconds)))
-        yield hist
+        for name, doc, measure in (
+            (
+                "edgenode_inference_seconds",
+                "Worker time of finished jobs: inference plus encoding of the results (queue wait excluded)",
+                inference_seconds,
+            ),
+            ("edgenode_queue_wait_seconds", "Time finished jobs waited in the queue for a worker", queue_wait_seconds),
+        ):
+            seconds = [s for s in (measure(t) for t in timings) if s is not None]
+            hist = HistogramMetricFamily(name, doc)
+            hist.add_metric([], histogram_buckets(seconds, INFERENCE_BUCKETS), sum_value=float(sum(seconds)))
+            yield hist
 
 
 def build_registry(settings: Settings, db: Database) -> CollectorRegistry:

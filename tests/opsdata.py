@@ -1,9 +1,12 @@
-"""Test data for the operator surfaces: inference outcomes and deliveries written through the db models.
+"""Test data for the operator surfaces.
 
-`record_inference_outcome` stands in for the inference/results/send path (other issues) ON TOP of
-studies that a real `edgenode serve` received: it marks the study's job done with a score, writes a
-real RGB Secondary Capture heatmap into the spool and records its delivery state. `record_received_study`
-is only for unit tests of the queries that do not need a listener; the CLI tests use a real run.
+- `served_node` / `ServedNode`: a REAL run. `edgenode serve` as a child process infers with a tiny
+  random-weight U-Net in its worker process and sends SEG, SC heatmaps and SR to real dcmtk receivers;
+  dcmtk's storescu sends the studies. The CLI and browser tests use only this.
+- `record_received_study` and `record_inference_outcome`: hand-made rows through the db models, for the
+  query-level unit tests whose point is an edge case a real run cannot produce on demand (ties and
+  ordering of scores chosen by the test, STAT on an old job, superseded jobs, dead or pending deliveries
+  of a given age for retention, a stored result under another study for the web's access checks).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import signal
 import subprocess
 import time
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,9 +50,10 @@ from db.models import (
 )
 from db.session import Database
 from node.config import Settings, load_settings, settings_to_toml
-from node.peers import wait_for_port
+from node.peers import StoreSCP, wait_for_port
 from tests.conftest import DCMTK, edgenode_cmd, free_port, node_env, peer_env
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
+from tests.engine_models import saved_unet
 
 
 def heatmap_sc(study_uid: str, patient_id: str, size: int = 64, hot: tuple[int, int] = (20, 40)) -> Dataset:
@@ -96,9 +101,9 @@ def record_inference_outcome(
     heatmaps: int = 1,
     stat: bool = False,
 ) -> int:
-    """Mark the study's job done with this score and SC heatmap results; returns the job id.
+    """Hand-made: mark the study's job done with this score and SC heatmap results; returns the job id.
 
-    Uses the study's existing queued job (made by the real stability scan) when there is one.
+    For edge-case unit tests only (see the module docstring). Timings use the worker's keys.
     """
     now = utcnow()
     with db.session() as session:
@@ -116,7 +121,7 @@ def record_inference_outcome(
         job.finished_at = now
         job.score, job.uncertainty = score, uncertainty
         job.model_id = "edgenode-ddpm-tiny-0123abcd"
-        job.timings = timings or {"load": 0.2, "inference": 3.5, "write": 0.3}
+        job.timings = timings or {"queue_wait": 1.5, "infer": 3.5, "infer.reconstruct": 3.1, "encode": 0.5}
         destination = destination or job.destination_ae or "PACS"  # the real job's destination when there is one
         job.destination_ae = destination
         study.status = StudyStatus.DONE
@@ -252,7 +257,12 @@ def record_received_study(
     return study_uid
 
 
-# --- A real run: `edgenode serve` as a child process, studies sent with dcmtk's storescu ---------------
+# --- A real run: `edgenode serve` infers with a tiny model and sends results to real dcmtk receivers ----
+
+
+TINY_INFERENCE = {"ensemble": 2, "steps": 3, "backend": "torch", "device": "cpu", "workers": 1, "max_batch": 8}
+OFFLINE_AE = "OFFLINE"  # an allowed sender whose result port has no listener: its deliveries dead-letter
+SETTLED_JOBS = (JobStatus.DONE, JobStatus.FAILED)
 
 
 @dataclass
@@ -263,17 +273,27 @@ class SentStudy:
     modality: str
     calling_ae: str
     instances: int
+    body_part: str = "CHEST"
 
 
 @dataclass
 class ServedNode:
+    """`edgenode serve` as a child process, with a dcmtk storescp per peer that receives results."""
+
     config: Path
     settings: Settings
     log: Path
+    receivers: dict[str, StoreSCP] = field(default_factory=dict)  # by peer AE title
     studies: dict[str, SentStudy] = field(default_factory=dict)  # by accession
     proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web.port}"
+
     def start(self, timeout: float = 90.0) -> None:
+        for receiver in self.receivers.values():
+            receiver.start()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 edgenode_cmd("serve", "--config", str(self.config)),
@@ -281,38 +301,77 @@ class ServedNode:
                 stderr=subprocess.STDOUT,
                 env=node_env(),
             )
-        wait_for_port("127.0.0.1", self.settings.node.port, timeout, self.proc)
-
-    def send(self, accession: str, patient_id: str, *, calling_ae: str = "STORESCU", modality: str = "CT") -> SentStudy:
-        """Send one synthetic study with /usr/bin/storescu; returns what was sent."""
-        if modality == "CT":
-            datasets = make_ct_series(n_slices=3, rows=32, cols=32, patient_id=patient_id, accession=accession)
+        # The dashboard starts after the listener: probing it leaves no half-open DICOM association behind
+        # (a bare TCP probe of the DICOM port holds the listener's shutdown for its grace period).
+        if self.settings.web.enabled:
+            wait_for_port("127.0.0.1", self.settings.web.port, timeout, self.proc)
         else:
-            datasets = [make_dx(rows=64, cols=64, patient_id=patient_id, accession=accession)]
+            wait_for_port("127.0.0.1", self.settings.node.port, timeout, self.proc)
+
+    def send(
+        self,
+        accession: str,
+        patient_id: str,
+        *,
+        calling_ae: str = "STORESCU",
+        modality: str = "CT",
+        body_part: str = "CHEST",
+        lesion: tuple[int, int] | None = None,
+    ) -> SentStudy:
+        """Send one synthetic study with /usr/bin/storescu; each accession gets its own pixels (seed).
+
+        `lesion` (stored-value increase, radius in pixels) adds a bright disc in the right lung of every image,
+        so the studies differ by more than their noise.
+        """
+        seed = zlib.crc32(accession.encode())
+        if modality == "CT":
+            datasets = make_ct_series(
+                n_slices=3, rows=32, cols=32, patient_id=patient_id, accession=accession, seed=seed
+            )
+        else:
+            datasets = [make_dx(rows=64, cols=64, patient_id=patient_id, accession=accession, seed=seed)]
+        for ds in datasets:
+            ds.BodyPartExamined = body_part
+            if lesion is not None:
+                add_lesion(ds, *lesion)
         files = write_datasets(datasets, self.config.parent / "outgoing" / accession)
         store(self.settings.node.port, files, calling_ae=calling_ae, called_ae=self.settings.node.ae_title)
-        sent = SentStudy(str(datasets[0].StudyInstanceUID), patient_id, accession, modality, calling_ae, len(files))
+        sent = SentStudy(
+            str(datasets[0].StudyInstanceUID), patient_id, accession, modality, calling_ae, len(files), body_part
+        )
         self.studies[accession] = sent
         return sent
 
-    def wait_until_judged(self, db: Database, timeout: float = 90.0) -> None:
-        """Block until the stability scan has judged every sent study (job created or complete)."""
+    def wait_until_settled(self, db: Database, timeout: float = 150.0) -> None:
+        """Block until every sent study is settled: no job made (routing declined), or its newest job done or
+        failed with no delivery still pending (each result sent, or dead-lettered)."""
         wanted = {s.study_uid for s in self.studies.values()}
         deadline = time.monotonic() + timeout
+        state: dict[str, str] = {}
         while time.monotonic() < deadline:
-            with db.session() as session:
-                judged = set(
-                    session.scalars(
-                        select(Study.study_instance_uid).where(
-                            Study.status.not_in([StudyStatus.RECEIVING]), Study.study_instance_uid.in_(wanted)
-                        )
-                    )
-                )
-            if judged == wanted:
+            state = self._states(db, wanted)
+            if all(s == "settled" for s in state.values()) and set(state) == wanted:
                 return
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-            time.sleep(0.2)
-        raise TimeoutError(f"studies not judged complete in {timeout} s; log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.25)
+        raise TimeoutError(f"not settled in {timeout} s: {state}; log:\n{self.log.read_text()[-4000:]}")
+
+    @staticmethod
+    def _states(db: Database, wanted: set[str]) -> dict[str, str]:
+        state: dict[str, str] = {}
+        with db.session() as session:
+            for study in session.scalars(select(Study).where(Study.study_instance_uid.in_(wanted))):
+                jobs = sorted(study.jobs, key=lambda j: j.id)
+                if study.status == StudyStatus.RECEIVING:
+                    state[study.study_instance_uid] = "receiving"
+                elif not jobs:
+                    state[study.study_instance_uid] = "settled" if study.status == StudyStatus.COMPLETE else "no job"
+                elif jobs[-1].status not in SETTLED_JOBS:
+                    state[study.study_instance_uid] = f"job {jobs[-1].status}"
+                else:
+                    pending = [o for r in jobs[-1].results for o in r.outbound if o.status == OutboundStatus.PENDING]
+                    state[study.study_instance_uid] = f"{len(pending)} pending" if pending else "settled"
+        return state
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -322,6 +381,18 @@ class ServedNode:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for receiver in self.receivers.values():
+            receiver.stop()
+
+
+def add_lesion(ds: Dataset, increase: int, radius: int) -> None:
+    """Raise the stored values of a disc centred in the image's right lung (patient right = image left)."""
+    pixels = ds.pixel_array.astype(np.int32)
+    rows, cols = pixels.shape
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    disc = (yy - 0.47 * rows) ** 2 + (xx - 0.29 * cols) ** 2 <= radius**2
+    pixels[disc] += increase
+    ds.PixelData = np.clip(pixels, 0, 4095).astype(np.uint16).tobytes()
 
 
 def store(port: int, files: list[Path], *, calling_ae: str, called_ae: str = "EDGENODE") -> subprocess.CompletedProcess:
@@ -337,23 +408,35 @@ def store(port: int, files: list[Path], *, calling_ae: str, called_ae: str = "ED
 
 
 def served_node(folder: Path, **sections: Any) -> ServedNode:
-    """Configuration for a node on a free port accepting STORESCU and ER_CT (STAT rule) from 127.0.0.1."""
+    """A node on free ports that infers with a tiny random-weight U-Net and sends results back to the sender.
+
+    Allowed senders: STORESCU and ER_CT (a routing rule makes its studies STAT), each with a real dcmtk
+    storescp receiving results, and OFFLINE, whose result port has no listener (3 tries, then dead letter).
+    The "chest" rule only takes BodyPartExamined CHEST, so a study of another body part stays `complete`.
+    The dashboard listens on a free port of 127.0.0.1 with a generated token (<data_dir>/web-token).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    sections.setdefault("web", {"port": 0})  # never the default 8080, should `serve` start the dashboard
+    _, _, model = saved_unet(folder)
+    receivers = {ae: StoreSCP(folder / "received" / ae, aet=ae) for ae in ("STORESCU", "ER_CT")}
+    sections.setdefault("web", {"port": free_port()})
+    sections.setdefault("inference", {**TINY_INFERENCE, "model": str(model)})
+    sections.setdefault(
+        "send", {"interval_seconds": 0.5, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 1, "max_attempts": 3}
+    )
     settings = load_settings(
         None,
         node={"port": free_port(), "data_dir": str(folder / "var"), "min_free_disk_mb": 1},
         peers=[
-            {"ae_title": "STORESCU", "host": "127.0.0.1", "port": free_port()},
-            {"ae_title": "ER_CT", "host": "127.0.0.1", "port": free_port()},
+            *({"ae_title": ae, "host": "127.0.0.1", "port": r.port} for ae, r in receivers.items()),
+            {"ae_title": OFFLINE_AE, "host": "127.0.0.1", "port": free_port()},
         ],
         stability={"stable_seconds": 1.0, "max_wait_seconds": 60.0, "scan_interval_seconds": 0.2},
         routing=[
             {"name": "emergency", "calling_ae": ["ER_CT"], "priority": "stat"},
-            {"name": "chest"},
+            {"name": "chest", "body_parts": ["CHEST"]},
         ],
         **sections,
     )
     config = folder / "edgenode.toml"
     config.write_text(settings_to_toml(settings))
-    return ServedNode(config=config, settings=settings, log=folder / "serve.log")
+    return ServedNode(config=config, settings=settings, log=folder / "serve.log", receivers=receivers)

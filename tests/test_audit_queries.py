@@ -1,5 +1,9 @@
 """Audit filters (db/queries.py) and the append-only guarantee: the database refuses UPDATE and
-DELETE on audit_events, and no code path in the application issues them."""
+DELETE on audit_events, and no code path in the application issues them.
+
+The filter tests use HAND-MADE rows (tests/opsdata.record_*) to set event times and AE titles a real run
+cannot choose (instances stored two days ago); the audit trail of a real run is checked in tests/test_worklist_cli.py.
+"""
 
 from __future__ import annotations
 

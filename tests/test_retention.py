@@ -1,4 +1,8 @@
-"""Retention removes old, fully delivered studies (files and rows) and nothing else; audit stays."""
+"""Retention removes old, fully delivered studies (files and rows) and nothing else; audit stays.
+
+HAND-MADE rows (tests/opsdata.record_*): each case needs a study of a chosen age in a chosen delivery state
+(40 days old and sent, pending, dead, never queued), which a real run cannot produce without waiting.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Dashboard, REST API, /metrics and /healthz: token on every route, same data as the CLI, real HTTP bind."""
+"""Dashboard, REST API, /metrics and /healthz: token on every route, same data as the CLI, real HTTP bind.
+
+HAND-MADE rows (tests/opsdata.record_*) so the tests know exact scores, timings and delivery states (a
+pending delivery with a DIMSE error, a result under another study for the access check). The dashboard of a
+real run (inference, SC heatmaps, delivery) is checked in a browser in tests/test_browser.py.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from db.models import OutboundStatus
 from db.session import Database
 from node.config import Settings, load_settings
+from node.metrics import inference_seconds, queue_wait_seconds
 from node.web.app import COOKIE, create_app, safe_next
 from node.web.server import WebServer
 from node.web.token import resolve_token, token_path
@@ -41,7 +47,13 @@ def node(tmp_path: Path):
     }
     record_inference_outcome(db, spool, uids["high"], score=0.83, uncertainty=0.04, heatmaps=2)
     record_inference_outcome(
-        db, spool, uids["low"], score=0.12, uncertainty=0.02, delivery=OutboundStatus.PENDING, timings={"total": 42.0}
+        db,
+        spool,
+        uids["low"],
+        score=0.12,
+        uncertainty=0.02,
+        delivery=OutboundStatus.PENDING,
+        timings={"queue_wait": 100.0, "infer": 40.0, "infer.reconstruct": 39.0, "encode": 2.0},
     )
     yield settings, db, uids
     db.dispose()
@@ -131,7 +143,7 @@ def test_study_api_page_and_heatmap(client: TestClient, node) -> None:
     detail = client.get(f"/api/studies/{uids['high']}", headers=AUTH).json()
     assert detail["score"] == pytest.approx(0.83) and detail["uncertainty"] == pytest.approx(0.04)
     job = detail["jobs"][0]
-    assert job["timings"]["inference"] == pytest.approx(3.5)
+    assert job["timings"]["infer"] == pytest.approx(3.5)
     sc = [r for r in job["results"] if r["kind"] == "sc"]
     assert len(sc) == 2 and sc[0]["outbound"][0]["status"] == "sent"
     assert client.get("/api/studies/1.2.3.4", headers=AUTH).status_code == 404
@@ -139,7 +151,7 @@ def test_study_api_page_and_heatmap(client: TestClient, node) -> None:
     page = client.get(f"/studies/{uids['high']}", headers=AUTH)
     assert page.status_code == 200
     srcs = re.findall(r'<img src="([^"]+\.png)"', page.text)
-    assert len(srcs) == 2 and "0.830" in page.text and "inference" in page.text
+    assert len(srcs) == 2 and "0.830" in page.text and "infer.reconstruct" in page.text
     png = client.get(srcs[0], headers=AUTH)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(png.content))
@@ -178,6 +190,7 @@ def test_metrics_read_the_database(client: TestClient) -> None:
     assert value("edgenode_inference_seconds", "edgenode_inference_seconds_count") == 2
     assert value("edgenode_inference_seconds", "edgenode_inference_seconds_sum") == pytest.approx(4.0 + 42.0)
     assert value("edgenode_inference_seconds", "edgenode_inference_seconds_bucket", le="5.0") == 1
+    assert value("edgenode_queue_wait_seconds", "edgenode_queue_wait_seconds_sum") == pytest.approx(101.5)
     assert value("edgenode_disk_free_bytes", "edgenode_disk_free_bytes") > 0
     assert value("edgenode_database_up", "edgenode_database_up") == 1
 
@@ -230,3 +243,12 @@ def test_web_and_retention_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGENODE_RETENTION__INTERVAL_MINUTES", "15")
     loaded = load_settings(None)
     assert loaded.web.worklist_limit == 50 and loaded.retention.interval_minutes == 15
+
+
+def test_worker_time_is_the_sum_of_top_level_stages() -> None:
+    """infer.<stage> keys are parts of infer; queue_wait and send are waiting and delivery, not work."""
+    timings = {"queue_wait": 9.0, "infer": 2.0, "infer.reconstruct": 1.9, "infer.load": 0.1, "encode": 0.5, "send": 3}
+    assert inference_seconds(timings) == pytest.approx(2.5)
+    assert queue_wait_seconds(timings) == pytest.approx(9.0)
+    assert inference_seconds({"queue_wait": 1.0}) is None and inference_seconds({}) is None
+    assert inference_seconds(None) is None and queue_wait_seconds({"infer": 1.0}) is None

@@ -1,10 +1,11 @@
 """`edgenode worklist` and `edgenode audit` on a database filled by a REAL run of the node.
 
-`edgenode serve` runs as a child process; dcmtk's storescu sends CT and DX studies (one from ER_CT,
-which a routing rule makes STAT, one from an AE that is not allowed); the stability scan creates the
-jobs. The inference/results/send path belongs to other issues, so scores, heatmaps and deliveries of
-finished jobs are added through the db models (tests/opsdata.record_inference_outcome) ON TOP of the
-real run, after the node has stopped.
+`edgenode serve` runs as a child process with a tiny random-weight U-Net; dcmtk's storescu sends CT and DX
+studies: three routine CTs, one DX from ER_CT (a routing rule makes it STAT), one DX from OFFLINE (its result
+port has no listener, so its deliveries dead-letter), one abdomen CT (the chest rule declines it) and one
+association from an AE that is not allowed. The node infers, writes SEG, SC and SR and sends them back to
+each sender's dcmtk storescp. Nothing is written by hand: scores are whatever the model produced, so the
+tests compare the CLI's order with the scores in the database, never with fixed values.
 """
 
 from __future__ import annotations
@@ -13,41 +14,57 @@ import csv
 import io
 import json
 import subprocess
+from collections.abc import Iterator
 
+import pydicom
 import pytest
+from sqlalchemy import select
 
-from db.models import OutboundStatus
+from db.models import Job, Study
 from db.queries import AUDIT_FIELDS, WORKLIST_FIELDS
 from db.session import Database
+from node.peers import StoreSCP
 from tests.conftest import edgenode_cmd, node_env
-from tests.opsdata import ServedNode, record_inference_outcome, served_node, store
+from tests.opsdata import OFFLINE_AE, ServedNode, served_node, store
+
+SCORED = ("ACC-A", "ACC-B", "ACC-C", "ACC-OFF")  # routine studies with a job; ACC-STAT is STAT, ACC-ABD has none
+SOP_CLASS_KIND = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
+    "1.2.840.10008.5.1.4.1.1.7": "sc",
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",  # Comprehensive 3D SR
+}
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory, dcmtk) -> ServedNode:
-    node = served_node(tmp_path_factory.mktemp("real-run"))
+def real_run(tmp_path_factory: pytest.TempPathFactory, dcmtk) -> Iterator[ServedNode]:
+    node = served_node(tmp_path_factory.mktemp("real-run"), web={"enabled": False}, results={"empty_seg": True})
     node.start()
     try:
-        node.send("ACC-HIGH", "PAT-HIGH")
-        node.send("ACC-LOW", "PAT-LOW")
-        node.send("ACC-WAIT", "PAT-WAIT")
-        node.send("ACC-DX", "PAT-DX", modality="DX")
+        for accession, lesion in (("ACC-A", None), ("ACC-B", (600, 2)), ("ACC-C", (900, 6))):
+            node.send(accession, f"PAT-{accession[4:]}", lesion=lesion)
+        node.send("ACC-OFF", "PAT-OFF", calling_ae=OFFLINE_AE, modality="DX")
         node.send("ACC-STAT", "PAT-STAT", calling_ae="ER_CT", modality="DX")
-        rogue = node.config.parent / "outgoing" / "ACC-HIGH"
+        node.send("ACC-ABD", "PAT-ABD", body_part="ABDOMEN")
+        rogue = node.config.parent / "outgoing" / "ACC-A"
         with pytest.raises(subprocess.CalledProcessError):
             store(node.settings.node.port, sorted(rogue.iterdir())[:1], calling_ae="ROGUE")
         db = Database(node.settings.database_url)
-        node.wait_until_judged(db)
+        node.wait_until_settled(db)
+        db.dispose()
     finally:
         node.stop()
-    spool = node.settings.spool_dir
-    outcome = {"ACC-HIGH": 0.91, "ACC-LOW": 0.15, "ACC-DX": 0.42, "ACC-STAT": 0.05}
-    for accession, score in outcome.items():
-        delivery = OutboundStatus.DEAD if accession == "ACC-DX" else OutboundStatus.SENT
-        uid = node.studies[accession].study_uid
-        record_inference_outcome(db, spool, uid, score=score, uncertainty=score / 10, delivery=delivery)
-    db.dispose()
-    return node
+    yield node
+
+
+def db_scores(node: ServedNode) -> dict[str, float | None]:
+    """Accession -> the score the node's worker stored (read straight from the jobs table)."""
+    db = Database(node.settings.database_url)
+    try:
+        with db.session() as session:
+            rows = session.execute(select(Study.accession_number, Job.score).outerjoin(Job, Job.study_id == Study.id))
+            return {accession: score for accession, score in rows}
+    finally:
+        db.dispose()
 
 
 def cli(node: ServedNode, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -65,37 +82,64 @@ def worklist_json(node: ServedNode, *args: str) -> list[dict]:
     return json.loads(cli(node, "worklist", "--format", "json", *args).stdout)
 
 
-def test_order_and_fields_from_the_real_run(real_run: ServedNode) -> None:
+def test_worklist_order_follows_the_real_scores(real_run: ServedNode) -> None:
+    scores = db_scores(real_run)
+    assert all(isinstance(scores[a], float) for a in (*SCORED, "ACC-STAT")) and scores["ACC-ABD"] is None
+    assert len({scores[a] for a in SCORED}) == len(SCORED), f"tied scores make the order test weak: {scores}"
+    by_score = sorted(SCORED, key=lambda a: -scores[a])  # type: ignore[operator]
+
     rows = worklist_json(real_run)
-    accessions = [r["accession_number"] for r in rows]
-    assert accessions == ["ACC-STAT", "ACC-HIGH", "ACC-DX", "ACC-LOW", "ACC-WAIT"]
+    assert [r["accession_number"] for r in rows] == ["ACC-STAT", *by_score, "ACC-ABD"]
     assert all(list(r) == list(WORKLIST_FIELDS) for r in rows)
+    assert [r["score"] for r in rows] == [scores[r["accession_number"]] for r in rows]
     by_acc = {r["accession_number"]: r for r in rows}
-    stat, waiting = by_acc["ACC-STAT"], by_acc["ACC-WAIT"]
+    stat = by_acc["ACC-STAT"]
     assert stat["priority"] == "stat" and stat["calling_ae"] == "ER_CT" and stat["modality"] == "DX"
-    # What the listener stored and the stability scan decided, untouched by the test helper:
-    assert waiting["study_instance_uid"] == real_run.studies["ACC-WAIT"].study_uid
-    assert waiting["patient_id"] == "PAT-WAIT" and waiting["modality"] == "CT" and waiting["instance_count"] == 3
-    assert waiting["status"] == "queued" and waiting["job_status"] == "queued" and waiting["score"] is None
-    assert waiting["received_at"].endswith("Z") and waiting["completed_at"] is not None
-    assert by_acc["ACC-HIGH"]["delivery"] == "sent" and by_acc["ACC-HIGH"]["results_destination"] == "STORESCU"
-    assert by_acc["ACC-DX"]["delivery"] == "dead"
+    a = by_acc["ACC-A"]
+    assert a["study_instance_uid"] == real_run.studies["ACC-A"].study_uid and a["patient_id"] == "PAT-A"
+    assert a["status"] == "done" and a["job_status"] == "done" and a["instance_count"] == 3
+    assert a["model_id"].startswith("test-tiny-") and a["uncertainty"] is not None and a["uncertainty"] >= 0
+    assert a["delivery"] == "sent" and a["results_destination"] == "STORESCU"
+    assert a["results_count"] == 3 + 1 + 1  # an SC per slice (3 slices), the SEG (empty_seg) and the SR
+    assert by_acc["ACC-OFF"]["delivery"] == "dead" and by_acc["ACC-OFF"]["results_destination"] == OFFLINE_AE
+    abdomen = by_acc["ACC-ABD"]  # the chest rule declined it: complete, no job, no score
+    assert abdomen["status"] == "complete" and abdomen["job_id"] is None and abdomen["delivery"] == "none"
+    assert abdomen["received_at"].endswith("Z") and abdomen["completed_at"] is not None
+
+
+def test_results_really_reached_the_receivers(real_run: ServedNode) -> None:
+    """What the worklist calls `sent` is in the sender's storescp: SEG, SC and SR of each study it sent."""
+    received: dict[str, dict[str, list[str]]] = {}
+    for ae, receiver in real_run.receivers.items():
+        for path in receiver.received():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            kinds = received.setdefault(str(ds.AccessionNumber), {})
+            kinds.setdefault(SOP_CLASS_KIND.get(str(ds.SOPClassUID), str(ds.SOPClassUID)), []).append(ae)
+            assert ds.Manufacturer == "edgenode"
+    assert set(received) == {"ACC-A", "ACC-B", "ACC-C", "ACC-STAT"}  # not ACC-OFF (dead), not ACC-ABD (no job)
+    for accession in ("ACC-A", "ACC-B", "ACC-C"):
+        assert received[accession] == {"seg": ["STORESCU"], "sc": ["STORESCU"] * 3, "sr": ["STORESCU"]}
+    assert received["ACC-STAT"] == {"seg": ["ER_CT"], "sc": ["ER_CT"], "sr": ["ER_CT"]}
 
 
 def test_filters_and_formats(real_run: ServedNode) -> None:
-    assert [r["accession_number"] for r in worklist_json(real_run, "--status", "queued")] == ["ACC-WAIT"]
-    assert [r["accession_number"] for r in worklist_json(real_run, "--modality", "dx")] == ["ACC-STAT", "ACC-DX"]
-    assert [r["accession_number"] for r in worklist_json(real_run, "--min-score", "0.4")] == ["ACC-HIGH", "ACC-DX"]
-    assert len(worklist_json(real_run, "--since", "1h")) == 5
+    scores = db_scores(real_run)
+    by_score = sorted(SCORED, key=lambda a: -scores[a])  # type: ignore[operator]
+    assert [r["accession_number"] for r in worklist_json(real_run, "--status", "complete")] == ["ACC-ABD"]
+    assert [r["accession_number"] for r in worklist_json(real_run, "--modality", "dx")] == ["ACC-STAT", "ACC-OFF"]
+    cut = scores[by_score[1]]
+    above = [r["accession_number"] for r in worklist_json(real_run, "--min-score", repr(cut))]
+    assert above == [a for a in ("ACC-STAT", *by_score) if scores[a] >= cut]  # type: ignore[operator]
+    assert len(worklist_json(real_run, "--since", "1h")) == 6
     assert worklist_json(real_run, "--until", "1h") == []
 
     table = cli(real_run, "worklist").stdout.splitlines()
-    assert table[0].split()[:3] == ["PRIORITY", "SCORE", "UNCERTAINTY"] and table[-1] == "(5 rows)"
-    assert "ACC-STAT" in table[1] and "ACC-HIGH" in table[2]
+    assert table[0].split()[:3] == ["PRIORITY", "SCORE", "UNCERTAINTY"] and table[-1] == "(6 rows)"
+    assert "ACC-STAT" in table[1] and by_score[0] in table[2]
 
     rows = list(csv.DictReader(io.StringIO(cli(real_run, "worklist", "--format", "csv").stdout)))
     assert rows and list(rows[0]) == list(WORKLIST_FIELDS)
-    assert rows[1]["accession_number"] == "ACC-HIGH" and float(rows[1]["score"]) == pytest.approx(0.91)
+    assert rows[1]["accession_number"] == by_score[0] and float(rows[1]["score"]) == pytest.approx(scores[by_score[0]])
 
     bad = cli(real_run, "worklist", "--status", "nonsense", check=False)
     assert bad.returncode == 2 and "--status" in bad.stderr
@@ -108,23 +152,27 @@ def audit_json(node: ServedNode, *args: str) -> list[dict]:
 
 
 def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
-    high = real_run.studies["ACC-HIGH"]
-    events = audit_json(real_run, "--accession", "ACC-HIGH")
+    a = real_run.studies["ACC-A"]
+    events = audit_json(real_run, "--accession", "ACC-A")
     assert all(list(e) == list(AUDIT_FIELDS) for e in events)
     types = [e["event_type"] for e in events]
-    assert types.count("instance.stored") == high.instances
-    assert {"study.complete", "job.created", "job.done", "result.created", "send.ok"} <= set(types)
+    assert types.count("instance.stored") == a.instances
+    assert types.count("result.created") == types.count("send.ok") == 5
+    lifecycle = ["study.complete", "job.created", "job.started", "job.done"]
+    assert [t for t in types if t in lifecycle] == lifecycle
+    assert types.index("job.done") < types.index("send.ok")
     stored = [e for e in events if e["event_type"] == "instance.stored"]
     assert {e["calling_ae"] for e in stored} == {"STORESCU"} and {e["peer_address"] for e in stored} == {"127.0.0.1"}
-    assert all(e["study_instance_uid"] == high.study_uid and e["dimse_status"] == 0 for e in stored)
-    sent = next(e for e in events if e["event_type"] == "send.ok")
-    assert sent["called_ae"] == "STORESCU"  # results go back to the sender (the rule has no destination)
+    assert all(e["study_instance_uid"] == a.study_uid and e["dimse_status"] == 0 for e in stored)
+    sent = [e for e in events if e["event_type"] == "send.ok"]
+    assert {e["called_ae"] for e in sent} == {"STORESCU"}  # results go back to the sender (no rule destination)
+    assert {e["dimse_status"] for e in sent} == {0}
 
     assert {e["study_instance_uid"] for e in audit_json(real_run, "--patient-id", "PAT-STAT")} == {
         real_run.studies["ACC-STAT"].study_uid
     }
-    by_uid = audit_json(real_run, "--study-uid", high.study_uid, "--event-type", "instance.")
-    assert {e["event_type"] for e in by_uid} == {"instance.stored"} and len(by_uid) == high.instances
+    by_uid = audit_json(real_run, "--study-uid", a.study_uid, "--event-type", "instance.")
+    assert {e["event_type"] for e in by_uid} == {"instance.stored"} and len(by_uid) == a.instances
     rejected = audit_json(real_run, "--ae", "ROGUE")
     assert [e["event_type"] for e in rejected] == ["association.rejected"]
     assert rejected[0]["outcome"] == "failure" and "ROGUE" in rejected[0]["detail"]
@@ -133,11 +181,31 @@ def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     }
     assert audit_json(real_run, "--until", "1h") == []
     dead = audit_json(real_run, "--event-type", "send.dead")
-    assert [e["study_instance_uid"] for e in dead] == [real_run.studies["ACC-DX"].study_uid]
+    assert {e["study_instance_uid"] for e in dead} == {real_run.studies["ACC-OFF"].study_uid}
+    assert len(dead) == 3  # SEG, SC and SR of the one DX image
+    retried = audit_json(real_run, "--event-type", "send.retry", "--ae", OFFLINE_AE)
+    assert len(retried) == 3 * (real_run.settings.send.max_attempts - 1)  # every try but the last, per object
+    assert all(e["outcome"] == "failure" for e in retried)
 
     rows = list(csv.DictReader(io.StringIO(cli(real_run, "audit", "--format", "csv", "--ae", "ROGUE").stdout)))
     assert list(rows[0]) == list(AUDIT_FIELDS) and rows[0]["event_type"] == "association.rejected"
-    table = cli(real_run, "audit", "--accession", "ACC-LOW").stdout
-    assert table.startswith("AT") and "instance.stored" in table
+    table = cli(real_run, "audit", "--accession", "ACC-B").stdout
+    assert table.startswith("AT") and "instance.stored" in table and "send.ok" in table
     bad = cli(real_run, "audit", "--since", "whenever", check=False)
     assert bad.returncode == 2 and "ISO date" in bad.stderr
+
+
+def test_dead_letters_retried_once_the_destination_is_back(real_run: ServedNode) -> None:
+    """The operator guide's fix for dead letters, for real: start a receiver on OFFLINE's port, then
+    `edgenode outbound retry --all-dead` and `edgenode outbound send`. Runs last: it changes the delivery state."""
+    assert worklist_json(real_run, "--modality", "dx")[1]["delivery"] == "dead"
+    peer = real_run.settings.peer(OFFLINE_AE)
+    assert peer is not None
+    with StoreSCP(real_run.config.parent / "received" / OFFLINE_AE, aet=OFFLINE_AE, port=peer.port) as receiver:
+        assert cli(real_run, "outbound", "retry", "--all-dead").stdout.startswith("requeued 3 item(s)")
+        assert cli(real_run, "outbound", "send").stdout.strip() == "sent 3, to retry 0, dead 0"
+        received = receiver.received()
+    off = next(r for r in worklist_json(real_run) if r["accession_number"] == "ACC-OFF")
+    assert off["delivery"] == "sent" and len(received) == off["results_count"] == 3
+    requeued = audit_json(real_run, "--event-type", "send.requeued", "--accession", "ACC-OFF")
+    assert len(requeued) == 3

@@ -1,7 +1,9 @@
-"""Worklist ranking and filters (db/queries.py) on rows written through the models.
+"""Worklist ranking edge cases and filters (db/queries.py) on HAND-MADE rows (tests/opsdata.record_*).
 
-The CLI end of the same queries runs on a database filled by a real `edgenode serve` in
-tests/test_worklist_cli.py; this file covers orderings and filters that a real run cannot stage quickly.
+Hand-made on purpose: these tests choose the scores, ages and priorities (a STAT study with the lowest score,
+unscored studies of different ages, a superseded job beside a newer one) that a real run cannot stage on
+demand, since real scores come from the model. The CLI and the browser read a database filled by a real
+`edgenode serve` that infers and sends (tests/test_worklist_cli.py, tests/test_browser.py).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from db.queries import (
 )
 from db.session import Database
 from node.config import Settings
-from node.metrics import build_registry
+from node.metrics import build_registry, inference_seconds
 from node.web.health import check_health
 from node.web.heatmap import HeatmapError, render_png, spool_file
 from node.web.token import resolve_token
@@ -43,6 +43,12 @@ HERE = Path(__file__).parent
 COOKIE = "edgenode_token"
 PUBLIC_PATHS = frozenset({"/healthz"})
 LOGIN_PATH = "/login"
+STAGE_LABELS = {  # jobs.timings keys written by the worker (and the sender), as the study page names them
+    "queue_wait": "queue_wait (waiting for a worker)",
+    "infer": "infer (inference pipeline, all series)",
+    "encode": "encode (SEG, SC and SR written)",
+    "send": "send (delivery)",
+}
 
 
 def presented_token(request: Request) -> str:
@@ -118,6 +124,8 @@ def create_app(settings: Settings, db: Database, token: str | None = None) -> Fa
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["stylesheet"] = (HERE / "static" / "style.css").read_text(encoding="utf-8")
     templates.env.globals["node_ae"] = settings.node.ae_title
+    templates.env.globals["worker_seconds"] = inference_seconds
+    templates.env.globals["stage_labels"] = STAGE_LABELS
     templates.env.filters["secs"] = lambda v: "" if v is None else f"{v:.2f} s"
     templates.env.filters["num"] = lambda v, d=3: "" if v is None else f"{v:.{d}f}"
     app = FastAPI(title="edgenode", docs_url=None, redoc_url=None, openapi_url=None)
