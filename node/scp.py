@@ -200,7 +200,9 @@ class StorageSCP:
         self._server = None
         deadline = threading.Event()
         waited = 0.0
-        while self._acceptors() and waited < grace_seconds:
+        # Only established associations get the grace period: a connection that never sent an
+        # A-ASSOCIATE-RQ (a port probe, a health check) has nothing to finish.
+        while any(a.is_established for a in self._acceptors()) and waited < grace_seconds:
             deadline.wait(0.05)
             waited += 0.05
         with self._cond:

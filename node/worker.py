@@ -335,8 +335,8 @@ class WorkerSupervisor:
         return [p.pid for p in self._procs.values() if p.pid is not None and p.is_alive()]
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stopping = True  # set before taking the lock: a check() that is waiting must not restart anyone
         with self._lock:
-            self._stopping = True
             for proc in self._procs.values():
                 if proc.is_alive() and proc.pid:
                     os.kill(proc.pid, signal.SIGTERM)

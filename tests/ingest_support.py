@@ -32,6 +32,9 @@ def node_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
             {"ae_title": "STORESCU", "host": "127.0.0.1", "port": free_port()},
         ],
     )
+    # Ingest tests exercise the listener and completion only: no inference workers, no dashboard.
+    sections.setdefault("inference", {"workers": 0})
+    sections.setdefault("web", {"enabled": False})
     return load_settings(None, node=node, peers=peers, **sections)
 
 
