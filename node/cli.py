@@ -53,8 +53,11 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs full datasets at DEBUG, which can include patient names.
-    logging.getLogger("pynetdicom").setLevel(max(logging.INFO, getattr(logging, level)))
+    # pynetdicom logs full datasets at DEBUG, which can include patient names; it logs every PDU
+    # at INFO. Alembic and APScheduler narrate every migration step and periodic run at INFO.
+    quiet = max(logging.WARNING, getattr(logging, level))
+    for name in ("pynetdicom", "alembic", "apscheduler"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,8 +76,8 @@ class _RemoteOrthanc:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
-    from inference.phantoms import write_study
 
+    from inference.phantoms import write_study
     from node.app import EdgeNode
     from node.peers import Orthanc
 
@@ -126,15 +126,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sent_at = time.monotonic()
         result = _wait_for_results(node, pacs, study_uid, args.timeout)
         elapsed = time.monotonic() - sent_at
+        if result is None:
+            print(f"edgenode demo: no results in the PACS after {args.timeout:.0f} s; see the log above")
+            return 1
+        _report(result, elapsed, pacs, study_uid)  # while the PACS still runs: it is asked where things are
+        return 0
     finally:
         node.stop()
         if started_orthanc is not None:
             started_orthanc.stop()
-    if result is None:
-        print(f"edgenode demo: no results in the PACS after {args.timeout:.0f} s; see the log above")
-        return 1
-    _report(result, elapsed, pacs, study_uid)
-    return 0
 
 
 def _wait_for_results(node: Any, pacs: Any, study_uid: str, timeout: float) -> dict[str, Any] | None:

@@ -19,8 +19,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from node.app import EdgeNode
 
-    for noisy in ("apscheduler.executors.default", "apscheduler.scheduler", "alembic"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
