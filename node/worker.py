@@ -123,6 +123,7 @@ class JobRunner:
         self._denoiser = None
         self._model_info = None
         self.max_batch = settings.inference.max_batch
+        self._sender: threading.Thread | None = None
 
     def _engine(self):  # type: ignore[no-untyped-def]
         """Load the model and pick its backend once per worker process (the first job pays for it)."""
@@ -193,6 +194,7 @@ class JobRunner:
         from node.outbound import enqueue
         from node.results import write_results
 
+        job_started = time.perf_counter()
         timings: dict[str, float] = {"queue_wait": max(0.0, time.time() - job.created_at.timestamp())}
         rule = next((r for r in self.settings.routing if r.name == self.rule_name(job)), None)
         modalities = tuple(rule.modalities) if rule else IMAGE_MODALITIES
@@ -201,7 +203,9 @@ class JobRunner:
             from inference.volume import SeriesError
 
             raise SeriesError(f"study {job.study_instance_uid} has no CT/CR/DX image series to process")
+        started = time.perf_counter()
         denoiser, model_info = self._engine()
+        timings["load"] = time.perf_counter() - started  # the model: paid by a worker's first job only
         destination = self.settings.peer(job.destination_ae)
         if destination is None:
             raise UnroutableJob(f"results destination {job.destination_ae!r} is not in [[peers]]")
@@ -210,7 +214,10 @@ class JobRunner:
             check()
             started = time.perf_counter()
             result = self._infer_with_oom_retry(run_pipeline, item, denoiser, model_info, check)
-            timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - started
+            # "load" is reading the series; "infer" the rest of the pipeline (mask, model grid, U-Net, threshold)
+            series_load = result.timings.get("load", 0.0)
+            timings["load"] += series_load
+            timings["infer"] = timings.get("infer", 0.0) + time.perf_counter() - started - series_load
             for stage, seconds in result.timings.items():
                 timings[f"infer.{stage}"] = timings.get(f"infer.{stage}", 0.0) + seconds
             check()
@@ -219,10 +226,13 @@ class JobRunner:
             objects = write_results(result, sources, f"job-{job.id}", self.settings.results, model_info)
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
             check()
+            started = time.perf_counter()
             enqueue(self.db, self.spool, job.id, objects, destination)
+            timings["enqueue"] = timings.get("enqueue", 0.0) + time.perf_counter() - started
             produced += len(objects)
             scores.append(result.study_score)
             uncertainties.append(result.mean_uncertainty)
+        timings["total"] = time.perf_counter() - job_started  # the worker's time on the job (not the queue)
         with self.db.session() as session:
             done = complete_job(
                 session,
@@ -235,6 +245,29 @@ class JobRunner:
             )
         if done:
             log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
+            self.kick_sender()
+
+    def kick_sender(self) -> None:
+        """Deliver the results now instead of at the scheduler's next send pass (up to `send.interval_seconds`
+        later), in a thread so the next job can start. The sender's flock keeps this from overlapping a pass of
+        the scheduler's: while one runs, this kick is a no-op and that pass or the next picks the items up."""
+        from node.outbound import send_due
+
+        if self._sender is not None and self._sender.is_alive():
+            return
+
+        def send() -> None:
+            try:
+                send_due(self.settings, self.db, self.spool)
+            except Exception:  # noqa: BLE001 - the scheduler's next pass retries
+                log.exception("sending right after the job failed; the scheduler's send pass will retry")
+
+        self._sender = threading.Thread(target=send, name="send-after-job", daemon=True)
+        self._sender.start()
+
+    def join_sender(self, timeout: float) -> None:
+        if self._sender is not None:
+            self._sender.join(timeout)
 
     def rule_name(self, job: ClaimedJob) -> str:
         from db.models import Job
@@ -278,6 +311,7 @@ def worker_main(settings_json: str, owner: str) -> None:
     while not stop.is_set():
         if not runner.run_once():
             stop.wait(0.5)
+    runner.join_sender(timeout=10)  # an interrupted send is safe (resent later), a finished one is quicker
     log.info("worker %s stopped", owner)
 
 
