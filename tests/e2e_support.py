@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -242,6 +243,16 @@ class NodeProcess:
                 return events
         finally:
             db.dispose()
+
+    def count_events(self, event_type: str) -> int:
+        """Audit events of a type, read with plain sqlite3 (cheap enough to poll every few milliseconds)."""
+        path = self.data_dir / "edgenode.db"
+        if not path.exists():
+            return 0
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+            return int(
+                conn.execute("SELECT count(*) FROM audit_events WHERE event_type = ?", (event_type,)).fetchone()[0]
+            )
 
     def cli_json(self, *args: str) -> list[dict[str, Any]]:
         """`edgenode <args> --format json` against this node's config, parsed."""
