@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_MODALITIES = ("CT", "CR", "DX")
 EXIT_NO_MODEL = 3
+IDLE_POLL_SECONDS = 0.2  # an idle worker looks for a due job this often (one indexed SELECT); bounds queue wait
 RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a worker that keeps dying
 
 
@@ -310,7 +311,7 @@ def worker_main(settings_json: str, owner: str) -> None:
     log.info("worker %s started (pid %d): %s on %s", owner, os.getpid(), info.model_id, denoiser.name)
     while not stop.is_set():
         if not runner.run_once():
-            stop.wait(0.5)
+            stop.wait(IDLE_POLL_SECONDS)
     runner.join_sender(timeout=10)  # an interrupted send is safe (resent later), a finished one is quicker
     log.info("worker %s stopped", owner)
 
