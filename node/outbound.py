@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from db.audit import record_audit
-from db.models import AuditEventType, Job, OutboundStatus
+from db.jobs import update_timings
+from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
 from db.outbound import Backoff, DueItem, add_outbound, due_items, mark_failed, mark_sent, requeue_dead, upsert_result
 from db.session import Database
 from node.config import PeerSettings, Settings
@@ -212,7 +215,8 @@ def _record(
     with db.session() as session:
         if outcome.stored:
             assert outcome.status is not None
-            mark_sent(session, outcome.key, outcome.status, outcome.error, now)
+            item = mark_sent(session, outcome.key, outcome.status, outcome.error, now)
+            _note_delivery_time(session, item)
             report.sent.append(outcome.key)
             return
         item = mark_failed(session, outcome.key, outcome.status, outcome.error, now, backoff, give_up=give_up)
@@ -224,6 +228,22 @@ def _record(
             "none" if outcome.status is None else f"0x{outcome.status:04X}",
             outcome.error,
         )
+
+
+def _note_delivery_time(session: Session, item: OutboundItem) -> None:
+    """Once a job's last pending item is acknowledged, store the delivery time (job done -> last ack) as the
+    job's `send` timing, beside its queue_wait/load/infer/encode."""
+    job = item.result.job
+    if job.finished_at is None:
+        return
+    pending = session.scalar(
+        select(func.count(OutboundItem.id))
+        .join(Result, Result.id == OutboundItem.result_id)
+        .where(Result.job_id == job.id, OutboundItem.status == OutboundStatus.PENDING)
+    )
+    if not pending:
+        seconds = (datetime.now(UTC) - job.finished_at).total_seconds()
+        update_timings(session, job.id, {"send": round(max(seconds, 0.0), 4)})
 
 
 def retry_dead(db: Database, ids: Sequence[int] | None = None, now: datetime | None = None) -> list[int]:
