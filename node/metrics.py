@@ -31,14 +31,17 @@ WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was d
 
 
 def inference_seconds(timings: dict[str, Any] | None) -> float | None:
-    """Seconds a worker spent on a job: the sum of its top-level stages (keys without a dot: infer, encode).
+    """Seconds a worker spent on a job: its `total`, else the sum of its top-level stages.
 
-    The worker records `queue_wait`, `infer`, `infer.<stage>` (parts of `infer`, so not added again) and
-    `encode`; the sender may add `send`. Waiting in the queue and delivery are left out: a backlog or a slow
-    PACS must not look like slow inference (queue_wait has its own histogram). None when nothing was recorded.
+    The worker records `queue_wait`, `load`, `infer`, `infer.<stage>` (parts of `infer`, so not added again),
+    `encode`, `enqueue` and `total` (the worker's whole time on the job); the sender adds `send`. Waiting in
+    the queue and delivery are left out: a backlog or a slow PACS must not look like slow inference
+    (queue_wait has its own histogram). None when nothing was recorded.
     """
     if not timings:
         return None
+    if isinstance(timings.get("total"), int | float):
+        return float(timings["total"])
     values = [
         float(v)
         for k, v in timings.items()

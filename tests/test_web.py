@@ -252,3 +252,5 @@ def test_worker_time_is_the_sum_of_top_level_stages() -> None:
     assert queue_wait_seconds(timings) == pytest.approx(9.0)
     assert inference_seconds({"queue_wait": 1.0}) is None and inference_seconds({}) is None
     assert inference_seconds(None) is None and queue_wait_seconds({"infer": 1.0}) is None
+    # When the worker recorded its whole time on the job, that is the figure (stages are parts of it).
+    assert inference_seconds({**timings, "load": 0.4, "total": 3.1}) == pytest.approx(3.1)
