@@ -95,3 +95,19 @@ def test_anatomy_mask_dispatches_by_modality() -> None:
     assert dice(anatomy_mask(vol, "CT", (1.0, 1.0)), truth) >= 0.9
     flat = np.zeros((1, 32, 32), np.float32)
     assert not anatomy_mask(flat, "DX", (1.0, 1.0)).any()
+
+
+def test_distance_transform_closing_equals_disc_closing() -> None:
+    """The fast closing is exactly scipy's closing with the same disc (on random shapes, several radii)."""
+    from scipy import ndimage
+
+    from inference.lungmask import _closing, _disc
+
+    rng = np.random.default_rng(0)
+    for radius in (1, 2, 4, 6):
+        for _ in range(10):
+            shape = ndimage.binary_dilation(rng.random((60, 70)) > 0.985, iterations=2) | (rng.random((60, 70)) > 0.97)
+            expected = ndimage.binary_closing(np.pad(shape, radius), structure=_disc(radius))[
+                radius:-radius, radius:-radius
+            ]
+            assert np.array_equal(_closing(shape, radius), expected)
