@@ -210,7 +210,10 @@ class StorageSCP:
             while self._inflight:
                 self._cond.wait()
         for assoc in self._acceptors():
-            assoc.abort()
+            # A connection still awaiting its A-ASSOCIATE-RQ cannot be aborted (pynetdicom's state
+            # machine refuses A-ABORT there); it ends with the peer or the ACSE timeout.
+            if assoc.is_established:
+                assoc.abort()
         self.committer.stop()
         log.info("listener stopped")
 
