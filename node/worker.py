@@ -192,6 +192,7 @@ class JobRunner:
         import pydicom
 
         from inference.pipeline import run_pipeline
+        from inference.volume import SeriesError
         from node.outbound import enqueue
         from node.results import write_results
 
@@ -201,8 +202,6 @@ class JobRunner:
         modalities = tuple(rule.modalities) if rule else IMAGE_MODALITIES
         series = series_to_process(self.db, self.spool, job, tuple(m for m in modalities if m in IMAGE_MODALITIES))
         if not series:
-            from inference.volume import SeriesError
-
             raise SeriesError(f"study {job.study_instance_uid} has no CT/CR/DX image series to process")
         started = time.perf_counter()
         denoiser, model_info = self._engine()
