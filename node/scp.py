@@ -275,41 +275,30 @@ class StorageSCP:
         assoc.acse.send_reject(result, source, reason)  # after the audit commit: the sender sees it last
         assoc.kill()
 
-    def _on_accepted(self, event: evt.Event) -> None:
+    def _audit_association(self, event: evt.Event, event_type: AuditEventType, **fields: Any) -> None:
         calling, called, address = self._peer(event.assoc)
+        self._audit(event_type, calling_ae=calling, called_ae=called, peer_address=address, **fields)
+
+    def _on_accepted(self, event: evt.Event) -> None:
         tls = " (TLS)" if self.settings.node.tls_cert else ""
-        self._audit(
-            AuditEventType.ASSOCIATION_ACCEPTED,
-            calling_ae=calling,
-            called_ae=called,
-            peer_address=address,
-            detail=f"{len(event.assoc.accepted_contexts)} presentation context(s) accepted{tls}",
+        accepted = len(event.assoc.accepted_contexts)
+        self._audit_association(
+            event, AuditEventType.ASSOCIATION_ACCEPTED, detail=f"{accepted} presentation context(s) accepted{tls}"
         )
 
     def _on_rejected(self, event: evt.Event) -> None:  # rejections made by pynetdicom itself (max associations)
-        calling, called, address = self._peer(event.assoc)
-        self._audit(
+        self._audit_association(
+            event,
             AuditEventType.ASSOCIATION_REJECTED,
             outcome="failure",
-            calling_ae=calling,
-            called_ae=called,
-            peer_address=address,
             detail="local limit exceeded (node.max_associations)",
         )
 
     def _on_aborted(self, event: evt.Event) -> None:
-        calling, called, address = self._peer(event.assoc)
-        self._audit(
-            AuditEventType.ASSOCIATION_ABORTED,
-            outcome="warning",
-            calling_ae=calling,
-            called_ae=called,
-            peer_address=address,
-        )
+        self._audit_association(event, AuditEventType.ASSOCIATION_ABORTED, outcome="warning")
 
     def _on_released(self, event: evt.Event) -> None:
-        calling, called, address = self._peer(event.assoc)
-        self._audit(AuditEventType.ASSOCIATION_RELEASED, calling_ae=calling, called_ae=called, peer_address=address)
+        self._audit_association(event, AuditEventType.ASSOCIATION_RELEASED)
 
     def _on_echo(self, event: evt.Event) -> int:
         calling, called, address = self._peer(event.assoc)
