@@ -62,6 +62,13 @@ def _closing(binary: np.ndarray, radius: int) -> np.ndarray:
     return closed[pad:-pad, pad:-pad]
 
 
+def _select_labels(labels: np.ndarray, n: int, keep: list[int]) -> np.ndarray:
+    """labels in `keep` -> True, through a lookup table (np.isin sorts the whole volume)."""
+    lut = np.zeros(n + 1, dtype=bool)
+    lut[keep] = True
+    return lut[labels]
+
+
 def _close_and_fill(mask: np.ndarray, radius: int) -> np.ndarray:
     """Per slice: fill holes, close with a disc, fill holes again; work on each slice's bounding box only."""
     out = np.zeros_like(mask)
@@ -98,7 +105,7 @@ def ct_lung_mask(
     keep = [order[0]] if sizes[order[0]] >= MIN_LUNG_VOXELS else []
     if keep and n > 1 and sizes[order[1]] >= SECOND_LUNG_FRACTION * sizes[order[0]]:
         keep.append(order[1])
-    lungs = np.isin(labels, keep)
+    lungs = _select_labels(labels, n, keep)
     radius = int(round(closing_radius_mm / max(min(pixel_spacing), 1e-3)))
     return _close_and_fill(lungs, max(radius, 1))
 
@@ -140,7 +147,7 @@ def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
     keep = [i for i in order if sizes[i] >= 0.02 * body.sum()]
     if not keep:
         return body
-    lungs = np.isin(labels, keep)
+    lungs = _select_labels(labels, n, keep)
     return _close_and_fill(lungs[None], radius)[0]
 
 

@@ -194,8 +194,11 @@ def run_pipeline(
     timings.update(det.timings)
 
     start = time.perf_counter()
-    anomaly = np.clip(from_model_grid(det.anomaly_map, mapping), 0.0, None)
-    uncertainty = np.clip(from_model_grid(det.uncertainty_map, mapping), 0.0, None)
+    # Interpolation can undershoot zero; clamp in place (np.clip would copy 80 x 512 x 512 floats twice).
+    anomaly = from_model_grid(det.anomaly_map, mapping)
+    np.maximum(anomaly, 0.0, out=anomaly)
+    uncertainty = from_model_grid(det.uncertainty_map, mapping)
+    np.maximum(uncertainty, 0.0, out=uncertainty)
     segmentation = mask_from_grid(det.segmentation, mapping)
     if settings.restrict_to_mask:
         segmentation &= mask
