@@ -89,7 +89,9 @@ class EdgeNode:
         if settings.web.enabled:
             from node.web.server import WebServer
 
-            self.web: WebServer | None = WebServer(settings, self.db)
+            self.web: WebServer | None = WebServer(
+                settings, self.db, workers_alive=self.workers.alive_count if self.workers else None
+            )
             self.components.append(self.web)
         else:
             self.web = None

@@ -367,6 +367,10 @@ class WorkerSupervisor:
                     del self._not_before[slot]
                     self._spawn(slot)
 
+    def alive_count(self) -> int:
+        """Worker processes running now (for /healthz: a crash-looping worker is mostly not)."""
+        return len(self.pids())
+
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs.values() if p.pid is not None and p.is_alive()]
 

@@ -254,3 +254,15 @@ def test_worker_time_is_the_sum_of_top_level_stages() -> None:
     assert inference_seconds(None) is None and queue_wait_seconds({"infer": 1.0}) is None
     # When the worker recorded its whole time on the job, that is the figure (stages are parts of it).
     assert inference_seconds({**timings, "load": 0.4, "total": 3.1}) == pytest.approx(3.1)
+
+
+def test_healthz_reports_dead_workers(node) -> None:
+    """With the node's worker count visible, fewer live workers than configured is unhealthy."""
+    settings, db, _ = node
+    assert settings.inference.workers == 1
+    dead = TestClient(create_app(settings, db, workers_alive=lambda: 0)).get("/healthz")
+    assert dead.status_code == 503 and dead.json()["workers"] == "0 of 1 alive"
+    alive = TestClient(create_app(settings, db, workers_alive=lambda: 1)).get("/healthz")
+    assert alive.status_code == 200 and alive.json()["workers"] == "ok"
+    unseen = TestClient(create_app(settings, db)).get("/healthz")
+    assert unseen.status_code == 200 and unseen.json()["workers"] == "not visible here"

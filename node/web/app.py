@@ -117,8 +117,12 @@ def _audit_filter(
     )
 
 
-def create_app(settings: Settings, db: Database, token: str | None = None) -> FastAPI:
-    """Build the app for this node; the token defaults to web.token or the stored/generated one."""
+def create_app(
+    settings: Settings, db: Database, token: str | None = None, workers_alive: Callable[[], int] | None = None
+) -> FastAPI:
+    """Build the app for this node; the token defaults to web.token or the stored/generated one.
+
+    `workers_alive` (from the node's worker supervisor) lets /healthz report dead inference workers."""
     expected = token or resolve_token(settings)
     registry = build_registry(settings, db)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -215,7 +219,7 @@ def create_app(settings: Settings, db: Database, token: str | None = None) -> Fa
     def api_queue() -> dict[str, Any]:
         with db.session() as session:
             summary = queue_summary(session)
-        summary["health"] = check_health(settings, db).as_dict()
+        summary["health"] = check_health(settings, db, workers_alive).as_dict()
         return summary
 
     @app.get("/metrics")
@@ -224,7 +228,7 @@ def create_app(settings: Settings, db: Database, token: str | None = None) -> Fa
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        health = check_health(settings, db)
+        health = check_health(settings, db, workers_alive)
         return JSONResponse(health.as_dict(), status_code=200 if health.ok else 503)
 
     # --- Pages ---
@@ -283,7 +287,7 @@ def create_app(settings: Settings, db: Database, token: str | None = None) -> Fa
     def queue_page(request: Request) -> HTMLResponse:
         with db.session() as session:
             summary = queue_summary(session)
-        health = check_health(settings, db)
+        health = check_health(settings, db, workers_alive)
         return page(request, "queue.html", q=summary, health=health.as_dict(), web=settings.web)
 
     @app.get("/audit", response_class=HTMLResponse)

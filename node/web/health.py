@@ -1,8 +1,9 @@
-"""Liveness facts shared by /healthz, the queue page and /metrics: database reachable, disk free."""
+"""Liveness facts shared by /healthz, the queue page and /metrics: database reachable, disk free, workers alive."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +36,20 @@ class Health:
     database_error: str
     disk_free_bytes: int
     min_free_disk_bytes: int
+    workers_expected: int = 0
+    workers_alive: int | None = None  # None: this process cannot see the workers (web served without them)
 
     @property
     def disk_ok(self) -> bool:
         return self.disk_free_bytes >= self.min_free_disk_bytes
 
     @property
+    def workers_ok(self) -> bool:
+        return self.workers_alive is None or self.workers_alive >= self.workers_expected
+
+    @property
     def ok(self) -> bool:
-        return self.database_ok and self.disk_ok
+        return self.database_ok and self.disk_ok and self.workers_ok
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -51,14 +58,20 @@ class Health:
             "disk": "ok" if self.disk_ok else "low",
             "disk_free_bytes": self.disk_free_bytes,
             "min_free_disk_bytes": self.min_free_disk_bytes,
+            "workers": "not visible here"
+            if self.workers_alive is None
+            else ("ok" if self.workers_ok else f"{self.workers_alive} of {self.workers_expected} alive"),
         }
 
 
-def check_health(settings: Settings, db: Database) -> Health:
+def check_health(settings: Settings, db: Database, workers_alive: Callable[[], int] | None = None) -> Health:
+    """`workers_alive` counts the inference worker processes running now (a crash-looping worker is not)."""
     ok, error = database_ok(db)
     return Health(
         database_ok=ok,
         database_error=error,
         disk_free_bytes=free_disk_bytes(settings.data_dir),
         min_free_disk_bytes=settings.node.min_free_disk_mb * 1024 * 1024,
+        workers_expected=settings.inference.workers,
+        workers_alive=None if workers_alive is None else workers_alive(),
     )

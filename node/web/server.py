@@ -10,6 +10,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 
@@ -29,9 +30,16 @@ class WebServer:
 
     name = "web"
 
-    def __init__(self, settings: Settings, db: Database, startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        startup_timeout: float = 30.0,
+        workers_alive: Callable[[], int] | None = None,
+    ) -> None:
         self.settings = settings
         self.db = db
+        self.workers_alive = workers_alive
         self.startup_timeout = startup_timeout
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -48,7 +56,7 @@ class WebServer:
         if self._thread is not None:
             raise RuntimeError("web server already started")
         token = resolve_token(self.settings)
-        app = create_app(self.settings, self.db, token=token)
+        app = create_app(self.settings, self.db, token=token, workers_alive=self.workers_alive)
         config = uvicorn.Config(
             app,
             host=self.settings.web.host,
