@@ -40,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter is not query output
     from db.queries import AUDIT_FIELDS, AuditFilter, audit_events, parse_time
-    from db.session import Database
-    from node.commands.tabular import write_rows
+    from node.commands.tabular import query_rows, write_rows
 
     try:
         since = parse_time(args.since) if args.since else None
@@ -59,11 +58,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         until=until,
         limit=args.limit or None,
     )
-    db = Database(settings.database_url)
-    try:
-        with db.session() as session:
-            rows = audit_events(session, flt)
-    finally:
-        db.dispose()
+    rows = query_rows(settings.database_url, audit_events, flt)
     write_rows(rows, AUDIT_FIELDS, args.format, sys.stdout, table_fields=TABLE_FIELDS, max_width=64)
     return 0

@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 FORMATS = ("table", "csv", "json")
+
+
+def query_rows(database_url: str, query: Callable[[Any, Any], list[dict[str, Any]]], flt: Any) -> list[dict[str, Any]]:
+    """Run one read query (db.queries) against the node's database and close it again."""
+    from db.session import Database
+
+    db = Database(database_url)
+    try:
+        with db.session() as session:
+            return query(session, flt)
+    finally:
+        db.dispose()
 
 
 def _cell(value: Any) -> str:

@@ -42,8 +42,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migration chatter is not query output
     from db.models import StudyStatus
     from db.queries import WORKLIST_FIELDS, WorklistFilter, parse_time, worklist
-    from db.session import Database
-    from node.commands.tabular import write_rows
+    from node.commands.tabular import query_rows, write_rows
 
     known = {str(s) for s in StudyStatus}
     bad = [s for s in args.status if s not in known]
@@ -64,11 +63,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         min_score=args.min_score,
         limit=args.limit or None,
     )
-    db = Database(settings.database_url)
-    try:
-        with db.session() as session:
-            rows = worklist(session, flt)
-    finally:
-        db.dispose()
+    rows = query_rows(settings.database_url, worklist, flt)
     write_rows(rows, WORKLIST_FIELDS, args.format, sys.stdout, table_fields=TABLE_FIELDS)
     return 0
