@@ -139,7 +139,9 @@ def make_cases(
         case_seed = splitmix64(1_000_003 + seed, i) % 2**31
         ph = make_ct(case_seed, size, size, slices, kind)
         mapping = GridMapping(rows=size, cols=size, size=grid)
-        anatomy = anatomy_mask(ph.hu, "CT", (ph.grid.spacing[1], ph.grid.spacing[2]))
+        # phantom slices run feet to head, like an axial series sorted along its normal (0, 0, 1)
+        spacing = ph.grid.spacing
+        anatomy = anatomy_mask(ph.hu, "CT", (spacing[1], spacing[2]), np.array([0.0, 0.0, 1.0]), spacing[0])
         cases.append(
             Case(
                 name=f"{kind}-{i}",

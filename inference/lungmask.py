@@ -4,7 +4,13 @@ CT (from HU, in 3D): air below AIR_THRESHOLD_HU; air connected to the in-plane i
 (outside-body air, also under the table); the remaining air labelled in 3D (face-connected) and the largest one or
 two components kept (the lungs; the second only if it is at least SECOND_LUNG_FRACTION of the first, which drops
 bowel gas and small pockets); holes filled per slice (vessels, nodules inside the lung), then a per-slice closing
-with a disc of CLOSING_RADIUS_MM to take in vessels and nodules at the lung border; holes filled again.
+with a disc of CLOSING_RADIUS_MM to take in vessels and nodules at the lung border; holes filled again. Near the
+lung bases an axial slice cuts the diaphragm dome, and the liver or spleen appears as a "hole" ringed by lung:
+a filled region is given back when most of its pixels have no lung air anywhere below them (towards the feet)
+while a slice without lungs lies below (the abdomen). A nodule has lung beneath it; the dome has abdomen.
+Last, along the slice axis, gaps of up to Z_GAP_MM between lung voxels of one (y, x) column are filled: a
+consolidation or a nodule against the chest wall is no hole in its own slice (it merges with the wall), but the
+same column is lung above and below it. Without this, most consolidations fall outside the mask.
 
 CR/DX (from [0, 1] intensity, bright = dense), a lung-field estimate: the body is the largest region brighter than
 an Otsu threshold of the whole image (holes filled); the lung fields are regions inside the body darker than an Otsu
@@ -15,6 +21,8 @@ docs/method.md apply: effusions, white-out, lateral views, devices, collimation 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -22,6 +30,7 @@ from skimage.filters import threshold_otsu
 AIR_THRESHOLD_HU = -320.0
 SECOND_LUNG_FRACTION = 0.1
 CLOSING_RADIUS_MM = 3.0
+Z_GAP_MM = 40.0
 MIN_LUNG_VOXELS = 10
 
 _CROSS_2D = ndimage.generate_binary_structure(2, 1)
@@ -85,13 +94,87 @@ def _close_and_fill(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+FeetSide = Literal["start", "end", "both", "none"]
+
+
+def feet_side(normal: np.ndarray | None) -> FeetSide:
+    """Which end of a volume sorted along `normal` lies towards the feet (patient LPS: +z is the head).
+
+    "both" when the orientation is unknown (test either end), "none" for non-axial stacks (no dome rule).
+    """
+    if normal is None:
+        return "both"
+    if abs(float(normal[2])) < 0.7:
+        return "none"
+    return "start" if normal[2] > 0 else "end"
+
+
+def _no_air_towards(lungs: np.ndarray, from_start: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For each voxel: (no lung air in its column strictly beyond it, a lung-free slice lies beyond it).
+
+    "Beyond" is towards index 0 when from_start, else towards the last index.
+    """
+    seq = lungs if from_start else lungs[::-1]
+    seen = np.logical_or.accumulate(seq, axis=0)
+    empty = np.logical_or.accumulate(~seq.any(axis=(1, 2)))
+    before = np.zeros_like(seen)
+    before[1:] = seen[:-1]
+    empty_before = np.zeros_like(empty)
+    empty_before[1:] = empty[:-1]
+    if not from_start:
+        before, empty_before = before[::-1], empty_before[::-1]
+    return ~before, empty_before
+
+
+def _drop_domes(filled: np.ndarray, lungs: np.ndarray, side: FeetSide) -> np.ndarray:
+    """Give back filled-in regions with abdomen (no lung air, then a lung-free slice) below them: diaphragm domes."""
+    if side == "none" or filled.shape[0] < 3:
+        return filled
+    added = filled & ~lungs
+    if not added.any():
+        return filled
+    dome = np.zeros_like(filled)
+    for from_start in (True, False):
+        if side in ("start", "end") and from_start != (side == "start"):
+            continue
+        no_air, abdomen_beyond = _no_air_towards(lungs, from_start)
+        dome |= no_air & abdomen_beyond[:, None, None]
+    out = filled.copy()
+    for k in np.flatnonzero(added.any(axis=(1, 2))):
+        labels, n = ndimage.label(added[k], structure=_CROSS_2D)
+        votes = np.bincount(labels.reshape(-1), weights=dome[k].reshape(-1), minlength=n + 1)
+        sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+        drop = votes > 0.5 * sizes
+        drop[0] = False
+        out[k] &= ~drop[labels]
+    return out
+
+
+def fill_z_gaps(mask: np.ndarray, max_gap: int) -> np.ndarray:
+    """Fill each (y, x) column's runs of False of at most `max_gap` voxels that have True on both ends."""
+    if max_gap < 1 or mask.shape[0] < 3:
+        return mask
+    z = np.arange(mask.shape[0], dtype=np.int32)[:, None, None]
+    far = np.int32(mask.shape[0] * 4)
+    previous = np.maximum.accumulate(np.where(mask, z, -far), axis=0)
+    following = np.minimum.accumulate(np.where(mask, z, far)[::-1], axis=0)[::-1]
+    gap = following - previous - 1
+    return mask | ((gap > 0) & (gap <= max_gap))
+
+
 def ct_lung_mask(
     hu: np.ndarray,
     pixel_spacing: tuple[float, float] = (1.0, 1.0),
     threshold: float = AIR_THRESHOLD_HU,
     closing_radius_mm: float = CLOSING_RADIUS_MM,
+    feet: FeetSide = "both",
+    slice_spacing_mm: float | None = None,
 ) -> np.ndarray:
-    """Boolean lung mask (Z, Y, X) of a chest CT volume in HU (see the module docstring for the steps)."""
+    """Boolean lung mask (Z, Y, X) of a chest CT volume in HU (see the module docstring for the steps).
+
+    `feet` says which end of the slice axis is towards the feet (`feet_side`), for the diaphragm-dome rule;
+    `slice_spacing_mm` sizes the filling of gaps along the slice axis (None: no filling).
+    """
     hu = np.asarray(hu, dtype=np.float32)
     if hu.ndim == 2:
         hu = hu[None]
@@ -107,7 +190,10 @@ def ct_lung_mask(
         keep.append(order[1])
     lungs = _select_labels(labels, n, keep)
     radius = int(round(closing_radius_mm / max(min(pixel_spacing), 1e-3)))
-    return _close_and_fill(lungs, max(radius, 1))
+    mask = _drop_domes(_close_and_fill(lungs, max(radius, 1)), lungs, feet)
+    if slice_spacing_mm:
+        mask = fill_z_gaps(mask, int(Z_GAP_MM // slice_spacing_mm))
+    return mask
 
 
 def radiograph_lung_mask(image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
@@ -151,8 +237,18 @@ def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
     return _close_and_fill(lungs[None], radius)[0]
 
 
-def anatomy_mask(pixels: np.ndarray, modality: str, pixel_spacing: tuple[float, float]) -> np.ndarray:
-    """The condition mask for a volume on the source grid: lungs for CT, lung fields for CR/DX."""
+def anatomy_mask(
+    pixels: np.ndarray,
+    modality: str,
+    pixel_spacing: tuple[float, float],
+    normal: np.ndarray | None = None,
+    slice_spacing_mm: float | None = None,
+) -> np.ndarray:
+    """The condition mask for a volume on the source grid: lungs for CT, lung fields for CR/DX.
+
+    `normal`: the slice normal the volume is sorted along (None: orientation unknown); `slice_spacing_mm`: the
+    distance between slices (None: a single slice, or unknown).
+    """
     if modality == "CT":
-        return ct_lung_mask(pixels, pixel_spacing)
+        return ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)
     return radiograph_lung_mask(pixels, pixel_spacing)

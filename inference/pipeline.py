@@ -182,7 +182,7 @@ def run_pipeline(
 
     start = time.perf_counter()
     report("mask", 0.0)
-    mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing)
+    mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing, volume.normal, volume.slice_spacing)
     timings["mask"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -111,9 +111,8 @@ def dicom_slices(folder: Path, grid: int) -> SlicePool:
         volume = load_series(files)
         x, mapping = to_model_grid(volume, grid)
         images.append(x)
-        masks.append(
-            mask_to_grid(anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing), mapping).astype(np.float32)
-        )
+        mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing, volume.normal, volume.slice_spacing)
+        masks.append(mask_to_grid(mask, mapping).astype(np.float32))
     if not images:
         raise ValueError(f"no DICOM series found under {folder}")
     return SlicePool(

@@ -143,9 +143,7 @@ class UNet(nn.Module):
                 cur = out
             if level > 0:
                 self.up.append(
-                    nn.ModuleList(
-                        [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)]
-                    )
+                    nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cur, cur, 3, padding=1)])
                 )
 
         self.head = nn.Sequential(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.lungmask import anatomy_mask, ct_lung_mask, radiograph_lung_mask
+from inference.lungmask import anatomy_mask, ct_lung_mask, fill_z_gaps, radiograph_lung_mask
 from tests.dicomgen import chest_slice_hu
 
 
@@ -111,3 +111,50 @@ def test_distance_transform_closing_equals_disc_closing() -> None:
                 radius:-radius, radius:-radius
             ]
             assert np.array_equal(_closing(shape, radius), expected)
+
+
+def _phantom_mask(seed: int, lesions: str, z_gaps: bool = True) -> tuple[np.ndarray, object]:
+    from inference.phantoms import make_ct
+
+    ph = make_ct(seed, 128, 128, 16, lesions)
+    sz, sy, sx = ph.grid.spacing
+    mask = anatomy_mask(ph.hu, "CT", (sy, sx), np.array([0.0, 0.0, 1.0]), sz if z_gaps else None)
+    return mask, ph
+
+
+def test_ct_lung_mask_leaves_the_diaphragm_dome_out() -> None:
+    """Near the bases the liver dome is ringed by lung on an axial slice; it is abdomen, not a hole in the lung."""
+    mask, ph = _phantom_mask(11, "none")
+    extra = (mask & ~ph.lung_mask).sum(axis=(1, 2))
+    lungs = ph.lung_mask.sum(axis=(1, 2))
+    assert extra.sum() <= 0.02 * lungs.sum()
+    # per slice: never a dome-sized region (the dome is 30-40 % of the basal slices' lung area)
+    assert (extra <= 0.1 * np.maximum(lungs, 1) + 20).all(), extra.tolist()
+
+
+def test_ct_lung_mask_dome_rule_follows_the_orientation() -> None:
+    """The same volume stored head to feet: the rule looks at the other end of the slice axis."""
+    from inference.phantoms import make_ct
+
+    ph = make_ct(11, 128, 128, 16, "none")
+    flipped = ph.hu[::-1].copy()
+    mask = anatomy_mask(flipped, "CT", (ph.grid.spacing[1], ph.grid.spacing[2]), np.array([0.0, 0.0, -1.0]))
+    assert (mask & ~ph.lung_mask[::-1]).sum() <= 0.02 * ph.lung_mask.sum()
+    wrong = anatomy_mask(flipped, "CT", (ph.grid.spacing[1], ph.grid.spacing[2]), np.array([0.0, 0.0, 1.0]))
+    assert (wrong & ~ph.lung_mask[::-1]).sum() > (mask & ~ph.lung_mask[::-1]).sum()
+
+
+def test_fill_z_gaps_fills_only_short_bounded_runs() -> None:
+    column = np.array([1, 0, 0, 1, 0, 0, 0, 1, 0, 0], bool)[:, None, None]
+    filled = fill_z_gaps(column, 2)[:, 0, 0]
+    assert filled.tolist() == [True] * 4 + [False] * 3 + [True] + [False] * 2  # 3-long gap and open end stay
+
+
+def test_ct_lung_mask_takes_in_consolidation_through_the_slice_axis() -> None:
+    """A consolidation merges with the chest wall in its slice; lung above and below it brings it into the mask."""
+    with_gaps, ph = _phantom_mask(114, "consolidation")
+    without, _ = _phantom_mask(114, "consolidation", z_gaps=False)
+    lesion = ph.lesion_mask
+    assert (without & lesion).sum() <= 0.1 * lesion.sum()  # what the in-plane steps alone find
+    assert (with_gaps & lesion).sum() >= 0.35 * lesion.sum()
+    assert (with_gaps & ~ph.lung_mask & ~lesion).sum() <= 0.03 * ph.lung_mask.sum()
