@@ -60,6 +60,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    init_from: str = ""  # start from these weights (.safetensors: fine-tuning, e.g. on a site's healthy series)
     checkpoint_every: int = 200
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -83,13 +84,21 @@ class SlicePool:
 
 
 def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) -> SlicePool:
-    """Healthy phantom CT subjects, normalised and resampled to the model grid like inference does."""
+    """Healthy phantom CT subjects, normalised and resampled to the model grid like inference does.
+
+    The condition is the mask the node computes (`anatomy_mask`), not the phantom's exact lungs: the model then
+    learns the condition it will be given, quirks included.
+    """
+    from inference.lungmask import anatomy_mask
+
     images, masks = [], []
     for i in range(subjects):
         ph = make_ct(splitmix64(seed, i) % 2**31, size, size, slices, "none")
         mapping = GridMapping(rows=size, cols=size, size=grid)
         images.append(resample_to_grid(normalise(ph.hu, "CT"), mapping, fill=-1.0))
-        masks.append(mask_to_grid(ph.lung_mask, mapping).astype(np.float32))
+        sz, sy, sx = ph.grid.spacing  # phantom slices run feet to head: normal (0, 0, 1)
+        lungs = anatomy_mask(ph.hu, "CT", (sy, sx), np.array([0.0, 0.0, 1.0]), sz)
+        masks.append(mask_to_grid(lungs, mapping).astype(np.float32))
     return SlicePool(
         torch.from_numpy(np.concatenate(images)),
         torch.from_numpy(np.concatenate(masks)),
@@ -197,6 +206,8 @@ def train(
         else:
             pool = phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, unet_cfg.image_size)
     model = UNet(unet_cfg).to(device)
+    if cfg.init_from:
+        model = _initial_weights(Path(cfg.init_from), unet_cfg).to(device)
     ema = UNet(unet_cfg).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -277,6 +288,17 @@ def train(
     save_checkpoint()
     ema.eval()
     return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source)
+
+
+def _initial_weights(path: Path, unet_cfg: UNetConfig) -> UNet:
+    """The weights to fine-tune from; their architecture must be the run's (a mismatch is a clear error)."""
+    from inference.unet import load_model
+
+    model, info = load_model(path)
+    if info.config != unet_cfg:
+        raise ValueError(f"--init {path}: its architecture {info.config} differs from this run's {unet_cfg}")
+    log.info("starting from %s (%s)", path, info.model_id)
+    return model.train()
 
 
 def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:

@@ -55,3 +55,18 @@ def test_pool_from_a_dicom_folder(tmp_path) -> None:
     pool = dicom_slices(tmp_path, grid=32)
     assert pool.images.shape == (3, 32, 32)
     assert pool.masks.sum() > 0
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
+    """--init: a run starts where the given model is (its first loss is the trained loss, not a fresh one's)."""
+    import pytest
+
+    pool = phantom_slices(seed=1, subjects=2, size=64, slices=6, grid=32)
+    trained = train(tiny_config(), pool=pool, progress=False)
+    path = tmp_path / "m.safetensors"
+    ship(trained, tiny_config(), path, "tiny-smoke")
+    fresh = train(tiny_config(steps=3, lr=1e-9), pool=pool, progress=False)
+    tuned = train(tiny_config(steps=3, lr=1e-9, init_from=str(path)), pool=pool, progress=False)
+    assert np.mean(tuned.losses) < 0.7 * np.mean(fresh.losses)
+    with pytest.raises(ValueError, match="architecture"):
+        train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
     parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="start from these weights (fine-tune; same preset and grid)"
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,13 +73,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device,
         time_limit_s=args.time_limit,
         checkpoint_every=args.checkpoint_every,
+        init_from=str(args.init or ""),
     )
+    if args.init is not None and not args.init.is_file():
+        print(f"edgenode train: --init {args.init} is not a file")
+        return 2
     try:
         cfg.unet_config()
     except ValueError as exc:
         print(f"edgenode train: {exc}")
         return 2
-    result = train(cfg, args.checkpoint)
+    try:
+        result = train(cfg, args.checkpoint)
+    except ValueError as exc:
+        print(f"edgenode train: {exc}")
+        return 2
     ship(result, cfg, args.out, args.name)
     print(f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s, final loss {result.losses[-1]:.4f}")
     return 0
