@@ -171,6 +171,7 @@ class Row:
     ensemble: int = 1
     steps: int | None = 10  # None: every timestep
     model: str = "shipped"  # which weights: "shipped", or an ablation model's name (see ABLATION_MODELS)
+    median: bool = True  # the 3x3 median filter of the error map (PipelineSettings.median_size)
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
     max_slices: int | None = None  # and on n slices of each: centred on the lesion, or central lung slices
     note: str = ""
@@ -275,6 +276,7 @@ def evaluate_row(row: Row, cases: Sequence[Case], denoiser: ModelDenoiser | None
                 noise=row.noise,  # type: ignore[arg-type]
                 use_mask_condition=row.condition,
                 adaptive_threshold=row.adaptive,
+                median_size=3 if row.median else 1,
             )
             det = detect(case.image, case.anatomy, denoiser, settings, "CT")
             amap, seg, scores = det.anomaly_map, det.segmentation, det.slice_scores
@@ -356,6 +358,7 @@ def default_rows(
             max_slices=every_step_slices,
             note=every,
         ),
+        Row(f"Full method without the median filter, K={k}, 10 steps", ensemble=k, steps=10, median=False),
     ]
 
 
@@ -499,8 +502,9 @@ Produced by one command (fixed seed {seed}):
   {healthy_cases} healthy controls, phantom CT {grid_source_size}x{grid_source_size}x{slices} from seeds disjoint
   from training, resampled to the model grid; the anatomy mask is the node's own (`inference.lungmask`).
 - Ground truth on the model grid: a pixel is a lesion pixel when >= {GT_FRACTION:.0%} of its area is lesion.
-- t_start 250 (of T = 1000), DDIM sampler, lambda = {lam}, morphology and minimum component size as the pipeline's
-  defaults. Pixel metrics: mean (std) over the lesion cases, over the exact lungs together with the node's
+- t_start 250 (of T = 1000), DDIM sampler, lambda = {lam}; the 3x3 median filter of the error map (all rows but the
+  last, which shows what it adds), morphology and minimum component size as the pipeline's defaults.
+  Pixel metrics: mean (std) over the lesion cases, over the exact lungs together with the node's
   anatomy mask (lesions the node's mask leaves out count as misses); FPR over all cases.
   Image level: every slice of every case is an image (positive: holds lesion pixels); score = the pipeline's slice
   score; F1 of "slice has a segmented pixel".

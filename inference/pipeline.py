@@ -20,7 +20,7 @@ from engines.base import Denoiser
 from inference.diffusion import LinearSchedule, Sampler, strided_timesteps
 from inference.ensemble import ensemble_reconstruct
 from inference.lungmask import anatomy_mask
-from inference.postprocess import detect_anomalies
+from inference.postprocess import detect_anomalies, median_filtered
 from inference.result import AnomalyResult
 from inference.simplex import NoiseSource
 from inference.unet import ModelInfo
@@ -49,6 +49,7 @@ class PipelineSettings:
     adaptive_threshold: bool = True  # False: fixed_threshold instead of mean + lambda * std outside the mask
     fixed_threshold: float = 0.05
     restrict_to_mask: bool = True
+    median_size: int = 3  # per-slice median filter of the error map, model-grid pixels (1: off)
     opening: int = 1
     closing: int = 1
     min_component_size: int = 4  # voxels on the model grid
@@ -135,7 +136,7 @@ def detect(
     timings["reconstruct"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    error = ens.anomaly_map.numpy()
+    error = median_filtered(ens.anomaly_map.numpy(), settings.median_size)
     det = detect_anomalies(
         error,
         mask_np,

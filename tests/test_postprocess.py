@@ -82,3 +82,14 @@ def test_fixed_threshold_and_unrestricted() -> None:
     assert det.threshold == 1.0 and det.segmentation[0, :3, :3].all()
     with pytest.raises(ValueError, match="differ in shape"):
         detect_anomalies(error, mask[:, :4], 3.0)
+
+
+def test_median_filter_drops_lone_pixels_and_keeps_patches() -> None:
+    from inference.postprocess import median_filtered
+
+    error = np.zeros((1, 16, 16), np.float32)
+    error[0, 3, 3] = 1.0  # a missed vessel: one pixel
+    error[0, 8:12, 8:12] = 1.0  # a lesion: a 4 x 4 patch
+    out = median_filtered(error, 3)
+    assert out[0, 3, 3] == 0.0 and out[0, 9:11, 9:11].min() == 1.0
+    assert median_filtered(error, 1) is error
