@@ -441,7 +441,7 @@ def write_report(
     subset_slices: int = 4,
     every_step_cases: int = 1,
     every_step_slices: int = 1,
-    lam: float = 3.0,
+    lam: float = 6.0,
     seed: int = 0,
     only_rows: Sequence[int] | None = None,
     ablations: Path | None = None,

@@ -119,7 +119,7 @@ class InferenceSettings(Section):
     model: str = "bundled"  # "bundled" or a path to a .safetensors file
     steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
     t_start: dict[str, int] = Field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
-    threshold_lambda: dict[str, float] = Field(default_factory=lambda: {"CT": 3.0, "CR": 3.0, "DX": 3.0})
+    threshold_lambda: dict[str, float] = Field(default_factory=lambda: {"CT": 6.0, "CR": 3.0, "DX": 3.0})
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
     workers: int = Field(1, ge=0)  # worker processes (one per GPU); 0 = this node runs no inference

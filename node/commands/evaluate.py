@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-slices", type=int, default=4, help="central lung slices per case there")
     parser.add_argument("--every-step-cases", type=int, default=1)
     parser.add_argument("--every-step-slices", type=int, default=1)
-    parser.add_argument("--lambda", dest="lam", type=float, default=3.0, help="adaptive threshold lambda")
+    parser.add_argument("--lambda", dest="lam", type=float, default=6.0, help="adaptive threshold lambda (CT default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is fastest on a busy CPU)"
