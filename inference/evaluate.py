@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,7 +181,7 @@ class Row:
 @dataclass
 class RowResult:
     row: Row
-    per_case: list[dict[str, float]]
+    per_case: list[dict[str, Any]]  # metrics (float) and "kind" (str)
     image: dict[str, float]
     seconds_per_slice: float
     n_cases: int
@@ -287,6 +288,7 @@ def evaluate_row(row: Row, cases: Sequence[Case], denoiser: ModelDenoiser | None
         has_lesion = bool(truth.any())
         per_case.append(
             {
+                "kind": case.kind,
                 "lesion": float(has_lesion),
                 "dice": dice(seg[inside], truth[inside]) if has_lesion else float("nan"),
                 "iou": iou(seg[inside], truth[inside]) if has_lesion else float("nan"),
@@ -382,6 +384,20 @@ def markdown_table(results: Sequence[RowResult]) -> str:
         lines.append(
             f"| {label} | " + " | ".join(cells) + f" | {r.seconds_per_slice:.3f} | {r.n_cases} / {r.n_slices} |"
         )
+    return head + "\n".join(lines) + "\n"
+
+
+def kind_table(result: RowResult) -> str:
+    """One row's pixel metrics per lesion kind (mean over that kind's cases): which lesions the method finds."""
+    head = "| Lesion kind | cases | Dice | Precision | Recall | Pixel AUROC |\n|---|---|---|---|---|---|\n"
+    lines = []
+    for kind in dict.fromkeys(str(c["kind"]) for c in result.per_case if c["lesion"]):
+        chosen = [c for c in result.per_case if c["kind"] == kind]
+        cells = []
+        for key in ("dice", "precision", "recall", "auroc"):
+            vals = [float(c[key]) for c in chosen if not np.isnan(c[key])]
+            cells.append(fmt(float(np.mean(vals)), float(np.std(vals))) if vals else "n/a")
+        lines.append(f"| {kind} | {len(chosen)} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -483,6 +499,8 @@ def write_report(
         f"  - row {n} ({row.label}): {used[row.model]}" for n, row in numbered if row.method != "intensity"
     )
     figure(results, cases, figure_path, denoiser, seed)
+    full = next((r for r in results if r.row.max_slices is None and r.row.ensemble > 1 and r.row.median), None)
+    by_kind = f"By lesion kind, row \"{full.row.label}\":\n\n{kind_table(full)}" if full else ""
     training = info.training
     model_arg = f" --model {_rel(model_path)}"
     ablation_arg = f" --ablations {_rel(ablations)}" if ablations else ""
@@ -517,6 +535,7 @@ Produced by one command (fixed seed {seed}):
   so timings are indicative only.
 
 {markdown_table(results)}
+{by_kind}
 ![Evaluation figure]({figure_path.name})
 
 Rows are numbered from 1 in the figure, in table order.

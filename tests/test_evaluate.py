@@ -19,6 +19,7 @@ from inference.evaluate import (
     f1,
     false_positive_rate,
     iou,
+    kind_table,
     make_cases,
     markdown_table,
     precision,
@@ -80,3 +81,5 @@ def test_a_row_runs_end_to_end_on_tiny_cases() -> None:
         assert r.n_cases == 2 and r.n_slices == 12
         assert 0.0 <= r.summary("dice")[0] <= 1.0
     assert "| baseline |" in markdown_table([base, row])
+    by_kind = kind_table(row)
+    assert f"| {cases[0].kind} | 1 |" in by_kind and "| none |" not in by_kind
