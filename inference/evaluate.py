@@ -531,8 +531,8 @@ Produced by one command (fixed seed {seed}):
   component, when those ablation models are given with `--ablations`):
 {rows_models}
 - Seconds per slice: wall time of the row divided by its slices, on {platform.processor() or platform.machine()}
-  with torch {torch.__version__} ({torch.get_num_threads()} threads); the machine was shared with other work,
-  so timings are indicative only.
+  with torch {torch.__version__} (CPU threads: {torch.get_num_threads()}, `--threads`); the machine was shared
+  with other work, so timings are indicative only.
 
 {markdown_table(results)}
 {by_kind}
