@@ -152,6 +152,10 @@ def cpu_variants(
             variants[f"onnxruntime-cpu mb{m}"] = lambda m=m: OrtDenoiser(
                 onnx_model, max_batch=max_batch, threads=threads, micro_batch=m
             )
+            # What engines.select builds on a CPU: `threads` concurrent single-threaded runs.
+            variants[f"onnxruntime-cpu mb{m} x{threads}"] = lambda m=m: OrtDenoiser(
+                onnx_model, max_batch=max_batch, threads=1, micro_batch=m, workers=threads
+            )
     return variants
 
 

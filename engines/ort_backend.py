@@ -1,12 +1,17 @@
 """The exported U-Net in ONNX Runtime: CPU execution provider, or the CUDA provider when present.
 
 On CUDA the inputs and output are bound to torch's device buffers (I/O binding), so nothing crosses
-to the host. On a CPU, numpy views of the torch tensors are passed without copying.
+to the host. On a CPU, numpy views of the torch tensors are passed without copying, and a batch can
+be run as micro-batches on several single-threaded runs at once (`workers`): the small U-Net's
+convolutions and norms are too short to split across threads without each thread waiting at every
+operator's end, so whole images per core keep the cores busier (benchmarks/RESULTS.md, ## Engines).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,9 @@ class OrtDenoiser:
 
     `threads` is the session's intra-op thread count (0 or None: onnxruntime's default, one per
     physical core). `micro_batch` splits each call into chunks of at most that many images.
+    `workers` > 1 (CPU only) runs the chunks concurrently on that many threads, each calling the
+    one session (ONNX Runtime's Run is thread-safe and releases the GIL); a batch is then cut into
+    at least `workers` chunks so every worker gets images. Use it with threads=1: one core per run.
     """
 
     def __init__(
@@ -41,9 +49,13 @@ class OrtDenoiser:
         max_batch: int = 28,
         threads: int | None = None,
         micro_batch: int | None = None,
+        workers: int = 1,
         optimized_path: Path | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
 
         self.device = torch.device(device)
         self.dtype = torch.float32
@@ -65,6 +77,8 @@ class OrtDenoiser:
             providers = ["CPUExecutionProvider"]
         else:
             raise ValueError(f"unsupported device {self.device} for onnxruntime")
+        if workers > 1 and self.device.type != "cpu":
+            raise ValueError("workers > 1 is for the CPU execution provider only")
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -83,6 +97,8 @@ class OrtDenoiser:
             raise ValueError(f"{onnx_model.path} has inputs {names}, expected {list(INPUT_NAMES)}")
         self.name = f"onnxruntime-{self.device.type}"
         self.threads = threads
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="ort-cpu") if workers > 1 else None
 
     def _run_cpu(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         feeds = {
@@ -113,12 +129,21 @@ class OrtDenoiser:
         cond = cond.to(self.device, torch.float32)
         t = t.to(self.device, torch.float32)
         run = self._run_cuda if self.device.type == "cuda" else self._run_cpu
-        with torch.inference_mode():
-            parts = [run(x_t[s], cond[s], t[s]) for s in batch_slices(x_t.shape[0], self.micro_batch)]
+        n = x_t.shape[0]
+        if self._pool is not None and n > 1:
+            chunk = min(self.micro_batch or n, math.ceil(n / self.workers))
+            # The pool hands chunks out as workers free up, so a core slowed by other work takes fewer.
+            futures = [self._pool.submit(run, x_t[s], cond[s], t[s]) for s in batch_slices(n, chunk)]
+            parts = [f.result() for f in futures]
+        else:
+            with torch.inference_mode():
+                parts = [run(x_t[s], cond[s], t[s]) for s in batch_slices(n, self.micro_batch)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def describe(self) -> str:
         extra = f", micro-batch {self.micro_batch}" if self.micro_batch else ""
+        if self.workers > 1:
+            extra += f", {self.workers} concurrent runs"
         threads = self.threads or "default"
         return (
             f"{self.name} ({self.onnx_model.exporter} export, opset {self.onnx_model.opset}, threads {threads}{extra})"

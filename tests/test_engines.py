@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from engines.base import Denoiser, batch_slices, check_inputs
+from engines.ort_backend import OrtDenoiser
 from engines.select import (
+    CPU_MICRO_BATCH,
     BackendUnavailable,
     backend_statuses,
+    build_denoiser,
     plan_backend,
     resolve_model_path,
     select,
@@ -139,6 +142,18 @@ def test_select_builds_a_correct_denoiser(backend: str, tiny, tmp_path: Path) ->
     )
     assert denoiser.model_id == info.model_id and denoiser.name.startswith(backend)
     x, c, t = random_batch(7, 32)
+    with torch.inference_mode():
+        ref = model(x, c, t)
+    assert rel_error(denoiser(x, c, t), ref) < 1e-4
+
+
+def test_cpu_onnxruntime_runs_one_single_threaded_run_per_thread(tiny, tmp_path: Path) -> None:
+    model, info, _ = tiny
+    plan = plan_backend(device="cpu", backend="onnxruntime")
+    denoiser = build_denoiser(plan, model, info, max_batch=8, cache_dir=tmp_path, threads=2, exporter="torchscript")
+    assert isinstance(denoiser, OrtDenoiser)
+    assert (denoiser.workers, denoiser.threads, denoiser.micro_batch) == (2, 1, CPU_MICRO_BATCH)
+    x, c, t = random_batch(8, 32)
     with torch.inference_mode():
         ref = model(x, c, t)
     assert rel_error(denoiser(x, c, t), ref) < 1e-4

@@ -64,6 +64,23 @@ def test_micro_batches_give_the_whole_batch_result(exported) -> None:
     assert rel_error(split, whole) < 1e-6
 
 
+def test_concurrent_single_threaded_runs_give_the_whole_batch_result(exported, tiny) -> None:
+    """What engines.select builds on a CPU: chunks on several threads, reassembled in order."""
+    model, _ = tiny
+    whole = OrtDenoiser(exported, max_batch=28)
+    parallel = OrtDenoiser(exported, max_batch=28, threads=1, micro_batch=7, workers=2)
+    assert "2 concurrent runs" in parallel.describe()
+    for n in (1, 3, 7, 28):  # 1: no split; 3 and 7: fewer images than micro_batch x workers
+        x, c, t = random_batch(n, 32, seed=n)
+        with torch.inference_mode():
+            ref = model(x, c, t)
+        out = parallel(x, c, t)
+        assert out.shape == (n, 1, 32, 32)
+        assert rel_error(out, whole(x, c, t)) < 1e-6 and rel_error(out, ref) < 1e-4, n
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        OrtDenoiser(exported, workers=0)
+
+
 def test_batch_limit_and_shape_errors_are_clear(exported) -> None:
     ort = OrtDenoiser(exported, max_batch=4)
     x, c, t = random_batch(5, 32)

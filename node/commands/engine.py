@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ONNX exporter (dynamo: opset 21 GroupNormalization; torchscript: opset 17, faster export)",
     )
     parser.add_argument("--probe", action="store_true", help="info: load the model and time the CPU backends")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
 
 
 def engines_dir(settings: Settings) -> Path:
