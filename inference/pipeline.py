@@ -222,8 +222,8 @@ def run_pipeline(
         series_instance_uid=volume.series_instance_uid,
         source_sop_instance_uids=list(volume.sop_instance_uids),
         anatomy_mask=mask,
-        anomaly_map=anomaly.astype(np.float32),
-        uncertainty_map=uncertainty.astype(np.float32),
+        anomaly_map=anomaly,  # float32 already (from_model_grid): no 80 MB copies
+        uncertainty_map=uncertainty,
         segmentation=segmentation,
         threshold=det.threshold,
         slice_scores=det.slice_scores.astype(np.float32),
