@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from inference.result import AnomalyResult
 from node.config import ResultsSettings
-from node.heatmap import HeatmapText, render_heatmap
+from node.heatmap import HeatmapRenderer, HeatmapText
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,7 @@ class ResultWriter:
         slices = result.top_slices(self.settings.heatmap_slices)
         vmax = float(max(result.anomaly_map.max(), 2.0 * result.threshold, 1e-12))
         series_uid = self.uid("sc-series")
+        renderer = HeatmapRenderer(vmax)  # one figure for the series, redrawn per image
         out = []
         for rank, k in enumerate(slices, start=1):
             source = self.sources[k]
@@ -290,7 +291,7 @@ class ResultWriter:
                 study_score=float(result.study_score),
                 label=f"slice {k + 1}/{len(self.sources)}" if len(self.sources) > 1 else "image",
             )
-            rgb = render_heatmap(source, result.anomaly_map[k], vmax, text, result.segmentation[k])
+            rgb = renderer.render(source, result.anomaly_map[k], text, result.segmentation[k])
             orientation = self.patient_orientation(source)
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=source,

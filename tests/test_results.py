@@ -18,7 +18,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
 from inference.result import AnomalyResult
 from node.config import ResultsSettings
-from node.heatmap import HeatmapText, render_heatmap
+from node.heatmap import HeatmapRenderer, HeatmapText, render_heatmap
 from node.results import MANUFACTURER, SLICE_SCORE, STUDY_SCORE, ResultObject, write_results
 from tests.conftest import DCENTVFY, DCIODVFY, require
 from tests.dicomgen import make_ct_series, make_dx
@@ -339,3 +339,26 @@ def test_large_radiograph_heatmap_is_reduced_to_an_overview() -> None:
     assert max(rgb.shape[:2]) <= MAX_IMAGE_PIXELS + max(HEADER_PIXELS, BAR_PIXELS)
     spot = rgb[HEADER_PIXELS + 255, 205].astype(int)
     assert spot[0] - spot[2] > 40  # the small finding survives the reduction (block max)
+
+
+def test_series_renderer_draws_the_same_pixels_as_a_figure_per_image() -> None:
+    """One figure per series, redrawn per image (blitting), gives exactly the old figure-per-image pixels: with
+    and without contours, in any order, for CT slices and for reduced (large) and upscaled (small) radiographs."""
+    from tests import heatmap_reference as reference
+
+    sources = make_ct_series(6, 96, 96, seed=4)
+    result = ct_result(sources)
+    vmax = float(result.anomaly_map.max())
+    renderer = HeatmapRenderer(vmax)
+    for k in (3, 0, 2, 3, 5):  # contour, none, contour, again, none
+        text = HeatmapText(float(result.slice_scores[k]), result.study_score, f"slice {k + 1}/6")
+        anomaly, segmentation = result.anomaly_map[k], result.segmentation[k]
+        expected = reference.render_heatmap(sources[k], anomaly, vmax, text, segmentation)
+        assert np.array_equal(renderer.render(sources[k], anomaly, text, segmentation), expected)
+    rng = np.random.default_rng(3)
+    for source in (make_dx(2100, 1900, monochrome1=True, seed=1), make_dx(200, 150, seed=2)):
+        anomaly = rng.random((source.Rows, source.Columns), dtype=np.float32) ** 3
+        for vmax, segmentation in ((0.8, anomaly > 0.9), (0.0, None)):
+            text = HeatmapText(0.5, 0.7, "image")
+            expected = reference.render_heatmap(source, anomaly, vmax, text, segmentation)
+            assert np.array_equal(render_heatmap(source, anomaly, vmax, text, segmentation), expected)
