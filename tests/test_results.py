@@ -362,3 +362,42 @@ def test_series_renderer_draws_the_same_pixels_as_a_figure_per_image() -> None:
             text = HeatmapText(0.5, 0.7, "image")
             expected = reference.render_heatmap(source, anomaly, vmax, text, segmentation)
             assert np.array_equal(render_heatmap(source, anomaly, vmax, text, segmentation), expected)
+
+
+@pytest.mark.parametrize("kind", ["CT", "CT-negative", "DX"])
+def test_sr_equals_highdicoms_own_construction(kind: str) -> None:
+    """comprehensive_3d_sr skips the constructor's passes over the content tree; the document is the same, byte for
+    byte, apart from the creation timestamps."""
+    import io
+
+    from node.results import ModelIdentity, ResultWriter, comprehensive_3d_sr
+
+    if kind == "DX":
+        sources = [make_dx(96, 80)]
+        result = dx_result(sources[0])
+    else:
+        sources = make_ct_series(10, 48, 48)
+        result = ct_result(sources, positive=kind == "CT")
+    writer = ResultWriter(result, sources, "job-7", ResultsSettings(), ModelIdentity.of(MODEL, "x"))
+    seg = writer.binary_seg()
+    report, evidence, document = writer.report(seg)
+    expected = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **document)
+    got = comprehensive_3d_sr(report, evidence, **document)
+    timestamps = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+    for ds in (expected, got):
+        for keyword in timestamps:
+            ds.pop(keyword, None)
+        for item in ds.ContributingEquipmentSequence:
+            item.pop("ContributionDateTime", None)
+
+    def encoded(ds: Dataset) -> bytes:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert encoded(got) == encoded(expected)
+    assert got.content[0].name == expected.content[0].name and len(got.content) == len(expected.content) == 1
+    assert len(got.content[0].ContentSequence) == len(expected.content[0].ContentSequence)
+    top = sources[result.top_slices(1)[0]]  # referenced by a measurement group
+    with pytest.raises(ValueError, match="not in the evidence"):
+        comprehensive_3d_sr(report, [ds for ds in evidence if ds is not top] or [make_dx(8, 8)], **document)
