@@ -297,6 +297,35 @@ def _sort_ct(datasets: list[Dataset]) -> tuple[list[int], np.ndarray, np.ndarray
     return order, positions[order], iops[0], median
 
 
+def _modality_values_into(out: np.ndarray, raw: np.ndarray, ds: Dataset) -> None:
+    """out (float32) = pydicom's apply_rescale(raw, ds) rounded to float32 (HU for CT).
+
+    apply_rescale computes in float64. With integer stored values of at most 16 bits and an integer slope and
+    intercept whose results stay below 2**24 in magnitude, every value is an integer that float32 holds exactly,
+    so computing in float32 gives the same numbers without a float64 slice; anything else goes through pydicom.
+    """
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    exact = (
+        slope not in (None, "")
+        and intercept not in (None, "")
+        and not ds.get("ModalityLUTSequence")
+        and raw.dtype.kind in "iu"
+        and raw.dtype.itemsize <= 2
+    )
+    if exact:
+        slope, intercept = float(slope), float(intercept)
+        largest = max(abs(int(np.iinfo(raw.dtype).min)), int(np.iinfo(raw.dtype).max))
+        exact = slope.is_integer() and intercept.is_integer() and abs(slope) * largest + abs(intercept) < 2**24
+    if exact:
+        np.copyto(out, raw, casting="unsafe")  # exact: at most 16-bit integers
+        if slope != 1.0:
+            np.multiply(out, slope, out=out)
+        if intercept != 0.0:
+            np.add(out, intercept, out=out)
+        return
+    out[...] = apply_rescale(raw, ds)
+
+
 def load_series(files: Sequence[Path]) -> Volume:
     """Read one series' files into a Volume (see the module docstring for what is checked)."""
     if not files:
@@ -325,17 +354,17 @@ def load_series(files: Sequence[Path]) -> Volume:
     datasets = [datasets[i] for i in order]
     paths = [paths[i] for i in order]
 
-    slices = []
-    for ds in datasets:
+    first = datasets[0]
+    pixels = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    for k, ds in enumerate(datasets):  # straight into one float32 volume: no per-slice list, stack and copy
         raw = _decode(ds)
         if modality == "CT":
-            slices.append(apply_rescale(raw, ds).astype(np.float32))
+            _modality_values_into(pixels[k], raw, ds)
         else:
-            slices.append(radiograph_intensity(raw, ds))
-    first = datasets[0]
+            pixels[k] = radiograph_intensity(raw, ds)
     thickness = float(first.get("SliceThickness", 0) or 0) or (slice_spacing or 1.0)
     return Volume(
-        pixels=np.stack(slices).astype(np.float32),
+        pixels=pixels,
         modality=modality,
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),

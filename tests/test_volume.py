@@ -333,6 +333,38 @@ def test_model_grid_mapping_equals_reference(rows: int, cols: int, size: int) ->
     assert not mask_from_grid(np.zeros_like(segmentation), mapping).any()
 
 
+def test_ct_values_equal_pydicoms_rescale_rounded_to_float32() -> None:
+    """The float32 fast path gives pydicom's float64 apply_rescale values exactly, and other cases go through it."""
+    from pydicom.pixels import apply_rescale
+
+    from inference.volume import _modality_values_into
+
+    rng = np.random.default_rng(0)
+    cases = [
+        (np.uint16, 1, -1024),
+        (np.int16, 1, 0),
+        (np.int16, 2, -1000),
+        (np.uint8, 3, 7),
+        (np.uint16, 0.5, -1024),  # not an integer slope: pydicom's path
+        (np.uint16, 1, -1024.5),
+        (np.uint16, 300, 0),  # could leave float32's exact integers: pydicom's path
+        (np.int32, 1, -1024),
+    ]
+    for dtype, slope, intercept in cases:
+        info = np.iinfo(dtype)
+        raw = rng.integers(info.min, info.max, (7, 9), endpoint=True).astype(dtype)
+        raw.flat[:2] = (info.min, info.max)
+        ds = Dataset()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        out = np.empty(raw.shape, np.float32)
+        _modality_values_into(out, raw, ds)
+        assert np.array_equal(out, apply_rescale(raw, ds).astype(np.float32)), (dtype, slope, intercept)
+    ds = Dataset()  # no rescale at all: the stored values
+    out = np.empty((2, 2), np.float32)
+    _modality_values_into(out, np.array([[1, 2], [3, 4]], np.uint16), ds)
+    assert out.tolist() == [[1, 2], [3, 4]]
+
+
 def test_dcmtk_tools_exist() -> None:
     for name in ("dcmcjpeg", "dcmcrle", "dcmcjpls"):
         assert DCMTK[name].exists()
