@@ -33,6 +33,7 @@ SECOND_LUNG_FRACTION = 0.1
 CLOSING_RADIUS_MM = 3.0
 Z_GAP_MM = 40.0
 MIN_LUNG_VOXELS = 10
+FEW_COMPONENTS = 8  # up to this many air components, sizes are counted per component box (else one bincount)
 
 _CROSS_2D = ndimage.generate_binary_structure(2, 1)
 _FACES_3D = ndimage.generate_binary_structure(3, 1)
@@ -99,6 +100,8 @@ def _fill_holes(stack: np.ndarray) -> np.ndarray:
     hole = np.ones(n + 1, dtype=bool)
     hole[border] = False
     hole[0] = False
+    if not hole.any():  # no holes (common after the closing): skip the lookup over the whole stack
+        return stack.copy()
     return stack | hole[labels]
 
 
@@ -285,15 +288,20 @@ def _lung_components(air: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice, s
     labels, n = ndimage.label(air[outer], structure=_FACES_3D)
     if n == 0:
         return None
-    sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
-    sizes[0] = 0
+    found = ndimage.find_objects(labels)
+    if n <= FEW_COMPONENTS:  # count each within its own box: no whole-volume int64 copy for bincount
+        sizes = np.zeros(n + 1, dtype=np.int64)
+        for label, where in enumerate(found, start=1):
+            sizes[label] = np.count_nonzero(labels[where] == label)
+    else:
+        sizes = np.bincount(labels.reshape(-1), minlength=n + 1)
+        sizes[0] = 0
     order = np.argsort(-sizes)
     keep = [int(order[0])] if sizes[order[0]] >= MIN_LUNG_VOXELS else []
     if keep and n > 1 and sizes[order[1]] >= SECOND_LUNG_FRACTION * sizes[order[0]]:
         keep.append(int(order[1]))
     if not keep:
         return None
-    found = ndimage.find_objects(labels, max_label=max(keep))
     rows = [found[label - 1][1] for label in keep]
     cols = [found[label - 1][2] for label in keep]
     inner = (
