@@ -374,7 +374,7 @@ def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
         return np.zeros(img.shape, dtype=bool)
     sizes = np.bincount(labels.reshape(-1))
     sizes[0] = 0
-    body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    body = _fill_holes((labels == int(np.argmax(sizes)))[None])[0]
     inside = smooth[body]
     if inside.size < 2 or float(inside.max() - inside.min()) < 1e-6:
         return body
