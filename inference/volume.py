@@ -478,3 +478,15 @@ def to_model_grid(volume: Volume, size: int) -> tuple[np.ndarray, GridMapping]:
     _, rows, cols = volume.shape
     mapping = GridMapping(rows=rows, cols=cols, size=size)
     return resample_to_grid(normalise(volume.pixels, volume.modality), mapping, fill=-1.0), mapping
+
+
+def to_model_grid_with_mask(volume: Volume, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, GridMapping]:
+    """to_model_grid and mask_to_grid together: the mask is converted to float32 in the normalised volume's buffer
+    (free once the volume is resampled), which saves a volume-sized allocation. Same arrays as the two calls."""
+    _, rows, cols = volume.shape
+    mapping = GridMapping(rows=rows, cols=cols, size=size)
+    scratch = normalise(volume.pixels, volume.modality)
+    grid = resample_to_grid(scratch, mapping, fill=-1.0)
+    np.copyto(scratch, mask, casting="unsafe")  # 0.0 / 1.0, as mask.astype(np.float32)
+    grid_mask = resample_to_grid(scratch, mapping, 0.0) >= 0.5
+    return grid, grid_mask, mapping

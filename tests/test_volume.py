@@ -32,6 +32,7 @@ from inference.volume import (
     normalise,
     resample_to_grid,
     to_model_grid,
+    to_model_grid_with_mask,
 )
 from tests.conftest import DCMTK
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
@@ -274,6 +275,9 @@ def test_model_grid_round_trip_keeps_geometry(tmp_path: Path) -> None:
     grid, m = to_model_grid(vol, 32)
     assert grid.shape == (3, 32, 32) and grid.min() >= -1 and grid.max() <= 1
     assert m.rows == 48 and from_model_grid(grid, m).shape == vol.shape
+    mask = vol.pixels < -300
+    together, grid_mask, same = to_model_grid_with_mask(vol, mask, 32)
+    assert same == m and np.array_equal(together, grid) and np.array_equal(grid_mask, mask_to_grid(mask, m))
 
 
 def _reference_resample_to_grid(array: np.ndarray, mapping: GridMapping, fill: float) -> np.ndarray:
