@@ -4,11 +4,13 @@ A real Orthanc (the PACS, routing with deploy/orthanc/edgenode-routing.lua) gets
 routes it to `edgenode serve`; the node's job timings and audit timestamps split the latency into:
 
   quiet      the stability quiet period (`[stability] stable_seconds`, a site setting, not overhead)
-  scan lag   quiet period over -> job created (the stability scan's interval)
+  scan lag   quiet period over -> job created (the scan at quiet end, or the periodic scan's interval)
   queue      job created -> claimed by a worker (`queue_wait`)
   load       model (first job only) + reading the series (`load`)
   u-net      the reverse diffusion: U-Net calls, noise, ensemble (`infer.reconstruct`)
-  pre/post   mask, model grid, threshold, back to the source grid (`infer` - `infer.reconstruct`)
+  pre/post   mask, model grid, threshold, back to the source grid (`infer` - `infer.reconstruct`), split
+             into the pipeline's own sub-stages (`infer.mask`, `infer.resample`, `infer.postprocess`,
+             `infer.map_back`) and the rest (result assembly)
   encode     SEG / SC / SR objects (`encode`), spool + database (`enqueue`), job bookkeeping
   send       job done -> last C-STORE acknowledged by the PACS (`send`, audit send.ok)
 
@@ -36,6 +38,11 @@ from tests.dicomgen import make_ct_series, make_dx, write_datasets  # noqa: E402
 from tests.e2e_support import NodeProcess, make_model, routing_pacs, storescu, wait_for  # noqa: E402
 
 STAGES = ("quiet", "scan lag", "queue", "load", "u-net", "pre/post", "encode", "send", "total", "overhead")
+# Sub-stages printed under their stage (indented): the pipeline's and the worker's own timings.
+SUBSTAGES = {
+    "pre/post": ("- mask", "- model grid", "- threshold", "- map back", "- other"),
+    "encode": ("- writers", "- enqueue", "- bookkeeping"),
+}
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
@@ -70,6 +77,7 @@ def stages_of(node: NodeProcess, study_uid: str, quiet: float) -> dict[str, floa
             total = (last_ack - study.last_received_at).total_seconds()
             unet = t.get("infer.reconstruct", 0.0)
             worker_rest = t["total"] - t["load"] - t["infer"] - t["encode"]  # enqueue + bookkeeping
+            pipeline = [t.get(f"infer.{k}", 0.0) for k in ("mask", "resample", "postprocess", "map_back")]
             return {
                 "quiet": quiet,
                 "scan lag": (job.created_at - study.last_received_at).total_seconds() - quiet,
@@ -77,7 +85,15 @@ def stages_of(node: NodeProcess, study_uid: str, quiet: float) -> dict[str, floa
                 "load": t["load"],
                 "u-net": unet,
                 "pre/post": t["infer"] - unet,
+                "- mask": pipeline[0],
+                "- model grid": pipeline[1],
+                "- threshold": pipeline[2],
+                "- map back": pipeline[3],
+                "- other": t["infer"] - unet - sum(pipeline),
                 "encode": t["encode"] + worker_rest,
+                "- writers": t["encode"],
+                "- enqueue": t.get("enqueue", 0.0),
+                "- bookkeeping": worker_rest - t.get("enqueue", 0.0),
                 "send": t["send"],
                 "total": total,
                 "overhead": total - quiet - unet,
@@ -142,7 +158,7 @@ def main() -> int:
                     measured[kind].append(stages)
                 tqdm.write(
                     f"{kind} #{k}{' (warm-up)' if k == 0 else ''}: "
-                    + ", ".join(f"{s} {v:.2f}" for s, v in stages.items())
+                    + ", ".join(f"{s} {v:.2f}" for s, v in stages.items() if not s.startswith("-"))
                 )
     print()
     print(
@@ -154,8 +170,9 @@ def main() -> int:
     print("| stage | " + " | ".join(measured) + " |")
     print("|---|" + "---:|" * len(measured))
     for stage in STAGES:
-        cells = [f"{statistics.median(r[stage] for r in rows):.2f}" for rows in measured.values()]
-        print(f"| {stage} | " + " | ".join(cells) + " |")
+        for row in (stage, *SUBSTAGES.get(stage, ())):
+            cells = [f"{statistics.median(r[row] for r in rows):.2f}" for rows in measured.values()]
+            print(f"| {row} | " + " | ".join(cells) + " |")
     print(f"\nworking folder: {work}" if args.keep else "")
     if not args.keep:
         import shutil

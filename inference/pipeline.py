@@ -24,7 +24,7 @@ from inference.postprocess import detect_anomalies, median_filtered
 from inference.result import AnomalyResult
 from inference.simplex import NoiseSource
 from inference.unet import ModelInfo
-from inference.volume import from_model_grid, load_series, mask_from_grid, mask_to_grid, to_model_grid
+from inference.volume import from_model_grid, load_series, mask_from_grid, to_model_grid_with_mask
 
 Progress = Callable[[str, float], None]
 
@@ -187,8 +187,7 @@ def run_pipeline(
     timings["mask"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    grid, mapping = to_model_grid(volume, model_info.config.image_size)
-    grid_mask = mask_to_grid(mask, mapping)
+    grid, grid_mask, mapping = to_model_grid_with_mask(volume, mask, model_info.config.image_size)
     timings["resample"] = time.perf_counter() - start
 
     det = detect(grid, grid_mask, denoiser, settings, volume.modality, progress=report)
@@ -222,8 +221,8 @@ def run_pipeline(
         series_instance_uid=volume.series_instance_uid,
         source_sop_instance_uids=list(volume.sop_instance_uids),
         anatomy_mask=mask,
-        anomaly_map=anomaly.astype(np.float32),
-        uncertainty_map=uncertainty.astype(np.float32),
+        anomaly_map=anomaly,  # float32 already (from_model_grid): no 80 MB copies
+        uncertainty_map=uncertainty,
         segmentation=segmentation,
         threshold=det.threshold,
         slice_scores=det.slice_scores.astype(np.float32),

@@ -297,6 +297,35 @@ def _sort_ct(datasets: list[Dataset]) -> tuple[list[int], np.ndarray, np.ndarray
     return order, positions[order], iops[0], median
 
 
+def _modality_values_into(out: np.ndarray, raw: np.ndarray, ds: Dataset) -> None:
+    """out (float32) = pydicom's apply_rescale(raw, ds) rounded to float32 (HU for CT).
+
+    apply_rescale computes in float64. With integer stored values of at most 16 bits and an integer slope and
+    intercept whose results stay below 2**24 in magnitude, every value is an integer that float32 holds exactly,
+    so computing in float32 gives the same numbers without a float64 slice; anything else goes through pydicom.
+    """
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    exact = (
+        slope not in (None, "")
+        and intercept not in (None, "")
+        and not ds.get("ModalityLUTSequence")
+        and raw.dtype.kind in "iu"
+        and raw.dtype.itemsize <= 2
+    )
+    if exact:
+        slope, intercept = float(slope), float(intercept)
+        largest = max(abs(int(np.iinfo(raw.dtype).min)), int(np.iinfo(raw.dtype).max))
+        exact = slope.is_integer() and intercept.is_integer() and abs(slope) * largest + abs(intercept) < 2**24
+    if exact:
+        np.copyto(out, raw, casting="unsafe")  # exact: at most 16-bit integers
+        if slope != 1.0:
+            np.multiply(out, slope, out=out)
+        if intercept != 0.0:
+            np.add(out, intercept, out=out)
+        return
+    out[...] = apply_rescale(raw, ds)
+
+
 def load_series(files: Sequence[Path]) -> Volume:
     """Read one series' files into a Volume (see the module docstring for what is checked)."""
     if not files:
@@ -325,17 +354,17 @@ def load_series(files: Sequence[Path]) -> Volume:
     datasets = [datasets[i] for i in order]
     paths = [paths[i] for i in order]
 
-    slices = []
-    for ds in datasets:
+    first = datasets[0]
+    pixels = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    for k, ds in enumerate(datasets):  # straight into one float32 volume: no per-slice list, stack and copy
         raw = _decode(ds)
         if modality == "CT":
-            slices.append(apply_rescale(raw, ds).astype(np.float32))
+            _modality_values_into(pixels[k], raw, ds)
         else:
-            slices.append(radiograph_intensity(raw, ds))
-    first = datasets[0]
+            pixels[k] = radiograph_intensity(raw, ds)
     thickness = float(first.get("SliceThickness", 0) or 0) or (slice_spacing or 1.0)
     return Volume(
-        pixels=np.stack(slices).astype(np.float32),
+        pixels=pixels,
         modality=modality,
         study_instance_uid=str(first.get("StudyInstanceUID", "")),
         series_instance_uid=str(first.get("SeriesInstanceUID", "")),
@@ -352,13 +381,24 @@ def load_series(files: Sequence[Path]) -> Volume:
 
 
 def normalise(pixels: np.ndarray, modality: str) -> np.ndarray:
-    """Source intensities -> [-1, 1]: CT window CT_WINDOW_HU linearly (clipped); CR/DX [0, 1] -> [-1, 1]."""
+    """Source intensities -> [-1, 1]: CT window CT_WINDOW_HU linearly (clipped); CR/DX [0, 1] -> [-1, 1].
+
+    The same float32 operations in the same order as the plain expression, but in one buffer (for an 80-slice
+    CT, four fewer 80 MB temporaries).
+    """
+    if pixels.dtype != np.float32:  # computed in the input's precision, rounded once at the end
+        lo, hi = CT_WINDOW_HU
+        wide = (pixels - lo) / (hi - lo) * 2.0 - 1.0 if modality == "CT" else pixels * 2.0 - 1.0
+        return np.clip(wide, -1.0, 1.0).astype(np.float32)
     if modality == "CT":
         lo, hi = CT_WINDOW_HU
-        out = (pixels - lo) / (hi - lo) * 2.0 - 1.0
+        out = np.subtract(pixels, lo, dtype=np.float32)
+        np.divide(out, hi - lo, out=out)
+        np.multiply(out, 2.0, out=out)
     else:
-        out = pixels * 2.0 - 1.0
-    return np.clip(out, -1.0, 1.0).astype(np.float32)
+        out = np.multiply(pixels, 2.0, dtype=np.float32)
+    np.subtract(out, 1.0, out=out)
+    return np.clip(out, -1.0, 1.0, out=out)
 
 
 @dataclass(frozen=True)
@@ -393,21 +433,25 @@ def _resize(array: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
 
 def resample_to_grid(array: np.ndarray, mapping: GridMapping, fill: float = 0.0, mode: str = "bilinear") -> np.ndarray:
     """(Z, rows, cols) on the source grid -> (Z, size, size) on the model grid."""
-    z = array.shape[0]
-    square = np.full((z, mapping.side, mapping.side), fill, dtype=np.float32)
-    square[:, mapping.pad_top : mapping.pad_top + mapping.rows, mapping.pad_left : mapping.pad_left + mapping.cols] = (
-        array
-    )
+    if mapping.rows == mapping.cols:  # already square: resize it as it is, no padded copy
+        square = np.ascontiguousarray(array, dtype=np.float32)
+    else:
+        z = array.shape[0]
+        square = np.full((z, mapping.side, mapping.side), fill, dtype=np.float32)
+        top, left = mapping.pad_top, mapping.pad_left
+        square[:, top : top + mapping.rows, left : left + mapping.cols] = array
     out = _resize(torch.from_numpy(square), (mapping.size, mapping.size), mode)
     return out.numpy().astype(np.float32)
 
 
 def from_model_grid(array: np.ndarray | torch.Tensor, mapping: GridMapping, mode: str = "bilinear") -> np.ndarray:
-    """(Z, size, size) on the model grid -> (Z, rows, cols) on the source grid (inverse of resample_to_grid)."""
+    """(Z, size, size) on the model grid -> (Z, rows, cols) float32 on the source grid (inverse of resample_to_grid)."""
     tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
-    square = _resize(tensor, (mapping.side, mapping.side), mode)
+    square = _resize(tensor, (mapping.side, mapping.side), mode).numpy()
+    if mapping.rows == mapping.cols:
+        return square  # nothing to crop: the resized array itself (float32, contiguous), not a copy of it
     top, left = mapping.pad_top, mapping.pad_left
-    return square[:, top : top + mapping.rows, left : left + mapping.cols].numpy().astype(np.float32)
+    return np.ascontiguousarray(square[:, top : top + mapping.rows, left : left + mapping.cols])
 
 
 def mask_to_grid(mask: np.ndarray, mapping: GridMapping) -> np.ndarray:
@@ -416,8 +460,17 @@ def mask_to_grid(mask: np.ndarray, mapping: GridMapping) -> np.ndarray:
 
 
 def mask_from_grid(mask: np.ndarray, mapping: GridMapping) -> np.ndarray:
-    """A boolean mask from the model grid back to the source grid (bilinear, then >= 0.5)."""
-    return from_model_grid(np.asarray(mask, dtype=np.float32), mapping) >= 0.5
+    """A boolean mask from the model grid back to the source grid (bilinear, then >= 0.5).
+
+    Slices are resized independently, and an empty slice stays empty, so only the slices with a True pixel are
+    resized (a segmentation usually has few).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros((mask.shape[0], mapping.rows, mapping.cols), dtype=bool)
+    hit = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if hit.size:
+        out[hit] = from_model_grid(mask[hit].astype(np.float32), mapping) >= 0.5
+    return out
 
 
 def to_model_grid(volume: Volume, size: int) -> tuple[np.ndarray, GridMapping]:
@@ -425,3 +478,15 @@ def to_model_grid(volume: Volume, size: int) -> tuple[np.ndarray, GridMapping]:
     _, rows, cols = volume.shape
     mapping = GridMapping(rows=rows, cols=cols, size=size)
     return resample_to_grid(normalise(volume.pixels, volume.modality), mapping, fill=-1.0), mapping
+
+
+def to_model_grid_with_mask(volume: Volume, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, GridMapping]:
+    """to_model_grid and mask_to_grid together: the mask is converted to float32 in the normalised volume's buffer
+    (free once the volume is resampled), which saves a volume-sized allocation. Same arrays as the two calls."""
+    _, rows, cols = volume.shape
+    mapping = GridMapping(rows=rows, cols=cols, size=size)
+    scratch = normalise(volume.pixels, volume.modality)
+    grid = resample_to_grid(scratch, mapping, fill=-1.0)
+    np.copyto(scratch, mask, casting="unsafe")  # 0.0 / 1.0, as mask.astype(np.float32)
+    grid_mask = resample_to_grid(scratch, mapping, 0.0) >= 0.5
+    return grid, grid_mask, mapping

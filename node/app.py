@@ -22,7 +22,13 @@ from db.session import Database
 from node.config import Settings
 from node.outbound import send_due
 from node.retention import run_retention
-from node.scheduler import SchedulerComponent, build_scheduler, register_periodic, register_stability_scan
+from node.scheduler import (
+    QuietEndWaker,
+    SchedulerComponent,
+    build_scheduler,
+    register_periodic,
+    register_stability_scan,
+)
 from node.scp import StorageSCP
 from node.spool import Spool
 from node.stability import StabilityScanner
@@ -67,15 +73,18 @@ class EdgeNode:
         self.index = IngestIndex(self.db)
         self.scheduler = build_scheduler(settings)
         self.stability = StabilityScanner(settings, self.db, self.index)
-        register_stability_scan(self.scheduler, settings, self.stability.scan)
-        self.scp = StorageSCP(settings, self.spool, self.index)
+        self.workers: WorkerSupervisor | None = None
+        if settings.inference.workers > 0:
+            self.workers = WorkerSupervisor(settings)
+        register_stability_scan(self.scheduler, settings, self.scan_studies)
+        waker = QuietEndWaker(self.scheduler, settings, self.scan_studies)
+        on_source_instance = waker.note_instance if settings.stability.scan_at_quiet_end else None
+        self.scp = StorageSCP(settings, self.spool, self.index, on_source_instance=on_source_instance)
         self.components: list[Component] = [
             SchedulerComponent(self.scheduler),
             ListenerComponent(self.scp, settings.node.shutdown_grace_seconds),
         ]
-        self.workers: WorkerSupervisor | None = None
-        if settings.inference.workers > 0:
-            self.workers = WorkerSupervisor(settings)
+        if self.workers is not None:
             self.components.append(self.workers)
             register_periodic(self.scheduler, "worker-check", self.workers.check, 2.0)
         register_periodic(
@@ -107,6 +116,13 @@ class EdgeNode:
         if self._started:
             raise RuntimeError("add components before start()")
         self.components.append(component)
+
+    def scan_studies(self) -> list[int]:
+        """The stability scan; workers are woken when it created jobs (they need not wait for their next poll)."""
+        created = self.stability.scan()
+        if created and self.workers is not None:
+            self.workers.wake()
+        return created
 
     def requeue_expired_jobs(self) -> None:
         with self.db.session() as session:

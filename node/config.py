@@ -78,6 +78,9 @@ class StabilitySettings(Section):
     stable_seconds: float = Field(30.0, ge=0)
     max_wait_seconds: float = Field(900.0, gt=0)
     scan_interval_seconds: float = Field(1.0, gt=0)
+    # Also scan the moment a study's quiet period ends (a one-shot wake-up per study), instead of leaving it
+    # to the next periodic scan (up to scan_interval_seconds later).
+    scan_at_quiet_end: bool = True
 
 
 class Priority(StrEnum):

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from inference.result import AnomalyResult
 from node.config import ResultsSettings
-from node.heatmap import HeatmapText, render_heatmap
+from node.heatmap import HeatmapRenderer, HeatmapText
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,44 @@ def software_version() -> str:
 def derive_uid(job_key: str, series_uid: str, kind: str, index: int = 0) -> str:
     """A UID that is the same every time this job writes this object (idempotent resends)."""
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=[job_key, series_uid, kind, str(index)])
+
+
+def referenced_sop_instance_uids(item: Dataset) -> set[str]:
+    """SOP Instance UIDs that the IMAGE and COMPOSITE content items in an SR content tree refer to."""
+    found, stack = set(), [item]
+    while stack:
+        node = stack.pop()
+        if node.get("ValueType") in ("IMAGE", "COMPOSITE") and "ReferencedSOPSequence" in node:
+            found.add(str(node.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        stack.extend(node.get("ContentSequence", []))
+    return found
+
+
+def comprehensive_3d_sr(report: hd.sr.MeasurementReport, evidence: Sequence[Dataset], **kwargs: Any) -> Dataset:
+    """highdicom's Comprehensive 3D SR of `report`, without the constructor's three passes over the content tree.
+
+    The constructor deep-copies the content, parses the copy back into content items (kept only for its
+    `content` accessor) and searches the tree twice for references (only to check they are among the evidence):
+    most of the SR's cost for an 80-slice CT. Here it builds the document around an empty root container, then
+    sets the report's root elements exactly as it would have set them, checks the references itself and gives
+    `content` the report's own root item. A test compares the result with the constructor's, byte for byte.
+    """
+    root = report[0]
+    missing = referenced_sop_instance_uids(root) - {str(ds.SOPInstanceUID) for ds in evidence}
+    if missing:
+        raise ValueError(f"the report refers to instances that are not in the evidence: {sorted(missing)}")
+    stub = Dataset()
+    stub.ValueType = root.ValueType
+    stub.ConceptNameCodeSequence = root.ConceptNameCodeSequence
+    stub.ContinuityOfContent = root.ContinuityOfContent
+    stub.ContentSequence = []
+    sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=stub, **kwargs)
+    for element in stub:  # what the constructor copied from the stub
+        del sr[element.tag]
+    for tag, value in root.items():
+        sr[tag] = value
+    sr._content = hd.sr.ContentSequence([root], is_root=True)  # what the constructor sets (`sr.content`)
+    return sr
 
 
 class ResultWriter:
@@ -282,6 +320,7 @@ class ResultWriter:
         slices = result.top_slices(self.settings.heatmap_slices)
         vmax = float(max(result.anomaly_map.max(), 2.0 * result.threshold, 1e-12))
         series_uid = self.uid("sc-series")
+        renderer = HeatmapRenderer(vmax)  # one figure for the series, redrawn per image
         out = []
         for rank, k in enumerate(slices, start=1):
             source = self.sources[k]
@@ -290,7 +329,7 @@ class ResultWriter:
                 study_score=float(result.study_score),
                 label=f"slice {k + 1}/{len(self.sources)}" if len(self.sources) > 1 else "image",
             )
-            rgb = render_heatmap(source, result.anomaly_map[k], vmax, text, result.segmentation[k])
+            rgb = renderer.render(source, result.anomaly_map[k], text, result.segmentation[k])
             orientation = self.patient_orientation(source)
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=source,
@@ -371,7 +410,8 @@ class ResultWriter:
         return chosen
 
     # ---- SR --------------------------------------------------------------------------------------
-    def sr(self, seg: Dataset | None) -> Dataset:
+    def report(self, seg: Dataset | None) -> tuple[hd.sr.MeasurementReport, list[Dataset], dict[str, Any]]:
+        """The SR's content (TID 1500), its evidence and the document's other constructor arguments."""
         result = self.result
         algorithm = hd.sr.AlgorithmIdentification(
             name=self.model.name, version=self.model.version, family=ALGORITHM_FAMILY, manufacturer=MANUFACTURER
@@ -461,19 +501,22 @@ class ResultWriter:
             referenced_images=self.library_images(seg) or None,
         )
         evidence = [*self.sources, *([seg] if seg is not None else [])]
-        sr = hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=self.uid("sr-series"),
-            series_number=SERIES_NUMBERS["sr"],
-            sop_instance_uid=self.uid("sr"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            contributing_equipment=self.equipment,
-        )
+        document = {
+            "series_instance_uid": self.uid("sr-series"),
+            "series_number": SERIES_NUMBERS["sr"],
+            "sop_instance_uid": self.uid("sr"),
+            "instance_number": 1,
+            "manufacturer": MANUFACTURER,
+            "is_complete": True,
+            "is_final": False,
+            "is_verified": False,
+            "contributing_equipment": self.equipment,
+        }
+        return report, evidence, document
+
+    def sr(self, seg: Dataset | None) -> Dataset:
+        report, evidence, document = self.report(seg)
+        sr = comprehensive_3d_sr(report, evidence, **document)
         scheme = Dataset()
         scheme.CodingSchemeDesignator = SCHEME
         scheme.CodingSchemeName = "edgenode anomaly detection measurements"

@@ -147,10 +147,18 @@ def _meta_prefix(file_meta: Any) -> bytes:
 class StorageSCP:
     """A pynetdicom association server bound to the spool and the ingest index."""
 
-    def __init__(self, settings: Settings, spool: Spool, index: IngestIndex) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        index: IngestIndex,
+        on_source_instance: Callable[[str], None] | None = None,
+    ) -> None:
+        """`on_source_instance(study_uid)` is called after each source instance (not our own results) is committed."""
         self.settings = settings
         self.spool = spool
         self.index = index
+        self.on_source_instance = on_source_instance
         self.ae = build_ae(settings)
         self.allowed = resolve_peers(settings)
         self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
@@ -415,6 +423,11 @@ class StorageSCP:
                 return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
             if not added:  # another process indexed the same SOP Instance UID in between
                 return STATUS_SUCCESS
+        if self.on_source_instance is not None and not own:
+            try:
+                self.on_source_instance(fields.study_instance_uid)
+            except Exception:  # the periodic scan still completes the study
+                log.exception("instance %s stored; notifying the stability scan failed", sop)
         log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
         return STATUS_SUCCESS
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
 
@@ -34,8 +34,18 @@ log = logging.getLogger(__name__)
 
 IMAGE_MODALITIES = ("CT", "CR", "DX")
 EXIT_NO_MODEL = 3
-IDLE_POLL_SECONDS = 0.2  # an idle worker looks for a due job this often (one indexed SELECT); bounds queue wait
+IDLE_POLL_SECONDS = 0.2  # an idle worker looks for a due job this often (one indexed SELECT) unless woken sooner
 RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a worker that keeps dying
+
+
+class EventLike(Protocol):
+    """A multiprocessing.Event as the worker uses it."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class UnroutableJob(Exception):
@@ -287,8 +297,30 @@ class JobRunner:
                 log.warning("CUDA out of memory: retrying with batches of %d", self.max_batch)
 
 
-def worker_main(settings_json: str, owner: str) -> None:
-    """Entry point of a worker process: claim and run jobs until SIGTERM."""
+def serve_jobs(
+    run_once: Callable[[], bool], stop: threading.Event, wake: EventLike | None, poll_seconds: float = IDLE_POLL_SECONDS
+) -> None:
+    """Claim and run jobs until `stop`; when the queue is empty, wait for `wake` (or `poll_seconds`).
+
+    `wake` is cleared before each claim, so a job created during a claim is never slept through: its wake-up
+    makes the wait return at once. Without `wake` an idle worker just polls.
+    """
+    while not stop.is_set():
+        if wake is None:
+            if not run_once():
+                stop.wait(poll_seconds)
+            continue
+        wake.clear()
+        if not run_once():
+            wake.wait(poll_seconds)
+
+
+def worker_main(settings_json: str, owner: str, wake: EventLike | None = None) -> None:
+    """Entry point of a worker process: claim and run jobs until SIGTERM.
+
+    `wake` (shared with the supervisor) is set when jobs are created: an idle worker claims them at once instead
+    of at its next poll.
+    """
     settings = Settings.model_validate_json(settings_json)
     from node.cli import configure_logging
 
@@ -303,9 +335,7 @@ def worker_main(settings_json: str, owner: str) -> None:
         log.error("worker %s cannot load the model: %s; jobs stay queued", owner, exc)
         sys.exit(EXIT_NO_MODEL)
     log.info("worker %s started (pid %d): %s on %s", owner, os.getpid(), info.model_id, denoiser.name)
-    while not stop.is_set():
-        if not runner.run_once():
-            stop.wait(IDLE_POLL_SECONDS)
+    serve_jobs(runner.run_once, stop, wake)
     runner.join_sender(timeout=10)  # an interrupted send is safe (resent later), a finished one is quicker
     log.info("worker %s stopped", owner)
 
@@ -325,11 +355,14 @@ class WorkerSupervisor:
         self._stopping = False
         self._generation = 0
         self._started_at: dict[str, float] = {}
+        self._wake = self._ctx.Event()  # set by wake(): new jobs; every worker process shares it
 
     def _spawn(self, slot: int) -> None:
         self._generation += 1
         owner = f"worker-{os.getpid()}-{slot}.{self._generation}"
-        proc = self._ctx.Process(target=worker_main, args=(self.settings.model_dump_json(), owner), name=owner)
+        proc = self._ctx.Process(
+            target=worker_main, args=(self.settings.model_dump_json(), owner, self._wake), name=owner
+        )
         proc.start()
         self._procs[owner] = proc
         self._started_at[owner] = time.monotonic()
@@ -366,6 +399,10 @@ class WorkerSupervisor:
                     del self._procs[owner]
                     del self._not_before[slot]
                     self._spawn(slot)
+
+    def wake(self) -> None:
+        """New jobs are queued: idle workers claim now instead of at their next poll (IDLE_POLL_SECONDS)."""
+        self._wake.set()
 
     def alive_count(self) -> int:
         """Worker processes running now (for /healthz: a crash-looping worker is mostly not)."""

@@ -138,3 +138,89 @@ def test_concurrent_workers_never_claim_the_same_job(tmp_path: Path) -> None:
     for p in procs:
         p.join(timeout=30)
     assert sorted(claimed) == sorted(ids)  # each job exactly once
+
+
+# ---- waking idle workers --------------------------------------------------------------------------------------
+
+
+def _serve_in_thread(run_once, wake):  # type: ignore[no-untyped-def]
+    import threading
+
+    from node.worker import serve_jobs
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve_jobs, args=(run_once, stop, wake, 3600.0), daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def test_idle_worker_claims_a_new_job_when_woken_not_at_its_next_poll() -> None:
+    """The poll interval is an hour here: only the wake-up can make the worker look again."""
+    import threading
+
+    queued: list[int] = []
+    claimed: list[int] = []
+    looked = threading.Semaphore(0)
+
+    def run_once() -> bool:
+        job = queued.pop() if queued else None
+        if job is not None:
+            claimed.append(job)
+        looked.release()
+        return job is not None
+
+    wake = multiprocessing.get_context("spawn").Event()
+    stop, thread = _serve_in_thread(run_once, wake)
+    assert looked.acquire(timeout=30)  # the first look: nothing queued, the worker waits
+    queued.append(7)
+    wake.set()  # what EdgeNode.scan_studies does through WorkerSupervisor.wake()
+    assert looked.acquire(timeout=30) and claimed == [7]
+    stop.set()
+    wake.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def test_a_job_created_during_a_claim_is_not_slept_through() -> None:
+    """The wake-up that arrives while the worker is claiming (and finding nothing) makes it look again at once."""
+    import threading
+
+    wake = multiprocessing.get_context("spawn").Event()
+    looks: list[int] = []
+    second_look = threading.Event()
+
+    def run_once() -> bool:
+        looks.append(1)
+        if len(looks) == 1:
+            wake.set()  # a job is created (and the workers woken) while this claim finds nothing
+        else:
+            second_look.set()
+        return False
+
+    stop, thread = _serve_in_thread(run_once, wake)
+    assert second_look.wait(timeout=30)
+    stop.set()
+    wake.set()
+    thread.join(timeout=30)
+
+
+def test_stability_scan_wakes_the_workers_when_it_creates_jobs(tmp_path: Path) -> None:
+    from tests.dicomgen import make_ct_series
+    from tests.ingest_support import node_settings, running_node, sender_ae
+
+    class Workers:
+        woken = 0
+
+        def wake(self) -> None:
+            self.woken += 1
+
+    stability = {"stable_seconds": 0, "max_wait_seconds": 60, "scan_interval_seconds": 3600, "scan_at_quiet_end": False}
+    with running_node(node_settings(tmp_path / "var", stability=stability)) as node:
+        workers = Workers()
+        node.workers = workers  # type: ignore[assignment]
+        assert node.scan_studies() == [] and workers.woken == 0  # nothing created: nobody woken
+        assoc = sender_ae().associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+        for ds in make_ct_series(2, 16, 16):
+            assert int(assoc.send_c_store(ds).Status) == 0
+        assoc.release()
+        assert len(node.scan_studies()) == 1 and workers.woken == 1

@@ -158,3 +158,121 @@ def test_ct_lung_mask_takes_in_consolidation_through_the_slice_axis() -> None:
     assert (without & lesion).sum() <= 0.1 * lesion.sum()  # what the in-plane steps alone find
     assert (with_gaps & lesion).sum() >= 0.35 * lesion.sum()
     assert (with_gaps & ~ph.lung_mask & ~lesion).sum() <= 0.03 * ph.lung_mask.sum()
+
+
+# ---- the fast mask equals the reference implementation (tests/lungmask_reference.py), voxel for voxel ----------
+
+
+@pytest.mark.parametrize(
+    ("seed", "lesions"), [(11, "none"), (3, "nodule"), (114, "consolidation"), (7, "mixed"), (21, "reticular")]
+)
+def test_ct_lung_mask_equals_reference_on_phantoms(seed: int, lesions: str) -> None:
+    from inference.phantoms import make_ct
+    from tests import lungmask_reference as reference
+
+    ph = make_ct(seed, 160, 144, 20, lesions)
+    sz, sy, sx = ph.grid.spacing
+    for hu, normal in ((ph.hu, np.array([0.0, 0.0, 1.0])), (ph.hu[::-1].copy(), np.array([0.0, 0.0, -1.0]))):
+        for normal_given, spacing in ((normal, sz), (None, sz), (normal, None), (np.array([1.0, 0.0, 0.0]), sz)):
+            expected = reference.anatomy_mask(hu, "CT", (sy, sx), normal_given, spacing)
+            got = anatomy_mask(hu, "CT", (sy, sx), normal_given, spacing)
+            assert expected.any()
+            assert np.array_equal(got, expected), (seed, normal_given, spacing)
+
+
+def _random_chest(rng: np.random.Generator, depth: int, rows: int, cols: int) -> np.ndarray:
+    """A random chest in HU: body ellipse in air, two lungs (ellipsoids) with vessels, wall-bound consolidations
+    spanning a few slices, a dome of soft tissue rising into one lung base, gas blobs, noise."""
+    z, y, x = np.mgrid[0:depth, 0:rows, 0:cols].astype(np.float32)
+    zc = (z + 0.5) / depth - 0.5
+    body = ((y - rows / 2) / (0.45 * rows)) ** 2 + ((x - cols / 2) / (0.47 * cols)) ** 2 <= 1
+    hu = np.where(body, 40.0, -1000.0)
+    for side in (-1, 1):
+        ry, rx = rng.uniform(0.2, 0.3) * rows, rng.uniform(0.1, 0.17) * cols
+        cx = cols / 2 + side * rng.uniform(0.15, 0.25) * cols
+        taper = np.clip(1.0 - rng.uniform(0.2, 1.2) * np.abs(zc), 0.0, 1.0)
+        lung = ((y - rows / 2) / ry) ** 2 + ((x - cx) / rx) ** 2 <= taper**2
+        hu[lung & body] = -850.0
+    for _ in range(int(rng.integers(0, 25))):  # vessels and nodules: soft tissue discs, some on the lung border
+        k, cy, cx, r = rng.integers(depth), rng.uniform(0, rows), rng.uniform(0, cols), rng.uniform(0.5, 3.0)
+        hu[k][(y[0] - cy) ** 2 + (x[0] - cx) ** 2 <= r * r] = 40.0
+    for _ in range(int(rng.integers(0, 3))):  # consolidations: blobs over a few slices
+        k0 = int(rng.integers(depth))
+        k1 = min(depth, k0 + int(rng.integers(1, 4)))
+        cy, cx, r = rng.uniform(0.2, 0.8) * rows, rng.uniform(0.1, 0.9) * cols, rng.uniform(2, 0.15 * cols + 3)
+        hu[k0:k1][(y[k0:k1] - cy) ** 2 + (x[k0:k1] - cx) ** 2 <= r * r] = 40.0
+    if depth >= 3 and rng.random() < 0.6:  # a dome at either end
+        base = range(min(depth, int(rng.integers(1, 4))))
+        base = base if rng.random() < 0.5 else [depth - 1 - k for k in base]
+        cy, cx = rows / 2, cols / 2 + rng.choice([-1, 1]) * 0.2 * cols
+        for i, k in enumerate(base):
+            r = (0.12 - 0.03 * i) * cols + 1
+            hu[k][(y[0] - cy) ** 2 + (x[0] - cx) ** 2 <= r * r] = 40.0
+    if depth >= 3 and rng.random() < 0.3:
+        hu[int(rng.integers(depth))][body[0]] = 40.0  # a slice without lungs
+    for _ in range(int(rng.integers(0, 4))):  # gas pockets in the body
+        k, cy, cx, r = rng.integers(depth), rng.uniform(0.6, 0.9) * rows, rng.uniform(0.3, 0.7) * cols, 2.0
+        hu[k][((y[0] - cy) ** 2 + (x[0] - cx) ** 2 <= r * r) & body[0]] = -900.0
+    return (hu + rng.normal(0, 15, hu.shape)).astype(np.float32)
+
+
+def test_ct_lung_mask_equals_reference_on_random_chests() -> None:
+    from tests import lungmask_reference as reference
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        depth = int(rng.choice([1, 2, 3, 5, 9, 14]))
+        hu = _random_chest(rng, depth, int(rng.integers(24, 64)), int(rng.integers(24, 64)))
+        spacing = (float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.5, 2.0)))
+        normal = [None, np.array([0.0, 0.0, 1.0]), np.array([0.0, 0.0, -1.0])][trial % 3]
+        # z spacing keeps max_gap below 4 x depth, where the reference's open-end sentinel is sound
+        z_spacing = max(float(rng.uniform(2.0, 10.0)), 40.0 / (4 * depth - 1)) if trial % 4 else None
+        expected = reference.anatomy_mask(hu, "CT", spacing, normal, z_spacing)
+        assert np.array_equal(anatomy_mask(hu, "CT", spacing, normal, z_spacing), expected), trial
+
+
+def test_radiograph_lung_mask_equals_reference() -> None:
+    from tests import lungmask_reference as reference
+
+    rng = np.random.default_rng(2)
+    for size in (64, 127):
+        hu = chest_slice_hu(size, size)
+        image = np.clip((hu + 1000) / 1700, 0, 1) * 0.75 + 0.12 + rng.normal(0, 0.01, hu.shape)
+        image = np.stack([image, image[::-1]]).astype(np.float32)
+        expected = reference.radiograph_lung_mask(image, (0.5, 0.5))
+        assert np.array_equal(radiograph_lung_mask(image, (0.5, 0.5)), expected)
+
+
+def test_fill_z_gaps_equals_reference_on_random_masks() -> None:
+    from tests import lungmask_reference as reference
+
+    rng = np.random.default_rng(9)
+    for _ in range(30):
+        depth = int(rng.integers(3, 30))
+        mask = rng.random((depth, 9, 7)) < rng.uniform(0.1, 0.9)
+        max_gap = int(rng.integers(1, depth // 4 + 2))  # within the reference's sentinel range
+        assert np.array_equal(fill_z_gaps(mask, max_gap), reference.fill_z_gaps(mask, max_gap))
+
+
+def test_fill_z_gaps_leaves_open_ends_for_any_gap_length() -> None:
+    """A run at the start or end of a column is not bounded, however long max_gap is (the reference filled a run
+    at the start when max_gap reached 4x the depth)."""
+    column = np.array([0, 1, 0, 0, 1, 0], bool)[:, None, None]
+    assert fill_z_gaps(column, 40)[:, 0, 0].tolist() == [False, True, True, True, True, False]
+
+
+def test_stack_closing_equals_slice_by_slice_disc_closing() -> None:
+    """The closing of a (Z, Y, X) stack treats each slice on its own: the same as scipy's closing per slice."""
+    from scipy import ndimage
+
+    from inference.lungmask import _closing, _disc
+
+    rng = np.random.default_rng(1)
+    for radius in (1, 3, 5):
+        stack = ndimage.binary_dilation(rng.random((4, 40, 50)) > 0.98, iterations=2) | (rng.random((4, 40, 50)) > 0.97)
+        stack[2] = False
+        for k in range(4):
+            expected = ndimage.binary_closing(np.pad(stack[k], radius), structure=_disc(radius))[
+                radius:-radius, radius:-radius
+            ]
+            assert np.array_equal(_closing(stack, radius)[k], expected)

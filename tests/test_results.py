@@ -18,7 +18,7 @@ from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
 from inference.result import AnomalyResult
 from node.config import ResultsSettings
-from node.heatmap import HeatmapText, render_heatmap
+from node.heatmap import HeatmapRenderer, HeatmapText, render_heatmap
 from node.results import MANUFACTURER, SLICE_SCORE, STUDY_SCORE, ResultObject, write_results
 from tests.conftest import DCENTVFY, DCIODVFY, require
 from tests.dicomgen import make_ct_series, make_dx
@@ -339,3 +339,65 @@ def test_large_radiograph_heatmap_is_reduced_to_an_overview() -> None:
     assert max(rgb.shape[:2]) <= MAX_IMAGE_PIXELS + max(HEADER_PIXELS, BAR_PIXELS)
     spot = rgb[HEADER_PIXELS + 255, 205].astype(int)
     assert spot[0] - spot[2] > 40  # the small finding survives the reduction (block max)
+
+
+def test_series_renderer_draws_the_same_pixels_as_a_figure_per_image() -> None:
+    """One figure per series, redrawn per image (blitting), gives exactly the old figure-per-image pixels: with
+    and without contours, in any order, for CT slices and for reduced (large) and upscaled (small) radiographs."""
+    from tests import heatmap_reference as reference
+
+    sources = make_ct_series(6, 96, 96, seed=4)
+    result = ct_result(sources)
+    vmax = float(result.anomaly_map.max())
+    renderer = HeatmapRenderer(vmax)
+    for k in (3, 0, 2, 3, 5):  # contour, none, contour, again, none
+        text = HeatmapText(float(result.slice_scores[k]), result.study_score, f"slice {k + 1}/6")
+        anomaly, segmentation = result.anomaly_map[k], result.segmentation[k]
+        expected = reference.render_heatmap(sources[k], anomaly, vmax, text, segmentation)
+        assert np.array_equal(renderer.render(sources[k], anomaly, text, segmentation), expected)
+    rng = np.random.default_rng(3)
+    for source in (make_dx(2100, 1900, monochrome1=True, seed=1), make_dx(200, 150, seed=2)):
+        anomaly = rng.random((source.Rows, source.Columns), dtype=np.float32) ** 3
+        for vmax, segmentation in ((0.8, anomaly > 0.9), (0.0, None)):
+            text = HeatmapText(0.5, 0.7, "image")
+            expected = reference.render_heatmap(source, anomaly, vmax, text, segmentation)
+            assert np.array_equal(render_heatmap(source, anomaly, vmax, text, segmentation), expected)
+
+
+@pytest.mark.parametrize("kind", ["CT", "CT-negative", "DX"])
+def test_sr_equals_highdicoms_own_construction(kind: str) -> None:
+    """comprehensive_3d_sr skips the constructor's passes over the content tree; the document is the same, byte for
+    byte, apart from the creation timestamps."""
+    import io
+
+    from node.results import ModelIdentity, ResultWriter, comprehensive_3d_sr
+
+    if kind == "DX":
+        sources = [make_dx(96, 80)]
+        result = dx_result(sources[0])
+    else:
+        sources = make_ct_series(10, 48, 48)
+        result = ct_result(sources, positive=kind == "CT")
+    writer = ResultWriter(result, sources, "job-7", ResultsSettings(), ModelIdentity.of(MODEL, "x"))
+    seg = writer.binary_seg()
+    report, evidence, document = writer.report(seg)
+    expected = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **document)
+    got = comprehensive_3d_sr(report, evidence, **document)
+    timestamps = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+    for ds in (expected, got):
+        for keyword in timestamps:
+            ds.pop(keyword, None)
+        for item in ds.ContributingEquipmentSequence:
+            item.pop("ContributionDateTime", None)
+
+    def encoded(ds: Dataset) -> bytes:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    assert encoded(got) == encoded(expected)
+    assert got.content[0].name == expected.content[0].name and len(got.content) == len(expected.content) == 1
+    assert len(got.content[0].ContentSequence) == len(expected.content[0].ContentSequence)
+    top = sources[result.top_slices(1)[0]]  # referenced by a measurement group
+    with pytest.raises(ValueError, match="not in the evidence"):
+        comprehensive_3d_sr(report, [ds for ds in evidence if ds is not top] or [make_dx(8, 8)], **document)

@@ -46,3 +46,25 @@ def test_untrusted_peer_certificate_is_refused(tmp_path: Path) -> None:
         (outcome,) = store_files(node, PeerSettings(ae_title="STORESCP", port=scp.port, tls=True), files)
         assert not outcome.stored and outcome.status is None and "STORESCP" in outcome.error
         assert scp.received() == []
+
+
+def test_outbound_associations_send_without_nagle_delay(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every outbound association's socket has TCP_NODELAY set, before the association request."""
+    import socket
+
+    import node.scu as scu
+
+    seen: list[int] = []
+    real = scu.disable_nagle
+
+    def recording(event):  # type: ignore[no-untyped-def]
+        real(event)
+        seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(scu, "disable_nagle", recording)
+    series = make_ct_series(2, 16, 16)
+    files = [OutgoingFile.from_path(n, p) for n, p in enumerate(write_datasets(series, tmp_path / "out"))]
+    with StoreSCP(tmp_path / "scp") as scp:
+        outcomes = list(store_files(NodeSettings(), PeerSettings(ae_title="STORESCP", port=scp.port), files))
+    assert [o.stored for o in outcomes] == [True, True]
+    assert seen and all(value != 0 for value in seen)

@@ -71,10 +71,16 @@ def quiet_time(node: EdgeNode, uid: str, factor: float = 1.5) -> object:
 
 @pytest.fixture
 def node(tmp_path: Path):  # type: ignore[no-untyped-def]
-    # The scheduler's own scan is slowed right down: the tests call scan() with an explicit time.
+    # The scheduler's own scans are off (slowed right down, no wake-up at quiet end): the tests call scan() with
+    # an explicit time.
     settings = node_settings(
         tmp_path / "var",
-        stability={"stable_seconds": STABLE, "max_wait_seconds": STABLE, "scan_interval_seconds": 3600},
+        stability={
+            "stable_seconds": STABLE,
+            "max_wait_seconds": STABLE,
+            "scan_interval_seconds": 3600,
+            "scan_at_quiet_end": False,
+        },
     )
     with running_node(settings) as running:
         yield running
@@ -209,7 +215,12 @@ def test_rule_priority_destination_and_filters(tmp_path: Path) -> None:
         tmp_path / "var",
         peers=peers,
         routing=rules,
-        stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600},
+        stability={
+            "stable_seconds": STABLE,
+            "max_wait_seconds": 60,
+            "scan_interval_seconds": 3600,
+            "scan_at_quiet_end": False,
+        },
     )
     with running_node(settings) as node:
         chest = make_ct_series(1, 32, 32)
@@ -240,3 +251,49 @@ def test_scheduler_runs_the_scan(tmp_path: Path) -> None:
         while not jobs(node, str(series[0].StudyInstanceUID)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert len(jobs(node, str(series[0].StudyInstanceUID))) == 1
+
+
+def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path) -> None:
+    """With the periodic scan an hour apart, the one-shot wake-up armed by the last instance completes the study
+    right after its quiet period (not before it, and not at the next periodic scan)."""
+    settings = node_settings(
+        tmp_path / "var", stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600}
+    )
+    with running_node(settings) as node:
+        series = make_ct_series(3, 32, 32)
+        uid = str(series[0].StudyInstanceUID)
+        send(node, series[:2])
+        time.sleep(0.5)
+        send(node, series[2:])  # re-arms the wake-up: the quiet period restarts here
+        deadline = time.monotonic() + 60
+        while not jobs(node, uid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [job] = jobs(node, uid)
+        study = study_row(node, uid)
+        assert job.instance_count == 3  # completed once, after the last instance
+        assert job.created_at - study.last_received_at >= timedelta(seconds=STABLE)
+        assert events(node, uid) == ["study.complete", "job.created"]
+
+
+def test_quiet_end_waker_rearms_one_scan_per_study() -> None:
+    """Each instance moves its study's one-shot scan to stable_seconds from now; studies do not share one."""
+    from datetime import UTC, datetime
+
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from node.config import load_settings
+    from node.scheduler import QuietEndWaker
+
+    scheduler = BackgroundScheduler(timezone="UTC")  # not started: jobs stay pending, nothing runs
+    scans: list[int] = []
+    waker = QuietEndWaker(scheduler, load_settings(None, stability={"stable_seconds": 30.0}), lambda: scans.append(1))
+    waker.note_instance("1.2.3")
+    first = scheduler.get_job("quiet-end:1.2.3").trigger.run_date
+    time.sleep(0.02)
+    waker.note_instance("1.2.3")
+    waker.note_instance("1.2.4")
+    jobs_now = {job.id: job.trigger.run_date for job in scheduler.get_jobs()}
+    assert set(jobs_now) == {"quiet-end:1.2.3", "quiet-end:1.2.4"}
+    assert jobs_now["quiet-end:1.2.3"] > first
+    assert timedelta(seconds=29) < jobs_now["quiet-end:1.2.4"] - datetime.now(UTC) <= timedelta(seconds=30.02)
+    assert scans == []

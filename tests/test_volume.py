@@ -32,6 +32,7 @@ from inference.volume import (
     normalise,
     resample_to_grid,
     to_model_grid,
+    to_model_grid_with_mask,
 )
 from tests.conftest import DCMTK
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
@@ -274,6 +275,98 @@ def test_model_grid_round_trip_keeps_geometry(tmp_path: Path) -> None:
     grid, m = to_model_grid(vol, 32)
     assert grid.shape == (3, 32, 32) and grid.min() >= -1 and grid.max() <= 1
     assert m.rows == 48 and from_model_grid(grid, m).shape == vol.shape
+    mask = vol.pixels < -300
+    together, grid_mask, same = to_model_grid_with_mask(vol, mask, 32)
+    assert same == m and np.array_equal(together, grid) and np.array_equal(grid_mask, mask_to_grid(mask, m))
+
+
+def _reference_resample_to_grid(array: np.ndarray, mapping: GridMapping, fill: float) -> np.ndarray:
+    """resample_to_grid as first written: always through a padded float32 copy."""
+    import torch
+
+    from inference.volume import _resize
+
+    square = np.full((array.shape[0], mapping.side, mapping.side), fill, dtype=np.float32)
+    square[:, mapping.pad_top : mapping.pad_top + mapping.rows, mapping.pad_left : mapping.pad_left + mapping.cols] = (
+        array
+    )
+    return _resize(torch.from_numpy(square), (mapping.size, mapping.size), "bilinear").numpy().astype(np.float32)
+
+
+def _reference_from_model_grid(array: np.ndarray, mapping: GridMapping) -> np.ndarray:
+    import torch
+
+    from inference.volume import _resize
+
+    square = _resize(torch.as_tensor(np.asarray(array, dtype=np.float32)), (mapping.side, mapping.side), "bilinear")
+    top, left = mapping.pad_top, mapping.pad_left
+    return square[:, top : top + mapping.rows, left : left + mapping.cols].numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize(("rows", "cols", "size"), [(40, 40, 16), (40, 24, 16), (23, 37, 32), (30, 30, 64)])
+def test_model_grid_mapping_equals_reference(rows: int, cols: int, size: int) -> None:
+    """The copy-free paths (square sources, in-place normalisation, only segmented slices resized back) give the
+    same bits as the plain expressions they replace."""
+    rng = np.random.default_rng(rows * cols)
+    mapping = GridMapping(rows=rows, cols=cols, size=size)
+    hu = rng.uniform(-1500, 1500, (5, rows, cols)).astype(np.float32)
+    lo, hi = CT_WINDOW_HU
+    expected = np.clip((hu - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+    assert np.array_equal(normalise(hu, "CT"), expected)
+    wide = hu.astype(np.float64)  # other precisions: computed in theirs, rounded once
+    expected_wide = np.clip((wide - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
+    assert np.array_equal(normalise(wide, "CT"), expected_wide)
+    unit = rng.random((5, rows, cols), dtype=np.float32)
+    assert np.array_equal(normalise(unit, "DX"), np.clip(unit * 2.0 - 1.0, -1.0, 1.0))
+    assert np.array_equal(
+        resample_to_grid(expected, mapping, fill=-1.0), _reference_resample_to_grid(expected, mapping, -1.0)
+    )
+    mask = ((hu > 300) | (np.arange(cols) > cols // 2)) & (np.arange(5) != 2)[:, None, None]
+    assert np.array_equal(
+        mask_to_grid(mask, mapping), _reference_resample_to_grid(mask.astype(np.float32), mapping, 0.0) >= 0.5
+    )
+    grid = rng.random((5, size, size), dtype=np.float32)
+    back = from_model_grid(grid, mapping)
+    assert back.dtype == np.float32 and back.flags.c_contiguous
+    assert np.array_equal(back, _reference_from_model_grid(grid, mapping))
+    segmentation = np.zeros((5, size, size), bool)
+    segmentation[1, 2:6, 3:9] = True
+    segmentation[4] = grid[4] > 0.7
+    expected_mask = _reference_from_model_grid(segmentation.astype(np.float32), mapping) >= 0.5
+    assert np.array_equal(mask_from_grid(segmentation, mapping), expected_mask)
+    assert not mask_from_grid(np.zeros_like(segmentation), mapping).any()
+
+
+def test_ct_values_equal_pydicoms_rescale_rounded_to_float32() -> None:
+    """The float32 fast path gives pydicom's float64 apply_rescale values exactly, and other cases go through it."""
+    from pydicom.pixels import apply_rescale
+
+    from inference.volume import _modality_values_into
+
+    rng = np.random.default_rng(0)
+    cases = [
+        (np.uint16, 1, -1024),
+        (np.int16, 1, 0),
+        (np.int16, 2, -1000),
+        (np.uint8, 3, 7),
+        (np.uint16, 0.5, -1024),  # not an integer slope: pydicom's path
+        (np.uint16, 1, -1024.5),
+        (np.uint16, 300, 0),  # could leave float32's exact integers: pydicom's path
+        (np.int32, 1, -1024),
+    ]
+    for dtype, slope, intercept in cases:
+        info = np.iinfo(dtype)
+        raw = rng.integers(info.min, info.max, (7, 9), endpoint=True).astype(dtype)
+        raw.flat[:2] = (info.min, info.max)
+        ds = Dataset()
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        out = np.empty(raw.shape, np.float32)
+        _modality_values_into(out, raw, ds)
+        assert np.array_equal(out, apply_rescale(raw, ds).astype(np.float32)), (dtype, slope, intercept)
+    ds = Dataset()  # no rescale at all: the stored values
+    out = np.empty((2, 2), np.float32)
+    _modality_values_into(out, np.array([[1, 2], [3, 4]], np.uint16), ds)
+    assert out.tolist() == [[1, 2], [3, 4]]
 
 
 def test_dcmtk_tools_exist() -> None:
