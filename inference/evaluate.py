@@ -176,6 +176,7 @@ class Row:
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
     max_slices: int | None = None  # and on n slices of each: centred on the lesion, or central lung slices
     note: str = ""
+    key: str = ""  # names the row for the findings (see COMPARISONS)
 
 
 @dataclass
@@ -320,14 +321,14 @@ def default_rows(
         f"{every_step_slices} slices each ({where})"
     )
     return [
-        Row("Intensity threshold (> -400 HU in lung)", method="intensity"),
-        Row("DDPM, Gaussian noise", noise="gaussian", condition=False, adaptive=False, model="gaussian"),
-        Row("Simplex noise", condition=False, adaptive=False, model="uncond"),
-        Row("Simplex + mask conditioning", condition=True, adaptive=False, model="simplex"),
-        Row("Simplex + adaptive threshold", condition=False, adaptive=True, model="uncond"),
-        Row("Simplex + mask + adaptive threshold", condition=True, adaptive=True, model="simplex"),
-        Row(f"Simplex + mask + adaptive + K={k} ensemble, 10 steps", ensemble=k, steps=10),
-        Row(f"Full method, K={k}, 5 steps", ensemble=k, steps=5),
+        Row("Intensity threshold (> -400 HU in lung)", method="intensity", key="baseline"),
+        Row("DDPM, Gaussian noise", noise="gaussian", condition=False, adaptive=False, model="gaussian", key="ddpm"),
+        Row("Simplex noise", condition=False, adaptive=False, model="uncond", key="simplex"),
+        Row("Simplex + mask conditioning", condition=True, adaptive=False, model="simplex", key="mask"),
+        Row("Simplex + adaptive threshold", condition=False, adaptive=True, model="uncond", key="adaptive"),
+        Row("Simplex + mask + adaptive threshold", condition=True, adaptive=True, model="simplex", key="mask+adaptive"),
+        Row(f"Simplex + mask + adaptive + K={k} ensemble, 10 steps", ensemble=k, steps=10, key="full"),
+        Row(f"Full method, K={k}, 5 steps", ensemble=k, steps=5, key="steps-5"),
         Row(
             f"Full method, K={k}, 10 steps (subset)",
             ensemble=k,
@@ -335,6 +336,7 @@ def default_rows(
             max_cases=subset_cases,
             max_slices=subset_slices,
             note=subset,
+            key="subset-10",
         ),
         Row(
             f"Full method, K={k}, 25 steps",
@@ -343,6 +345,7 @@ def default_rows(
             max_cases=subset_cases,
             max_slices=subset_slices,
             note=subset,
+            key="subset-25",
         ),
         Row(
             f"Full method, K={k}, 50 steps",
@@ -351,6 +354,7 @@ def default_rows(
             max_cases=subset_cases,
             max_slices=subset_slices,
             note=subset,
+            key="subset-50",
         ),
         Row(
             f"Full method, K={k}, every step (251)",
@@ -359,8 +363,15 @@ def default_rows(
             max_cases=every_step_cases,
             max_slices=every_step_slices,
             note=every,
+            key="every-step",
         ),
-        Row(f"Full method without the median filter, K={k}, 10 steps", ensemble=k, steps=10, median=False),
+        Row(
+            f"Full method without the median filter, K={k}, 10 steps",
+            ensemble=k,
+            steps=10,
+            median=False,
+            key="no-median",
+        ),
     ]
 
 
@@ -399,6 +410,73 @@ def kind_table(result: RowResult) -> str:
             cells.append(fmt(float(np.mean(vals)), float(np.std(vals))) if vals else "n/a")
         lines.append(f"| {kind} | {len(chosen)} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+# What each comparison asks: (with, without, question). Rows missing from a run (--rows) are skipped.
+COMPARISONS = (
+    ("simplex", "ddpm", "Simplex instead of Gaussian noise"),
+    ("mask", "simplex", "Mask conditioning"),
+    ("adaptive", "simplex", "Adaptive threshold (unconditioned)"),
+    ("mask+adaptive", "mask", "Adaptive threshold (conditioned)"),
+    ("full", "mask+adaptive", "K-ensemble (and the shipped weights, when rows 2-6 use ablation models)"),
+    ("full", "no-median", "Median filter of the error map"),
+    ("full", "steps-5", "10 instead of 5 reverse steps"),
+    ("subset-25", "subset-10", "25 instead of 10 reverse steps (subset)"),
+    ("subset-50", "subset-10", "50 instead of 10 reverse steps (subset)"),
+    ("full", "baseline", "The full method instead of the intensity baseline"),
+)
+NO_CHANGE = 0.01  # a metric moving by less than this counts as unchanged
+GOALS = {"dice": 0.5, "auroc": 0.95}  # issue goals for the full method on lesion cases / images
+
+
+def _direction(delta: float) -> int:
+    return 0 if np.isnan(delta) or abs(delta) < NO_CHANGE else (1 if delta > 0 else -1)
+
+
+def verdict(d_dice: float, d_auroc: float) -> str:
+    """Earns its place when Dice or image AUROC rises and neither falls (by more than NO_CHANGE)."""
+    a, b = _direction(d_dice), _direction(d_auroc)
+    if a == b == 0:
+        return "no measurable difference"
+    if a >= 0 and b >= 0:
+        return "earns its place"
+    if a <= 0 and b <= 0:
+        return "does not earn its place here"
+    return "mixed (one metric up, the other down)"
+
+
+def findings(results: Sequence[RowResult]) -> str:
+    """The comparisons the table answers, worked out from the rows (not written by hand), and the goals."""
+    by_key = {r.row.key: r for r in results if r.row.key}
+    lines = [
+        "| Comparison | rows | Dice | Image AUROC | Verdict |",
+        "|---|---|---|---|---|",
+    ]
+    number = {r.row.key: i + 1 for i, r in enumerate(results)}
+    for with_key, without_key, question in COMPARISONS:
+        if with_key not in by_key or without_key not in by_key:
+            continue
+        w, wo = by_key[with_key], by_key[without_key]
+        d0, d1 = w.summary("dice")[0], wo.summary("dice")[0]
+        a0, a1 = w.image["auroc"], wo.image["auroc"]
+        lines.append(
+            f"| {question} | {number[with_key]} vs {number[without_key]} | {d1:.3f} -> {d0:.3f} "
+            f"| {a1:.3f} -> {a0:.3f} | {verdict(d0 - d1, a0 - a1)} |"
+        )
+    text = "\n".join(lines) + "\n"
+    full = by_key.get("full")
+    if full is not None:
+        dice_m, auroc_m = full.summary("dice")[0], full.image["auroc"]
+        met = [
+            f"{name} {value:.3f} (goal >= {GOALS[key]}: {'met' if value >= GOALS[key] else 'not met'})"
+            for name, key, value in (("Dice", "dice", dice_m), ("image AUROC", "auroc", auroc_m))
+        ]
+        text += f"\nGoals for the full method (row {number['full']}): " + "; ".join(met) + ".\n"
+    text += (
+        f"\nA metric counts as changed when it moves by {NO_CHANGE} or more. The Dice means are over a few cases with"
+        " large case-to-case spread (the std in the table), so small differences are not significant.\n"
+    )
+    return text
 
 
 def figure(results: Sequence[RowResult], cases: Sequence[Case], path: Path, denoiser: ModelDenoiser, seed: int) -> None:
@@ -535,6 +613,9 @@ Produced by one command (fixed seed {seed}):
   with other work, so timings are indicative only.
 
 {markdown_table(results)}
+What the rows say (computed from the table):
+
+{findings(results)}
 {by_kind}
 ![Evaluation figure]({figure_path.name})
 

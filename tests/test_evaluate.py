@@ -11,6 +11,7 @@ import torch
 from inference.evaluate import (
     ModelDenoiser,
     Row,
+    RowResult,
     auprc,
     auroc,
     confusion,
@@ -18,12 +19,14 @@ from inference.evaluate import (
     evaluate_row,
     f1,
     false_positive_rate,
+    findings,
     iou,
     kind_table,
     make_cases,
     markdown_table,
     precision,
     recall,
+    verdict,
 )
 from inference.unet import PRESETS, ModelInfo, UNet
 
@@ -83,3 +86,31 @@ def test_a_row_runs_end_to_end_on_tiny_cases() -> None:
     assert "| baseline |" in markdown_table([base, row])
     by_kind = kind_table(row)
     assert f"| {cases[0].kind} | 1 |" in by_kind and "| none |" not in by_kind
+
+
+def _row_result(key: str, dices: list[float], image_auroc: float) -> RowResult:
+    cases = [{"kind": "nodule", "lesion": 1.0, "dice": d} for d in dices] + [{"kind": "none", "lesion": 0.0}]
+    return RowResult(Row(key, key=key), cases, {"auroc": image_auroc}, 0.0, len(cases), 0)
+
+
+def test_verdicts_follow_both_metrics() -> None:
+    assert verdict(0.05, 0.0) == "earns its place"
+    assert verdict(0.005, -0.005) == "no measurable difference"
+    assert verdict(-0.2, 0.0) == "does not earn its place here"
+    assert verdict(0.1, -0.1).startswith("mixed")
+
+
+def test_findings_are_computed_from_the_rows_present() -> None:
+    results = [
+        _row_result("baseline", [0.2, 0.2], 0.80),
+        _row_result("mask+adaptive", [0.1, 0.3], 0.70),
+        _row_result("full", [0.5, 0.7], 0.96),
+    ]
+    text = findings(results)
+    # mask+adaptive -> full: Dice 0.2 -> 0.6, AUROC 0.70 -> 0.96, rows numbered in table order
+    assert "| 3 vs 2 | 0.200 -> 0.600 | 0.700 -> 0.960 | earns its place |" in text
+    assert "| 3 vs 1 | 0.200 -> 0.600 | 0.800 -> 0.960 | earns its place |" in text
+    assert "Mask conditioning" not in text  # its rows were not run
+    assert "Dice 0.600 (goal >= 0.5: met); image AUROC 0.960 (goal >= 0.95: met)" in text
+    worse = findings([_row_result("baseline", [0.3], 0.9), _row_result("full", [0.1], 0.5)])
+    assert "does not earn its place here" in worse and "Dice 0.100 (goal >= 0.5: not met)" in worse
