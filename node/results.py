@@ -128,44 +128,6 @@ def derive_uid(job_key: str, series_uid: str, kind: str, index: int = 0) -> str:
     return generate_uid(prefix=UID_PREFIX, entropy_srcs=[job_key, series_uid, kind, str(index)])
 
 
-def referenced_sop_instance_uids(item: Dataset) -> set[str]:
-    """SOP Instance UIDs that the IMAGE and COMPOSITE content items in an SR content tree refer to."""
-    found, stack = set(), [item]
-    while stack:
-        node = stack.pop()
-        if node.get("ValueType") in ("IMAGE", "COMPOSITE") and "ReferencedSOPSequence" in node:
-            found.add(str(node.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
-        stack.extend(node.get("ContentSequence", []))
-    return found
-
-
-def comprehensive_3d_sr(report: hd.sr.MeasurementReport, evidence: Sequence[Dataset], **kwargs: Any) -> Dataset:
-    """highdicom's Comprehensive 3D SR of `report`, without the constructor's three passes over the content tree.
-
-    The constructor deep-copies the content, parses the copy back into content items (kept only for its
-    `content` accessor) and searches the tree twice for references (only to check they are among the evidence):
-    most of the SR's cost for an 80-slice CT. Here it builds the document around an empty root container, then
-    sets the report's root elements exactly as it would have set them, checks the references itself and gives
-    `content` the report's own root item. A test compares the result with the constructor's, byte for byte.
-    """
-    root = report[0]
-    missing = referenced_sop_instance_uids(root) - {str(ds.SOPInstanceUID) for ds in evidence}
-    if missing:
-        raise ValueError(f"the report refers to instances that are not in the evidence: {sorted(missing)}")
-    stub = Dataset()
-    stub.ValueType = root.ValueType
-    stub.ConceptNameCodeSequence = root.ConceptNameCodeSequence
-    stub.ContinuityOfContent = root.ContinuityOfContent
-    stub.ContentSequence = []
-    sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=stub, **kwargs)
-    for element in stub:  # what the constructor copied from the stub
-        del sr[element.tag]
-    for tag, value in root.items():
-        sr[tag] = value
-    sr._content = hd.sr.ContentSequence([root], is_root=True)  # what the constructor sets (`sr.content`)
-    return sr
-
-
 class ResultWriter:
     """Builds the objects for one AnomalyResult; one instance per call of `write_results`."""
 
@@ -516,7 +478,7 @@ class ResultWriter:
 
     def sr(self, seg: Dataset | None) -> Dataset:
         report, evidence, document = self.report(seg)
-        sr = comprehensive_3d_sr(report, evidence, **document)
+        sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **document)
         scheme = Dataset()
         scheme.CodingSchemeDesignator = SCHEME
         scheme.CodingSchemeName = "edgenode anomaly detection measurements"
