@@ -372,8 +372,7 @@ class ResultWriter:
         return chosen
 
     # ---- SR --------------------------------------------------------------------------------------
-    def report(self, seg: Dataset | None) -> tuple[hd.sr.MeasurementReport, list[Dataset], dict[str, Any]]:
-        """The SR's content (TID 1500), its evidence and the document's other constructor arguments."""
+    def sr(self, seg: Dataset | None) -> Dataset:
         result = self.result
         algorithm = hd.sr.AlgorithmIdentification(
             name=self.model.name, version=self.model.version, family=ALGORITHM_FAMILY, manufacturer=MANUFACTURER
@@ -463,22 +462,19 @@ class ResultWriter:
             referenced_images=self.library_images(seg) or None,
         )
         evidence = [*self.sources, *([seg] if seg is not None else [])]
-        document = {
-            "series_instance_uid": self.uid("sr-series"),
-            "series_number": SERIES_NUMBERS["sr"],
-            "sop_instance_uid": self.uid("sr"),
-            "instance_number": 1,
-            "manufacturer": MANUFACTURER,
-            "is_complete": True,
-            "is_final": False,
-            "is_verified": False,
-            "contributing_equipment": self.equipment,
-        }
-        return report, evidence, document
-
-    def sr(self, seg: Dataset | None) -> Dataset:
-        report, evidence, document = self.report(seg)
-        sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=report, **document)
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report,
+            series_instance_uid=self.uid("sr-series"),
+            series_number=SERIES_NUMBERS["sr"],
+            sop_instance_uid=self.uid("sr"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=self.equipment,
+        )
         scheme = Dataset()
         scheme.CodingSchemeDesignator = SCHEME
         scheme.CodingSchemeName = "edgenode anomaly detection measurements"
