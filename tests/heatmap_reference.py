@@ -1,5 +1,6 @@
 """The heatmap renderer as first written (a new matplotlib figure per image), kept as the reference that
-node.heatmap.HeatmapRenderer (one figure per series, blitting) must equal pixel for pixel."""
+node.heatmap.HeatmapRenderer (one figure per series, blitting) must equal pixel for pixel. Only the figure part
+differs; the blended image comes from the shared `blended_image`."""
 
 from __future__ import annotations
 
@@ -8,37 +9,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 
-from node.heatmap import (
-    BAR_PIXELS,
-    COLORMAP,
-    DISCLAIMER,
-    HEADER_PIXELS,
-    MAX_IMAGE_PIXELS,
-    MIN_IMAGE_PIXELS,
-    HeatmapText,
-    blend,
-    modality_values,
-    reduce_blocks,
-    window_for,
-    windowed_grey,
-)
+from node.heatmap import BAR_PIXELS, COLORMAP, DISCLAIMER, HEADER_PIXELS, HeatmapText, blended_image
 
 
 def render_heatmap(
     source: Dataset, anomaly: np.ndarray, vmax: float, text: HeatmapText, segmentation: np.ndarray | None = None
 ) -> np.ndarray:
-    values = modality_values(source)
-    grey = windowed_grey(values, *window_for(source, values))
-    anomaly = anomaly.astype(np.float32)
-    shrink = int(np.ceil(max(grey.shape) / MAX_IMAGE_PIXELS))
-    if shrink > 1:
-        grey, anomaly = reduce_blocks(grey, shrink), reduce_blocks(anomaly, shrink, "max")
-        segmentation = None if segmentation is None else reduce_blocks(segmentation, shrink, "max")
-    rgb = blend(grey, anomaly, vmax)
-    rows, cols = grey.shape
-    scale = max(1, int(np.ceil(MIN_IMAGE_PIXELS / max(rows, cols))))
-    if scale > 1:
-        rgb = np.kron(rgb, np.ones((scale, scale, 1), np.float32))
+    rgb, segmentation, scale = blended_image(source, anomaly, vmax, segmentation)  # unchanged: shared
     img_rows, img_cols = rgb.shape[:2]
     height, width = img_rows + HEADER_PIXELS, img_cols + BAR_PIXELS
     dpi = 100
