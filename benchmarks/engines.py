@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engines.base import Denoiser  # noqa: E402
 from engines.onnx_export import cached_onnx  # noqa: E402
 from engines.ort_backend import OrtDenoiser, ort_providers  # noqa: E402
-from engines.select import plan_backend  # noqa: E402
+from engines.select import build_denoiser, plan_backend  # noqa: E402
 from engines.torch_backend import TorchDenoiser  # noqa: E402
 from inference.unet import PRESETS, ModelInfo, UNet, count_flops  # noqa: E402
 
@@ -153,8 +153,8 @@ def cpu_variants(
                 onnx_model, max_batch=max_batch, threads=threads, micro_batch=m
             )
             # What engines.select builds on a CPU: `threads` concurrent single-threaded runs.
-            variants[f"onnxruntime-cpu mb{m} x{threads}"] = lambda m=m: OrtDenoiser(
-                onnx_model, max_batch=max_batch, threads=1, micro_batch=m, workers=threads
+            variants[f"onnxruntime-cpu mb{m} x{threads}"] = lambda m=m: build_denoiser(
+                plan_backend("cpu", "onnxruntime"), model, info, max_batch, cache, threads=threads, micro_batch=m
             )
     return variants
 
@@ -163,8 +163,9 @@ def cuda_variants(model: UNet, info: ModelInfo, cache: Path, max_batch: int) -> 
     low = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     variants: dict[str, Callable[[], Denoiser]] = {
         "torch-cuda-fp32": lambda: TorchDenoiser(model, info, device="cuda", max_batch=max_batch),
-        f"torch-cuda-{low}-cl-graphs": lambda: TorchDenoiser(
-            model, info, device="cuda", precision=low, channels_last=True, cuda_graphs=True, max_batch=max_batch
+        # What engines.select builds on a GPU without TensorRT.
+        f"torch-cuda-{low}-cl-graphs": lambda: build_denoiser(
+            plan_backend("cuda", "torch", low), model, info, max_batch, cache
         ),
     }
     try:

@@ -77,8 +77,9 @@ class EdgeNode:
         if settings.inference.workers > 0:
             self.workers = WorkerSupervisor(settings)
         register_stability_scan(self.scheduler, settings, self.scan_studies)
-        waker = QuietEndWaker(self.scheduler, settings, self.scan_studies)
-        on_source_instance = waker.note_instance if settings.stability.scan_at_quiet_end else None
+        on_source_instance = None
+        if settings.stability.scan_at_quiet_end:
+            on_source_instance = QuietEndWaker(self.scheduler, settings, self.scan_studies).note_instance
         self.scp = StorageSCP(settings, self.spool, self.index, on_source_instance=on_source_instance)
         self.components: list[Component] = [
             SchedulerComponent(self.scheduler),
