@@ -119,3 +119,12 @@ def test_config_check_cli_exit_codes(config: Path, tmp_path: Path) -> None:
     )
     assert env_bad.returncode == 2
     assert "node.port" in env_bad.stderr and "EDGENODE_NODE__PORT" in env_bad.stderr
+
+
+def test_inference_defaults_are_the_pipelines_defaults() -> None:
+    """The evaluation, benchmarks/pipeline.py and the model card use PipelineSettings(); the node its config."""
+    from inference.pipeline import PipelineSettings
+    from node.worker import pipeline_settings
+
+    s = load_settings(None)
+    assert pipeline_settings(s.inference, s.inference.max_batch) == PipelineSettings(max_batch=s.inference.max_batch)

@@ -1,0 +1,170 @@
+"""Per-study inference time at the node's default settings, for each U-Net backend this machine offers.
+
+One phantom chest CT with nodules (80 x 512x512 by default) goes through `inference.pipeline.run_pipeline`
+as a worker runs it: the bundled model, `[inference]` defaults (ensemble 7, 10 steps, lambda 6), batches of
+`--max-batch` images per U-Net call. The table splits each study's seconds into the U-Net (reverse diffusion,
+noise, ensemble) and the rest (load, mask, model grid, threshold, map back), gives the U-Net images/s, and
+compares each backend's result with the first row's (the fp32 reference): the largest anomaly-map difference
+relative to that map's maximum, the Dice of the segmentations, and the study score.
+
+On a CPU it runs what `engines.select` picks (ONNX Runtime) and torch eager; on a GPU torch fp32, bf16/fp16
+with CUDA graphs (what `select` picks without TensorRT), ONNX Runtime's CUDA provider and TensorRT when present.
+Run: PYTHONPATH=. python benchmarks/pipeline.py [--repeats 2] [--max-batch 28 560] [--slices 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engines.select import (  # noqa: E402
+    BackendUnavailable,
+    Plan,
+    backend_statuses,
+    build_denoiser,
+    load_source,
+    plan_backend,
+)
+from inference.phantoms import ct_datasets, make_ct, synthetic_study  # noqa: E402
+from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
+from inference.result import AnomalyResult  # noqa: E402
+
+
+@dataclass
+class Row:
+    name: str
+    max_batch: int
+    seconds: list[float]  # whole pipeline, per repeat
+    unet: list[float]  # `reconstruct` stage, per repeat
+    images: int  # U-Net image evaluations per study
+    result: AnomalyResult
+
+    def cells(self, reference: AnomalyResult) -> list[str]:
+        total, unet = statistics.median(self.seconds), statistics.median(self.unet)
+        scale = float(reference.anomaly_map.max()) or 1.0
+        diff = float(np.abs(self.result.anomaly_map - reference.anomaly_map).max()) / scale
+        a, b = self.result.segmentation, reference.segmentation
+        denominator = int(a.sum()) + int(b.sum())
+        dice = 2 * int((a & b).sum()) / denominator if denominator else 1.0
+        return [
+            self.name,
+            str(self.max_batch),
+            f"{total:.2f}",
+            f"{unet:.2f}",
+            f"{total - unet:.2f}",
+            f"{self.images / unet:.0f}",
+            f"{diff:.1e}",
+            f"{dice:.4f}",
+            f"{self.result.study_score:.4f}",
+        ]
+
+
+DEFAULT_MAX_BATCH = 28  # [inference] max_batch default
+HEADER = ["backend", "max batch", "study s", "U-Net s", "rest s", "U-Net images/s", "map diff", "Dice", "score"]
+
+
+def plans(device: str) -> dict[str, Plan]:
+    """The backends worth comparing on this device, fp32 reference first."""
+    if device == "cpu":
+        return {
+            "onnxruntime-cpu (selected)": plan_backend("cpu", "onnxruntime"),
+            "torch-cpu": plan_backend("cpu", "torch"),
+        }
+    found = {"torch-cuda-fp32-graphs": plan_backend("cuda", "torch", "fp32")}
+    low = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    for precision in low:
+        found[f"torch-cuda-{precision}-graphs"] = plan_backend("cuda", "torch", precision)
+    available = {s.name for s in backend_statuses() if s.available}
+    if "onnxruntime-cuda" in available:
+        found["onnxruntime-cuda"] = plan_backend("cuda", "onnxruntime", "fp32")
+    if "tensorrt" in available:
+        found["tensorrt-fp16"] = plan_backend("cuda", "tensorrt", "fp16")
+    return found
+
+
+def print_table(rows: list[Row]) -> None:
+    cells = [row.cells(rows[0].result) for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADER)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="bundled", help="weights file ([inference] model; default: bundled)")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[DEFAULT_MAX_BATCH])
+    parser.add_argument("--repeats", type=int, default=2, help="timed studies per backend, after one warm-up")
+    parser.add_argument("--slices", type=int, default=80)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--only", nargs="*", default=None, help="run only these backends (names in the table)")
+    args = parser.parse_args()
+
+    defaults = PipelineSettings()  # = the node's [inference] defaults (tests/test_config.py)
+    model, info = load_source(args.model)
+    chosen = plans(args.device)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only}
+    print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, torch {torch.__version__}, model {info.model_id}")
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    print(
+        f"[inference] defaults: ensemble {defaults.ensemble}, steps {defaults.steps}, "
+        f"t_start {defaults.t_start_for('CT')}, lambda {defaults.lambda_for('CT')}",
+        flush=True,
+    )
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="edgenode-bench-pipeline-") as tmp:
+        folder = Path(tmp)
+        phantom = make_ct(7, args.size, args.size, args.slices, "nodule")
+        files = []
+        for i, ds in enumerate(ct_datasets(phantom, synthetic_study(0, 7))):
+            files.append(folder / f"{i:04d}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+        print(f"phantom CT: {args.slices} x {args.size}x{args.size}, {int(phantom.lesion_mask.sum())} lesion voxels")
+        runs = [(name, plan, b) for b in args.max_batch for name, plan in chosen.items()]
+        with tqdm(total=len(runs) * (args.repeats + 1), desc="studies", unit="study", file=sys.stderr) as bar:
+            for name, plan, max_batch in runs:
+                try:
+                    denoiser = build_denoiser(plan, model, info, max_batch, folder / "engines")
+                except BackendUnavailable as exc:
+                    print(f"{name}: skipped ({exc})", file=sys.stderr)
+                    bar.update(args.repeats + 1)
+                    continue
+                settings = replace(defaults, max_batch=max_batch)
+                run_pipeline(files, denoiser, info, settings)  # warm-up: export, graph capture, kernel choice
+                bar.update()
+                row = Row(name, max_batch, [], [], 0, None)  # type: ignore[arg-type]
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    result = run_pipeline(files, denoiser, info, settings)
+                    row.seconds.append(time.perf_counter() - start)
+                    row.unet.append(result.timings["reconstruct"])
+                    bar.update()
+                row.result = result
+                row.images = defaults.ensemble * defaults.steps * result.anatomy_mask.shape[0]  # every slice
+                rows.append(row)
+                del denoiser
+    print()
+    print_table(rows)
+    print("\nmap diff: max |anomaly map - first row's| / max of the first row's; Dice and score against the first row")
+    print(f"load after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

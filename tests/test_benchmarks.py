@@ -1,0 +1,45 @@
+"""The benchmark scripts run and print their tables (on a small input): a GPU session has minutes of device time,
+so a script broken by a code change must fail here first, not there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import REPO_ROOT, node_env
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=REPO_ROOT, env=node_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def table(stdout: str) -> list[list[str]]:
+    """The markdown table's body rows, split into cells."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_pipeline_benchmark_compares_the_cpu_backends() -> None:
+    out = run_script("benchmarks/pipeline.py", "--slices", "8", "--size", "128", "--repeats", "1").stdout
+    rows = table(out)
+    assert [r[0] for r in rows] == ["onnxruntime-cpu (selected)", "torch-cpu"]
+    reference, torch_row = rows
+    assert float(reference[6]) == 0.0  # the first row is the reference
+    assert float(torch_row[6]) < 1e-4 and torch_row[8] == reference[8]  # same map to fp32 rounding, same score
+    assert all(float(r[2]) >= float(r[3]) > 0 for r in rows)  # the study includes its U-Net time
+
+
+def test_engines_benchmark_reports_the_selected_cpu_backend() -> None:
+    out = run_script(
+        "benchmarks/engines.py",
+        "--rounds", "1", "--batches", "4", "--threads", "2", "--matmul", "256",
+        "--only", "torch-cpu-fp32", "onnxruntime-cpu mb7 x2",
+    ).stdout  # fmt: skip
+    rows = table(out)
+    assert sorted(r[0] for r in rows) == ["onnxruntime-cpu mb7 x2", "torch-cpu-fp32"]
+    assert all(r[1] == "4" and float(r[5]) > 0 and r[7].endswith("%") for r in rows)
+    assert "chosen by engines.select (no probe): CPU preference onnxruntime" in out
