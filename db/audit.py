@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, AuditEventType, Job
@@ -14,6 +15,15 @@ def record_audit(session: Session, event_type: AuditEventType | str, **fields: A
     event = AuditEvent(event_type=str(event_type), **{k: v for k, v in fields.items() if v is not None})
     session.add(event)
     return event
+
+
+_INSERT_AUDIT = insert(AuditEvent.__table__)
+
+
+def insert_audit(conn: Connection, event_type: AuditEventType | str, **fields: Any) -> None:
+    """The same event through SQLAlchemy Core, for hot paths that run without an ORM session."""
+    values = {k: v for k, v in fields.items() if v is not None}
+    conn.execute(_INSERT_AUDIT, {"event_type": str(event_type), **values})
 
 
 def job_fields(job: Job) -> dict[str, Any]:

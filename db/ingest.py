@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import Connection, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.audit import record_audit
+from db.audit import insert_audit
 from db.models import (
     PRIORITY_STAT,
     AuditEventType,
@@ -60,6 +60,34 @@ class InstanceRecord:
     stat: bool = False  # the study asks for STAT handling
 
 
+class _IngestStatements:
+    """The listener's per-instance statements, built once: SQLAlchemy then only binds parameters per image
+    (building them per call, or going through the ORM's unit of work, cost more than the statements)."""
+
+    studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
+    study_id = select(studies.c.id).where(studies.c.study_instance_uid == bindparam("uid"))
+    series_row = select(series.c.id, series.c.is_own_output).where(series.c.series_instance_uid == bindparam("uid"))
+    lookup = select(
+        exists().where(instances.c.sop_instance_uid == bindparam("uid")),
+        exists().where(Result.__table__.c.sop_instance_uid == bindparam("uid")),
+    )
+    insert_study = insert(studies)
+    insert_series = insert(series)
+    insert_instance = insert(instances)
+    count_series = (
+        update(series).where(series.c.id == bindparam("key")).values(instance_count=series.c.instance_count + 1)
+    )
+    mark_series_own = update(series).where(series.c.id == bindparam("key")).values(is_own_output=True)
+    count_study = (
+        update(studies).where(studies.c.id == bindparam("key")).values(instance_count=studies.c.instance_count + 1)
+    )
+    # A source image restarts the study's quiet period; our own results never make a study "grow".
+    count_study_source = count_study.values(last_received_at=bindparam("now"), status=StudyStatus.RECEIVING)
+    count_study_stat = count_study_source.values(
+        priority=case((studies.c.priority < PRIORITY_STAT, PRIORITY_STAT), else_=studies.c.priority)
+    )
+
+
 class IngestIndex:
     """Instance indexing, duplicate and own-output checks, and audit events for the listener."""
 
@@ -69,21 +97,16 @@ class IngestIndex:
 
     def lookup(self, sop_instance_uid: str) -> tuple[bool, bool]:
         """(already stored, is one of our own results) for a SOP Instance UID, in one round trip."""
-        with self.db.session() as session:
-            stored, own = session.execute(
-                select(
-                    exists().where(Instance.sop_instance_uid == sop_instance_uid),
-                    exists().where(Result.sop_instance_uid == sop_instance_uid),
-                )
-            ).one()
+        with self.db.engine.connect() as conn:
+            stored, own = conn.execute(_IngestStatements.lookup, {"uid": sop_instance_uid}).one()
         return bool(stored), bool(own)
 
     def add_instance(self, rec: InstanceRecord) -> bool:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there."""
         with self.write_lock:
             try:
-                with self.db.session() as session:
-                    _add_instance(session, rec)
+                with self.db.engine.begin() as conn:
+                    _add_instance(conn, rec)
             except IntegrityError:
                 # Only reachable if another process stored the same SOP Instance UID in between.
                 return False
@@ -93,9 +116,9 @@ class IngestIndex:
         """Index several stored instances in ONE transaction (group commit); per record: False if duplicate."""
         with self.write_lock:
             try:
-                with self.db.session() as session:
+                with self.db.engine.begin() as conn:
                     for rec in records:
-                        _add_instance(session, rec)
+                        _add_instance(conn, rec)
                 return [True] * len(records)
             except IntegrityError:
                 pass
@@ -103,8 +126,8 @@ class IngestIndex:
 
     def record_event(self, event_type: AuditEventType | str, **fields: object) -> None:
         """Append one audit event in its own short transaction."""
-        with self.write_lock, self.db.session() as session:
-            record_audit(session, event_type, **fields)
+        with self.write_lock, self.db.engine.begin() as conn:
+            insert_audit(conn, event_type, **fields)
 
     def iter_instance_paths(self) -> Iterator[str]:
         with self.db.session() as session:
@@ -115,67 +138,70 @@ class IngestIndex:
             return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
 
 
-def _add_instance(session: Session, rec: InstanceRecord) -> None:
+def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
+    q = _IngestStatements
     now = utcnow()
-    study = session.scalars(select(Study).where(Study.study_instance_uid == rec.study_instance_uid)).one_or_none()
-    if study is None:
-        study = Study(
-            study_instance_uid=rec.study_instance_uid,
-            patient_id=rec.patient_id,
-            accession_number=rec.accession_number,
-            study_date=rec.study_date,
-            study_description=rec.study_description,
-            calling_ae=rec.calling_ae,
-            first_received_at=now,
-            last_received_at=now,
-            instance_count=0,
-            completed_instance_count=0,
-        )
-        if rec.own_output:  # a study known only through our own results: nothing to wait for
-            study.status = StudyStatus.COMPLETE
-            study.completed_at = now
-        session.add(study)
-        session.flush()
-    series = session.scalars(select(Series).where(Series.series_instance_uid == rec.series_instance_uid)).one_or_none()
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=rec.series_instance_uid,
-            modality=rec.modality,
-            body_part=rec.body_part,
-            series_description=rec.series_description,
-            series_number=rec.series_number,
-            is_own_output=rec.own_output,
-            instance_count=0,
-        )
-        session.add(series)
-        session.flush()
-    elif rec.own_output and not series.is_own_output:
-        series.is_own_output = True
-    session.add(
-        Instance(
-            series_id=series.id,
-            sop_instance_uid=rec.sop_instance_uid,
-            sop_class_uid=rec.sop_class_uid,
-            instance_number=rec.instance_number,
-            transfer_syntax_uid=rec.transfer_syntax_uid,
-            path=rec.path,
-            size_bytes=rec.size_bytes,
-            sha256=rec.sha256,
-            calling_ae=rec.calling_ae,
-            received_at=now,
-        )
+    study_id = conn.execute(q.study_id, {"uid": rec.study_instance_uid}).scalar_one_or_none()
+    if study_id is None:
+        # A study known only through our own results is complete at once: nothing to wait for.
+        completed = {"status": StudyStatus.COMPLETE, "completed_at": now} if rec.own_output else {}
+        study_id = conn.execute(
+            q.insert_study,
+            {
+                "study_instance_uid": rec.study_instance_uid,
+                "patient_id": rec.patient_id,
+                "accession_number": rec.accession_number,
+                "study_date": rec.study_date,
+                "study_description": rec.study_description,
+                "calling_ae": rec.calling_ae,
+                "first_received_at": now,
+                "last_received_at": now,
+                "instance_count": 0,
+                "completed_instance_count": 0,
+                **completed,
+            },
+        ).inserted_primary_key[0]
+    found = conn.execute(q.series_row, {"uid": rec.series_instance_uid}).one_or_none()
+    if found is None:
+        series_id = conn.execute(
+            q.insert_series,
+            {
+                "study_id": study_id,
+                "series_instance_uid": rec.series_instance_uid,
+                "modality": rec.modality,
+                "body_part": rec.body_part,
+                "series_description": rec.series_description,
+                "series_number": rec.series_number,
+                "is_own_output": rec.own_output,
+                "instance_count": 0,
+            },
+        ).inserted_primary_key[0]
+    else:
+        series_id = found.id
+        if rec.own_output and not found.is_own_output:
+            conn.execute(q.mark_series_own, {"key": series_id})
+    conn.execute(
+        q.insert_instance,
+        {
+            "series_id": series_id,
+            "sop_instance_uid": rec.sop_instance_uid,
+            "sop_class_uid": rec.sop_class_uid,
+            "instance_number": rec.instance_number,
+            "transfer_syntax_uid": rec.transfer_syntax_uid,
+            "path": rec.path,
+            "size_bytes": rec.size_bytes,
+            "sha256": rec.sha256,
+            "calling_ae": rec.calling_ae,
+            "received_at": now,
+        },
     )
-    series.instance_count += 1
-    study.instance_count += 1
-    if not rec.own_output:
-        # Only source images restart the quiet period; our own results never make a study "grow".
-        study.last_received_at = now
-        study.status = StudyStatus.RECEIVING
-        if rec.stat:
-            study.priority = max(study.priority, PRIORITY_STAT)
-    record_audit(
-        session,
+    conn.execute(q.count_series, {"key": series_id})
+    if rec.own_output:
+        conn.execute(q.count_study, {"key": study_id})
+    else:
+        conn.execute(q.count_study_stat if rec.stat else q.count_study_source, {"key": study_id, "now": now})
+    insert_audit(
+        conn,
         AuditEventType.INSTANCE_STORED,
         calling_ae=rec.calling_ae,
         called_ae=rec.called_ae,

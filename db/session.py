@@ -32,7 +32,8 @@ def make_engine(url: str) -> Engine:
     """Create an engine; for SQLite, create the parent folder and set WAL/durability pragmas."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, future=True, pool_pre_ping=True)
+    # A ping before every checkout guards against dropped server connections; a SQLite file has none.
+    engine = create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine

@@ -1,0 +1,93 @@
+"""The listener's index writes (SQLAlchemy Core, statements built once): what they leave in the database."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.ingest import IngestIndex, InstanceRecord
+from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEvent, Instance, Series, Study, StudyStatus
+from db.session import Database
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> IngestIndex:
+    return IngestIndex(Database(f"sqlite:///{tmp_path / 'edgenode.db'}"))
+
+
+def record(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", **kw: object) -> InstanceRecord:
+    base = InstanceRecord(
+        study_instance_uid=study,
+        series_instance_uid=series,
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"{study}/{series}/{sop}.dcm",
+        size_bytes=1000,
+        sha256="ab" * 32,
+        calling_ae="CT1",
+        patient_id="PAT1",
+        accession_number="ACC1",
+        modality="CT",
+        series_number=3,
+        instance_number=int(sop.rsplit(".", 1)[1]),
+    )
+    return replace(base, **kw)
+
+
+def test_instances_series_and_study_counted_with_one_audit_event_each(index: IngestIndex) -> None:
+    assert index.add_instances([record("9.1"), record("9.2")]) == [True, True]
+    assert index.add_instances([record("9.3", series="1.2.3.2", modality="CR")]) == [True]
+    with index.db.session() as s:
+        study = s.scalars(select(Study)).one()
+        assert (study.instance_count, study.status, study.priority) == (3, StudyStatus.RECEIVING, PRIORITY_ROUTINE)
+        assert (study.patient_id, study.accession_number, study.calling_ae) == ("PAT1", "ACC1", "CT1")
+        assert study.first_received_at <= study.last_received_at and study.completed_at is None
+        counts = dict(s.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+        assert counts == {"1.2.3.1": 2, "1.2.3.2": 1}
+        instance = s.scalars(select(Instance).where(Instance.sop_instance_uid == "9.2")).one()
+        assert (instance.path, instance.size_bytes, instance.instance_number) == ("1.2.3/1.2.3.1/9.2.dcm", 1000, 2)
+        events = s.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert [e.sop_instance_uid for e in events] == ["9.1", "9.2", "9.3"]
+        assert {(e.event_type, e.outcome, e.dimse_status, e.detail) for e in events} == {
+            ("instance.stored", "success", 0, "1000 bytes")
+        }
+    assert index.lookup("9.2") == (True, False) and index.lookup("9.9") == (False, False)
+
+
+def test_a_duplicate_in_a_batch_is_reported_and_the_rest_still_indexed(index: IngestIndex) -> None:
+    assert index.add_instances([record("9.1")]) == [True]
+    assert index.add_instances([record("9.2"), record("9.1"), record("9.3")]) == [True, False, True]
+    with index.db.session() as s:
+        assert s.scalars(select(Study.instance_count)).one() == 3
+        assert s.scalars(select(Series.instance_count)).one() == 3
+
+
+def test_stat_raises_priority_and_own_output_neither_restarts_nor_opens_a_study(index: IngestIndex) -> None:
+    index.add_instances([record("9.1"), record("9.2", stat=True), record("9.3")])
+    with index.db.session() as s:
+        study = s.scalars(select(Study)).one()
+        assert study.priority == PRIORITY_STAT  # kept by the routine instance after it
+        last = study.last_received_at
+    index.add_instances([record("9.4", series="1.2.3.99", own_output=True)])
+    # a study known only through our own results is complete at once
+    index.add_instances([record("8.1", study="7.7", series="7.7.1", own_output=True)])
+    with index.db.session() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == "1.2.3")).one()
+        assert (study.instance_count, study.last_received_at, study.status) == (4, last, StudyStatus.RECEIVING)
+        own = s.scalars(select(Study).where(Study.study_instance_uid == "7.7")).one()
+        assert own.status == StudyStatus.COMPLETE and own.completed_at is not None
+        flags = dict(s.execute(select(Series.series_instance_uid, Series.is_own_output)).all())
+        assert flags == {"1.2.3.1": False, "1.2.3.99": True, "7.7.1": True}
+        details = s.scalars(select(AuditEvent.detail).where(AuditEvent.sop_instance_uid == "9.4")).all()
+        assert details == ["1000 bytes (own output)"]
+
+
+def test_a_series_first_seen_as_source_is_marked_own_when_our_output_joins_it(index: IngestIndex) -> None:
+    index.add_instances([record("9.1")])
+    index.add_instances([record("9.2", own_output=True)])
+    with index.db.session() as s:
+        assert s.scalars(select(Series.is_own_output)).one() is True
