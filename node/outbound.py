@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from db.audit import record_audit
 from db.jobs import update_timings
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
-from db.outbound import Backoff, DueItem, add_outbound, due_items, mark_failed, mark_sent, requeue_dead, upsert_result
+from db.outbound import Backoff, add_outbound, due_items, mark_failed, mark_sent, requeue_dead, upsert_result
 from db.session import Database
 from node.config import PeerSettings, Settings
 from node.scu import OutgoingFile, StoreOutcome, store_files
@@ -178,10 +178,14 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
     if not due:
         return report
 
-    def destination(item: DueItem) -> tuple[str, str, int, bool]:
-        return _destination(settings, item)
-
-    for (ae_title, host, port, tls), group in groupby(sorted(due, key=destination), key=destination):
+    # Only to peers still in [[peers]] (their current address and TLS setting): a peer removed from the
+    # configuration is no longer trusted with results, so its items wait (backoff, then dead, retryable).
+    unlisted = [item for item in due if settings.peer(item.destination_ae) is None]
+    for item in unlisted:
+        why = f"destination {item.destination_ae} is no longer in [[peers]]; not sent (add it back, then retry)"
+        _record(db, StoreOutcome(item.id, None, why), now, backoff, report)
+    listed = [item for item in due if settings.peer(item.destination_ae) is not None]
+    for ae_title, group in groupby(sorted(listed, key=lambda i: i.destination_ae), key=lambda i: i.destination_ae):
         items = list(group)
         files, missing = [], []
         for item in items:
@@ -192,20 +196,12 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
                 missing.append(StoreOutcome(item.id, None, f"result file {item.path} unreadable: {exc}"))
         for outcome in missing:
             _record(db, outcome, now, backoff, report, give_up=True)
-        peer = PeerSettings(ae_title=ae_title, host=host, port=port, tls=tls)
+        peer = settings.peer(ae_title)
+        assert peer is not None
         for outcome in store_files(settings.node, peer, files):
             _record(db, outcome, now, backoff, report)
     log.info("send pass: %d sent, %d to retry, %d dead", len(report.sent), len(report.retried), len(report.dead))
     return report
-
-
-def _destination(settings: Settings, item: DueItem) -> tuple[str, str, int, bool]:
-    """Where to send: the peer's current [[peers]] entry (so a corrected address applies to queued items),
-    else the address recorded when the item was queued (the peer was removed from the configuration)."""
-    peer = settings.peer(item.destination_ae)
-    if peer is not None:
-        return peer.ae_title, peer.host, peer.port, peer.tls
-    return item.destination_ae, item.host, item.port, False
 
 
 def _record(

@@ -24,7 +24,7 @@ from sqlalchemy import select
 from db.jobs import ClaimedJob, claim_next_job, complete_job, fail_job, heartbeat, release_job
 from db.models import Instance, Series
 from db.session import Database
-from node.config import InferenceSettings, Settings
+from node.config import InferenceSettings, RoutingRule, Settings
 from node.spool import Spool
 
 if TYPE_CHECKING:
@@ -75,6 +75,12 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
         max_batch=max_batch,
         seed=inference.seed,
     )
+
+
+def modalities_to_process(rule: RoutingRule | None) -> tuple[str, ...]:
+    """The image modalities a job analyses: its rule's (an empty list means any) that the model handles."""
+    wanted = rule.modalities if rule is not None and rule.modalities else IMAGE_MODALITIES
+    return tuple(m for m in wanted if m in IMAGE_MODALITIES)
 
 
 def series_to_process(db: Database, spool: Spool, job: ClaimedJob, modalities: tuple[str, ...]) -> list[SeriesFiles]:
@@ -209,8 +215,7 @@ class JobRunner:
         job_started = time.perf_counter()
         timings: dict[str, float] = {"queue_wait": max(0.0, time.time() - job.created_at.timestamp())}
         rule = next((r for r in self.settings.routing if r.name == job.rule), None)
-        modalities = tuple(rule.modalities) if rule else IMAGE_MODALITIES
-        series = series_to_process(self.db, self.spool, job, tuple(m for m in modalities if m in IMAGE_MODALITIES))
+        series = series_to_process(self.db, self.spool, job, modalities_to_process(rule))
         if not series:
             raise SeriesError(f"study {job.study_instance_uid} has no CT/CR/DX image series to process")
         started = time.perf_counter()

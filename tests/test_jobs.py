@@ -224,3 +224,12 @@ def test_stability_scan_wakes_the_workers_when_it_creates_jobs(tmp_path: Path) -
             assert int(assoc.send_c_store(ds).Status) == 0
         assoc.release()
         assert len(node.scan_studies()) == 1 and workers.woken == 1
+
+
+def test_a_rule_for_any_modality_analyses_every_image_modality() -> None:
+    from node.config import RoutingRule
+    from node.worker import IMAGE_MODALITIES, modalities_to_process
+
+    assert modalities_to_process(RoutingRule(name="any", modalities=[])) == IMAGE_MODALITIES  # empty = any
+    assert modalities_to_process(RoutingRule(name="ct", modalities=["ct", "MR"])) == ("CT",)
+    assert modalities_to_process(None) == IMAGE_MODALITIES  # the rule was removed from the config since

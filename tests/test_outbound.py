@@ -335,6 +335,23 @@ def test_queued_items_follow_a_corrected_peer_address(tmp_path: Path, node_db: t
         assert len(scp.received()) == len(objects)
 
 
+def test_a_peer_removed_from_the_config_gets_nothing_and_its_items_wait(
+    tmp_path: Path, node_db: tuple[Database, Spool]
+) -> None:
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=1)
+    with StoreSCP(tmp_path / "storescp") as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port)  # listening at the recorded address
+        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
+        report = send_due(make_settings(tmp_path, []), db, spool, now=T0)
+        assert (report.sent, len(report.retried)) == ([], len(objects))
+        assert scp.received() == []  # no results to an AE that is no longer trusted
+    assert all(
+        i.status == OutboundStatus.PENDING and i.attempts == 1 and "no longer in [[peers]]" in i.last_error
+        for i in items(db)
+    )
+
+
 def test_sender_killed_mid_send_loses_nothing(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     """SIGKILL the sending process while a slow storescp is receiving; a new process finishes the job.
 
