@@ -323,9 +323,14 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         with self._cond:
-            if self._draining:
-                return _status(STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later")
-            self._inflight += 1
+            draining = self._draining
+            if not draining:
+                self._inflight += 1
+        if draining:  # answered and audited outside the lock: the sender keeps the instance and retries
+            calling, called, address = self._peer(event.assoc)
+            who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
+            sop = str(event.request.AffectedSOPInstanceUID or "").strip()
+            return self._reject(STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later", sop, who)
         try:
             return self._store(event)
         finally:

@@ -282,3 +282,18 @@ def test_mismatched_sop_instance_uid_is_refused(tmp_path: Path) -> None:
         assert int(assoc.send_c_store(path).Status) == 0xA900
         assoc.release()
         assert instance_count(node) == 1
+
+
+def test_a_store_arriving_while_the_node_drains_is_refused_and_audited(tmp_path: Path, ct_files: list[Path]) -> None:
+    with running_node(node_settings(tmp_path / "var")) as node:
+        assoc = sender_ae([ct_files[0]]).associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+        assert assoc.is_established
+        with node.scp._cond:
+            node.scp._draining = True  # what stop() sets once the grace period is over
+        status = assoc.send_c_store(ct_files[0])
+        assoc.abort()
+        assert int(status.Status) == 0xA700 and "shutting down" in str(status.ErrorComment)
+        assert instance_count(node) == 0
+        (event,) = audit(node, "instance.rejected")
+        sop = str(dcmread(ct_files[0], stop_before_pixels=True).SOPInstanceUID)
+        assert (event.sop_instance_uid, event.dimse_status, event.calling_ae) == (sop, 0xA700, SENDER_AE)
