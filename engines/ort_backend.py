@@ -69,8 +69,10 @@ class OrtDenoiser:
                     "device 'cuda' requested for onnxruntime, but this onnxruntime has no CUDAExecutionProvider "
                     "(install onnxruntime-gpu)"
                 )
+            if self.device.index is None:  # "cuda": the current device, which a worker process may have pinned
+                self.device = torch.device("cuda", torch.cuda.current_device())
             providers: list[object] = [
-                ("CUDAExecutionProvider", {"device_id": self.device.index or 0}),
+                ("CUDAExecutionProvider", {"device_id": self.device.index}),
                 "CPUExecutionProvider",
             ]
         elif self.device.type == "cpu":

@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -114,6 +114,10 @@ class RoutingRule(Section):
         return [v.strip().upper() for v in values]
 
 
+T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
+LAMBDA_DEFAULTS = {"CT": 6.0, "CR": 3.0, "DX": 3.0}
+
+
 class InferenceSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
@@ -121,11 +125,27 @@ class InferenceSettings(Section):
     ensemble: int = Field(7, ge=1, le=64)
     model: str = "bundled"  # "bundled" or a path to a .safetensors file
     steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
-    t_start: dict[str, int] = Field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
-    threshold_lambda: dict[str, float] = Field(default_factory=lambda: {"CT": 6.0, "CR": 3.0, "DX": 3.0})
+    t_start: dict[str, int] = Field(default_factory=lambda: dict(T_START_DEFAULTS))
+    threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
-    workers: int = Field(1, ge=0)  # worker processes (one per GPU); 0 = this node runs no inference
+    workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
+
+    @field_validator("t_start", "threshold_lambda", mode="before")
+    @classmethod
+    def _per_modality(cls, value: object, info: ValidationInfo) -> object:
+        """A partial table changes only the modalities it names (`t_start = {CR = 200}` keeps CT's and DX's
+        defaults); keys are case-insensitive (environment variables arrive lower-case) and must be CT/CR/DX."""
+        if not isinstance(value, dict):
+            return value  # pydantic names the type error
+        defaults = T_START_DEFAULTS if info.field_name == "t_start" else LAMBDA_DEFAULTS
+        merged: dict[str, object] = dict(defaults)
+        for key, item in value.items():
+            modality = str(key).strip().upper()
+            if modality not in defaults:
+                raise ValueError(f"unknown modality {key!r}: the keys are CT, CR and DX")
+            merged[modality] = item
+        return merged
 
 
 class ResultsSettings(Section):

@@ -320,6 +320,20 @@ def serve_jobs(
             wake.wait(poll_seconds)
 
 
+def pin_worker_gpu(slot: int, device: str) -> int | None:
+    """Make GPU `slot mod count` this process's current CUDA device, so `workers = <number of GPUs>` puts one
+    worker on each GPU (every backend runs on the current device). None when the worker runs on the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    index = slot % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return index
+
+
 def worker_main(settings_json: str, owner: str, wake: EventLike | None = None) -> None:
     """Entry point of a worker process: claim and run jobs until SIGTERM.
 
@@ -334,6 +348,9 @@ def worker_main(settings_json: str, owner: str, wake: EventLike | None = None) -
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runner = JobRunner(settings, owner, stop)
+    gpu = pin_worker_gpu(WorkerSupervisor._slot(owner), settings.inference.device)
+    if gpu is not None:
+        log.info("worker %s runs on GPU %d", owner, gpu)
     try:
         denoiser, info = runner._engine()
     except Exception as exc:  # noqa: BLE001 - a worker without a model must not claim jobs

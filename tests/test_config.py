@@ -128,3 +128,16 @@ def test_inference_defaults_are_the_pipelines_defaults() -> None:
 
     s = load_settings(None)
     assert pipeline_settings(s.inference, s.inference.max_batch) == PipelineSettings(max_batch=s.inference.max_batch)
+
+
+def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "edgenode.toml"
+    path.write_text("[inference]\nthreshold_lambda = { cr = 4.5 }\nt_start = { DX = 200 }\n")
+    s = load_settings(path)
+    assert s.inference.threshold_lambda == {"CT": 6.0, "CR": 4.5, "DX": 3.0}  # CT keeps 6, not the fallback 3
+    assert s.inference.t_start == {"CT": 250, "CR": 250, "DX": 200}
+    monkeypatch.setenv("EDGENODE_INFERENCE__T_START__CT", "100")  # arrives as {"ct": "100"}
+    assert load_settings(path).inference.t_start == {"CT": 100, "CR": 250, "DX": 200}  # merged with the file
+    path.write_text("[inference]\nthreshold_lambda = { MR = 2 }\n")
+    with pytest.raises(ConfigError, match="inference.threshold_lambda: unknown modality 'MR'"):
+        load_settings(path)

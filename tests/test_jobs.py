@@ -233,3 +233,17 @@ def test_a_rule_for_any_modality_analyses_every_image_modality() -> None:
     assert modalities_to_process(RoutingRule(name="any", modalities=[])) == IMAGE_MODALITIES  # empty = any
     assert modalities_to_process(RoutingRule(name="ct", modalities=["ct", "MR"])) == ("CT",)
     assert modalities_to_process(None) == IMAGE_MODALITIES  # the rule was removed from the config since
+
+
+def test_each_worker_slot_gets_its_gpu_and_cpu_workers_none() -> None:
+    import torch
+
+    from node.worker import pin_worker_gpu
+
+    assert pin_worker_gpu(0, "cpu") is None
+    if not torch.cuda.is_available():
+        assert pin_worker_gpu(1, "auto") is None
+        return
+    count = torch.cuda.device_count()
+    assert pin_worker_gpu(count + 1, "auto") == 1 % count == torch.cuda.current_device()
+    pin_worker_gpu(0, "auto")
