@@ -180,11 +180,12 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
 
     # Only to peers still in [[peers]] (their current address and TLS setting): a peer removed from the
     # configuration is no longer trusted with results, so its items wait (backoff, then dead, retryable).
-    unlisted = [item for item in due if settings.peer(item.destination_ae) is None]
+    listed, unlisted = [], []
+    for item in due:
+        (listed if settings.peer(item.destination_ae) is not None else unlisted).append(item)
     for item in unlisted:
         why = f"destination {item.destination_ae} is no longer in [[peers]]; not sent (add it back, then retry)"
         _record(db, StoreOutcome(item.id, None, why), now, backoff, report)
-    listed = [item for item in due if settings.peer(item.destination_ae) is not None]
     for ae_title, group in groupby(sorted(listed, key=lambda i: i.destination_ae), key=lambda i: i.destination_ae):
         items = list(group)
         files, missing = [], []

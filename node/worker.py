@@ -348,10 +348,10 @@ def worker_main(settings_json: str, owner: str, wake: EventLike | None = None) -
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runner = JobRunner(settings, owner, stop)
-    gpu = pin_worker_gpu(WorkerSupervisor._slot(owner), settings.inference.device)
-    if gpu is not None:
-        log.info("worker %s runs on GPU %d", owner, gpu)
     try:
+        gpu = pin_worker_gpu(WorkerSupervisor._slot(owner), settings.inference.device)
+        if gpu is not None:
+            log.info("worker %s runs on GPU %d", owner, gpu)
         denoiser, info = runner._engine()
     except Exception as exc:  # noqa: BLE001 - a worker without a model must not claim jobs
         log.error("worker %s cannot load the model: %s; jobs stay queued", owner, exc)
