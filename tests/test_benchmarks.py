@@ -43,3 +43,10 @@ def test_engines_benchmark_reports_the_selected_cpu_backend() -> None:
     assert sorted(r[0] for r in rows) == ["onnxruntime-cpu mb7 x2", "torch-cpu-fp32"]
     assert all(r[1] == "4" and float(r[5]) > 0 and r[7].endswith("%") for r in rows)
     assert "chosen by engines.select (no probe): CPU preference onnxruntime" in out
+
+
+def test_memory_benchmark_measures_each_series_length() -> None:
+    rows = table(run_script("benchmarks/memory.py", "--slices", "12").stdout)
+    assert len(rows) == 1 and rows[0][0] == "12"
+    before, after = float(rows[0][1]), float(rows[0][2])
+    assert 0 < before <= after  # peak memory only grows
