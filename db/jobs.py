@@ -161,20 +161,18 @@ def fail_job(
 ) -> JobStatus | None:
     """Record a failed attempt: re-queue with exponential backoff, or give up after `max_attempts`."""
     now = now or utcnow()
-    job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
+    job = _end_lease(session, job_id, owner)
+    if job is None:
         return None
     return _retry_or_fail(session, job, error, max_attempts=max_attempts, backoff_seconds=backoff_seconds, now=now)
 
 
 def release_job(session: Session, job_id: int, owner: str) -> bool:
     """Hand a job back to the queue unfinished (the worker is stopping); the attempt does not count."""
-    job = session.get(Job, job_id)
-    if job is None or job.status != JobStatus.RUNNING or job.lease_owner != owner:
+    job = _end_lease(session, job_id, owner)
+    if job is None:
         return False
     job.status = JobStatus.QUEUED
-    job.lease_owner = None
-    job.lease_expires_at = None
     job.attempts = max(job.attempts - 1, 0)
     job.study.status = StudyStatus.QUEUED
     return True
@@ -185,19 +183,24 @@ def requeue_expired(
 ) -> list[int]:
     """Jobs whose worker stopped heart-beating (it died) go back to the queue, or fail after max attempts."""
     now = now or utcnow()
-    expired = (
-        session.execute(select(Job).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)).scalars().all()
-    )
-    for job in expired:
+    expired = session.execute(
+        select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+    ).all()
+    requeued = []
+    for job_id, owner in expired:
+        job = _end_lease(session, job_id, owner, expired_before=now)
+        if job is None:  # it finished, failed or renewed its lease since the query
+            continue
         _retry_or_fail(
             session,
             job,
-            f"lease expired (worker {job.lease_owner} stopped)",
+            f"lease expired (worker {owner} stopped)",
             max_attempts=max_attempts,
             backoff_seconds=backoff_seconds,
             now=now,
         )
-    return [job.id for job in expired]
+        requeued.append(job_id)
+    return requeued
 
 
 def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[int]:
@@ -206,14 +209,16 @@ def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[i
     `owners=None` means every running job (a single node restarting owns no live workers yet).
     Attempts are kept, so a job that kills its worker every time still ends up failed.
     """
-    query = select(Job).where(Job.status == JobStatus.RUNNING)
-    jobs = [j for j in session.execute(query).scalars() if owners is None or j.lease_owner in owners]
-    for job in jobs:
-        study = job.study
+    running = session.execute(select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING)).all()
+    requeued = []
+    for job_id, owner in running:
+        if owners is not None and owner not in owners:
+            continue
+        job = _end_lease(session, job_id, owner)
+        if job is None:
+            continue
         job.status = JobStatus.QUEUED
-        job.lease_owner = None
-        job.lease_expires_at = None
-        study.status = StudyStatus.QUEUED
+        job.study.status = StudyStatus.QUEUED
         record_audit(
             session,
             AuditEventType.JOB_RETRY,
@@ -221,7 +226,27 @@ def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[i
             outcome="warning",
             detail="re-queued at start-up: its worker was gone",
         )
-    return [job.id for job in jobs]
+        requeued.append(job_id)
+    return requeued
+
+
+def _end_lease(session: Session, job_id: int, owner: str | None, expired_before: datetime | None = None) -> Job | None:
+    """End the lease of a job that is still running under `owner` (with `expired_before`: whose lease ran out
+    before then), as one conditional UPDATE; the fresh row to finish the transition on, or None when another
+    process changed the job first (completed, superseded, failed, renewed). The UPDATE also takes the database's
+    write lock, so nothing can interleave between it and the rest of the transition."""
+    conditions = [Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner]
+    if expired_before is not None:
+        conditions.append(Job.lease_expires_at < expired_before)
+    ended = session.execute(
+        update(Job)
+        .where(*conditions)
+        .values(lease_owner=None, lease_expires_at=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if ended != 1:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
 
 
 def _retry_or_fail(

@@ -247,3 +247,53 @@ def test_each_worker_slot_gets_its_gpu_and_cpu_workers_none() -> None:
     count = torch.cuda.device_count()
     assert pin_worker_gpu(count + 1, "auto") == 1 % count == torch.cuda.current_device()
     pin_worker_gpu(0, "auto")
+
+
+def _just_before_the_first_update(session, change) -> None:  # type: ignore[no-untyped-def]
+    """Run `change` (another process's commit) right before `session` writes its first UPDATE."""
+    from sqlalchemy import event
+
+    fired: list[bool] = []
+
+    @event.listens_for(session, "do_orm_execute")
+    def _interleave(state) -> None:  # type: ignore[no-untyped-def]
+        if state.is_update and not fired:
+            fired.append(True)
+            change()
+
+
+def test_a_failure_reported_after_the_job_was_superseded_does_not_requeue_it(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "1.2.1")
+    with db.session() as s:
+        claim_next_job(s, "w1", 60)
+
+    def supersede() -> None:
+        with db.session() as other:
+            job = other.get(Job, job_id)
+            job.status, job.superseded_by = JobStatus.SUPERSEDED, 99
+
+    with db.session() as s:
+        _just_before_the_first_update(s, supersede)
+        assert fail_job(s, job_id, "w1", "boom", max_attempts=3, backoff_seconds=0) is None
+    with db.session() as s:
+        assert s.get(Job, job_id).status == JobStatus.SUPERSEDED
+
+
+def test_a_job_completed_while_its_expired_lease_is_requeued_stays_done(tmp_path: Path) -> None:
+    db = _db(tmp_path)
+    job_id = _add_job(db, "1.2.2")
+    with db.session() as s:
+        claim_next_job(s, "w1", 1)
+
+    def complete() -> None:
+        with db.session() as other:
+            assert complete_job(other, job_id, "w1", score=0.5, uncertainty=0.1, model_id="m", timings={})
+
+    later = utcnow() + timedelta(seconds=5)
+    with db.session() as s:
+        _just_before_the_first_update(s, complete)
+        assert requeue_expired(s, max_attempts=3, backoff_seconds=0, now=later) == []
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert (job.status, job.study.status) == (JobStatus.DONE, StudyStatus.DONE)
