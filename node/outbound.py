@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -193,7 +194,7 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
             path = spool.path(item.path)
             try:
                 files.append(OutgoingFile.from_path(item.id, path))
-            except OSError as exc:  # the file is gone or unreadable: no retry can fix that
+            except (OSError, InvalidDicomError, AttributeError) as exc:  # gone or damaged: no retry can fix that
                 missing.append(StoreOutcome(item.id, None, f"result file {item.path} unreadable: {exc}"))
         for outcome in missing:
             _record(db, outcome, now, backoff, report, give_up=True)

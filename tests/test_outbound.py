@@ -295,6 +295,22 @@ def test_missing_spool_file_goes_dead_at_once(tmp_path: Path, node_db: tuple[Dat
     assert retry_dead(db) == [item.id]
 
 
+def test_a_damaged_result_file_goes_dead_and_the_rest_are_delivered(
+    tmp_path: Path, node_db: tuple[Database, Spool]
+) -> None:
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=2)
+    with StoreSCP(tmp_path / "storescp") as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
+        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
+        ds = objects[0].dataset  # the first item's file, truncated by a disk fault, say
+        spool.path(f"results/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm").write_bytes(b"")
+        report = send_due(make_settings(tmp_path, [peer]), db, spool, now=T0)
+        assert (report.dead, len(report.sent)) == ([items(db)[0].id], len(objects) - 1)
+        assert len(scp.received()) == len(objects) - 1
+    assert "unreadable" in items(db)[0].last_error
+
+
 def test_restart_as_a_real_process(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     """`edgenode outbound send` in fresh processes: fails while the peer is down, delivers once it is up."""
     db, spool = node_db
