@@ -31,6 +31,7 @@ from node.heatmap import HeatmapRenderer, HeatmapText
 
 log = logging.getLogger(__name__)
 
+BIPED_LETTERS = {"A", "P", "L", "R", "F", "H"}  # what highdicom accepts per patient orientation value
 MANUFACTURER = "edgenode"
 DEVICE_MODEL_NAME = "edgenode anomaly detector"
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  # pydicom's root; UIDs are unique by their hashed entropy
@@ -227,9 +228,11 @@ class ResultWriter:
         )
         if "FrameOfReferenceUID" not in seg:  # projection radiograph: orientation is given by letters instead
             seg.PatientOrientation = self.sources[0].get("PatientOrientation", "")
-            # highdicom's reader (segread) insists on a slice thickness; a radiograph is nominally 1 mm thick
-            # (the same convention as AnomalyResult's "area x 1 mm" volume).
-            measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        # The Pixel Measures macro needs a slice thickness, which a source may leave empty (Type 2) and a radiograph
+        # lacks (highdicom's reader insists on it too): the loader's value, the slice spacing for such a CT, and
+        # nominally 1 mm for a radiograph (the same convention as AnomalyResult's "area x 1 mm" volume).
+        measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+        if not measures.get("SliceThickness"):
             measures.SliceThickness = self.result.slice_thickness_mm or 1.0
         return self.finish(seg, kind)
 
@@ -264,8 +267,9 @@ class ResultWriter:
     # ---- SC heatmaps -----------------------------------------------------------------------------
     def patient_orientation(self, source: Dataset) -> tuple[str, str] | None:
         """Row and column directions as patient orientation letters (from the source geometry)."""
-        if "PatientOrientation" in source and len(source.PatientOrientation) == 2:
-            return tuple(str(v) for v in source.PatientOrientation)  # type: ignore[return-value]
+        given = source.get("PatientOrientation")
+        if given and len(given) == 2:
+            return tuple(str(v) for v in given)  # type: ignore[return-value]
         if "ImageOrientationPatient" not in source:
             return None
         cosines = np.asarray(source.ImageOrientationPatient, float).reshape(2, 3)
@@ -293,22 +297,27 @@ class ResultWriter:
             )
             rgb = renderer.render(source, result.anomaly_map[k], text, result.segmentation[k])
             orientation = self.patient_orientation(source)
+            # highdicom takes single letters only; DICOM also allows compound ones (oblique) and, when unknown, an
+            # empty value (Type 2): those are written after construction over a placeholder.
+            letters = orientation if orientation and all(v in BIPED_LETTERS for v in orientation) else None
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=source,
                 pixel_array=rgb,
                 photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
                 bits_allocated=8,
-                coordinate_system=hd.CoordinateSystemNames.PATIENT if orientation else None,
+                coordinate_system=hd.CoordinateSystemNames.PATIENT,
                 series_instance_uid=series_uid,
                 series_number=SERIES_NUMBERS["sc"],
                 sop_instance_uid=self.uid("sc", k),
                 instance_number=rank,
                 manufacturer=MANUFACTURER,
-                patient_orientation=orientation,
+                patient_orientation=letters or ("L", "F"),
                 laterality=source.get("Laterality") or None,
                 transfer_syntax_uid=ExplicitVRLittleEndian,
                 contributing_equipment=self.equipment,
             )
+            if letters is None:
+                sc.PatientOrientation = list(orientation) if orientation else None
             sc.BurnedInAnnotation = "YES"
             sc.ImageType = ["DERIVED", "SECONDARY"]
             sc.DerivationDescription = f"Anomaly map of model {self.model.version} blended over the source image"
@@ -364,7 +373,7 @@ class ResultWriter:
             needed = PROJECTION_LIBRARY_ATTRIBUTES if ds.Modality in PROJECTION_MODALITIES else ()
             if ds.Modality in CROSS_SECTIONAL_MODALITIES:
                 needed = CROSS_SECTIONAL_LIBRARY_ATTRIBUTES
-            absent = [keyword for keyword in needed if keyword not in ds]
+            absent = [keyword for keyword in needed if ds.get(keyword) in (None, "", [])]  # Type 2: may be empty
             if absent:
                 log.info("image %s left out of the SR image library: no %s", ds.SOPInstanceUID, ", ".join(absent))
                 continue

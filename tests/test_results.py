@@ -293,6 +293,29 @@ def test_laterality_copied_when_present() -> None:
     assert {o.dataset.get("Laterality") for o in objects if o.kind != "sr"} == {"R"}
 
 
+@pytest.mark.parametrize(("orientation", "written"), [(None, ""), (["P", "FL"], ["P", "FL"]), (["A", "F"], ["A", "F"])])
+def test_heatmap_keeps_an_empty_or_compound_patient_orientation(
+    tmp_path: Path, orientation: list[str] | None, written: object
+) -> None:
+    """Type 2 for a radiograph: empty when unknown (common on CR), compound letters for oblique views."""
+    source = make_cr(64, 64)
+    source.PatientOrientation = orientation
+    (sc,) = by_kind(write_results(dx_result(source), [source], "j", ResultsSettings(heatmap_slices=1), MODEL), "sc")
+    assert "PatientOrientation" in sc and (sc.PatientOrientation or "") == written  # empty reads back as None
+    (path,) = save_all([sc], tmp_path, "sc")
+    assert dciodvfy_errors(path) == []
+
+
+def test_ct_without_slice_thickness_still_gets_its_report(tmp_path: Path) -> None:
+    sources = make_ct_series(6, 32, 32)
+    result = ct_result(sources)
+    for ds in sources:
+        ds.SliceThickness = None  # Type 2: present, empty
+    objects = write_results(result, sources, "j", ResultsSettings(heatmap_slices=2), MODEL)
+    assert [o.kind for o in objects][-1] == "sr"
+    assert all(dciodvfy_errors(p) == [] for p in save_all([o.dataset for o in objects], tmp_path, "obj"))
+
+
 def test_mismatched_sources_are_a_clear_error() -> None:
     sources = make_ct_series(4, 32, 32)
     result = ct_result(sources)
