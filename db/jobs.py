@@ -17,6 +17,10 @@ from db.audit import job_fields, record_audit
 from db.models import AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
 
 
+class LeaseLost(Exception):
+    """The job is no longer the caller's: superseded, completed or re-queued by someone else."""
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """What a worker needs to run a job, detached from the session."""

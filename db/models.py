@@ -243,6 +243,7 @@ class AuditEventType(StrEnum):
     JOB_DONE = "job.done"
     JOB_FAILED = "job.failed"
     JOB_RETRY = "job.retry"
+    SERIES_SKIPPED = "series.skipped"
     RESULT_CREATED = "result.created"
     SEND_OK = "send.ok"
     SEND_RETRY = "send.retry"

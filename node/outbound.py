@@ -20,7 +20,7 @@ from __future__ import annotations
 import fcntl
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.audit import record_audit
-from db.jobs import update_timings
+from db.jobs import LeaseLost, update_timings
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
 from db.outbound import Backoff, add_outbound, due_items, mark_failed, mark_sent, requeue_dead, upsert_result
 from db.session import Database
@@ -89,16 +89,21 @@ def enqueue(
     objects: Sequence[ResultObject],
     destination: PeerSettings,
     now: datetime | None = None,
+    still_ours: Callable[[Session], bool] | None = None,
 ) -> list[int]:
     """Store the objects in the spool and queue each for `destination`; returns the outbound item ids.
 
     Enqueuing the same job's objects again (same SOP Instance UIDs) refreshes the files and adds a new
-    pending item only where none is pending, so a re-run resends each object once.
+    pending item only where none is pending, so a re-run resends each object once. `still_ours(session)` runs
+    first in the queueing transaction (a worker's conditional lease renewal): if it says the job is no longer
+    the caller's (superseded, re-queued), nothing is queued and `LeaseLost` is raised.
     """
     now = now or datetime.now(UTC)
     stored = [(obj, spool.write_atomic(result_relpath(obj.dataset), encode(obj.dataset))) for obj in objects]
     item_ids = []
     with db.session() as session:
+        if still_ours is not None and not still_ours(session):
+            raise LeaseLost(f"job {job_id} is no longer this worker's; its results were not queued")
         job = session.get_one(Job, job_id)
         study = job.study
         for obj, file in stored:

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from db.jobs import ClaimedJob, claim_next_job, complete_job, fail_job, heartbeat, release_job
-from db.models import Instance, Series
+from db.audit import record_audit
+from db.jobs import ClaimedJob, LeaseLost, claim_next_job, complete_job, fail_job, heartbeat, release_job
+from db.models import AuditEventType, Instance, Series
 from db.session import Database
 from node.config import InferenceSettings, RoutingRule, Settings
 from node.spool import Spool
@@ -182,7 +184,7 @@ class JobRunner:
                         raise JobAborted("the node is stopping")
 
                 self._process(job, check)
-        except JobAborted as exc:
+        except (JobAborted, LeaseLost) as exc:
             log.warning("job %s abandoned: %s", job.id, exc)
             if self.stop.is_set():
                 with self.db.session() as session:
@@ -224,11 +226,21 @@ class JobRunner:
         destination = self.settings.peer(job.destination_ae)
         if destination is None:
             raise UnroutableJob(f"results destination {job.destination_ae!r} is not in [[peers]]")
-        scores, uncertainties, produced = [], [], 0
+        lease = self.settings.jobs.lease_seconds
+
+        def still_ours(session: Session) -> bool:  # renews the lease in the queueing transaction, if still ours
+            return heartbeat(session, job.id, self.owner, lease)
+
+        scores, uncertainties, produced, skipped = [], [], 0, []
         for item in series:
             check()
             started = time.perf_counter()
-            result = self._infer_with_oom_retry(run_pipeline, item, denoiser, model_info, check)
+            try:
+                result = self._infer_with_oom_retry(run_pipeline, item, denoiser, model_info, check)
+            except SeriesError as exc:  # e.g. a scout or a dose report beside the image series: skip just that one
+                skipped.append(f"series {item.series_instance_uid}: {exc}")
+                self._audit_skipped(job, item, str(exc))
+                continue
             # "load" is reading the series; "infer" the rest of the pipeline (mask, model grid, U-Net, threshold)
             series_load = result.timings.get("load", 0.0)
             timings["load"] += series_load
@@ -244,11 +256,13 @@ class JobRunner:
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
             check()
             started = time.perf_counter()
-            enqueue(self.db, self.spool, job.id, objects, destination)
+            enqueue(self.db, self.spool, job.id, objects, destination, still_ours=still_ours)
             timings["enqueue"] = timings.get("enqueue", 0.0) + time.perf_counter() - started
             produced += len(objects)
             scores.append(result.study_score)
             uncertainties.append(result.mean_uncertainty)
+        if not scores:
+            raise SeriesError("no image series could be analysed: " + "; ".join(skipped))
         timings["total"] = time.perf_counter() - job_started  # the worker's time on the job (not the queue)
         with self.db.session() as session:
             done = complete_job(
@@ -263,6 +277,19 @@ class JobRunner:
         if done:
             log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
             self.kick_sender()
+
+    def _audit_skipped(self, job: ClaimedJob, item: SeriesFiles, why: str) -> None:
+        log.warning("job %s: series %s skipped: %s", job.id, item.series_instance_uid, why)
+        with self.db.session() as session:
+            record_audit(
+                session,
+                AuditEventType.SERIES_SKIPPED,
+                outcome="warning",
+                job_id=job.id,
+                study_instance_uid=job.study_instance_uid,
+                series_instance_uid=item.series_instance_uid,
+                detail=f"not analysed ({item.modality}, {len(item.paths)} instance(s)): {why}"[:4000],
+            )
 
     def kick_sender(self) -> None:
         """Deliver the results now instead of at the scheduler's next send pass (up to `send.interval_seconds`

@@ -1,0 +1,116 @@
+"""A worker running real jobs (tiny U-Net, real spool, SQLite and result writers): which series it analyses,
+what it does with one it cannot, and that a job taken away from it mid-way queues nothing."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from db.ingest import IngestIndex, InstanceRecord
+from db.models import AuditEvent, Job, JobStatus, OutboundItem, Result, Study
+from db.session import Database
+from node.config import Settings
+from node.spool import Spool
+from node.worker import JobRunner
+from tests.dicomgen import make_ct_series
+from tests.engine_models import saved_unet
+from tests.ingest_support import node_settings
+
+
+def received_study(tmp_path: Path, datasets: list[Dataset]) -> tuple[Settings, Database]:
+    """The datasets stored and indexed as the listener would, plus one queued job for the study."""
+    _, _, model_path = saved_unet(tmp_path / "weights", "tiny")
+    inference = {"model": str(model_path), "ensemble": 1, "steps": 1, "device": "cpu", "backend": "torch"}
+    peers = [{"ae_title": "PACS", "host": "127.0.0.1", "port": 1}]
+    settings = node_settings(tmp_path / "var", inference=inference, peers=peers)
+    db, spool = Database(settings.database_url), Spool(settings.spool_dir)
+    index = IngestIndex(db)
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        stored = spool.store_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, buffer.getvalue())
+        record = InstanceRecord(
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+            path=stored.relpath,
+            size_bytes=stored.size,
+            sha256=stored.sha256,
+            modality=ds.Modality,
+            calling_ae="PACS",
+        )
+        assert index.add_instances([record]) == [True]
+    with db.session() as s:
+        study = s.scalars(select(Study)).one()
+        s.add(Job(study_id=study.id, rule="chest", destination_ae="PACS", instance_count=len(datasets)))
+    return settings, db
+
+
+def run_one_job(settings: Settings) -> None:
+    runner = JobRunner(settings, "worker-1-0.1")
+    runner.kick_sender = lambda: None  # type: ignore[method-assign]  # no PACS here: the queue is what is checked
+    assert runner.run_once()
+
+
+def scout_beside(study_uid: str) -> list[Dataset]:
+    """A two-image localizer series (AP and lateral): two orientations, so not one volume."""
+    scout = make_ct_series(2, 64, 64, study_uid=study_uid, series_number=1)
+    scout[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    scout[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    return scout
+
+
+def queued_series(db: Database) -> set[str]:
+    with db.session() as s:
+        return set(s.scalars(select(Result.series_instance_uid).join(OutboundItem)).all())
+
+
+def test_a_series_that_is_no_volume_is_skipped_and_the_rest_analysed(tmp_path: Path) -> None:
+    study = generate_uid()
+    ct = make_ct_series(8, 64, 64, study_uid=study, series_number=2)
+    scout = scout_beside(study)
+    settings, db = received_study(tmp_path, ct + scout)
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+        assert skipped.series_instance_uid == scout[0].SeriesInstanceUID and "Image Orientation" in skipped.detail
+        assert skipped.job_id == job.id
+    assert queued_series(db) and scout[0].SeriesInstanceUID not in queued_series(db)
+
+
+def test_a_study_with_no_usable_series_fails_once_with_every_reason(tmp_path: Path) -> None:
+    settings, db = received_study(tmp_path, scout_beside(generate_uid()))
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.FAILED and job.attempts == 1  # retrying cannot help
+        assert "no image series could be analysed" in job.error and "Image Orientation" in job.error
+    assert queued_series(db) == set()
+
+
+def test_a_job_superseded_while_it_runs_queues_no_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.results
+
+    settings, db = received_study(tmp_path, make_ct_series(6, 64, 64))
+    write_results = node.results.write_results
+
+    def superseded_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with db.session() as s:  # the stability scan, say: a late series arrived
+            job = s.scalars(select(Job)).one()
+            job.status, job.superseded_by = JobStatus.SUPERSEDED, job.id + 1
+        return write_results(*args, **kwargs)
+
+    monkeypatch.setattr(node.results, "write_results", superseded_meanwhile)
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.SUPERSEDED
+    assert queued_series(db) == set()
