@@ -1,8 +1,9 @@
-"""Database side of ingest and study completion: one short transaction per received instance.
+"""Database side of ingest and study completion: short transactions for received instances.
 
-The listener calls `IngestIndex.add_instance` after the file is durably in the spool and before it
-answers Success. Writers in this process take `write_lock` so that SQLite never makes threads poll
-for its lock and so the stability scan sees a consistent picture (no commit lands mid-scan).
+The listener's group committer calls `IngestIndex.add_instances` (one transaction for the instances that
+arrived together) after their files are durably in the spool and before it answers Success. Writers in
+this process take `write_lock` so that SQLite never makes threads poll for its lock and so the stability
+scan sees a consistent picture (no commit lands mid-scan).
 """
 
 from __future__ import annotations
@@ -102,18 +103,25 @@ class IngestIndex:
         return bool(stored), bool(own)
 
     def add_instance(self, rec: InstanceRecord) -> bool:
-        """Index a stored instance with its audit event; False if the SOP Instance UID was already there."""
+        """Index a stored instance with its audit event; False if the SOP Instance UID was already there.
+
+        Any other failure raises: an integrity error is only a duplicate when the row is really there (another
+        process indexed the same instance in between), not e.g. when retention removed the study meanwhile.
+        """
         with self.write_lock:
             try:
                 with self.db.engine.begin() as conn:
                     _add_instance(conn, rec)
             except IntegrityError:
-                # Only reachable if another process stored the same SOP Instance UID in between.
-                return False
+                if self.lookup(rec.sop_instance_uid)[0]:
+                    return False
+                raise
         return True
 
-    def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
-        """Index several stored instances in ONE transaction (group commit); per record: False if duplicate."""
+    def add_instances(self, records: list[InstanceRecord]) -> list[bool | Exception]:
+        """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
+        when it was already there, or the exception that kept it out: after a failed batch each record is tried on
+        its own, so one record's failure never decides another's."""
         with self.write_lock:
             try:
                 with self.db.engine.begin() as conn:
@@ -121,8 +129,15 @@ class IngestIndex:
                         _add_instance(conn, rec)
                 return [True] * len(records)
             except IntegrityError:
-                pass
-        return [self.add_instance(rec) for rec in records]  # rare: find which one was already there
+                if len(records) == 1:
+                    return [self._add_alone(records[0])]
+        return [self._add_alone(rec) for rec in records]  # rare: find which one failed, and why
+
+    def _add_alone(self, rec: InstanceRecord) -> bool | Exception:
+        try:
+            return self.add_instance(rec)
+        except Exception as exc:  # noqa: BLE001 - handed to that record's handler, which answers a failure
+            return exc
 
     def record_event(self, event_type: AuditEventType | str, **fields: object) -> None:
         """Append one audit event in its own short transaction."""

@@ -84,8 +84,11 @@ class GroupCommitter:
             for relpath in one_file_per_folder.values():
                 self.spool.sync_parent(relpath)
             results = self.index.add_instances([p.record for p in batch])
-            for pending, added in zip(batch, results, strict=True):
-                pending.added = added
+            for pending, outcome in zip(batch, results, strict=True):
+                if isinstance(outcome, Exception):
+                    pending.error = outcome
+                else:
+                    pending.added = outcome
         except BaseException as exc:  # every waiting handler gets the error and answers a failure
             log.exception("group commit of %d instance(s) failed", len(batch))
             for pending in batch:

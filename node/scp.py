@@ -422,11 +422,10 @@ class StorageSCP:
             try:
                 added = self.committer.submit(record)  # folder fsync + commit, shared with concurrent stores
             except Exception as exc:
-                # Not indexed: remove the file so a retry starts clean and nothing unindexed stays behind.
-                self.spool.delete(stored.relpath)
                 log.exception("cannot index instance %s", sop)
+                self._remove_unindexed(sop, stored.relpath)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
-            if not added:  # another process indexed the same SOP Instance UID in between
+            if not added:  # another process indexed the same SOP Instance UID in between: its row, this file
                 return STATUS_SUCCESS
         if self.on_source_instance is not None and not own:
             try:
@@ -435,6 +434,18 @@ class StorageSCP:
                 log.exception("instance %s stored; notifying the stability scan failed", sop)
         log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
         return STATUS_SUCCESS
+
+    def _remove_unindexed(self, sop: str, relpath: str) -> None:
+        """After a failed index write: remove the file so a retry starts clean, unless a row for the instance
+        exists after all (it names this same path); if the database cannot say, keep the file (start-up
+        recovery removes files no row names, so keeping one never loses anything)."""
+        try:
+            indexed = self.index.lookup(sop)[0]
+        except Exception:  # noqa: BLE001 - the database is failing; keeping the file is the safe side
+            log.warning("instance %s: cannot check the index; its file stays for start-up recovery", sop)
+            return
+        if not indexed:
+            self.spool.delete(relpath)
 
     def _reject(
         self, status: int, reason: str, sop: str, who: dict[str, str], ids: dict[str, str] | None = None

@@ -91,3 +91,27 @@ def test_a_series_first_seen_as_source_is_marked_own_when_our_output_joins_it(in
     index.add_instances([record("9.2", own_output=True)])
     with index.db.session() as s:
         assert s.scalars(select(Series.is_own_output)).one() is True
+
+
+def test_after_a_failed_batch_each_record_gets_its_own_outcome(
+    index: IngestIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    import db.ingest
+
+    index.add_instances([record("9.9")])
+    real = db.ingest._add_instance
+
+    def flaky(conn, rec):  # type: ignore[no-untyped-def]
+        if rec.sop_instance_uid == "9.3":
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        if rec.sop_instance_uid == "9.4":  # e.g. the series was removed by retention in between
+            raise IntegrityError("INSERT", {}, Exception("FOREIGN KEY constraint failed"))
+        return real(conn, rec)
+
+    monkeypatch.setattr(db.ingest, "_add_instance", flaky)
+    outcomes = index.add_instances([record("9.1"), record("9.9"), record("9.3"), record("9.4")])
+    assert outcomes[:2] == [True, False]  # indexed; already there (a true duplicate)
+    assert isinstance(outcomes[2], OperationalError) and isinstance(outcomes[3], IntegrityError)
+    assert [index.lookup(s)[0] for s in ("9.1", "9.3", "9.4")] == [True, False, False]
