@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import Connection, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -61,16 +62,32 @@ class InstanceRecord:
     stat: bool = False  # the study asks for STAT handling
 
 
+class Known(NamedTuple):
+    stored: bool  # an instance with this SOP Instance UID is indexed
+    own_result: bool  # the UID is one of this node's result objects
+    series_study: str | None  # the Study Instance UID the series already belongs to (None: a new series)
+
+
+class SeriesInOtherStudy(ValueError):
+    """A Series Instance UID that is already indexed under another study (UIDs must be unique)."""
+
+
 class _IngestStatements:
     """The listener's per-instance statements, built once: SQLAlchemy then only binds parameters per image
     (building them per call, or going through the ORM's unit of work, cost more than the statements)."""
 
     studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
     study_id = select(studies.c.id).where(studies.c.study_instance_uid == bindparam("uid"))
-    series_row = select(series.c.id, series.c.is_own_output).where(series.c.series_instance_uid == bindparam("uid"))
+    series_row = select(series.c.id, series.c.study_id, series.c.is_own_output).where(
+        series.c.series_instance_uid == bindparam("uid")
+    )
     lookup = select(
         exists().where(instances.c.sop_instance_uid == bindparam("uid")),
         exists().where(Result.__table__.c.sop_instance_uid == bindparam("uid")),
+        select(studies.c.study_instance_uid)
+        .join(series, series.c.study_id == studies.c.id)
+        .where(series.c.series_instance_uid == bindparam("series"))
+        .scalar_subquery(),
     )
     insert_study = insert(studies)
     insert_series = insert(series)
@@ -96,11 +113,12 @@ class IngestIndex:
         self.db = db
         self.write_lock = threading.Lock()
 
-    def lookup(self, sop_instance_uid: str) -> tuple[bool, bool]:
-        """(already stored, is one of our own results) for a SOP Instance UID, in one round trip."""
+    def lookup(self, sop_instance_uid: str, series_instance_uid: str = "") -> Known:
+        """What the index knows of an instance about to be stored, in one round trip."""
+        params = {"uid": sop_instance_uid, "series": series_instance_uid}
         with self.db.engine.connect() as conn:
-            stored, own = conn.execute(_IngestStatements.lookup, {"uid": sop_instance_uid}).one()
-        return bool(stored), bool(own)
+            stored, own, series_study = conn.execute(_IngestStatements.lookup, params).one()
+        return Known(bool(stored), bool(own), series_study)
 
     def add_instance(self, rec: InstanceRecord) -> bool:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there.
@@ -121,17 +139,16 @@ class IngestIndex:
     def add_instances(self, records: list[InstanceRecord]) -> list[bool | Exception]:
         """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
         when it was already there, or the exception that kept it out: after a failed batch each record is tried on
-        its own, so one record's failure never decides another's."""
+        its own (and a single record once more), so one record's failure never decides another's."""
         with self.write_lock:
             try:
                 with self.db.engine.begin() as conn:
                     for rec in records:
                         _add_instance(conn, rec)
                 return [True] * len(records)
-            except IntegrityError:
-                if len(records) == 1:
-                    return [self._add_alone(records[0])]
-        return [self._add_alone(rec) for rec in records]  # rare: find which one failed, and why
+            except Exception:  # noqa: BLE001 - rare: find which record failed, and why, one at a time
+                pass
+        return [self._add_alone(rec) for rec in records]
 
     def _add_alone(self, rec: InstanceRecord) -> bool | Exception:
         try:
@@ -192,6 +209,8 @@ def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
             },
         ).inserted_primary_key[0]
     else:
+        if found.study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
+            raise SeriesInOtherStudy(f"series {rec.series_instance_uid} belongs to another study")
         series_id = found.id
         if rec.own_output and not found.is_own_output:
             conn.execute(q.mark_series_own, {"key": series_id})

@@ -371,7 +371,7 @@ class StorageSCP:
         lock = self._sop_locks[int(hashlib.blake2s(sop.encode(), digest_size=2).hexdigest(), 16) % 64]
         with lock:
             try:
-                stored_before, is_result = self.index.lookup(sop)
+                stored_before, is_result, series_study = self.index.lookup(sop, fields.series_instance_uid)
                 if stored_before:
                     log.info("duplicate instance %s from %s: already stored", sop, calling)
                     self._audit(
@@ -382,6 +382,11 @@ class StorageSCP:
                         detail="already stored; kept the first copy",
                     )
                     return STATUS_SUCCESS
+                if series_study is not None and series_study != fields.study_instance_uid:
+                    # A UID collision at the sender: filing it would mix two studies (two patients) in one series.
+                    return self._reject(
+                        STATUS_DOES_NOT_MATCH, "Series Instance UID already belongs to another study", sop, who, ids
+                    )
                 own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
                 data = _meta_prefix(event.file_meta) + stream
                 stored = self.spool.store_instance(

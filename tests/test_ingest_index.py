@@ -55,7 +55,8 @@ def test_instances_series_and_study_counted_with_one_audit_event_each(index: Ing
         assert {(e.event_type, e.outcome, e.dimse_status, e.detail) for e in events} == {
             ("instance.stored", "success", 0, "1000 bytes")
         }
-    assert index.lookup("9.2") == (True, False) and index.lookup("9.9") == (False, False)
+    assert index.lookup("9.2") == (True, False, None) and index.lookup("9.9") == (False, False, None)
+    assert index.lookup("9.9", "1.2.3.2").series_study == "1.2.3"  # the study a known series belongs to
 
 
 def test_a_duplicate_in_a_batch_is_reported_and_the_rest_still_indexed(index: IngestIndex) -> None:
@@ -115,3 +116,13 @@ def test_after_a_failed_batch_each_record_gets_its_own_outcome(
     assert outcomes[:2] == [True, False]  # indexed; already there (a true duplicate)
     assert isinstance(outcomes[2], OperationalError) and isinstance(outcomes[3], IntegrityError)
     assert [index.lookup(s)[0] for s in ("9.1", "9.3", "9.4")] == [True, False, False]
+
+
+def test_a_series_uid_already_filed_under_another_study_is_refused(index: IngestIndex) -> None:
+    from db.ingest import SeriesInOtherStudy
+
+    index.add_instances([record("9.1")])
+    (outcome,) = index.add_instances([record("8.1", study="7.7")])  # same series UID, another study
+    assert isinstance(outcome, SeriesInOtherStudy)
+    with index.db.session() as s:
+        assert s.scalars(select(Series.instance_count)).one() == 1

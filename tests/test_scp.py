@@ -297,3 +297,19 @@ def test_a_store_arriving_while_the_node_drains_is_refused_and_audited(tmp_path:
         (event,) = audit(node, "instance.rejected")
         sop = str(dcmread(ct_files[0], stop_before_pixels=True).SOPInstanceUID)
         assert (event.sop_instance_uid, event.dimse_status, event.calling_ae) == (sop, 0xA700, SENDER_AE)
+
+
+def test_a_series_uid_reused_by_another_study_is_refused(tmp_path: Path) -> None:
+    first = make_ct_series(2, 32, 32, patient_id="PAT-A")
+    second = make_ct_series(2, 32, 32, patient_id="PAT-B", series_uid=str(first[0].SeriesInstanceUID))
+    files = write_datasets(first + second, tmp_path / "ct")
+    with running_node(node_settings(tmp_path / "var")) as node:
+        ae = sender_ae(files)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+        statuses = [int(assoc.send_c_store(path).Status) for path in files]
+        assoc.release()
+        assert statuses == [0, 0, 0xA900, 0xA900]
+        assert instance_count(node) == 2
+        assert {e.detail for e in audit(node, "instance.rejected")} == {
+            "Series Instance UID already belongs to another study"
+        }
