@@ -191,7 +191,10 @@ def parse_index_fields(stream: bytes, transfer_syntax: str) -> IndexFields:
     if ts == DeflatedExplicitVRLittleEndian:
         stream = inflate(stream)
     implicit, little = ts.is_implicit_VR, ts.is_little_endian
-    framing = check_framing(stream, implicit, little)
+    try:
+        framing = check_framing(stream, implicit, little)
+    except RecursionError:  # sequences nested hundreds deep: no real data set, and no reason to dig further
+        raise InvalidDataSet(STATUS_CANNOT_UNDERSTAND, "sequences are nested too deeply") from None
     if framing.has_rows and not framing.has_pixels:
         raise InvalidDataSet(STATUS_DOES_NOT_MATCH, "image attributes present but no Pixel Data (truncated?)")
     try:

@@ -333,6 +333,12 @@ class StorageSCP:
             return self._reject(STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later", sop, who)
         try:
             return self._store(event)
+        except Exception as exc:  # an unforeseen failure still gets a DIMSE answer and an audit event
+            log.exception("C-STORE handling failed")
+            calling, called, address = self._peer(event.assoc)
+            who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
+            sop = str(event.request.AffectedSOPInstanceUID or "").strip()
+            return self._reject(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", sop, who)
         finally:
             with self._cond:
                 self._inflight -= 1

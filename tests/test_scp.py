@@ -313,3 +313,25 @@ def test_a_series_uid_reused_by_another_study_is_refused(tmp_path: Path) -> None
         assert {e.detail for e in audit(node, "instance.rejected")} == {
             "Series Instance UID already belongs to another study"
         }
+
+
+def test_sequences_nested_absurdly_deep_are_cannot_understand_not_a_crash() -> None:
+    import struct
+
+    from node.received import InvalidDataSet, parse_index_fields
+
+    def sequence(inner: bytes) -> bytes:  # (0008,1115) SQ of undefined length holding one item
+        return (
+            struct.pack("<HH2sHL", 0x0008, 0x1115, b"SQ", 0, 0xFFFFFFFF)
+            + struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+            + inner
+            + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+            + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+        )
+
+    body = b""
+    for _ in range(2000):
+        body = sequence(body)
+    with pytest.raises(InvalidDataSet) as caught:
+        parse_index_fields(body, "1.2.840.10008.1.2.1")
+    assert caught.value.status == 0xC210 and "nested too deeply" in caught.value.reason
