@@ -14,6 +14,7 @@ import re
 import shutil
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +46,18 @@ class StoredFile:
     sha256: str
 
 
+KNOWN_DIRS_LIMIT = 4096  # series folders remembered: far more than are written to at once
+
+
 class Spool:
     """Files under one root folder; every write is atomic and durable before it returns."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self._known_dirs: set[Path] = {self.root}
+        # Folders known to exist (saves a stat per write). Bounded, most recently used kept: other processes
+        # (retention) remove folders without telling this cache, and a stale entry only costs one retry.
+        self._known_dirs: OrderedDict[Path, None] = OrderedDict({self.root: None})
         self._dirs_lock = threading.Lock()
 
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -82,7 +88,7 @@ class Spool:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
             with self._dirs_lock:
-                self._known_dirs.discard(final.parent)
+                self._known_dirs.pop(final.parent, None)
             self._ensure_dir(final.parent)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -125,7 +131,7 @@ class Spool:
             except OSError:
                 break
             with self._dirs_lock:
-                self._known_dirs.discard(parent)
+                self._known_dirs.pop(parent, None)
             parent = parent.parent
 
     def free_bytes(self) -> int:
@@ -154,6 +160,7 @@ class Spool:
         """Create a folder and make its entry durable in each newly created parent."""
         with self._dirs_lock:
             if folder in self._known_dirs:
+                self._known_dirs.move_to_end(folder)
                 return
         missing = []
         probe = folder
@@ -164,7 +171,9 @@ class Spool:
             new.mkdir(exist_ok=True)
             _fsync_dir(new.parent)
         with self._dirs_lock:
-            self._known_dirs.add(folder)
+            self._known_dirs[folder] = None
+            while len(self._known_dirs) > KNOWN_DIRS_LIMIT:
+                self._known_dirs.popitem(last=False)
 
 
 def _fsync_dir(folder: Path) -> None:

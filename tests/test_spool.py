@@ -53,3 +53,18 @@ def test_cleanup_temp_and_delete(tmp_path: Path) -> None:
     again = spool.store_instance("1.2", "1.2.3", "1.2.3.6", b"y")  # and the folder comes back when needed
     assert spool.path(again.relpath).read_bytes() == b"y"
     assert spool.free_bytes() > 0
+
+
+def test_the_folder_cache_stays_bounded_when_others_remove_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    import node.spool
+
+    monkeypatch.setattr(node.spool, "KNOWN_DIRS_LIMIT", 8)
+    spool = Spool(tmp_path / "spool")
+    for n in range(50):
+        spool.store_instance(f"1.{n}", "2", "3", b"data")
+        shutil.rmtree(spool.root / f"1.{n}")  # retention, in another object or process
+    assert len(spool._known_dirs) <= 8
+    spool.store_instance("1.0", "2", "3", b"again")  # a stale entry costs one retry, never a failure
+    assert spool.path("1.0/2/3.dcm").read_bytes() == b"again"
