@@ -55,7 +55,7 @@ def test_cleanup_temp_and_delete(tmp_path: Path) -> None:
     assert spool.free_bytes() > 0
 
 
-def test_the_folder_cache_stays_bounded_when_others_remove_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_cache_stays_bounded_when_others_remove_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
     import node.spool
