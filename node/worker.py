@@ -111,9 +111,18 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._settings.jobs.heartbeat_seconds):
-            with self._db.session() as session:
-                if not heartbeat(session, self._job_id, self._owner, self._settings.jobs.lease_seconds):
+        jobs = self._settings.jobs
+        last_renewed = time.monotonic()
+        while not self._stop.wait(jobs.heartbeat_seconds):
+            try:
+                with self._db.session() as session:
+                    if not heartbeat(session, self._job_id, self._owner, jobs.lease_seconds):
+                        self.lost.set()
+                        return
+                last_renewed = time.monotonic()
+            except Exception:  # noqa: BLE001 - a database hiccup: keep beating, the lease has time left
+                log.exception("job %s: could not renew the lease; trying again", self._job_id)
+                if time.monotonic() - last_renewed >= jobs.lease_seconds:  # others may have taken the job by now
                     self.lost.set()
                     return
 
@@ -277,6 +286,8 @@ class JobRunner:
         if done:
             log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
             self.kick_sender()
+        else:
+            log.warning("job %s finished here but is no longer this worker's (superseded or re-queued)", job.id)
 
     def _audit_skipped(self, job: ClaimedJob, item: SeriesFiles, why: str) -> None:
         log.warning("job %s: series %s skipped: %s", job.id, item.series_instance_uid, why)

@@ -114,3 +114,34 @@ def test_a_job_superseded_while_it_runs_queues_no_results(tmp_path: Path, monkey
     with db.session() as s:
         assert s.scalars(select(Job.status)).one() == JobStatus.SUPERSEDED
     assert queued_series(db) == set()
+
+
+def test_the_heartbeat_survives_a_database_error_and_gives_up_only_after_the_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    import node.worker
+    from db.jobs import claim_next_job
+
+    settings, db = received_study(tmp_path, make_ct_series(2, 32, 32))
+    settings.jobs.heartbeat_seconds, settings.jobs.lease_seconds = 0.05, 0.5
+    with db.session() as s:
+        job = claim_next_job(s, "w1", 60)
+    calls: list[float] = []
+    real = node.worker.heartbeat
+
+    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node.worker, "heartbeat", failing_once)
+    with node.worker.Heartbeat(db, job.id, "w1", settings) as beat:
+        time.sleep(0.3)
+        assert len(calls) >= 3 and not beat.lost.is_set()  # it kept beating after the error
+
+    monkeypatch.setattr(node.worker, "heartbeat", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down")))
+    with node.worker.Heartbeat(db, job.id, "w1", settings) as beat:
+        assert beat.lost.wait(2.0)  # no renewal for a whole lease: the job may be someone else's now
