@@ -82,6 +82,10 @@ class InconsistentGeometryError(SeriesError):
     pass
 
 
+class InvalidWindowError(SeriesError):
+    """The VOI window the image prescribes cannot be applied."""
+
+
 class MixedOrientationError(InconsistentGeometryError):
     pass
 
@@ -198,7 +202,7 @@ def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     if function == "LINEAR_EXACT":
         return np.clip((arr - c) / w + 0.5, 0.0, 1.0)
     if w < 1:
-        raise InconsistentGeometryError(f"SOP Instance {_uid(ds)}: Window Width {w} < 1 is invalid", _uid(ds))
+        raise InvalidWindowError(f"SOP Instance {_uid(ds)}: Window Width {w} < 1 is invalid", _uid(ds))
     if w == 1:
         return (arr > c - 0.5).astype(np.float64)
     return np.clip((arr - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
@@ -228,12 +232,16 @@ def radiograph_intensity(raw: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _floats(ds: Dataset, keyword: str, n: int) -> np.ndarray:
     value = ds.get(keyword)
-    if value is None or len(value) != n:
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        if value is None or len(values) != n:
+            raise ValueError(f"{len(values) if value is not None else 0} value(s) instead of {n}")
+        return np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
         raise InconsistentGeometryError(
-            f"SOP Instance {_uid(ds)}: {keyword} is missing or malformed; CT slices need full plane geometry",
+            f"SOP Instance {_uid(ds)}: {keyword} is missing or malformed ({exc}); CT slices need full plane geometry",
             _uid(ds),
-        )
-    return np.array([float(v) for v in value], dtype=np.float64)
+        ) from None
 
 
 def _spacing(ds: Dataset) -> tuple[float, float]:

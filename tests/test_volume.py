@@ -372,3 +372,11 @@ def test_ct_values_equal_pydicoms_rescale_rounded_to_float32() -> None:
 def test_dcmtk_tools_exist() -> None:
     for name in ("dcmcjpeg", "dcmcrle", "dcmcjpls"):
         assert DCMTK[name].exists()
+
+
+def test_a_malformed_position_is_a_series_error_naming_the_instance(tmp_path: Path) -> None:
+    series = make_ct_series(3, 32, 32)
+    series[1].ImagePositionPatient = 5.0  # one value where three belong
+    with pytest.raises(InconsistentGeometryError, match="ImagePositionPatient is missing or malformed") as caught:
+        load_series(write_datasets(series, tmp_path))
+    assert caught.value.sop_instance_uid == series[1].SOPInstanceUID
