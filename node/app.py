@@ -71,7 +71,7 @@ class EdgeNode:
         self.db = Database(settings.database_url)
         self.spool = Spool(settings.spool_dir)
         self.index = IngestIndex(self.db)
-        self.scheduler = build_scheduler(settings)
+        self.scheduler = build_scheduler()
         self.stability = StabilityScanner(settings, self.db, self.index)
         self.workers: WorkerSupervisor | None = None
         if settings.inference.workers > 0:

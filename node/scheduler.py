@@ -19,7 +19,8 @@ from node.config import Settings
 log = logging.getLogger(__name__)
 
 
-def build_scheduler(settings: Settings) -> BackgroundScheduler:
+def build_scheduler() -> BackgroundScheduler:
+    """One background scheduler for the node's periodic work, in UTC; a late run is coalesced, never doubled."""
     return BackgroundScheduler(
         timezone="UTC",
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
