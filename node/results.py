@@ -281,6 +281,12 @@ class ResultWriter:
 
         return letter(cosines[0]), letter(cosines[1])
 
+    def image_name(self, k: int) -> str:
+        """How a reader finds source slice k in the viewer: its Instance Number (the image number viewers show),
+        else its position in the series from the first slice along the slice normal."""
+        number = self.sources[k].get("InstanceNumber")
+        return f"Image {number}" if number not in (None, "") else f"Slice {k + 1} of {len(self.sources)}"
+
     def heatmaps(self) -> list[Dataset]:
         result = self.result
         slices = result.top_slices(self.settings.heatmap_slices)
@@ -293,7 +299,7 @@ class ResultWriter:
             text = HeatmapText(
                 score=float(result.slice_scores[k]),
                 study_score=float(result.study_score),
-                label=f"slice {k + 1}/{len(self.sources)}" if len(self.sources) > 1 else "image",
+                label=self.image_name(k).lower() if len(self.sources) > 1 else "image",
             )
             rgb = renderer.render(source, result.anomaly_map[k], text, result.segmentation[k])
             orientation = self.patient_orientation(source)
@@ -449,7 +455,7 @@ class ResultWriter:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=self.uid("sr-slice-group", k), identifier=f"Slice {k + 1}"
+                        uid=self.uid("sr-slice-group", k), identifier=self.image_name(k)
                     ),
                     finding_type=codes.SCT.MorphologicallyAbnormalStructure,
                     algorithm_id=algorithm,

@@ -102,7 +102,9 @@ def by_kind(objects: Sequence[ResultObject], kind: str) -> list[Dataset]:
     return [o.dataset for o in objects if o.kind == kind]
 
 
-def check_sr_readback(path: Path, result: AnomalyResult, seg_uid: str | None, top: list[int]) -> None:
+def check_sr_readback(
+    path: Path, result: AnomalyResult, sources: Sequence[Dataset], seg_uid: str | None, top: list[int]
+) -> None:
     sr = hd.sr.srread(path)
     groups = sr.content.get_image_measurement_groups()
     study = next(g for g in groups if g.tracking_identifier == "Study")
@@ -116,10 +118,11 @@ def check_sr_readback(path: Path, result: AnomalyResult, seg_uid: str | None, to
         else study.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))
     )
     assert extent[0].value == pytest.approx(result.anomalous_volume_mm3, rel=1e-6)
-    slice_groups = {g.tracking_identifier: g for g in groups if g.tracking_identifier.startswith("Slice")}
-    assert sorted(slice_groups) == sorted(f"Slice {k + 1}" for k in top)
-    for k in top:
-        group = slice_groups[f"Slice {k + 1}"]
+    slice_groups = {g.tracking_identifier: g for g in groups if g.tracking_identifier.startswith("Image ")}
+    names = {f"Image {sources[k].InstanceNumber}": k for k in top}  # the image number a viewer shows
+    assert sorted(slice_groups) == sorted(names)
+    for name, k in names.items():
+        group = slice_groups[name]
         (value,) = group.get_measurements(name=SLICE_SCORE)
         assert value.value == pytest.approx(float(result.slice_scores[k]), rel=1e-6)
         assert group.source_images[0].referenced_sop_instance_uid == result.source_sop_instance_uids[k]
@@ -232,7 +235,7 @@ def test_every_object_is_valid_and_reads_back(tmp_path: Path, modality: str) -> 
     ]
 
     sr_path = next(p for p in result_paths if p.name.endswith("-sr.dcm"))
-    check_sr_readback(sr_path, result, str(objects[0].dataset.SOPInstanceUID), top)
+    check_sr_readback(sr_path, result, sources, str(objects[0].dataset.SOPInstanceUID), top)
 
 
 def test_uids_are_deterministic_per_job(tmp_path: Path) -> None:
@@ -263,7 +266,7 @@ def test_negative_result_omits_seg_by_default(tmp_path: Path) -> None:
     study = report.get_image_measurement_groups()[0]
     (finding,) = study.get_qualitative_evaluations(name=hd.sr.CodedConcept("404684003", "SCT", "Finding"))
     assert finding.value.value == "272519000"  # Absent
-    check_sr_readback(path, result, None, result.top_slices(2))
+    check_sr_readback(path, result, sources, None, result.top_slices(2))
 
 
 def test_negative_result_with_empty_seg_configured(tmp_path: Path) -> None:
@@ -385,3 +388,15 @@ def test_series_renderer_draws_the_same_pixels_as_a_figure_per_image() -> None:
             text = HeatmapText(0.5, 0.7, "image")
             expected = reference.render_heatmap(source, anomaly, vmax, text, segmentation)
             assert np.array_equal(render_heatmap(source, anomaly, vmax, text, segmentation), expected)
+
+
+def test_report_names_each_image_by_the_number_the_viewer_shows(tmp_path: Path) -> None:
+    sources = make_ct_series(8, 32, 32, shuffle_instance_numbers=True)  # numbering unrelated to position
+    result = ct_result(sources)
+    (sr,) = by_kind(write_results(result, sources, "j", ResultsSettings(heatmap_slices=3), MODEL), "sr")
+    (path,) = save_all([sr], tmp_path, "sr")
+    number_of = {str(ds.SOPInstanceUID): int(ds.InstanceNumber) for ds in sources}
+    groups = [g for g in hd.sr.srread(path).content.get_image_measurement_groups() if g.tracking_identifier != "Study"]
+    assert len(groups) == 3
+    for group in groups:
+        assert group.tracking_identifier == f"Image {number_of[group.source_images[0].referenced_sop_instance_uid]}"
