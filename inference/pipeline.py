@@ -187,7 +187,8 @@ def run_pipeline(
     timings["mask"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    grid, grid_mask, mapping = to_model_grid_with_mask(volume, mask, model_info.config.image_size)
+    # consume: the source intensities are not needed again, so their buffer is normalised in place and released
+    grid, grid_mask, mapping = to_model_grid_with_mask(volume, mask, model_info.config.image_size, consume=True)
     timings["resample"] = time.perf_counter() - start
 
     det = detect(grid, grid_mask, denoiser, settings, volume.modality, progress=report)

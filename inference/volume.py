@@ -388,11 +388,11 @@ def load_series(files: Sequence[Path]) -> Volume:
     )
 
 
-def normalise(pixels: np.ndarray, modality: str) -> np.ndarray:
+def normalise(pixels: np.ndarray, modality: str, out: np.ndarray | None = None) -> np.ndarray:
     """Source intensities -> [-1, 1]: CT window CT_WINDOW_HU linearly (clipped); CR/DX [0, 1] -> [-1, 1].
 
     The same float32 operations in the same order as the plain expression, but in one buffer (for an 80-slice
-    CT, four fewer 80 MB temporaries).
+    CT, four fewer 80 MB temporaries); `out` (float32 input only) may be the input itself.
     """
     if pixels.dtype != np.float32:  # computed in the input's precision, rounded once at the end
         lo, hi = CT_WINDOW_HU
@@ -400,11 +400,11 @@ def normalise(pixels: np.ndarray, modality: str) -> np.ndarray:
         return np.clip(wide, -1.0, 1.0).astype(np.float32)
     if modality == "CT":
         lo, hi = CT_WINDOW_HU
-        out = np.subtract(pixels, lo, dtype=np.float32)
+        out = np.subtract(pixels, lo, dtype=np.float32, out=out)
         np.divide(out, hi - lo, out=out)
         np.multiply(out, 2.0, out=out)
     else:
-        out = np.multiply(pixels, 2.0, dtype=np.float32)
+        out = np.multiply(pixels, 2.0, dtype=np.float32, out=out)
     np.subtract(out, 1.0, out=out)
     return np.clip(out, -1.0, 1.0, out=out)
 
@@ -488,12 +488,23 @@ def to_model_grid(volume: Volume, size: int) -> tuple[np.ndarray, GridMapping]:
     return resample_to_grid(normalise(volume.pixels, volume.modality), mapping, fill=-1.0), mapping
 
 
-def to_model_grid_with_mask(volume: Volume, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, GridMapping]:
+def to_model_grid_with_mask(
+    volume: Volume, mask: np.ndarray, size: int, *, consume: bool = False
+) -> tuple[np.ndarray, np.ndarray, GridMapping]:
     """to_model_grid and mask_to_grid together: the mask is converted to float32 in the normalised volume's buffer
-    (free once the volume is resampled), which saves a volume-sized allocation. Same arrays as the two calls."""
+    (free once the volume is resampled), which saves a volume-sized allocation. Same arrays as the two calls.
+
+    `consume=True` (the caller needs no source intensities afterwards) normalises in the volume's own float32
+    buffer and releases it: `volume.pixels` is then an empty (0, rows, cols) array, and the source-grid maps
+    that the caller allocates next no longer sit beside a volume-sized copy of the input.
+    """
     _, rows, cols = volume.shape
     mapping = GridMapping(rows=rows, cols=cols, size=size)
-    scratch = normalise(volume.pixels, volume.modality)
+    if consume and volume.pixels.dtype == np.float32:
+        scratch = normalise(volume.pixels, volume.modality, out=volume.pixels)
+        volume.pixels = np.empty((0, rows, cols), np.float32)
+    else:
+        scratch = normalise(volume.pixels, volume.modality)
     grid = resample_to_grid(scratch, mapping, fill=-1.0)
     np.copyto(scratch, mask, casting="unsafe")  # 0.0 / 1.0, as mask.astype(np.float32)
     grid_mask = resample_to_grid(scratch, mapping, 0.0) >= 0.5
