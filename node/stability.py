@@ -60,7 +60,8 @@ class StabilityScanner:
             "calling_ae": study.calling_ae,
         }
         rule = select_rule(self.settings.routing, study.calling_ae, pending.series)
-        grew = study.completed_at is not None
+        # A study first known through our own results alone was "complete" with no source instance: not growth.
+        grew = study.completed_at is not None and study.completed_instance_count > 0
         # The completion mark is real time taken under the ingest lock, so every instance committed
         # after this scan is later than it ("grew"), even when `now` is a simulated future time.
         study.completed_at = min(now, utcnow())

@@ -297,3 +297,15 @@ def test_quiet_end_waker_rearms_one_scan_per_study() -> None:
     assert jobs_now["quiet-end:1.2.3"] > first
     assert timedelta(seconds=29) < jobs_now["quiet-end:1.2.4"] - datetime.now(UTC) <= timedelta(seconds=30.02)
     assert scans == []
+
+
+def test_sources_after_our_own_results_complete_the_study_as_new_not_grown(node: EdgeNode) -> None:
+    ours = make_ct_series(1, 32, 32, series_number=99)[0]
+    ours.Manufacturer = "edgenode"  # e.g. our results reached the node before the study's images did
+    uid = str(ours.StudyInstanceUID)
+    send(node, [ours])
+    send(node, make_ct_series(2, 32, 32, study_uid=uid))
+    assert len(node.stability.scan(now=quiet_time(node, uid))) == 1
+    with node.db.session() as s:
+        detail = s.scalars(select(AuditEvent.detail).where(AuditEvent.event_type == "study.complete")).one()
+    assert "2 source instance(s)" in detail and "grew" not in detail
