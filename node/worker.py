@@ -63,6 +63,31 @@ class SeriesFiles:
     series_instance_uid: str
     modality: str
     paths: list[Path]
+    part: str = ""  # set when a radiograph series is analysed in parts (images of different sizes)
+
+
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+
+
+def split_radiographs_by_size(item: SeriesFiles) -> list[SeriesFiles]:
+    """A CR/DX series may hold views of different sizes (a PA and a lateral on other cassettes): each size is
+    analysed as its own part, since radiographs are independent images. A CT series is never split."""
+    if item.modality not in RADIOGRAPH_MODALITIES or len(item.paths) < 2:
+        return [item]
+    import pydicom
+
+    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
+    for path in item.paths:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            by_size[(int(header.Rows), int(header.Columns))].append(path)
+        except Exception:  # noqa: BLE001 - unreadable here: the loader says what is wrong with it
+            return [item]
+    if len(by_size) == 1:
+        return [item]
+    return [
+        SeriesFiles(item.series_instance_uid, item.modality, paths, f"{r}x{c}") for (r, c), paths in by_size.items()
+    ]
 
 
 def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineSettings:
@@ -97,7 +122,11 @@ def series_to_process(db: Database, spool: Spool, job: ClaimedJob, modalities: t
     grouped: dict[tuple[str, str], list[Path]] = defaultdict(list)
     for uid, modality, relpath in rows:
         grouped[(uid, modality)].append(spool.path(relpath))
-    found = [SeriesFiles(uid, modality, paths) for (uid, modality), paths in grouped.items()]
+    found = [
+        part
+        for (uid, modality), paths in grouped.items()
+        for part in split_radiographs_by_size(SeriesFiles(uid, modality, paths))
+    ]
     return sorted(found, key=lambda s: -len(s.paths))
 
 
@@ -261,7 +290,9 @@ class JobRunner:
             # Pixel data stays on disk until a heatmap needs it: highdicom deep-copies the sources, and copying
             # 80 CT slices' pixels cost ~1.5 s of the encode stage (the objects written are the same).
             sources = [pydicom.dcmread(p, defer_size="64 KB") for p in item.paths]
-            objects = write_results(result, sources, f"job-{job.id}", self.settings.results, model_info)
+            # A series analysed in parts needs distinct result UIDs per part (they derive from this key).
+            job_key = f"job-{job.id}" + (f"-{item.part}" if item.part else "")
+            objects = write_results(result, sources, job_key, self.settings.results, model_info)
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - started
             check()
             started = time.perf_counter()

@@ -145,3 +145,19 @@ def test_the_heartbeat_survives_a_database_error_and_gives_up_only_after_the_lea
     monkeypatch.setattr(node.worker, "heartbeat", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down")))
     with node.worker.Heartbeat(db, job.id, "w1", settings) as beat:
         assert beat.lost.wait(2.0)  # no renewal for a whole lease: the job may be someone else's now
+
+
+def test_a_radiograph_series_with_views_of_two_sizes_is_analysed_per_size(tmp_path: Path) -> None:
+    from tests.dicomgen import make_dx
+
+    study, series = generate_uid(), generate_uid()
+    pa, lateral = make_dx(96, 96, study_uid=study, seed=1), make_dx(96, 64, study_uid=study, seed=2)
+    for ds in (pa, lateral):
+        ds.SeriesInstanceUID = series
+    settings, db = received_study(tmp_path, [pa, lateral])
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.DONE
+        kinds = s.execute(select(Result.kind, Result.sop_instance_uid)).all()
+    reports = [uid for kind, uid in kinds if kind == "sr"]
+    assert len(reports) == 2 and len({uid for _, uid in kinds}) == len(kinds)  # one report per view, no UID twice
