@@ -94,6 +94,12 @@ def test_every_route_but_healthz_needs_the_token(client: TestClient, node) -> No
     assert page.status_code == 401 and 'name="token"' in page.text
 
 
+def test_an_oversized_sign_in_form_is_refused_unread(client: TestClient) -> None:
+    huge = client.post("/login", content=b"token=" + b"x" * 100_000, follow_redirects=False)
+    assert huge.status_code == 413  # no token needed to reach /login, so its body is capped
+    assert client.post("/login", data={"token": TOKEN}, follow_redirects=False).status_code == 303
+
+
 def test_bearer_header_and_signin_cookie(client: TestClient) -> None:
     assert client.get("/api/worklist", headers=AUTH).status_code == 200
     bad = client.post("/login", data={"token": "nope", "next": "/queue"}, follow_redirects=False)
@@ -203,11 +209,23 @@ def test_healthz_reports_low_disk(node) -> None:
     assert response.status_code == 503 and response.json()["disk"] == "low"
 
 
+def test_public_health_check_keeps_the_database_error_to_itself(client: TestClient, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import node.web.health
+
+    secret = "OperationalError: could not connect to db.internal:5432 as user pacs_rw"
+    monkeypatch.setattr(node.web.health, "database_ok", lambda db: (False, secret))
+    public = client.get("/healthz")
+    assert public.status_code == 503 and public.json()["database"].startswith("unreachable")
+    assert "db.internal" not in public.text
+    assert "db.internal" in client.get("/api/queue", headers=AUTH).text  # with the token, the reason
+
+
 def test_token_generated_once_and_kept_private(tmp_path: Path) -> None:
     settings = load_settings(None, node={"data_dir": str(tmp_path)})
     first_out, second_out = io.StringIO(), io.StringIO()
     token = resolve_token(settings, announce=first_out)
-    assert token in first_out.getvalue() and len(token) >= 32
+    assert str(token_path(settings)) in first_out.getvalue() and len(token) >= 32
+    assert token not in first_out.getvalue()  # never into logs: stderr goes to the journal
     assert stat.S_IMODE(token_path(settings).stat().st_mode) == 0o600
     assert resolve_token(settings, announce=second_out) == token and second_out.getvalue() == ""
     configured = load_settings(None, node={"data_dir": str(tmp_path)}, web={"token": "configured"})

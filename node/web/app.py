@@ -7,6 +7,7 @@ and /metrics, the sign-in form for pages), checked in one middleware so no route
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -40,6 +41,8 @@ from node.web.heatmap import HeatmapError, render_png, spool_file
 from node.web.token import resolve_token
 
 HERE = Path(__file__).parent
+log = logging.getLogger(__name__)
+LOGIN_BODY_LIMIT = 4096  # bytes: a token, a next path and the form encoding fit many times over
 COOKIE = "edgenode_token"
 PUBLIC_PATHS = frozenset({"/healthz"})
 LOGIN_PATH = "/login"
@@ -160,7 +163,14 @@ def create_app(
 
     @app.post(LOGIN_PATH, include_in_schema=False)
     async def login(request: Request) -> Response:
-        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        # Reachable without the token: read at most a sign-in form's worth, so nobody can make the node (listener
+        # included, same process) buffer an arbitrarily large body.
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > LOGIN_BODY_LIMIT:
+                return JSONResponse({"detail": "sign-in form too large"}, status_code=413)
+        form = parse_qs(bytes(body).decode("utf-8", "replace"))
         given = (form.get("token") or [""])[0].strip()
         next_path = safe_next((form.get("next") or ["/"])[0])
         if not token_matches(given, expected):
@@ -229,7 +239,9 @@ def create_app(
     @app.get("/healthz")
     def healthz() -> JSONResponse:
         health = check_health(settings, db, workers_alive)
-        return JSONResponse(health.as_dict(), status_code=200 if health.ok else 503)
+        if not health.database_ok:
+            log.warning("health check: database unreachable: %s", health.database_error)
+        return JSONResponse(health.as_dict(detail=False), status_code=200 if health.ok else 503)
 
     # --- Pages ---
 

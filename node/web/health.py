@@ -51,10 +51,12 @@ class Health:
     def ok(self) -> bool:
         return self.database_ok and self.disk_ok and self.workers_ok
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self, detail: bool = True) -> dict[str, object]:
+        """`detail=False` for the unauthenticated /healthz: a driver's error text can name hosts and users."""
+        unreachable = f"unreachable: {self.database_error}" if detail else "unreachable (details: /api/queue, log)"
         return {
             "status": "ok" if self.ok else "unhealthy",
-            "database": "ok" if self.database_ok else f"unreachable: {self.database_error}",
+            "database": "ok" if self.database_ok else unreachable,
             "disk": "ok" if self.disk_ok else "low",
             "disk_free_bytes": self.disk_free_bytes,
             "min_free_disk_bytes": self.min_free_disk_bytes,

@@ -22,7 +22,7 @@ def token_path(settings: Settings) -> Path:
 
 
 def resolve_token(settings: Settings, announce: TextIO | None = None) -> str:
-    """Return web.token if set, else the stored token, else generate, store and print it (once)."""
+    """Return web.token if set, else the stored token, else generate and store it (and say where, once)."""
     if settings.web.token:
         return settings.web.token
     path = token_path(settings)
@@ -44,9 +44,6 @@ def resolve_token(settings: Settings, announce: TextIO | None = None) -> str:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     out = announce if announce is not None else sys.stderr
-    print(
-        f"edgenode: generated the web dashboard token (shown once; kept in {path}, mode 0600):\n  {token}",
-        file=out,
-        flush=True,
-    )
+    # Only where it is: stderr usually ends up in the journal and central log collectors.
+    print(f"edgenode: generated the web dashboard token; read it from {path} (mode 0600)", file=out, flush=True)
     return token
