@@ -10,6 +10,7 @@ finishes the job. Each removal appends a `retention.deleted` audit event; audit 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -47,6 +48,7 @@ class RetentionReport:
     files_deleted: int = 0
     bytes_freed: int = 0
     files_missing: int = 0  # already gone from the spool (earlier interrupted run, manual cleanup)
+    studies_kept_failed: list[str] = field(default_factory=list)  # a file could not be removed: rows kept, retried
 
 
 def _undelivered(study: Study) -> bool:
@@ -57,18 +59,33 @@ def _undelivered(study: Study) -> bool:
     return False
 
 
-def _remove(path: Path, spool_root: Path, report: RetentionReport) -> None:
-    if not path.resolve().is_relative_to(spool_root):
+@dataclass
+class _Removal:
+    deleted: int = 0
+    missing: int = 0
+    failed: int = 0  # outside the spool, or the file system refused
+    bytes: int = 0
+
+
+def _remove(path: Path, spool_root: Path, removal: _Removal) -> None:
+    # Containment is checked on the path as written (.. folded), not resolved: a spool folder that is a symlink
+    # to another disk (results on their own volume, say) is still the spool.
+    if not Path(os.path.normpath(path)).is_relative_to(spool_root):
         log.error("retention: refusing to delete %s outside the spool %s", path, spool_root)
+        removal.failed += 1
         return
     try:
         size = path.stat().st_size
         path.unlink()
     except FileNotFoundError:
-        report.files_missing += 1
+        removal.missing += 1
         return
-    report.files_deleted += 1
-    report.bytes_freed += size
+    except OSError as exc:
+        log.error("retention: cannot delete %s: %s", path, exc)
+        removal.failed += 1
+        return
+    removal.deleted += 1
+    removal.bytes += size
 
 
 def _prune_empty_dirs(paths: set[Path], spool_root: Path) -> None:
@@ -116,10 +133,18 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
                 session.scalars(select(Instance.path).join(Series).where(Series.study_id == study.id))
             ) + list(session.scalars(select(Result.path).join(Job).where(Job.study_id == study.id)))
             files = [spool_root / p for p in relative]
-            before = report.bytes_freed
+            removal = _Removal()
             for path in files:
-                _remove(path, spool_root, report)
+                _remove(path, spool_root, removal)
             _prune_empty_dirs({p.parent for p in files}, spool_root)
+            report.files_deleted += removal.deleted
+            report.files_missing += removal.missing
+            report.bytes_freed += removal.bytes
+            if removal.failed:
+                # Rows kept, so no file is left that nothing names; the next run tries again (deleted ones count
+                # as missing then). The other studies go on.
+                report.studies_kept_failed.append(uid)
+                continue
             record_audit(
                 session,
                 AuditEventType.RETENTION_DELETED,
@@ -128,12 +153,18 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
                 study_instance_uid=uid,
                 detail=(
                     f"older than {settings.retention.days} days, all results delivered: removed "
-                    f"{len(files)} files ({report.bytes_freed - before} bytes) and the study's database rows"
+                    f"{removal.deleted} files ({removal.bytes} bytes; {removal.missing} already gone) and the "
+                    "study's database rows"
                 ),
             )
             session.delete(study)
         report.studies_deleted.append(uid)
-        log.info("retention: removed study %s (%d files)", uid, len(files))
+        log.info("retention: removed study %s (%d files)", uid, removal.deleted)
+    if report.studies_kept_failed:
+        log.warning(
+            "retention: kept %d old studies whose files could not all be deleted (see the errors above)",
+            len(report.studies_kept_failed),
+        )
     if report.studies_kept_undelivered:
         log.warning(
             "retention: kept %d old studies with undelivered results (see the queue page)",

@@ -98,3 +98,42 @@ def test_now_argument_and_days_setting(env) -> None:
     assert run_retention(settings, db, spool).studies_deleted == []
     later = utcnow() + timedelta(days=31)
     assert run_retention(settings, db, spool, now=later).studies_deleted == [uid]
+
+
+def test_a_file_that_cannot_be_deleted_keeps_its_study_and_the_rest_go_on(env) -> None:  # type: ignore[no-untyped-def]
+    settings, db = env
+    spool = settings.spool_dir
+    old = utcnow() - timedelta(days=45)
+    stuck = record_received_study(db, spool, patient_id="P1", accession="A1", received_at=old)
+    other = record_received_study(db, spool, patient_id="P2", accession="A2", received_at=old)
+    for uid in (stuck, other):
+        record_inference_outcome(db, spool, uid, score=0.3, uncertainty=0.1)
+    blocked = next(p for p in _files(spool) if stuck in str(p))
+    blocked.unlink()
+    blocked.mkdir()  # unlink() now fails with IsADirectoryError, as a permission or read-only error would
+    for _ in range(2):  # every run: the stuck study is kept, the other is not held up by it
+        report = run_retention(settings, db, spool)
+        assert report.studies_kept_failed == [stuck]
+    assert report.studies_deleted == [] and other not in {p.name for p in spool.iterdir()}
+    with db.session() as session:
+        assert set(session.scalars(select(Study.study_instance_uid))) == {stuck}
+        kept = set(session.scalars(select(Instance.path)))
+    assert kept  # its rows still name its files: nothing orphaned
+
+
+def test_a_spool_folder_on_another_disk_through_a_symlink_is_still_the_spool(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, db = env
+    spool = settings.spool_dir
+    uid = record_received_study(db, spool, patient_id="P1", accession="A1", received_at=utcnow() - timedelta(days=45))
+    record_inference_outcome(db, spool, uid, score=0.3, uncertainty=0.1, heatmaps=2)
+    results = spool / "results"
+    elsewhere = tmp_path / "other-disk" / "results"
+    elsewhere.parent.mkdir()
+    results.rename(elsewhere)
+    results.symlink_to(elsewhere)  # results on their own volume
+    report = run_retention(settings, db, spool)
+    assert report.studies_deleted == [uid] and report.files_deleted == 4
+    assert not [p for p in elsewhere.rglob("*") if p.is_file()]  # no orphans left on the other disk
+    with db.session() as session:
+        (detail,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.event_type == "retention.deleted"))
+    assert "removed 4 files" in detail and "0 already gone" in detail
