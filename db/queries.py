@@ -477,7 +477,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
     value = text.strip()
     if len(value) > 1 and value[-1].lower() in _UNITS and value[:-1].replace(".", "", 1).isdigit():
         now = now or datetime.now(UTC)
-        return now - timedelta(seconds=float(value[:-1]) * _UNITS[value[-1].lower()])
+        try:
+            return now - timedelta(seconds=float(value[:-1]) * _UNITS[value[-1].lower()])
+        except OverflowError:  # further back than any datetime
+            raise ValueError(f"{text!r} reaches back further than any date; give a smaller age or a date") from None
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:

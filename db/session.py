@@ -79,3 +79,19 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class DatabaseNotFound(FileNotFoundError):
+    """A read-side command pointed at a SQLite file that does not exist (a wrong data_dir, usually)."""
+
+
+def open_existing(url: str) -> Database:
+    """The node's database for commands that only look at (or operate on) what the node recorded: a missing
+    SQLite file is an error naming the path, rather than a new empty database that shows nothing."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise DatabaseNotFound(
+                f"no edgenode database at {path}: check [node] data_dir (the node creates it when it first starts)"
+            )
+    return Database(url)

@@ -246,7 +246,7 @@ def test_server_binds_loopback_by_default(node) -> None:
         assert httpx.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
         clash = settings.model_copy(deep=True)
         clash.web.port = server.port
-        with pytest.raises(RuntimeError, match="could not listen"):
+        with pytest.raises(OSError, match="could not listen"):
             WebServer(clash, db, startup_timeout=10).start()
     finally:
         server.stop()
@@ -284,3 +284,34 @@ def test_healthz_reports_dead_workers(node) -> None:
     assert alive.status_code == 200 and alive.json()["workers"] == "ok"
     unseen = TestClient(create_app(settings, db)).get("/healthz")
     assert unseen.status_code == 200 and unseen.json()["workers"] == "not visible here"
+
+
+def test_serve_with_the_dashboard_port_taken_says_so_in_one_line(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    from tests.conftest import edgenode_cmd, node_env
+    from tests.ingest_support import node_settings, write_toml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = node_settings(tmp_path / "var", web={"enabled": True, "port": port, "token": TOKEN})
+        config = write_toml(settings, tmp_path / "edgenode.toml")
+        done = subprocess.run(
+            edgenode_cmd("serve", "--config", str(config)), env=node_env(), capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1
+    assert f"web dashboard could not listen on 127.0.0.1:{port}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_out_of_range_query_values_are_client_errors_not_500(client: TestClient) -> None:
+    for path in (
+        "/api/worklist?since=99999999999d",
+        "/api/audit?until=99999999999h",
+        "/api/worklist?limit=100000000000000000000000",
+        "/api/audit?limit=-1",
+        "/studies/1.2.3/results/99999999999999999999999.png",
+    ):
+        assert 400 <= client.get(path, headers=AUTH).status_code < 500, path

@@ -15,6 +15,7 @@ import io
 import json
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -145,6 +146,18 @@ def test_filters_and_formats(real_run: ServedNode) -> None:
     assert bad.returncode == 2 and "--status" in bad.stderr
     bad = cli(real_run, "worklist", "--since", "last tuesday", check=False)
     assert bad.returncode == 2 and "ISO date" in bad.stderr
+    too_far = ("worklist", "--since", "99999999999d")
+    for args in (too_far, ("worklist", "--limit", "9" * 23), ("audit", "--limit", "-1")):
+        bad = cli(real_run, *args, check=False)  # out of range: a usage error, not a traceback
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, args
+
+
+def test_read_commands_refuse_a_data_dir_without_a_database(tmp_path: Path) -> None:
+    for args in (("worklist",), ("audit",), ("outbound", "list")):
+        env = node_env(EDGENODE_NODE__DATA_DIR=str(tmp_path / "typo"))
+        done = subprocess.run(edgenode_cmd(*args), env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no edgenode database at" in done.stderr, args
+    assert not (tmp_path / "typo" / "edgenode.db").exists()  # nothing created that would then show "0 rows"
 
 
 def audit_json(node: ServedNode, *args: str) -> list[dict]:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from node.commands.tabular import row_limit
 from node.config import Settings
 
 TABLE_FIELDS = (
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--since", help="at or after: ISO date/time (UTC) or an age like 24h, 7d")
     parser.add_argument("--until", help="before: ISO date/time (UTC) or an age like 1h")
-    parser.add_argument("--limit", type=int, default=1000, help="the most recent N events (default 1000; 0 = all)")
+    parser.add_argument("--limit", type=row_limit, default=1000, help="the latest N events (default 1000; 0 = all)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
 
 
@@ -58,6 +59,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         until=until,
         limit=args.limit or None,
     )
-    rows = query_rows(settings.database_url, audit_events, flt)
+    try:
+        rows = query_rows(settings.database_url, audit_events, flt)
+    except FileNotFoundError as exc:  # no database where the configuration says: a usage error, not "0 rows"
+        print(f"edgenode audit: {exc}", file=sys.stderr)
+        return 2
     write_rows(rows, AUDIT_FIELDS, args.format, sys.stdout, table_fields=TABLE_FIELDS, max_width=64)
     return 0

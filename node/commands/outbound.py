@@ -7,6 +7,7 @@ import csv
 import json
 import sys
 
+from node.commands.tabular import row_id, row_limit
 from node.config import Settings
 
 FIELDS = (
@@ -33,16 +34,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--status", choices=["pending", "sent", "dead"], help="list: only items in this state")
     parser.add_argument("--format", choices=["table", "json", "csv"], default="table", help="list: output format")
-    parser.add_argument("--limit", type=int, default=500, help="list: at most this many items (newest first)")
+    parser.add_argument("--limit", type=row_limit, default=500, help="list: at most this many items (newest first)")
     parser.add_argument(
-        "--id", type=int, action="append", dest="ids", metavar="N", help="retry: this item (repeatable)"
+        "--id", type=row_id, action="append", dest="ids", metavar="N", help="retry: this item (repeatable)"
     )
     parser.add_argument("--all-dead", action="store_true", help="retry: every dead item")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from db.outbound import list_items
-    from db.session import Database
+    from db.session import open_existing
 
     if args.action == "retry" and not (args.ids or args.all_dead):
         print("edgenode outbound retry: give --id N (repeatable) or --all-dead", file=sys.stderr)
@@ -50,7 +51,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "retry" and args.ids and args.all_dead:
         print("edgenode outbound retry: --id and --all-dead are exclusive", file=sys.stderr)
         return 2
-    db = Database(settings.database_url)
+    try:
+        db = open_existing(settings.database_url)
+    except FileNotFoundError as exc:
+        print(f"edgenode outbound: {exc}", file=sys.stderr)
+        return 2
     try:
         if args.action == "list":
             with db.session() as session:

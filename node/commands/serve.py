@@ -30,8 +30,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     node = EdgeNode(settings)
     try:
         node.start()
-    except OSError as exc:
-        log.error("cannot start: %s (is port %d free?)", exc, settings.node.port)
+    except OSError as exc:  # the DICOM or the dashboard port is taken, say: one line, no traceback
+        from node.web.server import WebPortUnavailable
+
+        hint = "" if isinstance(exc, WebPortUnavailable) else f" (is DICOM port {settings.node.port} free?)"
+        log.error("cannot start: %s%s", exc, hint)
         return 1
     log.info("edgenode ready: AE %s port %d, data in %s", settings.node.ae_title, node.scp.port, settings.data_dir)
     while not stop_requested.wait(1.0):

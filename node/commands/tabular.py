@@ -5,19 +5,42 @@ CSV and JSON carry every field under its stable name; the table shows the column
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 FORMATS = ("table", "csv", "json")
+MAX_ROWS = 1_000_000
+MAX_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def _bounded(text: str, low: int, high: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+    return value
+
+
+def row_limit(text: str) -> int:
+    """argparse type for --limit: 0 (all) up to MAX_ROWS; anything else is a usage error (exit 2)."""
+    return _bounded(text, 0, MAX_ROWS)
+
+
+def row_id(text: str) -> int:
+    """argparse type for a database id."""
+    return _bounded(text, 1, MAX_ID)
 
 
 def query_rows(database_url: str, query: Callable[[Any, Any], list[dict[str, Any]]], flt: Any) -> list[dict[str, Any]]:
     """Run one read query (db.queries) against the node's database and close it again."""
-    from db.session import Database
+    from db.session import open_existing
 
-    db = Database(database_url)
+    db = open_existing(database_url)
     try:
         with db.session() as session:
             return query(session, flt)

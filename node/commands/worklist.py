@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from node.commands.tabular import row_limit
 from node.config import Settings
 
 TABLE_FIELDS = (
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", help="received before: ISO date/time (UTC) or an age like 1h")
     parser.add_argument("--modality", default="", help="only studies with a series of this modality (CT, CR, DX)")
     parser.add_argument("--min-score", type=float, default=None, help="only scored studies with score >= this")
-    parser.add_argument("--limit", type=int, default=500, help="at most this many rows (default 500; 0 = all)")
+    parser.add_argument("--limit", type=row_limit, default=500, help="at most this many rows (default 500; 0 = all)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format")
 
 
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         min_score=args.min_score,
         limit=args.limit or None,
     )
-    rows = query_rows(settings.database_url, worklist, flt)
+    try:
+        rows = query_rows(settings.database_url, worklist, flt)
+    except FileNotFoundError as exc:  # no database where the configuration says: a usage error, not "0 rows"
+        print(f"edgenode worklist: {exc}", file=sys.stderr)
+        return 2
     write_rows(rows, WORKLIST_FIELDS, args.format, sys.stdout, table_fields=TABLE_FIELDS)
     return 0

@@ -12,10 +12,11 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastAPIPath
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,6 +43,8 @@ from node.web.token import resolve_token
 
 HERE = Path(__file__).parent
 log = logging.getLogger(__name__)
+MAX_ROWS = 1_000_000  # bounds for numeric query parameters: beyond them SQLite's integers overflow (a 500)
+MAX_ID = 2**63 - 1
 LOGIN_BODY_LIMIT = 4096  # bytes: a token, a next path and the form encoding fit many times over
 COOKIE = "edgenode_token"
 PUBLIC_PATHS = frozenset({"/healthz"})
@@ -196,7 +199,7 @@ def create_app(
         until: str | None = None,
         modality: str = "",
         min_score: float | None = None,
-        limit: int = Query(default=settings.web.worklist_limit, ge=0),
+        limit: int = Query(default=settings.web.worklist_limit, ge=0, le=MAX_ROWS),
     ) -> list[dict[str, Any]]:
         flt = _worklist_filter(status, since, until, modality, min_score, limit)
         with db.session() as session:
@@ -219,7 +222,7 @@ def create_app(
         event_type: str = "",
         since: str | None = None,
         until: str | None = None,
-        limit: int = Query(default=1000, ge=0),
+        limit: int = Query(default=1000, ge=0, le=MAX_ROWS),
     ) -> list[dict[str, Any]]:
         flt = _audit_filter(patient_id, accession, study_uid, ae, event_type, since, until, limit)
         with db.session() as session:
@@ -284,7 +287,11 @@ def create_app(
         return page(request, "study.html", study=detail)
 
     @app.get("/studies/{study_uid}/results/{result_id}.png")
-    def heatmap_png(study_uid: str, result_id: int, frame: int | None = None) -> Response:
+    def heatmap_png(
+        study_uid: str,
+        result_id: Annotated[int, FastAPIPath(ge=1, le=MAX_ID)],
+        frame: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
+    ) -> Response:
         with db.session() as session:
             found = result_path(session, study_uid, result_id)
         if found is None:

@@ -22,6 +22,10 @@ from node.web.token import resolve_token
 log = logging.getLogger(__name__)
 
 
+
+class WebPortUnavailable(OSError):
+    """The dashboard's address cannot be bound; the message names it and the setting to change."""
+
 class WebServer:
     """The dashboard, REST API and /metrics on a uvicorn server in a daemon thread.
 
@@ -92,8 +96,8 @@ class WebServer:
             listener.bind((host, port))
         except OSError as exc:
             listener.close()
-            raise RuntimeError(
-                f"web dashboard could not listen on {host}:{port}: {exc.strerror} (set [web] host/port)"
+            raise WebPortUnavailable(
+                exc.errno, f"web dashboard could not listen on {host}:{port}: {exc.strerror} (set [web] host/port)"
             ) from exc
         listener.listen(128)
         return listener
