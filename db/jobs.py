@@ -9,12 +9,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from db.audit import job_fields, record_audit
-from db.models import AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
+from db.models import AuditEventType, Job, JobDuration, JobStatus, Study, StudyStatus, utcnow
+
+WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
+
+
+def inference_seconds(timings: dict[str, Any] | None) -> float | None:
+    """Seconds a worker spent on a job: its `total`, else the sum of its top-level stages.
+
+    The worker records `queue_wait`, `load`, `infer`, `infer.<stage>` (parts of `infer`, so not added again),
+    `encode`, `enqueue` and `total` (the worker's whole time on the job); the sender adds `send`. Waiting in
+    the queue and delivery are left out: a backlog or a slow PACS must not look like slow inference
+    (queue_wait has its own histogram). None when nothing was recorded.
+    """
+    if not timings:
+        return None
+    if isinstance(timings.get("total"), int | float):
+        return float(timings["total"])
+    values = [
+        float(v)
+        for k, v in timings.items()
+        if "." not in k and k not in WAITING_STAGES and isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return sum(values) if values else None
+
+
+def queue_wait_seconds(timings: dict[str, Any] | None) -> float | None:
+    """How long a job waited between its creation and a worker taking it (its `queue_wait` stage)."""
+    value = (timings or {}).get("queue_wait")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
 
 
 class LeaseLost(Exception):
@@ -134,6 +164,14 @@ def complete_job(
     job = session.get(Job, job_id)
     assert job is not None
     session.refresh(job)
+    session.add(
+        JobDuration(
+            job_id=job_id,
+            finished_at=now,
+            worker_seconds=inference_seconds(timings),
+            queue_wait_seconds=queue_wait_seconds(timings),
+        )
+    )
     study = job.study
     if _is_latest_job(session, job):
         study.status = StudyStatus.DONE

@@ -202,6 +202,19 @@ class OutboundItem(Base):
     __table_args__ = (Index("ix_outbound_due", "status", "next_attempt_at"),)
 
 
+class JobDuration(Base):
+    """How long each finished job took: appended when a job is done and never deleted (retention removes the
+    jobs themselves), so the duration histograms in /metrics only ever grow, as Prometheus expects."""
+
+    __tablename__ = "job_durations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer)  # no foreign key: the job row may be gone, this row stays
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    worker_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    queue_wait_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
 class AuditEvent(Base):
     """Append-only record of what happened (database triggers refuse UPDATE and DELETE on SQLite).
 

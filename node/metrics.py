@@ -2,7 +2,8 @@
 
 Nothing is counted in process memory: the database is the truth, so the numbers survive restarts,
 agree across the listener, workers and CLI, and need no global registry. Counters come from the
-append-only audit trail (never deleted, so they only grow); gauges from the current tables.
+append-only audit trail and the duration histograms from the append-only job_durations table (retention
+deletes neither, so they only grow); gauges from the current tables.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
 
 from db.models import AuditEvent, AuditEventType, Job, JobStatus, OutboundItem, OutboundStatus, Study, StudyStatus
+from db.models import JobDuration as JD
 from db.session import Database
 from node.config import Settings
 from node.web.health import free_disk_bytes
@@ -27,40 +30,14 @@ INFERENCE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 
 SEND_FAILURE_EVENTS = (str(AuditEventType.SEND_RETRY), str(AuditEventType.SEND_DEAD))
 
 
-WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
-
-
-def inference_seconds(timings: dict[str, Any] | None) -> float | None:
-    """Seconds a worker spent on a job: its `total`, else the sum of its top-level stages.
-
-    The worker records `queue_wait`, `load`, `infer`, `infer.<stage>` (parts of `infer`, so not added again),
-    `encode`, `enqueue` and `total` (the worker's whole time on the job); the sender adds `send`. Waiting in
-    the queue and delivery are left out: a backlog or a slow PACS must not look like slow inference
-    (queue_wait has its own histogram). None when nothing was recorded.
-    """
-    if not timings:
-        return None
-    if isinstance(timings.get("total"), int | float):
-        return float(timings["total"])
-    values = [
-        float(v)
-        for k, v in timings.items()
-        if "." not in k and k not in WAITING_STAGES and isinstance(v, int | float) and not isinstance(v, bool)
-    ]
-    return sum(values) if values else None
-
-
-def queue_wait_seconds(timings: dict[str, Any] | None) -> float | None:
-    """How long a job waited between its creation and a worker taking it (its `queue_wait` stage)."""
-    value = (timings or {}).get("queue_wait")
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def histogram_buckets(values: list[float], bounds: tuple[float, ...]) -> list[tuple[str, float]]:
-    """Cumulative (le, count) pairs, ending with +Inf, as Prometheus histograms expect."""
-    out = [(repr(float(b)), float(sum(1 for v in values if v <= b))) for b in bounds]
-    out.append(("+Inf", float(len(values))))
-    return out
+def duration_histogram(session: Session, column: Any) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative buckets and sum of one job_durations column, counted in SQL: one row whatever the history's
+    length. The table is append-only (retention never touches it), so every count only grows."""
+    counts = [func.sum(case((column <= bound, 1), else_=0)) for bound in INFERENCE_BUCKETS]
+    row = session.execute(select(func.count(column), func.coalesce(func.sum(column), 0.0), *counts)).one()
+    total_count, total, *cumulative = row
+    buckets = [(str(float(bound)), float(n or 0)) for bound, n in zip(INFERENCE_BUCKETS, cumulative, strict=True)]
+    return [*buckets, ("+Inf", float(total_count))], float(total)
 
 
 class DatabaseCollector(Collector):
@@ -101,7 +78,9 @@ class DatabaseCollector(Collector):
                     select(OutboundItem.status, func.count(OutboundItem.id)).group_by(OutboundItem.status)
                 ).all()
             )
-            timings = session.scalars(select(Job.timings).where(Job.status == JobStatus.DONE)).all()
+            durations = {
+                column.key: duration_histogram(session, column) for column in (JD.worker_seconds, JD.queue_wait_seconds)
+            }
 
         received = CounterMetricFamily("edgenode_instances_received", "DICOM instances stored (C-STORE accepted)")
         received.add_metric([], float(stored or 0))
@@ -120,17 +99,21 @@ class DatabaseCollector(Collector):
             for state in sorted({str(s) for s in states} | set(counts)):
                 gauge.add_metric([state], float(counts.get(state, 0)))
             yield gauge
-        for name, doc, measure in (
+        for name, doc, key in (
             (
                 "edgenode_inference_seconds",
                 "Worker time of finished jobs: inference plus encoding of the results (queue wait excluded)",
-                inference_seconds,
+                JD.worker_seconds.key,
             ),
-            ("edgenode_queue_wait_seconds", "Time finished jobs waited in the queue for a worker", queue_wait_seconds),
+            (
+                "edgenode_queue_wait_seconds",
+                "Time finished jobs waited in the queue for a worker",
+                JD.queue_wait_seconds.key,
+            ),
         ):
-            seconds = [s for s in (measure(t) for t in timings) if s is not None]
+            buckets, total = durations[key]
             hist = HistogramMetricFamily(name, doc)
-            hist.add_metric([], histogram_buckets(seconds, INFERENCE_BUCKETS), sum_value=float(sum(seconds)))
+            hist.add_metric([], buckets, sum_value=total)
             yield hist
 
 

@@ -33,12 +33,14 @@ from pydicom.uid import (
 from sqlalchemy import select
 
 from db.audit import record_audit
+from db.jobs import inference_seconds, queue_wait_seconds
 from db.models import (
     PRIORITY_ROUTINE,
     PRIORITY_STAT,
     AuditEventType,
     Instance,
     Job,
+    JobDuration,
     JobStatus,
     OutboundItem,
     OutboundStatus,
@@ -127,6 +129,14 @@ def record_inference_outcome(
         study.status = StudyStatus.DONE
         session.flush()
         record_audit(session, AuditEventType.JOB_DONE, study_instance_uid=study_uid, job_id=job.id)
+        session.add(  # what complete_job appends for /metrics
+            JobDuration(
+                job_id=job.id,
+                finished_at=now,
+                worker_seconds=inference_seconds(job.timings),
+                queue_wait_seconds=queue_wait_seconds(job.timings),
+            )
+        )
         for k in range(heatmaps):
             ds = heatmap_sc(study_uid, study.patient_id, hot=(16 + 8 * k, 40 - 6 * k))
             relative = f"results/{study_uid}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from db.jobs import inference_seconds
 from db.models import Job, OutboundStatus, Study
 from db.session import Database
-from node.metrics import inference_seconds
 from tests.conftest import REPO_ROOT
 from tests.opsdata import ServedNode, served_node
 

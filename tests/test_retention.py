@@ -137,3 +137,28 @@ def test_a_spool_folder_on_another_disk_through_a_symlink_is_still_the_spool(env
     with db.session() as session:
         (detail,) = session.scalars(select(AuditEvent.detail).where(AuditEvent.event_type == "retention.deleted"))
     assert "removed 4 files" in detail and "0 already gone" in detail
+
+
+def test_duration_histograms_never_shrink_when_retention_removes_jobs(env) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from node.metrics import build_registry
+
+    settings, db = env
+    spool = settings.spool_dir
+
+    def scraped() -> dict[str, float]:
+        text = generate_latest(build_registry(settings, db)).decode()
+        samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+        wanted = [s for s in samples if s.name.startswith("edgenode_inference_seconds_") and "le" not in s.labels]
+        return {s.name: s.value for s in wanted}
+
+    old = utcnow() - timedelta(days=45)
+    for n in range(2):
+        uid = record_received_study(db, spool, patient_id=f"P{n}", accession=f"A{n}", received_at=old)
+        record_inference_outcome(db, spool, uid, score=0.3, uncertainty=0.1)
+    before = scraped()
+    assert before["edgenode_inference_seconds_count"] == 2
+    assert len(run_retention(settings, db, spool).studies_deleted) == 2
+    assert scraped() == before  # a counter that went down would read as a reset to Prometheus

@@ -22,10 +22,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from db.jobs import inference_seconds, queue_wait_seconds
 from db.models import OutboundStatus
 from db.session import Database
 from node.config import Settings, load_settings
-from node.metrics import inference_seconds, queue_wait_seconds
 from node.web.app import COOKIE, create_app, safe_next
 from node.web.server import WebServer
 from node.web.token import resolve_token, token_path

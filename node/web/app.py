@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from db.jobs import inference_seconds
 from db.models import StudyStatus
 from db.queries import (
     AUDIT_FIELDS,
@@ -36,7 +37,7 @@ from db.queries import (
 )
 from db.session import Database
 from node.config import Settings
-from node.metrics import build_registry, inference_seconds
+from node.metrics import build_registry
 from node.web.health import check_health
 from node.web.heatmap import HeatmapError, render_png, spool_file
 from node.web.token import resolve_token
