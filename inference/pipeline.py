@@ -101,6 +101,27 @@ class _CappedDenoiser:
         return self.inner(x_t, cond, t)
 
 
+def model_fit_problems(training: dict[str, object], settings: PipelineSettings) -> list[str]:
+    """Where the settings would run a model outside what it was trained for (its `training` metadata): other
+    noise, a condition it never saw (or none where it expects one), or a start deeper than its training reached.
+    Keys the metadata lacks are not checked."""
+    problems = []
+    noise = training.get("noise")
+    if noise is not None and noise != settings.noise:
+        problems.append(f"it was trained with {noise} noise, the settings use {settings.noise}")
+    conditioned = training.get("conditioned")
+    if conditioned is not None and bool(conditioned) != settings.use_mask_condition:
+        trained = "with" if conditioned else "without"
+        used = "with" if settings.use_mask_condition else "without"
+        problems.append(f"it was trained {trained} the anatomy-mask condition, the settings run it {used}")
+    t_max = training.get("t_max")
+    if isinstance(t_max, int | float):
+        deep = {m: t for m, t in settings.t_start.items() if t > t_max}
+        if deep:
+            problems.append(f"it was trained on timesteps up to {int(t_max)}, t_start asks for {deep}")
+    return problems
+
+
 def detect(
     volume_norm: np.ndarray | torch.Tensor,
     mask: np.ndarray | torch.Tensor,

@@ -186,10 +186,14 @@ class JobRunner:
         """Load the model and pick its backend once per worker process (the first job pays for it)."""
         if self._denoiser is None:
             from engines.select import resolve_model_path, select_denoiser
+            from inference.pipeline import model_fit_problems
             from inference.unet import read_model_info
 
             path = resolve_model_path(self.settings.inference.model)
             self._model_info = read_model_info(path)
+            problems = model_fit_problems(self._model_info.training, pipeline_settings(self.settings.inference, 1))
+            if problems:  # it would run, and produce maps that mean nothing: refuse, saying why
+                raise ValueError(f"model {self._model_info.model_id} does not fit [inference]: {'; '.join(problems)}")
             self._denoiser = select_denoiser(
                 path,
                 device=self.settings.inference.device,

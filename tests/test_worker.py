@@ -161,3 +161,16 @@ def test_a_radiograph_series_with_views_of_two_sizes_is_analysed_per_size(tmp_pa
         kinds = s.execute(select(Result.kind, Result.sop_instance_uid)).all()
     reports = [uid for kind, uid in kinds if kind == "sr"]
     assert len(reports) == 2 and len({uid for _, uid in kinds}) == len(kinds)  # one report per view, no UID twice
+
+
+def test_a_model_trained_for_other_settings_is_refused_at_load(tmp_path: Path) -> None:
+    from inference.pipeline import PipelineSettings, model_fit_problems
+
+    gaussian = Path(__file__).resolve().parent.parent / "inference/weights/ablations/ablation-gaussian.safetensors"
+    settings = node_settings(tmp_path / "var", inference={"model": str(gaussian), "device": "cpu"})
+    with pytest.raises(ValueError, match="does not fit \\[inference\\]: it was trained with gaussian noise"):
+        JobRunner(settings, "worker-1-0.1")._engine()
+    trained = {"noise": "simplex", "conditioned": True, "t_max": 300}
+    assert model_fit_problems(trained, PipelineSettings()) == []
+    deep = model_fit_problems(trained, PipelineSettings(t_start={"CT": 400}))
+    assert deep == ["it was trained on timesteps up to 300, t_start asks for {'CT': 400}"]
