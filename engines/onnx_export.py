@@ -11,7 +11,9 @@ seconds, which is why tests may use it too. Both give the same numbers (tests/te
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -54,11 +56,25 @@ class OnnxModel:
         return self.path.with_suffix(".json")
 
 
+@functools.cache
+def graph_code_version() -> str:
+    """What shapes the exported graph besides the weights and options: the U-Net's own code (an upgrade may change
+    its forward pass with the same weights) and the versions of the exporting libraries."""
+    import inference.unet
+
+    versions = [torch.__version__.split("+")[0]]
+    for name in ("onnx", "onnxscript"):
+        try:
+            versions.append(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append("")
+    code = hashlib.sha256(Path(inference.unet.__file__).read_bytes()).hexdigest()[:16]
+    return ",".join([code, *versions])
+
+
 def export_key(info: ModelInfo, exporter: str, opset: int, dynamic_spatial: bool) -> str:
-    """Name of a cached export: same weights + same export options + same torch = same file."""
-    payload = json.dumps(
-        [info.sha256, exporter, opset, dynamic_spatial, torch.__version__.split("+")[0]], separators=(",", ":")
-    )
+    """Name of a cached export: same weights + same export options + same U-Net code and exporters = same file."""
+    payload = json.dumps([info.sha256, exporter, opset, dynamic_spatial, graph_code_version()], separators=(",", ":"))
     return f"{info.model_id}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 

@@ -60,7 +60,9 @@ def q_sample(schedule: LinearSchedule, x0: torch.Tensor, t: torch.Tensor | int, 
 
 
 def strided_timesteps(t_start: int, steps: int | None = None, stride: int | None = None) -> list[int]:
-    """Descending visited timesteps from t_start to 0, either `steps` of them (evenly spaced) or every `stride`.
+    """Descending visited timesteps from t_start, either `steps` of them evenly spaced down to 0, or every
+    `stride`-th (down to the last one at or above 0: with a stride that does not divide t_start the last step
+    predicts x0 from a small t > 0).
 
     steps=t_start+1 or stride=1 visits every t. Each visited timestep is one denoiser call.
     """
@@ -70,9 +72,11 @@ def strided_timesteps(t_start: int, steps: int | None = None, stride: int | None
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         return list(range(t_start, -1, -stride))
-    steps = min(steps or 10, t_start + 1)
+    if steps is None:
+        steps = 10
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = min(steps, t_start + 1)
     if steps == 1:
         return [t_start]
     taus = np.round(np.linspace(t_start, 0, steps)).astype(int)

@@ -71,7 +71,10 @@ class PipelineSettings:
         return LinearSchedule(self.schedule_T, self.beta_start, self.beta_end)
 
     def timesteps(self, modality: str) -> list[int]:
-        return strided_timesteps(self.t_start_for(modality), steps=self.steps, stride=self.stride)
+        t_start = self.t_start_for(modality)
+        if t_start >= self.schedule_T:
+            raise ValueError(f"t_start {t_start} for {modality} must be below the schedule's T = {self.schedule_T}")
+        return strided_timesteps(t_start, steps=self.steps, stride=self.stride)
 
 
 @dataclass

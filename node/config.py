@@ -116,6 +116,7 @@ class RoutingRule(Section):
 
 T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
 LAMBDA_DEFAULTS = {"CT": 6.0, "CR": 3.0, "DX": 3.0}
+SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.PipelineSettings.schedule_T
 
 
 class InferenceSettings(Section):
@@ -145,6 +146,10 @@ class InferenceSettings(Section):
             if modality not in defaults:
                 raise ValueError(f"unknown modality {key!r}: the keys are CT, CR and DX")
             merged[modality] = item
+        if info.field_name == "t_start":  # (a value that is no integer at all is pydantic's to report)
+            outside = {m: t for m, t in merged.items() if str(t).lstrip("-").isdigit() and not 0 <= int(t) < SCHEDULE_T}
+            if outside:
+                raise ValueError(f"{outside}: t_start must be 0..{SCHEDULE_T - 1} (the schedule's T = {SCHEDULE_T})")
         return merged
 
 

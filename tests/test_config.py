@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, Priority, load_settings
+from node.config import SCHEDULE_T, ConfigError, Priority, load_settings
 from tests.conftest import edgenode_cmd, node_env
 
 TOML = """
@@ -128,6 +128,7 @@ def test_inference_defaults_are_the_pipelines_defaults() -> None:
 
     s = load_settings(None)
     assert pipeline_settings(s.inference, s.inference.max_batch) == PipelineSettings(max_batch=s.inference.max_batch)
+    assert PipelineSettings().schedule_T == SCHEDULE_T  # the bound [inference] t_start is validated against
 
 
 def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,4 +141,7 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
     assert load_settings(path).inference.t_start == {"CT": 100, "CR": 250, "DX": 200}  # merged with the file
     path.write_text("[inference]\nthreshold_lambda = { MR = 2 }\n")
     with pytest.raises(ConfigError, match="inference.threshold_lambda: unknown modality 'MR'"):
+        load_settings(path)
+    path.write_text("[inference]\nt_start = { CR = 1000 }\n")  # (CT is overridden from the environment above)
+    with pytest.raises(ConfigError, match="t_start must be 0..999"):
         load_settings(path)

@@ -186,3 +186,13 @@ def test_tiny_unet_sampler_runs_and_is_deterministic() -> None:
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
     assert a.abs().max() <= 1.0
+
+
+def test_start_beyond_the_schedule_and_zero_steps_are_clear_errors() -> None:
+    from inference.pipeline import PipelineSettings
+
+    with pytest.raises(ValueError, match="t_start 1000 for CT must be below the schedule's T = 1000"):
+        PipelineSettings(t_start={"CT": 1000}).timesteps("CT")
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        strided_timesteps(250, steps=0)
+    assert strided_timesteps(250)[0] == 250 and len(strided_timesteps(250)) == 10  # the default: 10 steps

@@ -122,3 +122,14 @@ def test_export_does_not_touch_the_callers_model(tiny, tmp_path: Path) -> None:
     export_onnx(model, info, tmp_path / "m.onnx", exporter="torchscript")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
+
+
+def test_a_changed_unet_code_gets_a_new_export(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.onnx_export
+
+    model, info = tiny
+    first = cached_onnx(model, info, tmp_path, exporter="torchscript")
+    # an upgrade that changes the U-Net's forward pass but not the weights
+    monkeypatch.setattr(engines.onnx_export, "graph_code_version", lambda: "other-code,2.13.0,1.23.2,0.7.2")
+    second = cached_onnx(model, info, tmp_path, exporter="torchscript")
+    assert second.path != first.path and first.path.is_file()
