@@ -174,6 +174,16 @@ class JobSettings(Section):
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(30.0, ge=0)
 
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> JobSettings:
+        # A renewal must land well before the lease runs out, or every long job is taken away from its worker.
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of lease_seconds "
+                f"({self.lease_seconds:g})"
+            )
+        return self
+
 
 class WebSettings(Section):
     enabled: bool = True
@@ -291,11 +301,23 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     return Settings.model_validate(loaded.model_dump())
 
 
+def without_password(url: str) -> str:
+    """A database URL fit for printing and logs: the password replaced by ***."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy can parse: print nothing of it
+        return "(unparseable database URL)"
+
+
 def settings_to_toml(settings: Settings) -> str:
-    """Render effective settings as TOML (for `edgenode config show`); hides the web token."""
+    """Render effective settings as TOML (for `edgenode config show`); hides the web token and database password."""
     data = settings.model_dump(mode="json")
     if data["web"]["token"]:
         data["web"]["token"] = "********"
+    if data["database"]["url"]:
+        data["database"]["url"] = without_password(data["database"]["url"])
     out: list[str] = []
 
     def scalar(value: Any) -> str:

@@ -10,6 +10,10 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   for pkg in dcmtk dicom3tools orthanc chromium; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
+  # A fresh Debian has python3 but not its venv module (ensurepip); pyenv or other builds bring their own.
+  if ! "${PYTHON:-python3}" -c "import ensurepip, venv" >/dev/null 2>&1; then
+    need+=(python3 python3-venv)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     echo "setup: installing Debian packages: ${need[*]}"
     apt-get update -qq
@@ -20,6 +24,10 @@ else
 fi
 
 PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  echo "setup: .venv is incomplete (an earlier run failed half-way); creating it again"
+  rm -rf .venv
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

@@ -145,3 +145,11 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
     path.write_text("[inference]\nt_start = { CR = 1000 }\n")  # (CT is overridden from the environment above)
     with pytest.raises(ConfigError, match="t_start must be 0..999"):
         load_settings(path)
+
+
+def test_the_database_password_is_never_printed(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://edgenode:S3cretPw@db.internal/edge"
+    env = node_env(EDGENODE_DATABASE__URL=url, EDGENODE_NODE__DATA_DIR=str(tmp_path))
+    for action in ("check", "show"):  # systemd runs `config check` before every start: its output is in the journal
+        done = subprocess.run(edgenode_cmd("config", action), env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "S3cretPw" not in done.stdout + done.stderr and "db.internal" in done.stdout

@@ -57,8 +57,8 @@ def test_outbound_associations_send_without_nagle_delay(tmp_path: Path, monkeypa
     seen: list[int] = []
     real = scu.disable_nagle
 
-    def recording(event):  # type: ignore[no-untyped-def]
-        real(event)
+    def recording(event, *args):  # type: ignore[no-untyped-def]
+        real(event, *args)
         seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
     monkeypatch.setattr(scu, "disable_nagle", recording)
@@ -68,3 +68,62 @@ def test_outbound_associations_send_without_nagle_delay(tmp_path: Path, monkeypa
         outcomes = list(store_files(NodeSettings(), PeerSettings(ae_title="STORESCP", port=scp.port), files))
     assert [o.stored for o in outcomes] == [True, True]
     assert seen and all(value != 0 for value in seen)
+
+
+def _store_in_thread(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFile]) -> tuple[list, float]:
+    import threading
+    import time
+
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        started = time.monotonic()
+        result["outcomes"] = list(store_files(node, peer, files))
+        result["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the sender hung"  # a hung sender holds the send lock: no PACS gets results
+    return result["outcomes"], result["seconds"]  # type: ignore[return-value]
+
+
+def test_a_tls_peer_that_never_completes_the_handshake_cannot_hang_the_sender(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    files = [OutgoingFile.from_path(0, write_datasets(make_ct_series(1, 16, 16), tmp_path / "out")[0])]
+    node = NodeSettings(acse_timeout=2, dimse_timeout=2, network_timeout=2)
+    peer = PeerSettings(ae_title="SILENT", port=silent.getsockname()[1], tls=True)
+    (outcome,), _ = _store_in_thread(node, peer, files)
+    assert not outcome.stored
+    silent.close()
+
+
+def test_a_peer_that_stops_reading_mid_store_cannot_hang_the_sender(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    from pynetdicom.association import Association
+
+    paths = write_datasets(make_ct_series(2, 2048, 2048), tmp_path / "out")  # 8 MB each: more than socket buffers
+    files = [OutgoingFile.from_path(n, p) for n, p in enumerate(paths)]
+    with StoreSCP(tmp_path / "scp") as scp:
+        send = Association.send_c_store
+
+        def frozen_peer(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            os.kill(scp.proc.pid, signal.SIGSTOP)  # the PACS process hangs: it stops reading its socket
+            return send(self, *args, **kwargs)
+
+        monkeypatch.setattr(Association, "send_c_store", frozen_peer)
+        try:
+            node = NodeSettings(acse_timeout=2, dimse_timeout=2, network_timeout=2)
+            outcomes, _ = _store_in_thread(node, PeerSettings(ae_title="STORESCP", port=scp.port), files)
+        finally:
+            os.kill(scp.proc.pid, signal.SIGCONT)
+    assert not any(o.stored for o in outcomes)  # retried later, by the queue

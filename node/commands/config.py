@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from node.config import Settings, settings_to_toml
+from node.config import Settings, settings_to_toml, without_password
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         source = args.config or "defaults and environment"
         print(
             f"configuration OK ({source}): AE {settings.node.ae_title} on port {settings.node.port}, "
-            f"{len(settings.peers)} peer(s), database {settings.database_url}"
+            f"{len(settings.peers)} peer(s), database {without_password(settings.database_url)}"
         )
     return 0

@@ -48,6 +48,7 @@ def demo_settings(base: Settings, workdir: Path, pacs: PeerSettings) -> Settings
 
     data = base.model_dump()
     data["node"].update(port=free_port(), data_dir=str(workdir / "node"), min_free_disk_mb=64)
+    data["database"]["url"] = ""  # its own SQLite beside its own spool: never the site's database
     data["peers"] = [pacs.model_dump()]
     data["stability"].update(stable_seconds=2.0, max_wait_seconds=120.0, scan_interval_seconds=0.5)
     data["send"].update(interval_seconds=0.5, initial_backoff_seconds=2.0)
