@@ -66,6 +66,10 @@ class PeerSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(104, ge=1, le=65535)
     tls: bool = False  # use TLS when sending results to this peer
+    # With tls: the name its certificate must carry (empty: `host`); tls_verify_name = false trusts the CA alone,
+    # for PACS certificates that name no host, and is only allowed with a private CA ([node] tls_ca).
+    tls_server_name: str = ""
+    tls_verify_name: bool = True
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -250,6 +254,16 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.data_dir / 'edgenode.db'}"
+
+    @model_validator(mode="after")
+    def _name_checks_need_a_private_ca(self) -> Settings:
+        unchecked = [p.ae_title for p in self.peers if p.tls and not p.tls_verify_name]
+        if unchecked and self.node.tls_ca is None:
+            raise ValueError(
+                f"peers {unchecked}: tls_verify_name = false needs [node] tls_ca (a private CA); with the system's "
+                "public CAs, any certificate for any host would be trusted"
+            )
+        return self
 
     def peer(self, ae_title: str) -> PeerSettings | None:
         return next((p for p in self.peers if p.ae_title == ae_title), None)

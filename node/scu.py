@@ -67,10 +67,12 @@ def contexts_for(files: Sequence[OutgoingFile]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((f.sop_class_uid, f.transfer_syntax_uid) for f in files))
 
 
-def tls_context(node: NodeSettings) -> ssl.SSLContext:
-    """Client TLS for peers marked `tls = true`: verify the peer against tls_ca, present our certificate."""
+def tls_context(node: NodeSettings, peer: PeerSettings) -> ssl.SSLContext:
+    """Client TLS for peers marked `tls = true`: the peer's certificate must chain to tls_ca (else the system CAs)
+    and name the peer (`tls_server_name`, else `host`), unless the peer says to trust the private CA alone; our
+    certificate is presented when configured."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(node.tls_ca) if node.tls_ca else None)
-    context.check_hostname = False  # PACS certificates name the host rarely; trust is the CA
+    context.check_hostname = peer.tls_verify_name
     if node.tls_cert and node.tls_key:
         context.load_cert_chain(str(node.tls_cert), str(node.tls_key))
     return context
@@ -115,7 +117,7 @@ def _store_batch(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFil
     ae.network_timeout = node.network_timeout
     ae.connection_timeout = node.network_timeout  # TCP connect and the TLS handshake: a silent peer cannot hang us
     ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in contexts_for(files)]
-    tls_args = (tls_context(node), peer.host) if peer.tls else None
+    tls_args = (tls_context(node, peer), peer.tls_server_name or peer.host) if peer.tls else None
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
         assoc = ae.associate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import NodeSettings, PeerSettings
@@ -68,6 +69,31 @@ def test_outbound_associations_send_without_nagle_delay(tmp_path: Path, monkeypa
         outcomes = list(store_files(NodeSettings(), PeerSettings(ae_title="STORESCP", port=scp.port), files))
     assert [o.stored for o in outcomes] == [True, True]
     assert seen and all(value != 0 for value in seen)
+
+
+def test_a_peer_certificate_from_the_right_ca_for_another_host_is_refused(tmp_path: Path) -> None:
+    """Chaining to a trusted CA is not enough: the certificate must name the peer (an impostor with any
+    certificate from the same CA, or from a public one, gets nothing) unless the peer trusts the private CA alone."""
+    pki = make_pki(tmp_path / "pki")
+    files = [OutgoingFile.from_path(0, write_datasets(make_ct_series(1, 16, 16), tmp_path / "out")[0])]
+    node = NodeSettings(tls_cert=pki["client.pem"], tls_key=pki["client.key"], tls_ca=pki["ca.pem"])
+    # the impostor presents the CA-signed certificate of "SENDER", which names no host
+    impostor = ["+tls", str(pki["client.key"]), str(pki["client.pem"]), "+cf", str(pki["ca.pem"]), "-pw"]
+    with StoreSCP(tmp_path / "scp", extra_args=impostor) as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port, tls=True)
+        (outcome,) = store_files(node, peer, files)
+        assert not outcome.stored and scp.received() == []
+        trusting = PeerSettings(ae_title="STORESCP", port=scp.port, tls=True, tls_verify_name=False)
+        (outcome,) = store_files(node, trusting, files)
+        assert outcome.stored and len(scp.received()) == 1
+
+
+def test_trusting_the_ca_alone_needs_a_private_ca() -> None:
+    from node.config import ConfigError, load_settings
+
+    peer = {"ae_title": "PACS", "tls": True, "tls_verify_name": False}
+    with pytest.raises(ConfigError, match="tls_verify_name = false needs \\[node\\] tls_ca"):
+        load_settings(None, peers=[peer])
 
 
 def _store_in_thread(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFile]) -> tuple[list, float]:
