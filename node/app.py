@@ -2,9 +2,9 @@
 
 `EdgeNode.start()` first recovers the spool after an unclean stop (temp files removed; files that were
 renamed into place but never committed to the database are deleted: the sender never got Success for
-them and still holds them), then starts the components in order. `stop()` stops them in reverse
-order (the listener first: stop accepting, finish in-flight stores) and leaves a clean-stop marker,
-so the next start can skip the full spool scan.
+them and still holds them), then starts the components in order. `stop()` stops the listener first
+(stop accepting, finish in-flight stores), then the others in reverse order, and leaves a clean-stop marker
+when every component stopped cleanly, so the next start can skip the full spool scan.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class ListenerComponent:
 
 class EdgeNode:
     """One node process: listener, scheduler (stability scan, sender, lease check, retention), inference
-    worker processes and the web dashboard, started in that order and stopped in reverse."""
+    worker processes and the web dashboard. Stopped listener first (its drain is what a short stop grace must
+    cover), then the others in reverse start order."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -186,12 +187,16 @@ class EdgeNode:
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            for component in reversed(self._started):
+            # The listener first, so its drain (stores in flight finish) fits a short grace such as `docker stop`'s;
+            # then the rest in reverse start order.
+            ordered = sorted(reversed(self._started), key=lambda c: c.name != ListenerComponent.name)
+            clean = len(self._started) == len(self.components)
+            for component in ordered:
                 try:
                     component.stop()
                 except Exception:
+                    clean = False  # start-up recovery must then check the spool again
                     log.exception("stopping %s failed", component.name)
-            clean = len(self._started) == len(self.components)
             self._started.clear()
             try:
                 self.index.record_event(AuditEventType.NODE_STOPPED, called_ae=self.settings.node.ae_title)

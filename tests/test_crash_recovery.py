@@ -135,3 +135,33 @@ def test_sigterm_finishes_in_flight_stores_and_exits_zero(tmp_path: Path) -> Non
     again.signal(signal.SIGTERM)
     assert again.wait() == 0
     check_spool_against_index(settings.data_dir, acked)
+
+
+def test_a_component_that_fails_to_stop_leaves_no_clean_stop_marker(tmp_path: Path) -> None:
+    from node.app import EdgeNode
+
+    stopped: list[str] = []
+
+    class Stubborn:  # a component whose stop() fails (a thread that will not end, say)
+        name = "stubborn"
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+            raise RuntimeError("would not stop")
+
+    node = EdgeNode(node_settings(tmp_path / "var"))
+    node.components.append(Stubborn())
+    node.start()
+    listener_stop = node.scp.stop
+
+    def recording_listener_stop(grace: float = 5.0) -> None:
+        stopped.append("listener")
+        listener_stop(grace)
+
+    node.scp.stop = recording_listener_stop  # type: ignore[method-assign]
+    node.stop()
+    assert stopped == ["listener", "stubborn"]  # the listener drains first, whatever follows
+    assert not (tmp_path / "var" / CLEAN_STOP_MARKER).exists()  # so the next start checks the spool again
