@@ -14,9 +14,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
+from pynetdicom.presentation import PresentationContext, build_context
 
 from node.config import NodeSettings, PeerSettings
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 # Warnings that still mean "stored": coercion of data elements, elements discarded, data set does not match SOP class.
 ACCEPTED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128  # DICOM allows 128 presentation contexts per association (odd IDs 1..255)
 
 
@@ -60,6 +63,17 @@ class StoreOutcome:
     @property
     def stored(self) -> bool:
         return self.status is not None and (self.status == SUCCESS or self.status in ACCEPTED_WARNINGS)
+
+
+def proposed_contexts(files: Sequence[OutgoingFile]) -> list[PresentationContext]:
+    """One context per distinct (SOP class, transfer syntax) the files need. An uncompressed file's context also
+    offers the other uncompressed syntax, the file's own first: every SCP must accept Implicit VR Little Endian,
+    so a PACS that takes nothing else still gets the results (re-encoded by pynetdicom)."""
+    contexts = []
+    for sop_class, syntax in contexts_for(files):
+        syntaxes = [syntax, *(u for u in UNCOMPRESSED if u != syntax)] if syntax in UNCOMPRESSED else [syntax]
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts
 
 
 def contexts_for(files: Sequence[OutgoingFile]) -> list[tuple[str, str]]:
@@ -116,7 +130,7 @@ def _store_batch(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFil
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.connection_timeout = node.network_timeout  # TCP connect and the TLS handshake: a silent peer cannot hang us
-    ae.requested_contexts = [build_context(sop_class, [syntax]) for sop_class, syntax in contexts_for(files)]
+    ae.requested_contexts = proposed_contexts(files)
     tls_args = (tls_context(node, peer), peer.tls_server_name or peer.host) if peer.tls else None
     where = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
@@ -142,13 +156,19 @@ def _store_batch(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFil
             if not assoc.is_established:
                 yield StoreOutcome(f.key, None, f"association to {where} was lost")
                 continue
-            if (f.sop_class_uid, f.transfer_syntax_uid) not in accepted:
+            as_written = (f.sop_class_uid, f.transfer_syntax_uid) in accepted
+            re_encodable = f.transfer_syntax_uid in UNCOMPRESSED and any(
+                (f.sop_class_uid, u) in accepted for u in UNCOMPRESSED
+            )
+            if not (as_written or re_encodable):
                 yield StoreOutcome(
                     f.key, None, f"{where} did not accept {f.sop_class_uid} in transfer syntax {f.transfer_syntax_uid}"
                 )
                 continue
             try:
-                response = assoc.send_c_store(f.path)
+                # The file's bytes as they are when the peer takes its syntax; else the data set, which pynetdicom
+                # encodes in the uncompressed syntax the peer accepted.
+                response = assoc.send_c_store(f.path if as_written else dcmread(f.path))
             except (OSError, ValueError, AttributeError) as exc:
                 yield StoreOutcome(f.key, None, f"sending {f.sop_instance_uid}: {exc}")
                 continue

@@ -226,8 +226,9 @@ def test_warning_accepted_failure_retried_and_only_needed_contexts(
         report = send_due(settings, db, spool, now=T0)
     assert len(report.sent) == 2 and len(report.retried) == 2  # SEG (warning) + SR sent; two SCs out of resources
     assert len(scp.proposed) == 1  # one association for the destination
-    explicit_le = "1.2.840.10008.1.2.1"
-    assert scp.proposed[0] == {(str(o.dataset.SOPClassUID), explicit_le) for o in objects}
+    explicit_le, implicit_le = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+    classes = {str(o.dataset.SOPClassUID) for o in objects}  # only the classes needed, in the file's syntax and
+    assert scp.proposed[0] == {(c, ts) for c in classes for ts in (explicit_le, implicit_le)}  # the fallback one
     by_class = {}
     with db.session() as session:
         for item in session.scalars(select(OutboundItem)).all():

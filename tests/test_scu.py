@@ -153,3 +153,22 @@ def test_a_peer_that_stops_reading_mid_store_cannot_hang_the_sender(tmp_path: Pa
         finally:
             os.kill(scp.proc.pid, signal.SIGCONT)
     assert not any(o.stored for o in outcomes)  # retried later, by the queue
+
+
+def test_a_pacs_that_accepts_only_implicit_vr_still_gets_the_results(tmp_path: Path) -> None:
+    series = make_ct_series(2, 16, 16)  # written Explicit VR Little Endian, like every result object
+    files = [OutgoingFile.from_path(n, p) for n, p in enumerate(write_datasets(series, tmp_path / "out"))]
+    with StoreSCP(tmp_path / "scp", extra_args=["+xi"]) as scp:  # storescp: accept Implicit VR Little Endian only
+        outcomes = list(store_files(NodeSettings(), PeerSettings(ae_title="STORESCP", port=scp.port), files))
+        assert [(o.key, o.status) for o in outcomes] == [(0, 0), (1, 0)]
+        received = [pydicom.dcmread(p) for p in scp.received()]
+    assert {str(ds.SOPInstanceUID) for ds in received} == {str(ds.SOPInstanceUID) for ds in series}
+    assert all(ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian for ds in received)
+    assert all(
+        ds.PixelData == src.PixelData
+        for ds, src in zip(
+            sorted(received, key=lambda d: d.SOPInstanceUID),
+            sorted(series, key=lambda d: d.SOPInstanceUID),
+            strict=True,
+        )
+    )
