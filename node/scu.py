@@ -77,7 +77,7 @@ def proposed_contexts(files: Sequence[OutgoingFile]) -> list[PresentationContext
 
 
 def contexts_for(files: Sequence[OutgoingFile]) -> list[tuple[str, str]]:
-    """The distinct (SOP class, transfer syntax) pairs, in first-seen order: nothing more is proposed."""
+    """The distinct (SOP class, transfer syntax) pairs the files need, in first-seen order."""
     return list(dict.fromkeys((f.sop_class_uid, f.transfer_syntax_uid) for f in files))
 
 
@@ -92,7 +92,7 @@ def tls_context(node: NodeSettings, peer: PeerSettings) -> ssl.SSLContext:
     return context
 
 
-def disable_nagle(event: evt.Event, send_timeout: float | None = None) -> None:
+def prepare_socket(event: evt.Event, send_timeout: float | None = None) -> None:
     """EVT_CONN_OPEN handler: send each PDU at once (TCP_NODELAY), and give up a send the peer stops reading.
 
     With Nagle's algorithm a PDU smaller than a segment waits for the peer's acknowledgement of the previous one;
@@ -139,7 +139,7 @@ def _store_batch(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFil
             peer.port,
             ae_title=peer.ae_title,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle, [node.network_timeout])],
+            evt_handlers=[(evt.EVT_CONN_OPEN, prepare_socket, [node.network_timeout])],
         )
     except (OSError, ssl.SSLError) as exc:
         for f in files:

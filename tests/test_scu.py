@@ -56,13 +56,13 @@ def test_outbound_associations_send_without_nagle_delay(tmp_path: Path, monkeypa
     import node.scu as scu
 
     seen: list[int] = []
-    real = scu.disable_nagle
+    real = scu.prepare_socket
 
     def recording(event, *args):  # type: ignore[no-untyped-def]
         real(event, *args)
         seen.append(event.assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    monkeypatch.setattr(scu, "disable_nagle", recording)
+    monkeypatch.setattr(scu, "prepare_socket", recording)
     series = make_ct_series(2, 16, 16)
     files = [OutgoingFile.from_path(n, p) for n, p in enumerate(write_datasets(series, tmp_path / "out"))]
     with StoreSCP(tmp_path / "scp") as scp:
