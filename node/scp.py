@@ -327,22 +327,22 @@ class StorageSCP:
             if not draining:
                 self._inflight += 1
         if draining:  # answered and audited outside the lock: the sender keeps the instance and retries
-            calling, called, address = self._peer(event.assoc)
-            who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
-            sop = str(event.request.AffectedSOPInstanceUID or "").strip()
-            return self._reject(STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later", sop, who)
+            return self._refuse_unread(event, STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later")
         try:
             return self._store(event)
         except Exception as exc:  # an unforeseen failure still gets a DIMSE answer and an audit event
             log.exception("C-STORE handling failed")
-            calling, called, address = self._peer(event.assoc)
-            who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
-            sop = str(event.request.AffectedSOPInstanceUID or "").strip()
-            return self._reject(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", sop, who)
+            return self._refuse_unread(event, STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
         finally:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
+
+    def _refuse_unread(self, event: evt.Event, status: int, reason: str) -> Dataset:
+        """Refuse a C-STORE whose data set was not (or could not be) looked at: named by the request's UID."""
+        calling, called, address = self._peer(event.assoc)
+        who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
+        return self._reject(status, reason, str(event.request.AffectedSOPInstanceUID or "").strip(), who)
 
     def _store(self, event: evt.Event) -> int | Dataset:
         calling, called, address = self._peer(event.assoc)
