@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -47,7 +48,11 @@ def measure(folder: Path) -> dict[str, float]:
 
 def run_child(*args: str) -> str:
     done = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=True, env={"PYTHONPATH": str(REPO)}
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     return done.stdout
 
