@@ -10,6 +10,15 @@ Slices stay 1:1 with the source images: the model grid only resamples in-plane (
 map computed on it maps back exactly onto slice k = source_sop_instance_uids[k].
 
 Errors are SeriesError subclasses whose messages name the SOP Instance UID (never patient identity).
+
+One damaged instance does not cost the series: an instance that cannot be read, carries no usable pixel data or
+plane geometry, or cannot be decoded is left out of the volume and reported in `Volume.left_out` with the reason.
+The geometry stays true: every slice keeps its own position, and `Volume.slots` places each slice on the series'
+regular slice grid, so a left-out slice in the middle is a gap (which `fill_left_out_slices` interpolates for
+the 3D steps of the analysis), never a silent shift. Gaps of more than MAX_FILLED_SLICES consecutive slices are
+not bridged: the longest contiguous part is analysed and the slices beyond the gap are left out too. What makes
+a series no volume at all (mixed series, sizes or orientations, duplicate positions, gaps that no left-out
+instance accounts for) still fails the whole series.
 """
 
 from __future__ import annotations
@@ -44,10 +53,13 @@ SUPPORTED_SOP_CLASSES: dict[str, str] = {
 CT_WINDOW_HU = (-1000.0, 400.0)  # mapped linearly to [-1, 1] and clipped: air to soft tissue and lung detail
 ORIENTATION_TOLERANCE = 1e-3  # direction cosines
 SPACING_TOLERANCE = 0.05  # relative deviation of a slice gap from the median gap, plus 0.01 mm
+MAX_FILLED_SLICES = 2  # left-out slices in a row that are interpolated; a longer gap splits the volume
 
 
 class SeriesError(ValueError):
     """A series that cannot be turned into a volume; the message says which instance and what to do."""
+
+    summary = "cannot be loaded"  # what a report says about a left-out instance (no paths, no advice)
 
     def __init__(self, message: str, sop_instance_uid: str | None = None) -> None:
         super().__init__(message)
@@ -55,23 +67,27 @@ class SeriesError(ValueError):
 
 
 class NotDicomError(SeriesError):
-    pass
+    summary = "not a readable DICOM file"
 
 
 class UnsupportedSOPClassError(SeriesError):
-    pass
+    summary = "not a supported greyscale CT, CR or DX image"
 
 
 class MissingPixelDataError(SeriesError):
-    pass
+    summary = "no pixel data"
 
 
 class MultiFrameError(SeriesError):
-    pass
+    summary = "multi-frame image"
 
 
 class PixelDecodeError(SeriesError):
-    pass
+    summary = "pixel data cannot be decoded"
+
+
+class TooFewInstancesError(SeriesError):
+    """Too few of the series' instances can be loaded to analyse it (see `load_series`'s min_ct_slices)."""
 
 
 class MixedSeriesError(SeriesError):
@@ -79,11 +95,39 @@ class MixedSeriesError(SeriesError):
 
 
 class InconsistentGeometryError(SeriesError):
-    pass
+    summary = "missing or inconsistent image geometry"
 
 
 class InvalidWindowError(SeriesError):
     """The VOI window the image prescribes cannot be applied."""
+
+    summary = "invalid VOI window"
+
+
+# Errors that concern one instance only: it is left out and the rest of the series is loaded.
+INSTANCE_ERRORS: tuple[type[SeriesError], ...] = (
+    NotDicomError,
+    UnsupportedSOPClassError,
+    MissingPixelDataError,
+    MultiFrameError,
+    PixelDecodeError,
+    InvalidWindowError,
+)
+
+
+@dataclass(frozen=True)
+class LeftOutInstance:
+    """A file of the series that is not in the volume: why (`reason`, the full message naming the SOP Instance
+    UID; `summary`, a short phrase for reports) and where it is. The UID is None when the file is unreadable."""
+
+    path: Path
+    sop_instance_uid: str | None
+    reason: str
+    summary: str
+
+    @classmethod
+    def of(cls, path: Path, error: SeriesError) -> LeftOutInstance:
+        return cls(path, error.sop_instance_uid, str(error), error.summary)
 
 
 class MixedOrientationError(InconsistentGeometryError):
@@ -111,6 +155,10 @@ class Volume:
     frame_of_reference_uid: str | None = None
     headers: list[Dataset] = field(default_factory=list)  # source datasets without PixelData, slice order
     paths: list[Path] = field(default_factory=list)  # source files, slice order
+    left_out: list[LeftOutInstance] = field(default_factory=list)  # files of the series not in the volume, and why
+    # Slot of each slice on the series' regular slice grid (first slice 0), when left-out slices leave gaps
+    # between them; None when the slices are contiguous.
+    slots: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -133,11 +181,22 @@ def _uid(ds: Dataset) -> str:
     return str(ds.get("SOPInstanceUID", "<no SOP Instance UID>"))
 
 
+def _header_uid(path: Path) -> str | None:
+    """The SOP Instance UID of a file whose full read failed, if its header is readable at all."""
+    try:
+        uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID")
+    except Exception:  # noqa: BLE001 - unreadable: the caller reports the file by its path
+        return None
+    return str(uid) if uid else None
+
+
 def _read(path: Path) -> Dataset:
     try:
         return pydicom.dcmread(path)
-    except (InvalidDicomError, EOFError, OSError) as exc:
-        raise NotDicomError(f"{path} is not a readable DICOM file ({exc}); remove it from the series") from exc
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:  # damaged: unreadable
+        uid = _header_uid(path)
+        named = f"SOP Instance {uid} ({path})" if uid else str(path)
+        raise NotDicomError(f"{named} is not a readable DICOM file ({exc}); remove it from the series", uid) from exc
 
 
 def _check_instance(ds: Dataset) -> str:
@@ -267,8 +326,16 @@ def _check_same(datasets: Sequence[Dataset], keyword: str, error: type[SeriesErr
             )
 
 
-def _sort_ct(datasets: list[Dataset]) -> tuple[list[int], np.ndarray, np.ndarray, float | None]:
-    """Order by position along the normal; check orientation and spacing. Returns order, positions, iop, gap."""
+def _sort_ct(
+    datasets: list[Dataset], unplaced: int = 0
+) -> tuple[list[int], np.ndarray, np.ndarray, float | None, np.ndarray]:
+    """Order by position along the normal; check orientation and spacing. Returns order, positions, iop, gap and
+    each slice's slot on the regular slice grid.
+
+    A gap of a whole number of slice spacings is accepted only while `unplaced` (left-out files whose position
+    is unknown) can account for the missing slices; any other irregular gap is an error, as a series with
+    slices that never arrived must not be analysed as if it were complete.
+    """
     iops = [_floats(ds, "ImageOrientationPatient", 6) for ds in datasets]
     for ds, iop in zip(datasets[1:], iops[1:], strict=True):
         if np.abs(iop - iops[0]).max() > ORIENTATION_TOLERANCE:
@@ -283,7 +350,7 @@ def _sort_ct(datasets: list[Dataset]) -> tuple[list[int], np.ndarray, np.ndarray
     order = [int(i) for i in np.argsort(along, kind="stable")]
     along = along[order]
     if len(order) < 2:
-        return order, positions[order], iops[0], None
+        return order, positions[order], iops[0], None, np.zeros(len(order), dtype=np.int64)
     gaps = np.diff(along)
     for k, gap in enumerate(gaps):
         if gap < 1e-3:
@@ -294,15 +361,25 @@ def _sort_ct(datasets: list[Dataset]) -> tuple[list[int], np.ndarray, np.ndarray
                 uid,
             )
     median = float(np.median(gaps))
+    # With files of unknown position some gaps may be double: the smallest gap is then the better estimate of the
+    # spacing (with a single gap nothing tells a double one apart; 2 slices are below any sensible min_ct_slices).
+    step = min(median, float(gaps.min())) if unplaced else median
+    steps = np.ones(len(gaps), dtype=np.int64)
     for k, gap in enumerate(gaps):
-        if abs(gap - median) > SPACING_TOLERANCE * median + 0.01:
+        m = max(1, int(round(gap / step)))
+        regular = abs(gap - m * step) <= SPACING_TOLERANCE * m * step + 0.01
+        if regular and 1 < m <= unplaced + 1:
+            unplaced -= m - 1  # left-out files of unknown position were these slices
+            steps[k] = m
+        elif not regular or m > 1:
             uid = _uid(datasets[order[k + 1]])
             raise InconsistentSpacingError(
                 f"SOP Instance {uid}: slice gap {gap:.3f} mm to SOP Instance {_uid(datasets[order[k]])} differs "
-                f"from the series' {median:.3f} mm (missing or extra slices?); resend the complete series",
+                f"from the series' {step:.3f} mm (missing or extra slices?); resend the complete series",
                 uid,
             )
-    return order, positions[order], iops[0], median
+    slots = np.concatenate([[0], np.cumsum(steps)])
+    return order, positions[order], iops[0], step, slots
 
 
 def _modality_values_into(out: np.ndarray, raw: np.ndarray, ds: Dataset) -> None:
@@ -334,13 +411,57 @@ def _modality_values_into(out: np.ndarray, raw: np.ndarray, ds: Dataset) -> None
     out[...] = apply_rescale(raw, ds)
 
 
-def load_series(files: Sequence[Path]) -> Volume:
-    """Read one series' files into a Volume (see the module docstring for what is checked)."""
+class BeyondGapError(SeriesError):
+    summary = "separated from the analysed slices by a gap of left-out slices"
+
+
+def _nothing_loadable(errors: list[SeriesError], total: int) -> SeriesError:
+    """The error for a series none of whose instances can be loaded: a single file's own error, else a summary."""
+    if len(errors) == 1:
+        return errors[0]
+    shown = "; ".join(str(e) for e in errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+    message = f"none of the series' {total} instances can be loaded: {shown}"
+    return TooFewInstancesError(message, errors[0].sop_instance_uid)
+
+
+def _longest_run(slots: np.ndarray) -> tuple[int, int]:
+    """[start, stop) of the longest run of slices whose gaps MAX_FILLED_SLICES interpolated slices can bridge."""
+    breaks = np.flatnonzero(np.diff(slots) - 1 > MAX_FILLED_SLICES) + 1
+    bounds = np.concatenate([[0], breaks, [len(slots)]])
+    best = int(np.argmax(np.diff(bounds)))  # the first of equally long runs
+    return int(bounds[best]), int(bounds[best + 1])
+
+
+def load_series(files: Sequence[Path], *, min_ct_slices: int = 1) -> Volume:
+    """Read one series' files into a Volume (see the module docstring for what is checked and what left out).
+
+    Raises TooFewInstancesError when fewer than `min_ct_slices` CT slices (or no radiograph) remain.
+    """
     if not files:
         raise SeriesError("no files given for the series")
-    paths = [Path(p) for p in files]
-    datasets = [_read(p) for p in paths]
-    modalities = [_check_instance(ds) for ds in datasets]
+    total = len(files)
+    left_out: list[LeftOutInstance] = []
+    errors: list[SeriesError] = []
+
+    def leave_out(path: Path, error: SeriesError) -> None:
+        left_out.append(LeftOutInstance.of(path, error))
+        errors.append(error)
+
+    paths: list[Path] = []
+    datasets: list[Dataset] = []
+    modalities: list[str] = []
+    for path in map(Path, files):
+        try:
+            ds = _read(path)
+            modality = _check_instance(ds)
+        except INSTANCE_ERRORS as exc:
+            leave_out(path, exc)
+            continue
+        paths.append(path)
+        datasets.append(ds)
+        modalities.append(modality)
+    if not datasets:
+        raise _nothing_loadable(errors, total)
     for ds, modality in zip(datasets[1:], modalities[1:], strict=True):
         if str(ds.get("SeriesInstanceUID")) != str(datasets[0].get("SeriesInstanceUID")) or modality != modalities[0]:
             raise MixedSeriesError(
@@ -352,11 +473,24 @@ def load_series(files: Sequence[Path]) -> Volume:
     _check_same(datasets, "Rows", InconsistentGeometryError, "all images of a series must have the same size")
     _check_same(datasets, "Columns", InconsistentGeometryError, "all images of a series must have the same size")
 
-    positions = orientation = None
+    positions = orientation = slots = None
     slice_spacing = None
     if modality == "CT":
         _check_same(datasets, "PixelSpacing", InconsistentGeometryError, "in-plane spacing must not vary")
-        order, positions, orientation, slice_spacing = _sort_ct(datasets)
+        placed = []
+        for i, ds in enumerate(datasets):  # a slice without usable plane geometry cannot be placed: left out
+            try:
+                _floats(ds, "ImageOrientationPatient", 6)
+                _floats(ds, "ImagePositionPatient", 3)
+            except InconsistentGeometryError as exc:
+                leave_out(paths[i], exc)
+                continue
+            placed.append(i)
+        if not placed:
+            raise _nothing_loadable(errors, total)
+        datasets, paths = [datasets[i] for i in placed], [paths[i] for i in placed]
+        # Files left out so far have no known position: the gaps they leave are accepted, no others.
+        order, positions, orientation, slice_spacing, slots = _sort_ct(datasets, unplaced=len(left_out))
     else:
         order = sorted(range(len(datasets)), key=lambda i: int(datasets[i].get("InstanceNumber", 0) or 0))
     datasets = [datasets[i] for i in order]
@@ -364,12 +498,41 @@ def load_series(files: Sequence[Path]) -> Volume:
 
     first = datasets[0]
     pixels = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    kept: list[int] = []
     for k, ds in enumerate(datasets):  # straight into one float32 volume: no per-slice list, stack and copy
-        raw = _decode(ds)
-        if modality == "CT":
-            _modality_values_into(pixels[k], raw, ds)
-        else:
-            pixels[k] = radiograph_intensity(raw, ds)
+        try:
+            raw = _decode(ds)
+            if modality == "CT":
+                _modality_values_into(pixels[len(kept)], raw, ds)
+            else:
+                pixels[len(kept)] = radiograph_intensity(raw, ds)
+        except (PixelDecodeError, InvalidWindowError) as exc:
+            leave_out(paths[k], exc)
+            continue
+        kept.append(k)
+    if not kept:
+        raise _nothing_loadable(errors, total)
+    if positions is not None and slots is not None:
+        positions, slots = positions[kept], slots[kept]
+        start, stop = _longest_run(slots)
+        gap = f"more than {MAX_FILLED_SLICES} left-out slices in a row are not bridged; resend the series"
+        for k in [*kept[:start], *kept[stop:]]:
+            uid = _uid(datasets[k])
+            leave_out(paths[k], BeyondGapError(f"SOP Instance {uid}: not analysed, {gap}", uid))
+        kept, positions, slots = kept[start:stop], positions[start:stop], slots[start:stop] - slots[start]
+        pixels = pixels[start:stop]
+        slots = None if int(slots[-1]) == len(slots) - 1 else slots
+    pixels = pixels[: len(kept)]  # a view: left-out slices only shortened it
+    datasets = [datasets[k] for k in kept]
+    paths = [paths[k] for k in kept]
+    if modality == "CT" and len(datasets) < min_ct_slices:
+        reasons = "; ".join(f"{item.sop_instance_uid or item.path.name}: {item.summary}" for item in left_out[:5])
+        raise TooFewInstancesError(
+            f"only {len(datasets)} of the series' {total} instances can be analysed as one CT volume, fewer than "
+            f"the {min_ct_slices} needed (inference.min_ct_slices)" + (f"; left out: {reasons}" if reasons else ""),
+            left_out[0].sop_instance_uid if left_out else None,
+        )
+    first = datasets[0]
     thickness = float(first.get("SliceThickness", 0) or 0) or (slice_spacing or 1.0)
     return Volume(
         pixels=pixels,
@@ -385,7 +548,22 @@ def load_series(files: Sequence[Path]) -> Volume:
         frame_of_reference_uid=str(first.FrameOfReferenceUID) if "FrameOfReferenceUID" in first else None,
         headers=[_header(ds) for ds in datasets],
         paths=paths,
+        left_out=left_out,
+        slots=slots,
     )
+
+
+def fill_left_out_slices(pixels: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """The slices on their regular grid: slice k at slots[k], each gap filled by linear interpolation between the
+    slices either side of it. Only the 3D steps of the analysis see the filled slices; nothing reports them."""
+    out = np.empty((int(slots[-1]) + 1, *pixels.shape[1:]), dtype=pixels.dtype)
+    out[slots] = pixels
+    for k in range(len(slots) - 1):
+        a, b = int(slots[k]), int(slots[k + 1])
+        for slot in range(a + 1, b):
+            w = (slot - a) / (b - a)
+            out[slot] = (1.0 - w) * pixels[k] + w * pixels[k + 1]
+    return out
 
 
 def normalise(pixels: np.ndarray, modality: str, out: np.ndarray | None = None) -> np.ndarray:

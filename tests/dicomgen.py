@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    RLELossless,
     generate_uid,
 )
 
@@ -198,3 +200,12 @@ def write_datasets(datasets: Sequence[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def make_undecodable(ds: Dataset) -> Dataset:
+    """`ds` (changed in place) RLE Lossless compressed with its one frame overwritten by bytes of the same length:
+    a well-formed instance (one fragment, the frame count it claims) whose pixel data no decoder can decode."""
+    ds.compress(RLELossless, generate_instance_uid=False)
+    (frame,) = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([bytes([0xAB]) * len(frame)])
+    return ds

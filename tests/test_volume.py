@@ -24,7 +24,9 @@ from inference.volume import (
     NotDicomError,
     PixelDecodeError,
     SeriesError,
+    TooFewInstancesError,
     UnsupportedSOPClassError,
+    fill_left_out_slices,
     from_model_grid,
     load_series,
     mask_from_grid,
@@ -35,7 +37,7 @@ from inference.volume import (
     to_model_grid_with_mask,
 )
 from tests.conftest import DCMTK
-from tests.dicomgen import make_ct_series, make_dx, write_datasets
+from tests.dicomgen import make_ct_series, make_dx, make_undecodable, write_datasets
 
 PATIENT_NAME = "Test^Synthetic"
 
@@ -197,12 +199,88 @@ def test_mixed_orientation_is_rejected(tmp_path: Path) -> None:
     _assert_clear(info.value, series[2].SOPInstanceUID)
 
 
-def test_missing_pixel_data_is_rejected(tmp_path: Path) -> None:
-    series = make_ct_series(2, 16, 16)
-    del series[1].PixelData
-    with pytest.raises(MissingPixelDataError) as info:
-        load_series(write_datasets(series, tmp_path))
+def test_missing_pixel_data_leaves_the_instance_out(tmp_path: Path) -> None:
+    series = make_ct_series(3, 16, 16)
+    del series[2].PixelData
+    paths = write_datasets(series, tmp_path)
+    vol = load_series(paths)
+    assert vol.sop_instance_uids == [ds.SOPInstanceUID for ds in series[:2]] and vol.slots is None
+    (left,) = vol.left_out
+    assert left.path == paths[2] and left.sop_instance_uid == series[2].SOPInstanceUID
+    assert left.summary == "no pixel data" and series[2].SOPInstanceUID in left.reason
+    with pytest.raises(MissingPixelDataError) as info:  # nothing else in the series: its own error
+        load_series(paths[2:])
+    _assert_clear(info.value, series[2].SOPInstanceUID)
+
+
+def test_an_undecodable_slice_is_left_out_and_its_gap_kept(tmp_path: Path) -> None:
+    series = make_ct_series(6, 16, 16)
+    reference = load_series(write_datasets(series, tmp_path / "good"))
+    make_undecodable(series[2])
+    vol = load_series(write_datasets(series, tmp_path / "bad"))
+    kept = [0, 1, 3, 4, 5]
+    assert vol.sop_instance_uids == [reference.sop_instance_uids[k] for k in kept]
+    np.testing.assert_array_equal(vol.pixels, reference.pixels[kept])
+    np.testing.assert_array_equal(vol.positions, reference.positions[kept])  # every slice where it was
+    assert vol.slots.tolist() == kept and vol.slice_spacing == pytest.approx(2.5)
+    (left,) = vol.left_out
+    assert left.sop_instance_uid == series[2].SOPInstanceUID and left.summary == "pixel data cannot be decoded"
+    assert "RLE" in left.reason and PATIENT_NAME not in left.reason
+    regular = fill_left_out_slices(vol.pixels, vol.slots)
+    assert regular.shape == reference.pixels.shape
+    np.testing.assert_array_equal(regular[kept], vol.pixels)
+    np.testing.assert_allclose(regular[2], (reference.pixels[1] + reference.pixels[3]) / 2)
+
+
+def test_a_long_gap_keeps_the_longest_contiguous_part(tmp_path: Path) -> None:
+    series = make_ct_series(10, 16, 16)
+    for k in (2, 3, 4):
+        make_undecodable(series[k])
+    vol = load_series(write_datasets(series, tmp_path))
+    assert vol.sop_instance_uids == [ds.SOPInstanceUID for ds in series[5:]] and vol.slots is None
+    summaries = {left.sop_instance_uid: left.summary for left in vol.left_out}
+    assert summaries == {
+        **{series[k].SOPInstanceUID: "pixel data cannot be decoded" for k in (2, 3, 4)},
+        **{series[k].SOPInstanceUID: "separated from the analysed slices by a gap of left-out slices" for k in (0, 1)},
+    }
+
+
+def test_an_unreadable_file_accounts_for_one_gap_only(tmp_path: Path) -> None:
+    series = make_ct_series(6, 16, 16)
+    paths = write_datasets(series, tmp_path)
+    paths[3].write_bytes(b"not dicom at all")
+    vol = load_series(paths)
+    assert vol.slots.tolist() == [0, 1, 2, 4, 5]
+    (left,) = vol.left_out
+    assert left.path == paths[3] and left.sop_instance_uid is None and left.summary == "not a readable DICOM file"
+    with pytest.raises(InconsistentSpacingError):  # a second gap, and no file that could have been that slice
+        load_series([p for k, p in enumerate(paths) if k != 1])
+
+
+def test_too_few_slices_left_is_a_series_error(tmp_path: Path) -> None:
+    series = make_ct_series(4, 16, 16)
+    make_undecodable(series[1])
+    paths = write_datasets(series, tmp_path)
+    assert len(load_series(paths, min_ct_slices=3).sop_instance_uids) == 3
+    with pytest.raises(TooFewInstancesError) as info:
+        load_series(paths, min_ct_slices=4)
     _assert_clear(info.value, series[1].SOPInstanceUID)
+    assert "only 3 of the series' 4 instances" in str(info.value)
+    assert "pixel data cannot be decoded" in str(info.value)
+    for k in (0, 2, 3):
+        make_undecodable(series[k])
+    with pytest.raises(TooFewInstancesError, match="none of the series' 4 instances can be loaded"):
+        load_series(write_datasets(series, tmp_path / "all"))
+
+
+def test_an_undecodable_radiograph_is_left_out_of_its_series(tmp_path: Path) -> None:
+    images = [make_dx(32, 32, seed=k) for k in range(3)]
+    for k, ds in enumerate(images):
+        ds.SeriesInstanceUID, ds.InstanceNumber = images[0].SeriesInstanceUID, k + 1
+    make_undecodable(images[1])
+    vol = load_series(write_datasets(images, tmp_path))
+    assert vol.sop_instance_uids == [images[0].SOPInstanceUID, images[2].SOPInstanceUID] and vol.slots is None
+    assert [left.sop_instance_uid for left in vol.left_out] == [images[1].SOPInstanceUID]
 
 
 def test_multi_frame_is_rejected(tmp_path: Path) -> None:
@@ -374,9 +452,14 @@ def test_dcmtk_tools_exist() -> None:
         assert DCMTK[name].exists()
 
 
-def test_a_malformed_position_is_a_series_error_naming_the_instance(tmp_path: Path) -> None:
-    series = make_ct_series(3, 32, 32)
+def test_a_slice_with_a_malformed_position_is_left_out_naming_the_instance(tmp_path: Path) -> None:
+    series = make_ct_series(4, 32, 32)
     series[1].ImagePositionPatient = 5.0  # one value where three belong
+    vol = load_series(write_datasets(series, tmp_path))
+    assert vol.slots.tolist() == [0, 2, 3] and vol.slice_spacing == pytest.approx(2.5)
+    (left,) = vol.left_out
+    assert left.sop_instance_uid == series[1].SOPInstanceUID
+    assert "ImagePositionPatient is missing or malformed" in left.reason
     with pytest.raises(InconsistentGeometryError, match="ImagePositionPatient is missing or malformed") as caught:
-        load_series(write_datasets(series, tmp_path))
+        load_series(write_datasets(series[1:2], tmp_path / "alone"))
     assert caught.value.sop_instance_uid == series[1].SOPInstanceUID
