@@ -24,7 +24,13 @@ from inference.postprocess import detect_anomalies, median_filtered
 from inference.result import AnomalyResult
 from inference.simplex import NoiseSource
 from inference.unet import ModelInfo
-from inference.volume import from_model_grid, load_series, mask_from_grid, to_model_grid_with_mask
+from inference.volume import (
+    fill_left_out_slices,
+    from_model_grid,
+    load_series,
+    mask_from_grid,
+    to_model_grid_with_mask,
+)
 
 Progress = Callable[[str, float], None]
 
@@ -57,6 +63,7 @@ class PipelineSettings:
     schedule_T: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    min_ct_slices: int = 3  # fewer usable CT slices (after leaving damaged ones out): the series is not analysed
 
     def t_start_for(self, modality: str) -> int:
         return int(self.t_start.get(modality, self.t_start.get("CT", 250)))
@@ -202,8 +209,13 @@ def run_pipeline(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     report("load", 0.0)
-    volume = load_series(files)
+    volume = load_series(files, min_ct_slices=settings.min_ct_slices)
     timings["load"] = time.perf_counter() - start
+    # Left-out slices leave gaps: the analysis runs on the regular slice grid with each gap interpolated (the 3D
+    # lung mask and component sizes assume evenly spaced slices) and reports only the real slices.
+    real = volume.slots
+    if real is not None:
+        volume.pixels = fill_left_out_slices(volume.pixels, real)
 
     start = time.perf_counter()
     report("mask", 0.0)
@@ -227,6 +239,13 @@ def run_pipeline(
     segmentation = mask_from_grid(det.segmentation, mapping)
     if settings.restrict_to_mask:
         segmentation &= mask
+    slice_scores, study_score, anomalous_fraction = det.slice_scores, det.study_score, det.anomalous_fraction
+    if real is not None:  # back to the real slices: the interpolated ones are never reported or scored
+        anomaly, uncertainty, segmentation, mask = anomaly[real], uncertainty[real], segmentation[real], mask[real]
+        slice_scores = slice_scores[real]
+        study_score = float(slice_scores.max()) if slice_scores.size else 0.0
+        in_mask = int(grid_mask[real].sum())
+        anomalous_fraction = float(det.segmentation[real].sum() / in_mask) if in_mask else 0.0
     timings["map_back"] = time.perf_counter() - start
     report("done", 1.0)
 
@@ -250,13 +269,14 @@ def run_pipeline(
         uncertainty_map=uncertainty,
         segmentation=segmentation,
         threshold=det.threshold,
-        slice_scores=det.slice_scores.astype(np.float32),
-        study_score=det.study_score,
+        slice_scores=slice_scores.astype(np.float32),
+        study_score=study_score,
         anomalous_volume_mm3=float(segmentation.sum()) * volume.voxel_volume_mm3,
         mean_uncertainty=mean_uncertainty,
         pixel_spacing_mm=volume.pixel_spacing,
         slice_thickness_mm=volume.slice_thickness,
         timings=timings,
         settings=recorded,
-        anomalous_fraction=det.anomalous_fraction,
+        anomalous_fraction=anomalous_fraction,
+        left_out=list(volume.left_out),
     )

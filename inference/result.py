@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # the writers read results without loading torch (which inference.volume needs)
+    from inference.volume import LeftOutInstance
 
 
 @dataclass
@@ -33,6 +37,7 @@ class AnomalyResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     settings: dict[str, object] = field(default_factory=dict)  # t_start, steps, ensemble, lambda, ...
     anomalous_fraction: float = 0.0  # segmented voxels / anatomy-mask voxels (model grid), see docs/method.md
+    left_out: list[LeftOutInstance] = field(default_factory=list)  # the series' instances not analysed, and why
 
     @property
     def positive(self) -> bool:

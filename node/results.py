@@ -82,6 +82,8 @@ STUDY_SCORE = hd.sr.CodedConcept("EN001", SCHEME, "Study anomaly score")
 SLICE_SCORE = hd.sr.CodedConcept("EN002", SCHEME, "Image anomaly score")
 MEAN_UNCERTAINTY = hd.sr.CodedConcept("EN003", SCHEME, "Mean ensemble uncertainty")
 THRESHOLD = hd.sr.CodedConcept("EN004", SCHEME, "Anomaly map threshold")
+NOT_ANALYSED = hd.sr.CodedConcept("EN005", SCHEME, "Source image not analysed")  # no standard code says this
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 12
 ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence
 PROCEDURES = {
     "CT": hd.sr.CodedConcept("24627-2", "LN", "CT Chest"),
@@ -387,6 +389,29 @@ class ResultWriter:
         return chosen
 
     # ---- SR --------------------------------------------------------------------------------------
+    def not_analysed(self) -> hd.sr.ContainerContentItem | None:
+        """TID 1500's Qualitative Evaluations container with a TEXT item per instance of the series that was left
+        out of the analysis and why, so the report says which images its findings do not cover. The instances
+        are named by UID only, not referenced as images: they are in neither the SEG nor the evidence."""
+        if not self.result.left_out:
+            return None
+        container = hd.sr.ContainerContentItem(
+            name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.TextContentItem(
+                    name=NOT_ANALYSED,
+                    value=f"SOP Instance {item.sop_instance_uid}: {item.summary}"
+                    if item.sop_instance_uid
+                    else f"File {item.path.name}: {item.summary}",
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for item in self.result.left_out
+            ]
+        )
+        return container
+
     def sr(self, seg: Dataset | None) -> Dataset:
         result = self.result
         algorithm = hd.sr.AlgorithmIdentification(
@@ -476,6 +501,9 @@ class ResultWriter:
             imaging_measurements=groups,
             referenced_images=self.library_images(seg) or None,
         )
+        not_analysed = self.not_analysed()
+        if not_analysed is not None:  # highdicom's MeasurementReport takes no report-level qualitative evaluations
+            report[0].ContentSequence.append(not_analysed)
         evidence = [*self.sources, *([seg] if seg is not None else [])]
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,

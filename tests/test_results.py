@@ -400,3 +400,65 @@ def test_report_names_each_image_by_the_number_the_viewer_shows(tmp_path: Path) 
     assert len(groups) == 3
     for group in groups:
         assert group.tracking_identifier == f"Image {number_of[group.source_images[0].referenced_sop_instance_uid]}"
+
+
+def not_analysed_texts(path: Path) -> list[str]:
+    """The report's "Source image not analysed" TEXT items (in its Qualitative Evaluations container)."""
+    report = hd.sr.srread(path).ContentSequence
+    (container,) = [item for item in report if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    return [
+        item.TextValue for item in container.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "EN005"
+    ]
+
+
+@pytest.mark.parametrize("modality", ["CT", "DX"])
+def test_report_names_the_instances_left_out_and_stays_valid(tmp_path: Path, modality: str) -> None:
+    from inference.volume import LeftOutInstance
+
+    if modality == "CT":
+        series = make_ct_series(7, 32, 32)
+        left, sources = series[3], series[:3] + series[4:]
+        result = ct_result(sources)
+    else:
+        left, source = make_dx(64, 64, seed=1), make_dx(64, 64, seed=2)
+        sources = [source]
+        result = dx_result(source)
+    result.left_out = [
+        LeftOutInstance(
+            Path("x.dcm"), str(left.SOPInstanceUID), "SOP Instance ...: RLE ...", "pixel data cannot be decoded"
+        ),
+        LeftOutInstance(Path("1.2.3.dcm"), None, "1.2.3.dcm is not a readable DICOM file", "not a readable DICOM file"),
+    ]
+    objects = write_results(
+        result, [*sources, left], "job-left", ResultsSettings(heatmap_slices=2, empty_seg=True), MODEL
+    )
+    paths = save_all([o.dataset for o in objects], tmp_path, "obj")
+    assert all(dciodvfy_errors(p) == [] for p in paths)
+    sr_path = paths[[o.kind for o in objects].index("sr")]
+    assert not_analysed_texts(sr_path) == [
+        f"SOP Instance {left.SOPInstanceUID}: pixel data cannot be decoded",
+        "File 1.2.3.dcm: not a readable DICOM file",
+    ]
+    check_sr_readback(sr_path, result, sources, str(by_kind(objects, "seg")[0].SOPInstanceUID), result.top_slices(2))
+    seg = by_kind(objects, "seg")[0]
+    referenced = {
+        str(item.ReferencedSOPInstanceUID)
+        for series in seg.ReferencedSeriesSequence
+        for item in series.ReferencedInstanceSequence
+    }
+    assert referenced == {str(ds.SOPInstanceUID) for ds in sources}  # the left-out image is not a SEG source
+    sr = by_kind(objects, "sr")[0]
+    evidence = {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert str(left.SOPInstanceUID) not in evidence
+    assert "Synthetic" not in " ".join(not_analysed_texts(sr_path))
+
+
+def test_report_without_left_out_instances_has_no_such_container(tmp_path: Path) -> None:
+    sources = make_ct_series(4, 32, 32)
+    (sr,) = by_kind(write_results(ct_result(sources), sources, "j", ResultsSettings(heatmap_slices=1), MODEL), "sr")
+    assert not [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
