@@ -257,6 +257,7 @@ class AuditEventType(StrEnum):
     JOB_FAILED = "job.failed"
     JOB_RETRY = "job.retry"
     SERIES_SKIPPED = "series.skipped"
+    INSTANCE_SKIPPED = "instance.skipped"  # left out of its series' analysis (damaged); the rest was analysed
     RESULT_CREATED = "result.created"
     SEND_OK = "send.ok"
     SEND_RETRY = "send.retry"

@@ -134,6 +134,7 @@ class InferenceSettings(Section):
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
+    min_ct_slices: int = Field(3, ge=1)  # fewer usable slices (damaged ones left out): the CT series is skipped
     workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
 
     @field_validator("t_start", "threshold_lambda", mode="before")

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,6 +31,7 @@ from node.spool import Spool
 
 if TYPE_CHECKING:
     from inference.pipeline import PipelineSettings
+    from inference.result import AnomalyResult
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class SeriesFiles:
     modality: str
     paths: list[Path]
     part: str = ""  # set when a radiograph series is analysed in parts (images of different sizes)
+    sop_instance_uids: dict[Path, str] = field(default_factory=dict, compare=False)  # as indexed at receipt
 
 
 RADIOGRAPH_MODALITIES = ("CR", "DX")
@@ -86,7 +88,8 @@ def split_radiographs_by_size(item: SeriesFiles) -> list[SeriesFiles]:
     if len(by_size) == 1:
         return [item]
     return [
-        SeriesFiles(item.series_instance_uid, item.modality, paths, f"{r}x{c}") for (r, c), paths in by_size.items()
+        SeriesFiles(item.series_instance_uid, item.modality, paths, f"{r}x{c}", item.sop_instance_uids)
+        for (r, c), paths in by_size.items()
     ]
 
 
@@ -101,6 +104,7 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
         threshold_lambda=dict(inference.threshold_lambda),
         max_batch=max_batch,
         seed=inference.seed,
+        min_ct_slices=inference.min_ct_slices,
     )
 
 
@@ -114,18 +118,23 @@ def series_to_process(db: Database, spool: Spool, job: ClaimedJob, modalities: t
     """The study's source image series (never the node's own output), largest first."""
     with db.session() as session:
         rows = session.execute(
-            select(Series.series_instance_uid, Series.modality, Instance.path)
+            select(Series.series_instance_uid, Series.modality, Instance.path, Instance.sop_instance_uid)
             .join(Instance, Instance.series_id == Series.id)
             .where(Series.study_id == job.study_id, Series.is_own_output.is_(False), Series.modality.in_(modalities))
             .order_by(Series.id, Instance.id)
         ).all()
     grouped: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    for uid, modality, relpath in rows:
-        grouped[(uid, modality)].append(spool.path(relpath))
+    sop_uids: dict[Path, str] = {}
+    for uid, modality, relpath, sop_uid in rows:
+        path = spool.path(relpath)
+        grouped[(uid, modality)].append(path)
+        sop_uids[path] = sop_uid
     found = [
         part
         for (uid, modality), paths in grouped.items()
-        for part in split_radiographs_by_size(SeriesFiles(uid, modality, paths))
+        for part in split_radiographs_by_size(
+            SeriesFiles(uid, modality, paths, sop_instance_uids={p: sop_uids[p] for p in paths})
+        )
     ]
     return sorted(found, key=lambda s: -len(s.paths))
 
@@ -290,10 +299,12 @@ class JobRunner:
             for stage, seconds in result.timings.items():
                 timings[f"infer.{stage}"] = timings.get(f"infer.{stage}", 0.0) + seconds
             check()
+            self._audit_left_out(job, item, result)
             started = time.perf_counter()
             # Pixel data stays on disk until a heatmap needs it: highdicom deep-copies the sources, and copying
             # 80 CT slices' pixels cost ~1.5 s of the encode stage (the objects written are the same).
-            sources = [pydicom.dcmread(p, defer_size="64 KB") for p in item.paths]
+            left_out = {left.path for left in result.left_out}
+            sources = [pydicom.dcmread(p, defer_size="64 KB") for p in item.paths if p not in left_out]
             # A series analysed in parts needs distinct result UIDs per part (they derive from this key).
             job_key = f"job-{job.id}" + (f"-{item.part}" if item.part else "")
             objects = write_results(result, sources, job_key, self.settings.results, model_info)
@@ -336,6 +347,30 @@ class JobRunner:
                 series_instance_uid=item.series_instance_uid,
                 detail=f"not analysed ({item.modality}, {len(item.paths)} instance(s)): {why}"[:4000],
             )
+
+    def _audit_left_out(self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult) -> None:
+        """One `instance.skipped` event per instance the loader left out of the analysed series; a file too
+        damaged to name itself is named, in the result too (its SR), by the UID it was received as."""
+        result.left_out = [
+            left if left.sop_instance_uid else replace(left, sop_instance_uid=item.sop_instance_uids.get(left.path))
+            for left in result.left_out
+        ]
+        if not result.left_out:
+            return
+        with self.db.session() as session:
+            for left in result.left_out:
+                log.warning("job %s: instance left out of series %s: %s", job.id, item.series_instance_uid, left.reason)
+                record_audit(
+                    session,
+                    AuditEventType.INSTANCE_SKIPPED,
+                    outcome="warning",
+                    job_id=job.id,
+                    study_instance_uid=job.study_instance_uid,
+                    series_instance_uid=item.series_instance_uid,
+                    sop_instance_uid=left.sop_instance_uid or "",
+                    detail=f"left out of the analysis of its {item.modality} series, which went ahead without it: "
+                    f"{left.summary} ({left.reason})"[:4000],
+                )
 
     def kick_sender(self) -> None:
         """Deliver the results now instead of at the scheduler's next send pass (up to `send.interval_seconds`

@@ -17,7 +17,7 @@ from db.session import Database
 from node.config import Settings
 from node.spool import Spool
 from node.worker import JobRunner
-from tests.dicomgen import make_ct_series
+from tests.dicomgen import make_ct_series, make_undecodable
 from tests.engine_models import saved_unet
 from tests.ingest_support import node_settings
 
@@ -65,6 +65,19 @@ def scout_beside(study_uid: str) -> list[Dataset]:
     scout[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     scout[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     return scout
+
+
+def queued_results(db: Database, settings: Settings, kind: str) -> list[Path]:
+    with db.session() as s:
+        relpaths = s.scalars(select(Result.path).join(OutboundItem).where(Result.kind == kind)).all()
+    return [Spool(settings.spool_dir).path(p) for p in relpaths]
+
+
+def left_out_events(db: Database) -> list[AuditEvent]:
+    with db.session() as s:
+        events = list(s.scalars(select(AuditEvent).where(AuditEvent.event_type == "instance.skipped")).all())
+        s.expunge_all()
+        return events
 
 
 def queued_series(db: Database) -> set[str]:
@@ -174,3 +187,119 @@ def test_a_model_trained_for_other_settings_is_refused_at_load(tmp_path: Path) -
     assert model_fit_problems(trained, PipelineSettings()) == []
     deep = model_fit_problems(trained, PipelineSettings(t_start={"CT": 400}))
     assert deep == ["it was trained on timesteps up to 300, t_start asks for {'CT': 400}"]
+
+
+def of_series(paths: list[Path], source_series_uid: str) -> list[Path]:
+    """The result files that reference the source series (SR: in its evidence; SEG: as its source images)."""
+    import pydicom
+
+    found = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        sequences = [ds.get("ReferencedSeriesSequence", [])] + [
+            study.ReferencedSeriesSequence for study in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+        ]
+        if any(str(series.SeriesInstanceUID) == source_series_uid for seq in sequences for series in seq):
+            found.append(path)
+    return found
+
+
+def check_report_names(sr_path: Path, seg_paths: list[Path], analysed: list[Dataset], left: Dataset) -> None:
+    """The SR names the left-out instance and passes dciodvfy; the SEG references the analysed images only."""
+    import pydicom
+
+    from tests.test_results import dciodvfy_errors, not_analysed_texts
+
+    assert dciodvfy_errors(sr_path) == []
+    assert not_analysed_texts(sr_path) == [f"SOP Instance {left.SOPInstanceUID}: pixel data cannot be decoded"]
+    for seg_path in seg_paths:
+        assert dciodvfy_errors(seg_path) == []
+        seg = pydicom.dcmread(seg_path)
+        referenced = {
+            str(item.ReferencedSOPInstanceUID)
+            for series in seg.ReferencedSeriesSequence
+            for item in series.ReferencedInstanceSequence
+        }
+        assert referenced == {str(ds.SOPInstanceUID) for ds in analysed}
+
+
+def test_a_ct_series_with_an_undecodable_instance_is_analysed_without_it(tmp_path: Path) -> None:
+    study = generate_uid()
+    ct = make_ct_series(8, 64, 64, study_uid=study, series_number=2)
+    other = make_ct_series(5, 64, 64, study_uid=study, series_number=3, seed=1)  # the study's other series
+    make_undecodable(ct[4])
+    settings, db = received_study(tmp_path, ct + other)
+    settings.results.empty_seg = True  # a SEG whatever the tiny model finds: its references are checked
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.DONE
+    reports = queued_results(db, settings, "sr")
+    assert len(reports) == 2 and all(len(of_series(reports, x[0].SeriesInstanceUID)) == 1 for x in (ct, other))
+    (event,) = left_out_events(db)
+    assert event.sop_instance_uid == ct[4].SOPInstanceUID and event.series_instance_uid == ct[0].SeriesInstanceUID
+    assert event.outcome == "warning" and "pixel data cannot be decoded" in event.detail
+    assert "Synthetic" not in event.detail  # never the patient's name
+    (sr_path,) = of_series(queued_results(db, settings, "sr"), ct[0].SeriesInstanceUID)
+    seg_paths = of_series(queued_results(db, settings, "seg"), ct[0].SeriesInstanceUID)
+    check_report_names(sr_path, seg_paths, [ds for k, ds in enumerate(ct) if k != 4], ct[4])
+    from tests.test_results import not_analysed_texts
+
+    (complete,) = of_series(queued_results(db, settings, "sr"), other[0].SeriesInstanceUID)
+    with pytest.raises(ValueError):  # the complete series' report has no "not analysed" container
+        not_analysed_texts(complete)
+
+
+def test_a_radiograph_series_with_an_undecodable_image_is_analysed_without_it(tmp_path: Path) -> None:
+    from tests.dicomgen import make_dx
+
+    study, series = generate_uid(), generate_uid()
+    # Two images (more of one size would need a SEG per image: highdicom takes one frame without a Frame of
+    # Reference, which is a separate matter).
+    images = [make_dx(96, 96, study_uid=study, seed=k) for k in range(2)]
+    for k, ds in enumerate(images):
+        ds.SeriesInstanceUID, ds.InstanceNumber = series, k + 1
+    make_undecodable(images[0])
+    settings, db = received_study(tmp_path, images)
+    settings.results.empty_seg = True
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.DONE
+    assert [e.sop_instance_uid for e in left_out_events(db)] == [images[0].SOPInstanceUID]
+    (sr_path,) = queued_results(db, settings, "sr")
+    check_report_names(sr_path, queued_results(db, settings, "seg"), images[1:], images[0])
+
+
+def test_a_file_damaged_in_the_spool_is_named_by_the_uid_it_was_received_as(tmp_path: Path) -> None:
+    ct = make_ct_series(6, 64, 64)
+    settings, db = received_study(tmp_path, ct)
+    with db.session() as s:
+        from db.models import Instance
+
+        relpath = s.scalars(select(Instance.path).where(Instance.sop_instance_uid == ct[2].SOPInstanceUID)).one()
+    Spool(settings.spool_dir).path(relpath).write_bytes(b"overwritten by something else")
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.DONE
+    (event,) = left_out_events(db)
+    assert event.sop_instance_uid == ct[2].SOPInstanceUID and "not a readable DICOM file" in event.detail
+    from tests.test_results import not_analysed_texts
+
+    (sr_path,) = queued_results(db, settings, "sr")
+    assert not_analysed_texts(sr_path) == [f"SOP Instance {ct[2].SOPInstanceUID}: not a readable DICOM file"]
+
+
+def test_a_ct_series_with_too_few_decodable_slices_is_skipped_with_the_reasons(tmp_path: Path) -> None:
+    study = generate_uid()
+    ct = make_ct_series(6, 64, 64, study_uid=study, series_number=2)
+    short = make_ct_series(3, 64, 64, study_uid=study, series_number=3, seed=2)
+    make_undecodable(short[1])
+    settings, db = received_study(tmp_path, ct + short)
+    run_one_job(settings)
+    with db.session() as s:
+        assert s.scalars(select(Job.status)).one() == JobStatus.DONE
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert skipped.series_instance_uid == short[0].SeriesInstanceUID
+    assert "only 2 of the series' 3 instances" in skipped.detail and short[1].SOPInstanceUID in skipped.detail
+    assert left_out_events(db) == []  # the series was not analysed: its one event says why
+    (report,) = queued_results(db, settings, "sr")
+    assert of_series([report], ct[0].SeriesInstanceUID) == [report]
