@@ -80,6 +80,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("[[routing]]\nseries_description = '(['\n", "routing.0.series_description"),
         ("[[routing]]\ndestination = 'NOWHERE'\n", "NOWHERE"),
         ("[node]\ntls_cert = '/x.pem'\n", "tls_key"),
+        ("[inference]\nmin_ct_slices = 0\n", "inference.min_ct_slices"),
     ],
 )
 def test_invalid_values_are_named(tmp_path: Path, text: str, key: str) -> None:

@@ -82,6 +82,37 @@ def test_nodule_is_found_on_its_source_slice(tmp_path: Path) -> None:
     assert 0 < result.anomalous_fraction < 0.2
 
 
+def test_a_left_out_slice_is_interpolated_for_the_analysis_and_never_reported(tmp_path: Path) -> None:
+    import pydicom
+
+    from inference.volume import GridMapping, fill_left_out_slices, normalise, resample_to_grid
+    from tests.dicomgen import make_undecodable
+
+    healthy_files, sick_files, k, nodule = nodule_series(tmp_path)
+    damaged = sick_files[3 - 1]  # files are in reverse order: this is the slice at position 1, beside the nodule
+    ds = pydicom.dcmread(damaged)
+    make_undecodable(ds).save_as(damaged)
+    settings = fast_settings(ensemble=3)
+    # The healthy model sees what the pipeline analyses: slices 0, 2, 3 and slice 1 interpolated between 0 and 2.
+    full = load_series(healthy_files)
+    regular = fill_left_out_slices(full.pixels[[0, 2, 3]], np.array([0, 2, 3]))
+    grid = resample_to_grid(normalise(regular, "CT"), GridMapping(48, 48, 32), fill=-1.0)
+    texture = 0.01 * np.sin(np.arange(32) / 3.0)[None, None, :] * np.ones((4, 32, 1))
+    healthy = torch.from_numpy((grid + texture).astype(np.float32))[:, None]
+    oracle = HealthyOracle(healthy.repeat(settings.ensemble, 1, 1, 1), LinearSchedule(), max_batch=64)
+    result = run_pipeline(sick_files, oracle, TINY_INFO, settings)
+
+    kept = [full.sop_instance_uids[i] for i in (0, 2, 3)]
+    assert result.source_sop_instance_uids == kept
+    assert [left.sop_instance_uid for left in result.left_out] == [full.sop_instance_uids[1]]
+    assert result.anomaly_map.shape == result.segmentation.shape == result.anatomy_mask.shape == (3, 48, 48)
+    assert result.uncertainty_map.shape == (3, 48, 48) and result.slice_scores.shape == (3,)
+    assert result.top_slices(1) == [1]  # the nodule's slice, position 2, is the second analysed slice
+    assert result.segmentation[1].any() and not result.segmentation[[0, 2]].any()
+    assert result.study_score == pytest.approx(float(result.slice_scores.max()))
+    assert result.anomalous_volume_mm3 == pytest.approx(result.segmentation.sum() * 0.7 * 0.7 * 2.5)
+
+
 def test_healthy_series_is_negative(tmp_path: Path) -> None:
     healthy_files, _, _, _ = nodule_series(tmp_path)
     settings = fast_settings()
