@@ -59,10 +59,17 @@ def routing_pacs(workdir: Path, node_port: int, stable_age: int = 1) -> Orthanc:
     )
 
 
-def storescu(port: int, files: Sequence[Path], calling_ae: str = MODALITY_AET, called_ae: str = PACS_AET) -> None:
-    """Send files with dcmtk's storescu in one association (raises if any store fails)."""
+def storescu(
+    port: int,
+    files: Sequence[Path],
+    calling_ae: str = MODALITY_AET,
+    called_ae: str = PACS_AET,
+    options: Sequence[str] = (),
+) -> None:
+    """Send files with dcmtk's storescu in one association (raises if any store fails); `options` are storescu's
+    own (e.g. "-xr" to propose RLE Lossless, so RLE files go as they are)."""
     subprocess.run(
-        [str(STORESCU), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
+        [str(STORESCU), *options, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port), *map(str, files)],
         check=True,
         env=peer_env(),
         capture_output=True,

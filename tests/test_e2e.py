@@ -12,7 +12,7 @@ import pytest
 
 from db.models import Job, JobStatus
 from node.peers import Orthanc
-from tests.dicomgen import make_ct_series, make_dx, write_datasets
+from tests.dicomgen import make_ct_series, make_dx, make_undecodable, write_datasets
 from tests.e2e_support import PACS_AET, NodeProcess, make_model, node_results_in_pacs, routing_pacs, storescu, wait_for
 
 pytestmark = pytest.mark.timeout(240)
@@ -104,3 +104,58 @@ def test_pacs_routes_ct_and_dx_through_the_node_and_gets_results_back(tmp_path: 
             events = node.cli_json("audit", "--event-type", "instance.stored", "--limit", "0")
             assert len(events) == len(ct_files) + 1
         assert node.proc is not None and node.proc.returncode == 0  # SIGTERM: a clean stop
+
+
+def test_an_undecodable_instance_is_left_out_and_the_report_in_the_pacs_names_it(tmp_path: Path) -> None:
+    """One CT slice whose compressed frame is damaged (well formed: the listener stores it) goes through Orthanc
+    and the node with its series; the rest is analysed, and the SR and SEG that reach the PACS show it."""
+    import urllib.request
+
+    import pydicom
+
+    from tests.test_results import dciodvfy_errors, not_analysed_texts
+
+    model = make_model(tmp_path / "tiny.safetensors")
+    ct = make_ct_series(6, 64, 64, patient_id="E2E-BAD", accession="E2EBAD")
+    make_undecodable(ct[2])
+    files = write_datasets(ct, tmp_path / "ct")
+    study_uid, bad_uid = ct[0].StudyInstanceUID, ct[2].SOPInstanceUID
+
+    node = NodeProcess(tmp_path / "node", model, pacs_port=0, sections={"results": {"empty_seg": True}})
+    with routing_pacs(tmp_path / "pacs", node.port) as pacs:
+        node.pacs_port = pacs.dicom_port
+        with node:
+            storescu(pacs.dicom_port, files, options=["-xr"])  # the damaged RLE slice travels as it is
+            check_study(node, pacs, study_uid, len(files))
+            skipped = node.cli_json("audit", "--event-type", "instance.skipped", "--limit", "0")
+            assert [(r["sop_instance_uid"], r["outcome"]) for r in skipped] == [(bad_uid, "warning")]
+            assert "pixel data cannot be decoded" in skipped[0]["detail"]
+
+            def from_pacs(sop_uid: str, folder: Path) -> Path:
+                (found,) = pacs.post("/tools/lookup", sop_uid.encode())
+                with urllib.request.urlopen(f"{pacs.url}/instances/{found['ID']}/file", timeout=30) as response:
+                    path = folder / f"{sop_uid}.dcm"
+                    path.write_bytes(response.read())
+                return path
+
+            (tmp_path / "from-pacs").mkdir()
+            db = node.database()
+            try:
+                with db.session() as session:
+                    job = session.get(Job, delivered_job(node, study_uid).id)
+                    kinds = {r.sop_instance_uid: r.kind for r in job.results}
+            finally:
+                db.dispose()
+            (sr_uid,) = [uid for uid, kind in kinds.items() if kind == "sr"]
+            (seg_uid,) = [uid for uid, kind in kinds.items() if kind == "seg"]
+            sr_path = from_pacs(sr_uid, tmp_path / "from-pacs")
+            assert dciodvfy_errors(sr_path) == []
+            assert not_analysed_texts(sr_path) == [f"SOP Instance {bad_uid}: pixel data cannot be decoded"]
+            seg = pydicom.dcmread(from_pacs(seg_uid, tmp_path / "from-pacs"))
+            referenced = {
+                str(item.ReferencedSOPInstanceUID)
+                for series in seg.ReferencedSeriesSequence
+                for item in series.ReferencedInstanceSequence
+            }
+            assert referenced == {str(ds.SOPInstanceUID) for ds in ct} - {bad_uid}
+        assert node.proc is not None and node.proc.returncode == 0
