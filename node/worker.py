@@ -299,7 +299,10 @@ class JobRunner:
             for stage, seconds in result.timings.items():
                 timings[f"infer.{stage}"] = timings.get(f"infer.{stage}", 0.0) + seconds
             check()
-            self._audit_left_out(job, item, result)
+            result.left_out = [  # a file too damaged to name itself: named by the UID it was received as
+                left if left.sop_instance_uid else replace(left, sop_instance_uid=item.sop_instance_uids.get(left.path))
+                for left in result.left_out
+            ]
             started = time.perf_counter()
             # Pixel data stays on disk until a heatmap needs it: highdicom deep-copies the sources, and copying
             # 80 CT slices' pixels cost ~1.5 s of the encode stage (the objects written are the same).
@@ -312,6 +315,7 @@ class JobRunner:
             check()
             started = time.perf_counter()
             enqueue(self.db, self.spool, job.id, objects, destination, still_ours=still_ours)
+            self._audit_left_out(job, item, result)
             timings["enqueue"] = timings.get("enqueue", 0.0) + time.perf_counter() - started
             produced += len(objects)
             scores.append(result.study_score)
@@ -349,12 +353,8 @@ class JobRunner:
             )
 
     def _audit_left_out(self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult) -> None:
-        """One `instance.skipped` event per instance the loader left out of the analysed series; a file too
-        damaged to name itself is named, in the result too (its SR), by the UID it was received as."""
-        result.left_out = [
-            left if left.sop_instance_uid else replace(left, sop_instance_uid=item.sop_instance_uids.get(left.path))
-            for left in result.left_out
-        ]
+        """One `instance.skipped` event per instance the loader left out of the series whose results were just
+        queued (the SR names them too)."""
         if not result.left_out:
             return
         with self.db.session() as session:
