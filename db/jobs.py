@@ -220,6 +220,30 @@ def release_job(session: Session, job_id: int, owner: str) -> bool:
     return True
 
 
+def defer_job(
+    session: Session, job_id: int, owner: str, reason: str, *, delay_seconds: float, now: datetime | None = None
+) -> bool:
+    """Put a job back to wait for something outside it (the inference server is down): the attempt does not
+    count, so a long outage costs the job nothing; it becomes due again after `delay_seconds`."""
+    now = now or utcnow()
+    job = _end_lease(session, job_id, owner)
+    if job is None:
+        return False
+    job.status = JobStatus.QUEUED
+    job.attempts = max(job.attempts - 1, 0)
+    job.next_attempt_at = now + timedelta(seconds=delay_seconds)
+    job.error = reason[:4000]
+    job.study.status = StudyStatus.QUEUED
+    record_audit(
+        session,
+        AuditEventType.JOB_RETRY,
+        outcome="warning",
+        detail=f"deferred, retry in {delay_seconds:.0f} s (attempt not counted): {reason[:500]}",
+        **job_fields(job),
+    )
+    return True
+
+
 def requeue_expired(
     session: Session, *, max_attempts: int, backoff_seconds: float, now: datetime | None = None
 ) -> list[int]:

@@ -22,11 +22,14 @@ from engines.onnx_export import Exporter, OnnxModel, cached_onnx
 from engines.ort_backend import OrtDenoiser, ort_providers
 from engines.tensorrt_backend import TensorRTDenoiser, tensorrt_version
 from engines.torch_backend import TorchDenoiser
+from engines.triton_backend import TritonDenoiser, TritonEndpoint, TritonUnavailable, tritonclient_version
 from inference.unet import ModelInfo, load_model
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# Backends that run the U-Net elsewhere: never chosen by "auto" (they need an endpoint), only by name.
+REMOTE_BACKENDS = ("triton",)
 # CPU preference without a probe, from benchmarks/RESULTS.md (## Engines): ONNX Runtime's fused
 # GroupNorm + conv graph beats torch eager on the `small` preset at every batch size measured.
 CPU_DEFAULT_BACKEND = "onnxruntime"
@@ -94,7 +97,14 @@ def backend_statuses() -> list[BackendStatus]:
             cuda and trt is not None,
             (f"TensorRT {trt}" if trt else "tensorrt not installed") + ("" if cuda else f"; {no_gpu}"),
         ),
+        _triton_status(),
     ]
+
+
+def _triton_status() -> BackendStatus:
+    version = tritonclient_version()
+    detail = f"tritonclient {version} (a Triton server, see [triton])" if version else "tritonclient not installed"
+    return BackendStatus("triton", version is not None, detail)
 
 
 def _available(name: str) -> BackendStatus:
@@ -105,8 +115,8 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
     """Decide backend, device and precision from the request and what this machine has."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if backend not in ("auto", *BACKENDS):
-        raise ValueError(f"backend must be auto, torch, onnxruntime or tensorrt, got {backend!r}")
+    if backend not in ("auto", *BACKENDS, *REMOTE_BACKENDS):
+        raise ValueError(f"backend must be auto, torch, onnxruntime, tensorrt or triton, got {backend!r}")
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     cuda = torch.cuda.is_available()
@@ -120,6 +130,8 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
     else:
         why_device = f"[inference] device = {device!r}"
 
+    if backend == "triton":
+        return _plan_triton(device, precision, why_device)
     if backend == "auto":
         if device == "cuda":
             if _available("tensorrt").available and precision != "bf16":
@@ -157,6 +169,22 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
         raise BackendUnavailable("the tensorrt backend builds fp16 or fp32 engines; set precision = 'fp16'")
     cuda_graphs = backend == "torch" and device == "cuda"
     return Plan(backend, device, precision, cuda_graphs, f"{reason}; {why_device}; precision {precision}")
+
+
+def _plan_triton(device: str, precision: str, why_device: str) -> Plan:
+    """The U-Net runs on the server; `device` is where the sampler's tensors live, float32 crosses the wire."""
+    status = _triton_status()
+    if not status.available:
+        raise BackendUnavailable(
+            "[inference] backend = 'triton' needs tritonclient: pip install edgenode[triton] "
+            "(or set backend = 'auto' to run the U-Net here)"
+        )
+    if precision not in ("auto", "fp32"):
+        raise BackendUnavailable(
+            "[inference] precision: with backend = 'triton' the served model decides its precision; set 'auto'"
+        )
+    reason = f"[inference] backend = 'triton' ({status.detail}); the sampler runs here: {why_device}"
+    return Plan("triton", device, "fp32", False, reason)
 
 
 def resolve_model_path(spec: str | Path) -> Path:
@@ -203,12 +231,16 @@ def build_denoiser(
     threads: int | None = None,
     micro_batch: int | None = None,
     exporter: Exporter = "dynamo",
+    triton: TritonEndpoint | None = None,
 ) -> Denoiser:
     """Instantiate what `plan` says. ONNX/TensorRT artefacts go to cache_dir (a temporary one if None).
 
     `threads` is the CPU threads to use (None: torch's count, one per physical core); ONNX Runtime
-    on a CPU uses them as that many concurrent single-threaded runs.
+    on a CPU uses them as that many concurrent single-threaded runs. `triton` is where the triton
+    backend's server is.
     """
+    if plan.backend == "triton":
+        return _triton_denoiser(plan, info, max_batch, triton)
     if plan.backend == "torch":
         return TorchDenoiser(
             model,
@@ -240,6 +272,18 @@ def build_denoiser(
     return TensorRTDenoiser(onnx_model, cache_dir, device=plan.device, precision=plan.precision, max_batch=max_batch)
 
 
+def _triton_denoiser(plan: Plan, info: ModelInfo, max_batch: int, endpoint: TritonEndpoint | None) -> Denoiser:
+    """A server that is down now is no reason to stop the worker (jobs wait and retry); another model is."""
+    if endpoint is None:
+        raise ValueError("backend 'triton' needs the server's endpoint ([triton] settings)")
+    denoiser = TritonDenoiser(endpoint, info, device=plan.device, max_batch=max_batch, verify=False)
+    try:
+        denoiser.verify()
+    except TritonUnavailable as exc:
+        log.warning("%s; jobs wait and are retried until it serves the model", exc)
+    return denoiser
+
+
 def time_call(denoiser: Denoiser, batch: int, size: int, repeats: int = 1) -> float:
     """Seconds per call on random inputs of one batch, after one warm-up call."""
     gen = torch.Generator().manual_seed(0)
@@ -267,11 +311,12 @@ def select(
     threads: int | None = None,
     micro_batch: int | None = None,
     exporter: Exporter = "dynamo",
+    triton: TritonEndpoint | None = None,
 ) -> Selection:
     """Plan, load and build the denoiser; with probe=True on a CPU (backend auto), time both backends."""
     plan = plan_backend(device, backend, precision)
     model, info = load_source(source)
-    denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter)
+    denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter, triton)
     reason = plan.reason
     if probe and backend == "auto" and plan.device == "cpu" and _available("onnxruntime-cpu").available:
         other_backend = "torch" if plan.backend == "onnxruntime" else "onnxruntime"

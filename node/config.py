@@ -125,7 +125,7 @@ SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.Pipel
 
 class InferenceSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt"] = "auto"
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = "auto"  # triton: see [triton]
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     ensemble: int = Field(7, ge=1, le=64)
     model: str = "bundled"  # "bundled" or a path to a .safetensors file
@@ -156,6 +156,37 @@ class InferenceSettings(Section):
             if outside:
                 raise ValueError(f"{outside}: t_start must be 0..{SCHEDULE_T - 1} (the schedule's T = {SCHEDULE_T})")
         return merged
+
+
+class TritonSettings(Section):
+    """Where `[inference] backend = "triton"` sends the U-Net calls: a Triton Inference Server's gRPC endpoint."""
+
+    url: str = "127.0.0.1:8001"  # host:port of Triton's gRPC endpoint (no scheme)
+    model_name: str = "edgenode-unet"  # as written by `edgenode engine build --triton-repo`
+    model_version: str = ""  # empty: the version Triton serves as latest
+    timeout_seconds: float = Field(30.0, gt=0)  # per request; slower counts as unavailable (the job is retried)
+    in_flight: int = Field(4, ge=1)  # concurrent requests per worker, for Triton's dynamic batcher to merge
+    micro_batch: int = Field(0, ge=0)  # images per request; 0: each U-Net call split evenly over in_flight
+    tls: bool = False
+    root_ca: Path | None = None  # PEM CA bundle for the server's certificate (unset: the system's roots)
+    client_cert: Path | None = None  # PEM client certificate and key, for a server that requires mutual TLS
+    client_key: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.strip().rpartition(":")
+        if "://" in value or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{value!r} is not host:port (Triton's gRPC endpoint, e.g. triton.example:8001)")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> TritonSettings:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key must be set together")
+        if not self.tls and (self.root_ca or self.client_cert):
+            raise ValueError("root_ca / client_cert are for TLS: set tls = true")
+        return self
 
 
 class ResultsSettings(Section):
@@ -224,6 +255,7 @@ class Settings(BaseSettings):
     stability: StabilitySettings = Field(default_factory=StabilitySettings)
     routing: list[RoutingRule] = Field(default_factory=lambda: [RoutingRule()])
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    triton: TritonSettings = Field(default_factory=TritonSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     send: SendSettings = Field(default_factory=SendSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)

@@ -22,6 +22,7 @@ from db.models import AuditEvent, AuditEventType, Job, JobStatus, OutboundItem, 
 from db.models import JobDuration as JD
 from db.session import Database
 from node.config import Settings
+from node.inference_server import TritonMonitor
 from node.web.health import free_disk_bytes
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,17 @@ def duration_histogram(session: Session, column: Any) -> tuple[list[tuple[str, f
 class DatabaseCollector(Collector):
     """Collects the edgenode_* metrics from one node's database on every scrape."""
 
-    def __init__(self, settings: Settings, db: Database) -> None:
+    def __init__(self, settings: Settings, db: Database, triton: TritonMonitor | None = None) -> None:
         self._settings = settings
         self._db = db
+        self._triton = triton
 
     def collect(self) -> Iterator[Metric]:
         disk = GaugeMetricFamily("edgenode_disk_free_bytes", "Free bytes on the file system of data_dir")
         disk.add_metric([], float(free_disk_bytes(self._settings.data_dir)))
         yield disk
+        if self._triton is not None:
+            yield from self._inference_server()
         up = GaugeMetricFamily("edgenode_database_up", "1 when the database answered this scrape")
         try:
             families = list(self._from_database())
@@ -62,6 +66,19 @@ class DatabaseCollector(Collector):
         up.add_metric([], 1.0)
         yield up
         yield from families
+
+    def _inference_server(self) -> Iterator[Metric]:
+        """backend "triton": 1 when the server serves this node's model now, and the state by name."""
+        state = self._triton.state() if self._triton is not None else None
+        up = GaugeMetricFamily(
+            "edgenode_inference_server_up", "1 when the Triton server answered this scrape serving the node's model"
+        )
+        up.add_metric([], 1.0 if state is not None and state.ok else 0.0)
+        yield up
+        states = GaugeMetricFamily("edgenode_inference_server_state", "The Triton server's state (1 = current)", labels=["state"])
+        for name in ("ok", "unreachable", "not ready", "mismatch"):
+            states.add_metric([name], 1.0 if state is not None and state.state == name else 0.0)
+        yield states
 
     def _from_database(self) -> Iterator[Metric]:
         with self._db.session() as session:
@@ -117,8 +134,8 @@ class DatabaseCollector(Collector):
             yield hist
 
 
-def build_registry(settings: Settings, db: Database) -> CollectorRegistry:
+def build_registry(settings: Settings, db: Database, triton: TritonMonitor | None = None) -> CollectorRegistry:
     """A fresh registry holding only this node's database collector (no process-global state)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(settings, db))
+    registry.register(DatabaseCollector(settings, db, triton))
     return registry

@@ -23,10 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.audit import record_audit
-from db.jobs import ClaimedJob, LeaseLost, claim_next_job, complete_job, fail_job, heartbeat, release_job
+from db.jobs import ClaimedJob, LeaseLost, claim_next_job, complete_job, defer_job, fail_job, heartbeat, release_job
 from db.models import AuditEventType, Instance, Series
 from db.session import Database
 from node.config import InferenceSettings, RoutingRule, Settings
+from node.inference_server import triton_endpoint
 from node.spool import Spool
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ IMAGE_MODALITIES = ("CT", "CR", "DX")
 EXIT_NO_MODEL = 3
 IDLE_POLL_SECONDS = 0.2  # an idle worker looks for a due job this often (one indexed SELECT) unless woken sooner
 RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a worker that keeps dying
+MAX_DEFER_SECONDS = 600.0  # longest wait before retrying a job deferred because the inference server was down
 
 
 class EventLike(Protocol):
@@ -190,6 +192,7 @@ class JobRunner:
         self._model_info = None
         self.max_batch = settings.inference.max_batch
         self._sender: threading.Thread | None = None
+        self._server_down_streak = 0  # jobs deferred in a row because the inference server could not serve
 
     def _engine(self):  # type: ignore[no-untyped-def]
         """Load the model and pick its backend once per worker process (the first job pays for it)."""
@@ -210,6 +213,7 @@ class JobRunner:
                 precision=self.settings.inference.precision,
                 max_batch=self.settings.inference.max_batch,
                 cache_dir=self.settings.data_dir / "engines",
+                triton=triton_endpoint(self.settings) if self.settings.inference.backend == "triton" else None,
             )
         return self._denoiser, self._model_info
 
@@ -223,6 +227,7 @@ class JobRunner:
         return True
 
     def run(self, job: ClaimedJob) -> None:
+        from engines.triton_backend import TritonUnavailable
         from inference.volume import SeriesError
 
         log.info("job %s: study %s, attempt %s", job.id, job.study_instance_uid, job.attempts)
@@ -240,11 +245,23 @@ class JobRunner:
             if self.stop.is_set():
                 with self.db.session() as session:
                     release_job(session, job.id, self.owner)
+        except TritonUnavailable as exc:  # the GPU pool is down or slow: wait for it, the job itself is fine
+            self._defer(job, str(exc))
+            return
         except (SeriesError, UnroutableJob) as exc:  # retrying cannot help
             self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=1)
         except Exception as exc:  # noqa: BLE001 - anything else is retried with backoff
             log.exception("job %s failed", job.id)
             self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=self.settings.jobs.max_attempts)
+
+    def _defer(self, job: ClaimedJob, reason: str) -> None:
+        """Back to the queue without using an attempt; waits double while the server stays down."""
+        self._server_down_streak += 1
+        first = self.settings.jobs.retry_backoff_seconds
+        delay = min(first * 2 ** (self._server_down_streak - 1), max(first, MAX_DEFER_SECONDS))
+        log.warning("job %s deferred for %.0f s: %s", job.id, delay, reason)
+        with self.db.session() as session:
+            defer_job(session, job.id, self.owner, reason, delay_seconds=delay)
 
     def _fail(self, job: ClaimedJob, error: str, *, max_attempts: int) -> None:
         with self.db.session() as session:
@@ -333,6 +350,7 @@ class JobRunner:
                 model_id=model_info.model_id,
                 timings={k: round(v, 4) for k, v in timings.items()},
             )
+        self._server_down_streak = 0
         if done:
             log.info("job %s done: %d object(s), score %.3f", job.id, produced, max(scores))
             self.kick_sender()

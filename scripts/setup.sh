@@ -38,5 +38,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
 echo "setup: installing edgenode and its dependencies"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# triton: the gRPC client of the Triton backend (tests run it against a real server; see tests/triton_support.py,
+# which makes the server's own venv under .cache/ on first use, since PyTriton pins numpy < 2).
+.venv/bin/python -m pip install -q -e ".[dev,triton]"
 echo "setup: done"

@@ -28,6 +28,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--probe", action="store_true", help="info: load the model and time the CPU backends")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
+    parser.add_argument(
+        "--triton-repo",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="build: also write a Triton model repository there ([triton] model_name; ONNX Runtime, and TensorRT "
+        "where built), for a GPU pool serving the nodes",
+    )
+    parser.add_argument(
+        "--triton-instances", type=int, default=1, help="--triton-repo: model instances per GPU (instance_group count)"
+    )
+    parser.add_argument(
+        "--triton-kind",
+        choices=["gpu", "cpu"],
+        default="gpu",
+        help="--triton-repo: where the ONNX Runtime model's instances run (the TensorRT one always on GPUs)",
+    )
 
 
 def engines_dir(settings: Settings) -> Path:
@@ -94,6 +111,7 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
     from engines.onnx_export import cached_onnx
     from engines.select import backend_statuses, load_source, time_call
     from engines.tensorrt_backend import TensorRTDenoiser
+    from engines.triton_backend import tritonclient_version
 
     inf = settings.inference
     cache = engines_dir(settings)
@@ -103,7 +121,10 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
         print(f"[{n}/{total}] {text} ({time.perf_counter() - start:.1f} s)", flush=True)
 
     trt_ok = next(s for s in backend_statuses() if s.name == "tensorrt").available and inf.device != "cpu"
-    total = 4 if trt_ok else 3
+    if args.triton_repo is not None and tritonclient_version() is None:
+        print("edgenode: --triton-repo needs tritonclient: pip install edgenode[triton]", file=sys.stderr)
+        return EXIT_USAGE
+    total = (4 if trt_ok else 3) + (args.triton_repo is not None)
     step(1, total, f"loading model {args.model or inf.model}")
     model, info = load_source(args.model or inf.model)
     step(2, total, f"exporting {info.model_id} to ONNX ({args.exporter}) into {cache}")
@@ -129,8 +150,26 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
         precision = inf.precision if inf.precision in ("fp16", "fp32") else "fp16"
         engine = TensorRTDenoiser(onnx_model, cache, precision=precision, max_batch=inf.max_batch)
         print(f"  {engine.describe()}: {time_call(engine, inf.max_batch, size, repeats=5) * 1e3:.1f} ms per call")
+        plan = engine.path
     else:
         print("  TensorRT: not built (needs tensorrt and a CUDA GPU)")
+        plan = None
+    if args.triton_repo is not None:
+        from engines.triton_repo import write_repository
+
+        step(total, total, f"writing the Triton model repository {args.triton_repo}")
+        written = write_repository(
+            args.triton_repo,
+            onnx_model,
+            info,
+            settings.triton.model_name,
+            inf.max_batch,
+            instances=args.triton_instances,
+            kind=f"KIND_{args.triton_kind.upper()}",
+            plan=plan,
+        )
+        for model in written:
+            print(f"  {model.directory}: {model.platform}, max batch {inf.max_batch}, weights sha256 {info.sha256[:16]}")
     print(f"done in {time.perf_counter() - start:.1f} s; cache {cache}:")
     print("\n".join(_cache_lines(cache)))
     return EXIT_OK

@@ -37,6 +37,7 @@ from db.queries import (
 )
 from db.session import Database
 from node.config import Settings
+from node.inference_server import TritonMonitor, uses_triton
 from node.metrics import build_registry
 from node.web.health import check_health
 from node.web.heatmap import HeatmapError, render_png, spool_file
@@ -131,7 +132,8 @@ def create_app(
 
     `workers_alive` (from the node's worker supervisor) lets /healthz report dead inference workers."""
     expected = token or resolve_token(settings)
-    registry = build_registry(settings, db)
+    triton = TritonMonitor(settings) if uses_triton(settings) else None
+    registry = build_registry(settings, db, triton)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["stylesheet"] = (HERE / "static" / "style.css").read_text(encoding="utf-8")
     templates.env.globals["node_ae"] = settings.node.ae_title
@@ -233,7 +235,7 @@ def create_app(
     def api_queue() -> dict[str, Any]:
         with db.session() as session:
             summary = queue_summary(session)
-        summary["health"] = check_health(settings, db, workers_alive).as_dict()
+        summary["health"] = check_health(settings, db, workers_alive, triton).as_dict()
         return summary
 
     @app.get("/metrics")
@@ -242,7 +244,7 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
-        health = check_health(settings, db, workers_alive)
+        health = check_health(settings, db, workers_alive, triton)
         if not health.database_ok:
             log.warning("health check: database unreachable: %s", health.database_error)
         return JSONResponse(health.as_dict(detail=False), status_code=200 if health.ok else 503)
@@ -307,7 +309,7 @@ def create_app(
     def queue_page(request: Request) -> HTMLResponse:
         with db.session() as session:
             summary = queue_summary(session)
-        health = check_health(settings, db, workers_alive)
+        health = check_health(settings, db, workers_alive, triton)
         return page(request, "queue.html", q=summary, health=health.as_dict(), web=settings.web)
 
     @app.get("/audit", response_class=HTMLResponse)
