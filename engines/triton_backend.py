@@ -18,7 +18,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -115,7 +115,9 @@ def translate_error(exc: Exception, endpoint: TritonEndpoint, what: str) -> Exce
         code = _code(exc)
         message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
         if code in RETRYABLE_CODES or not code:
-            return TritonUnavailable(f"Triton {endpoint.describe()} unavailable during {what}: {code or 'error'}: {message}")
+            return TritonUnavailable(
+                f"Triton {endpoint.describe()} unavailable during {what}: {code or 'error'}: {message}"
+            )
         return RuntimeError(f"Triton {endpoint.describe()} refused {what}: {code}: {message}")
     return exc
 
@@ -138,7 +140,9 @@ def served_model(client: InferenceServerClient, endpoint: TritonEndpoint) -> Ser
     try:
         if not client.is_server_live(client_timeout=endpoint.timeout_seconds):
             raise TritonUnavailable(f"Triton {endpoint.describe()} is not live")
-        if not client.is_model_ready(endpoint.model_name, endpoint.model_version, client_timeout=endpoint.timeout_seconds):
+        if not client.is_model_ready(
+            endpoint.model_name, endpoint.model_version, client_timeout=endpoint.timeout_seconds
+        ):
             raise TritonModelNotReady(f"Triton {endpoint.describe()}: the model is not ready (not loaded, or loading)")
         config = client.get_model_config(
             endpoint.model_name, endpoint.model_version, as_json=True, client_timeout=endpoint.timeout_seconds
@@ -263,13 +267,24 @@ class TritonDenoiser:
         self.name = "triton"
         self.served: ServedModel | None = None
         self._client = endpoint.client()
+        self._reconnect = False  # set when the server failed us: the next check opens a new channel
         self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="triton")
         if verify:
             self.verify()
 
     def verify(self) -> ServedModel:
         """Check the served model is ours (TritonModelMismatch if not, TritonUnavailable if it cannot answer)."""
-        served = served_model(self._client, self.endpoint)
+        if self._reconnect:
+            # gRPC's channel waits out a growing reconnect backoff after a refused connection; a server that is
+            # back should be used at once, so start over with a fresh channel.
+            self._client.close()
+            self._client = self.endpoint.client()
+            self._reconnect = False
+        try:
+            served = served_model(self._client, self.endpoint)
+        except TritonUnavailable:
+            self._reconnect = True
+            raise
         check_served_model(served, self.info)
         if served.max_batch_size and self.micro_batch and self.micro_batch > served.max_batch_size:
             raise TritonModelMismatch(
@@ -320,6 +335,7 @@ class TritonDenoiser:
             parts = [f.result() for f in futures]
         except TritonUnavailable:
             self.served = None  # check the model again once the server is back: it may be another one
+            self._reconnect = True
             for f in futures:
                 f.cancel()
             raise

@@ -75,7 +75,9 @@ class DatabaseCollector(Collector):
         )
         up.add_metric([], 1.0 if state is not None and state.ok else 0.0)
         yield up
-        states = GaugeMetricFamily("edgenode_inference_server_state", "The Triton server's state (1 = current)", labels=["state"])
+        states = GaugeMetricFamily(
+            "edgenode_inference_server_state", "The Triton server's state (1 = current)", labels=["state"]
+        )
         for name in ("ok", "unreachable", "not ready", "mismatch"):
             states.add_metric([name], 1.0 if state is not None and state.state == name else 0.0)
         yield states

@@ -8,6 +8,7 @@ libpython dynamically, so LD_LIBRARY_PATH gets the venv's Python library directo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -105,13 +106,14 @@ class TritonProcess:
 
     def start(self, ready: str = "READY", timeout: float = 180.0) -> None:
         log = self.log_path.open("ab")
+        offset = log.tell()  # a restart appends: only what this start writes counts
         self.proc = subprocess.Popen(
             self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if ready in self.log_path.read_text(errors="replace"):
+            if ready in self.log_path.read_bytes()[offset:].decode(errors="replace"):
                 return
             if self.proc.poll() is not None:
                 break
@@ -131,10 +133,8 @@ class TritonProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        try:  # tritonserver may outlive the script by a moment: its group is ours
+        with contextlib.suppress(ProcessLookupError):  # tritonserver may outlive the script a moment: ours too
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc = None
         wait_port_free(self.grpc_port)
 
@@ -226,4 +226,5 @@ def raw_tritonserver(python: Path, repository: Path, work: Path, log_path: Path)
     ]
     env = server_env(python, [str(server / "external_libs"), str(server.parent.parent / "nvidia_pytriton.libs")])
     env["PYTHONPATH"] = site
+    env["PATH"] = f"{python.parent}:{env['PATH']}"  # as PyTriton runs it: the stub's Python is the venv's
     return TritonProcess(command, env, log_path, grpc_port)

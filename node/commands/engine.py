@@ -169,7 +169,9 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
             plan=plan,
         )
         for model in written:
-            print(f"  {model.directory}: {model.platform}, max batch {inf.max_batch}, weights sha256 {info.sha256[:16]}")
+            print(
+                f"  {model.directory}: {model.platform}, max batch {inf.max_batch}, weights sha256 {info.sha256[:16]}"
+            )
     print(f"done in {time.perf_counter() - start:.1f} s; cache {cache}:")
     print("\n".join(_cache_lines(cache)))
     return EXIT_OK
