@@ -50,3 +50,20 @@ def test_memory_benchmark_measures_each_series_length() -> None:
     assert len(rows) == 1 and rows[0][0] == "12"
     before, after = float(rows[0][1]), float(rows[0][2])
     assert 0 < before <= after  # peak memory only grows
+
+
+def test_triton_benchmark_compares_the_remote_call_with_local_onnxruntime() -> None:
+    from tests.triton_support import pytriton_python
+
+    pytriton_python()  # the server's venv (skips with the reason where the wheel cannot be installed)
+    out = run_script(
+        "benchmarks/triton_remote.py",
+        "--calls", "1", "--batch", "4", "--in-flight", "2", "--slices", "2", "--size", "64",
+        "--repeats", "1", "--ensemble", "1", "--steps", "1", "--threads", "1",
+    ).stdout  # fmt: skip
+    rows = table(out)
+    assert [r[0] for r in rows] == ["onnxruntime-cpu x1 (local)", "triton in_flight 2"]
+    assert float(rows[0][2]) == 0.0 and float(rows[0][4]) == 0.0  # the local row is the reference
+    assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |eps diff|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-5  # the same export gives the same numbers remotely

@@ -99,8 +99,10 @@ def test_statuses_list_every_backend() -> None:
         "onnxruntime-cpu",
         "onnxruntime-cuda",
         "tensorrt",
+        "triton",
     }
     assert names["torch-cpu"].available and names["onnxruntime-cpu"].available
+    assert names["triton"].available  # scripts/setup.sh installs the [triton] extra
     assert names["torch-cuda"].available == torch.cuda.is_available()
 
 
