@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from db.session import Database
 from engines.onnx_export import OnnxModel, cached_onnx
 from engines.ort_backend import OrtDenoiser
 from engines.select import BackendUnavailable, plan_backend
+from engines.select import select as select_backend
 from engines.triton_backend import (
     MODEL_ID_PARAMETER,
     MODEL_SHA256_PARAMETER,
@@ -42,6 +43,7 @@ from node.worker import JobRunner
 from tests.conftest import edgenode_cmd, node_env
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.engine_models import random_batch, saved_unet
+from tests.test_scp_tls import make_pki
 from tests.test_worker import received_study
 from tests.triton_support import (
     TritonProcess,
@@ -104,10 +106,12 @@ def test_pipeline_through_triton_gives_the_local_onnxruntime_findings(served: Se
 
 
 def test_a_served_model_of_other_weights_is_refused(served: Served, tmp_path: Path) -> None:
-    _, other, _ = saved_unet(tmp_path, seed=4)
+    other_model, other, _ = saved_unet(tmp_path, seed=4)
     with pytest.raises(TritonModelMismatch, match=f"this node runs {other.model_id}") as refused:
         TritonDenoiser(served.endpoint(), other, max_batch=8)
     assert served.info.model_id in str(refused.value)
+    with pytest.raises(TritonModelMismatch):  # what a worker does at start: it exits instead of taking jobs
+        select_backend((other_model, other), backend="triton", max_batch=8, triton=served.endpoint())
     x, c, t = random_batch(2, other.config.image_size)
     lazy = TritonDenoiser(served.endpoint(), other, max_batch=8, verify=False)
     with pytest.raises(TritonModelMismatch):  # checked before the first call too
@@ -238,6 +242,24 @@ def test_generated_repository_parses_and_is_served(python: Path, tmp_path: Path)
         )  # fmt: skip
         x, c, t = random_batch(8, info.config.image_size)
         np.testing.assert_array_equal(remote(x, c, t).numpy(), OrtDenoiser(onnx, max_batch=8)(x, c, t).numpy())
+    finally:
+        server.stop()
+
+
+def test_mutual_tls_with_the_sites_ca(python: Path, served: Served, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tls = (pki["server.pem"], pki["server.key"], pki["ca.pem"])
+    server = pytriton_server(python, served.onnx.path, MODEL_NAME, identity(served.info), tmp_path / "log", tls=tls)
+    server.start()
+    try:
+        base = TritonEndpoint(url=server.url, model_name=MODEL_NAME, timeout_seconds=5, tls=True, root_ca=pki["ca.pem"])
+        mutual = replace(base, client_cert=pki["client.pem"], client_key=pki["client.key"])
+        x, c, t = random_batch(4, served.info.config.image_size)
+        got = TritonDenoiser(mutual, served.info, max_batch=4)(x, c, t)
+        np.testing.assert_array_equal(got.numpy(), OrtDenoiser(served.onnx, max_batch=4)(x, c, t).numpy())
+        for refused in (base, replace(base, tls=False, root_ca=None)):  # no client certificate; no TLS at all
+            with pytest.raises(TritonUnavailable):
+                TritonDenoiser(refused, served.info, max_batch=4)
     finally:
         server.stop()
 

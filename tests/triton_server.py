@@ -45,6 +45,7 @@ def main() -> int:
     parser.add_argument("--parameter", action="append", default=[], help="KEY=VALUE in the model config")
     parser.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
     parser.add_argument("--tls-key", default=None)
+    parser.add_argument("--tls-ca", default=None, help="with --tls-cert: require client certificates of this CA")
     args = parser.parse_args()
 
     add_parameters_to_config(dict(p.split("=", 1) for p in args.parameter))
@@ -59,6 +60,8 @@ def main() -> int:
     tls = {}
     if args.tls_cert:
         tls = {"grpc_use_ssl": True, "grpc_server_cert": args.tls_cert, "grpc_server_key": args.tls_key}
+        if args.tls_ca:
+            tls.update(grpc_use_ssl_mutual=True, grpc_root_cert=args.tls_ca)
     config = TritonConfig(
         grpc_address="127.0.0.1",
         grpc_port=args.grpc_port,

@@ -155,9 +155,10 @@ def pytriton_server(
     parameters: dict[str, str],
     log_path: Path,
     max_batch: int = 28,
-    tls: tuple[Path, Path] | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
 ) -> TritonProcess:
-    """tests/triton_server.py serving `onnx_path` (not started yet)."""
+    """tests/triton_server.py serving `onnx_path` (not started yet); `tls`: (certificate, key, CA of the client
+    certificates it requires)."""
     grpc_port = free_port()
     command = [
         str(python),
@@ -172,7 +173,7 @@ def pytriton_server(
     for key, value in parameters.items():
         command += ["--parameter", f"{key}={value}"]
     if tls is not None:
-        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+        command += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1]), "--tls-ca", str(tls[2])]
     return TritonProcess(command, server_env(python), log_path, grpc_port)
 
 

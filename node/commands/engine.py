@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from node.config import Settings
+from node.inference_server import triton_endpoint, uses_triton
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -98,6 +99,7 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
             probe=True,
             threads=args.threads,
             exporter=args.exporter,
+            triton=triton_endpoint(settings) if uses_triton(settings) else None,
         )
         print(f"probe: {selection.denoiser.name}: {selection.reason}")
     print(f"cache {engines_dir(settings)}:")
