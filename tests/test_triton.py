@@ -48,6 +48,7 @@ from tests.test_worker import received_study
 from tests.triton_support import (
     TritonProcess,
     bundled_backends,
+    free_port,
     pytriton_python,
     pytriton_server,
     raw_tritonserver,
@@ -275,14 +276,22 @@ def test_triton_settings_are_checked_and_name_the_key(tmp_path: Path) -> None:
         plan_backend(backend="triton", precision="fp16")
 
 
-def test_health_reports_an_unreachable_server(tmp_path: Path) -> None:
-    """A health check of an unreachable server answers quickly with its state and never raises."""
+def test_healthz_and_metrics_report_an_unreachable_server(tmp_path: Path) -> None:
+    """The node's web app asks the server on every health check and scrape, and never fails for it."""
+    from fastapi.testclient import TestClient
+
+    from node.web.app import create_app
+
     settings = load_settings(
         None,
         node={"data_dir": str(tmp_path)},
         inference={"backend": "triton", "model": str(saved_unet(tmp_path)[2])},
-        triton={"url": "127.0.0.1:9", "timeout_seconds": 1},
+        triton={"url": f"127.0.0.1:{free_port()}", "timeout_seconds": 1},  # nothing listens there
     )
-    db = Database(settings.database_url)
-    health = check_health(settings, db, triton=TritonMonitor(settings))
-    assert health.as_dict(detail=False)["inference_server"] == "unreachable" and not health.ok
+    client = TestClient(create_app(settings, Database(settings.database_url), token="t0ken"))
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["inference_server"] == "unreachable"
+    assert "inference_server_detail" not in health.json()  # error texts only behind the token
+    scraped = client.get("/metrics", headers={"Authorization": "Bearer t0ken"}).text
+    assert "edgenode_inference_server_up 0.0" in scraped
+    assert 'edgenode_inference_server_state{state="unreachable"} 1.0' in scraped
