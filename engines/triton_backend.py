@@ -286,10 +286,6 @@ class TritonDenoiser:
             self._reconnect = True
             raise
         check_served_model(served, self.info)
-        if served.max_batch_size and self.micro_batch and self.micro_batch > served.max_batch_size:
-            raise TritonModelMismatch(
-                f"micro-batches of {self.micro_batch} exceed the served model's max_batch_size {served.max_batch_size}"
-            )
         self.served = served
         log.info("Triton %s serves %s (%s)", self.endpoint.describe(), self.info.model_id, served.platform)
         return served

@@ -227,7 +227,7 @@ class JobRunner:
         return True
 
     def run(self, job: ClaimedJob) -> None:
-        from engines.triton_backend import TritonUnavailable
+        from engines.triton_backend import TritonModelMismatch, TritonUnavailable
         from inference.volume import SeriesError
 
         log.info("job %s: study %s, attempt %s", job.id, job.study_instance_uid, job.attempts)
@@ -245,8 +245,9 @@ class JobRunner:
             if self.stop.is_set():
                 with self.db.session() as session:
                     release_job(session, job.id, self.owner)
-        except TritonUnavailable as exc:  # the GPU pool is down or slow: wait for it, the job itself is fine
-            self._defer(job, str(exc))
+        except (TritonUnavailable, TritonModelMismatch) as exc:
+            # The GPU pool is down, slow, or was redeployed with another model: wait for it, the job itself is fine.
+            self._defer(job, f"{type(exc).__name__}: {exc}")
             return
         except (SeriesError, UnroutableJob) as exc:  # retrying cannot help
             self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=1)

@@ -187,6 +187,19 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
         server.stop()
 
 
+def test_a_job_meeting_another_model_waits_without_using_an_attempt(served: Served, tmp_path: Path) -> None:
+    settings, db = received_study(tmp_path, make_ct_series(2, 48, 48, seed=6))  # weights other than the served
+    settings.inference.backend = "triton"
+    settings.triton.url = served.server.url
+    runner = JobRunner(settings, "worker-1-0.1")
+    assert runner.run_once()
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.QUEUED and job.attempts == 0
+        assert job.error.startswith("TritonModelMismatch: ") and "refusing to mix results" in job.error
+        assert s.scalars(select(OutboundItem)).all() == []
+
+
 def test_a_server_that_never_answers_in_time_is_unavailable_not_an_error(tmp_path: Path) -> None:
     _, info, _ = saved_unet(tmp_path)
     # A listening socket that never speaks gRPC: the deadline passes, as with an overloaded server.
