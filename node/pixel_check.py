@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from io import BytesIO
 from struct import unpack, unpack_from
+from types import SimpleNamespace
 
-from pydicom.dataset import Dataset
 from pydicom.encaps import parse_basic_offsets, parse_fragments
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import UID, RLELossless
@@ -21,7 +21,10 @@ from pydicom.uid import UID, RLELossless
 PIXEL_DATA = 0x7FE00010
 UNDEFINED_LENGTH = 0xFFFFFFFF
 EOI_MARKER = b"\xff\xd9"  # end of a JPEG / JPEG-LS / JPEG 2000 codestream: the last bytes of each frame
-IMAGE_PIXEL_KEYWORDS = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PhotometricInterpretation")
+US_ATTRIBUTES = {0x00280010: "Rows", 0x00280011: "Columns", 0x00280002: "SamplesPerPixel", 0x00280100: "BitsAllocated"}
+NUMBER_OF_FRAMES, PHOTOMETRIC, EXTENDED_OFFSET_TABLE = 0x00280008, 0x00280004, 0x7FE00001
+# The top-level elements the framing walk notes the position of (group 0028 and 7FE0 only: the walk stays cheap)
+HEADER_TAGS = frozenset({*US_ATTRIBUTES, NUMBER_OF_FRAMES, PHOTOMETRIC, EXTENDED_OFFSET_TABLE})
 
 
 class PixelDataMismatch(ValueError):
@@ -37,54 +40,78 @@ class PixelElement:
     length: int  # value length; UNDEFINED_LENGTH for encapsulated data
 
 
-def check_pixel_data(stream: bytes, element: PixelElement, ds: Dataset, transfer_syntax: UID) -> None:
+def check_pixel_data(
+    stream: bytes, element: PixelElement, header: dict[int, tuple[int, int]], little: bool, transfer_syntax: UID
+) -> None:
     """Raise PixelDataMismatch unless the pixel data has the size (native) or frames (encapsulated) claimed.
 
-    `ds` holds the attributes before the pixel data (the Image Pixel module is among them).
+    `header` maps the HEADER_TAGS present at the top level to (value offset, value length) in `stream`:
+    their values are read straight from the bytes, which costs microseconds where a pydicom Dataset
+    lookup per attribute costs tens.
     """
-    missing = [k for k in IMAGE_PIXEL_KEYWORDS if ds.get(k) in (None, "")]
-    if missing:
-        raise PixelDataMismatch(f"Pixel Data present but {', '.join(missing)} missing (Image Pixel module)")
-    frames = _number_of_frames(ds)
+    image = _image_pixel(stream, header, "<" if little else ">")
     encapsulated = element.length == UNDEFINED_LENGTH
     if transfer_syntax.is_encapsulated and element.tag == PIXEL_DATA:
         if not encapsulated:
             raise PixelDataMismatch(f"Pixel Data is not encapsulated but the transfer syntax is {transfer_syntax.name}")
-        _check_frames(stream, element.value_offset, ds, frames, transfer_syntax)
+        _check_frames(stream, element.value_offset, header, image.NumberOfFrames, transfer_syntax)
     elif encapsulated:
         raise PixelDataMismatch(f"Pixel Data is encapsulated but the transfer syntax is {transfer_syntax.name}")
     else:
-        _check_native_length(element.length, ds, frames)
+        _check_native_length(element.length, image)
 
 
-def _number_of_frames(ds: Dataset) -> int:
-    value = ds.get("NumberOfFrames")
-    if value in (None, ""):
-        return 1
+def _image_pixel(stream: bytes, header: dict[int, tuple[int, int]], order: str) -> SimpleNamespace:
+    """The Image Pixel attributes the size depends on, named as pydicom names them."""
+    values: dict[str, object] = {}
+    missing = []
+    for tag, name in US_ATTRIBUTES.items():
+        where = header.get(tag)
+        if where is None or where[1] == 0:
+            missing.append(name)
+        elif where[1] != 2:
+            raise PixelDataMismatch(f"{name} is {where[1]} bytes long, not one US value")
+        else:
+            (values[name],) = unpack_from(order + "H", stream, where[0])
+    photometric = _text(stream, header.get(PHOTOMETRIC))
+    if not photometric:
+        missing.append("PhotometricInterpretation")
+    if missing:
+        raise PixelDataMismatch(f"Pixel Data present but {', '.join(missing)} missing (Image Pixel module)")
+    frames_text = _text(stream, header.get(NUMBER_OF_FRAMES))
     try:
-        frames = int(value)
-    except (TypeError, ValueError) as exc:
-        raise PixelDataMismatch(f"Number of Frames {value!r} is not a number") from exc
+        frames = int(frames_text) if frames_text else 1
+    except ValueError:
+        raise PixelDataMismatch(f"Number of Frames {frames_text[:16]!r} is not a number") from None
     if frames < 1:
         raise PixelDataMismatch(f"Number of Frames is {frames}")
-    return frames
+    return SimpleNamespace(**values, PhotometricInterpretation=photometric, NumberOfFrames=frames)
 
 
-def _check_native_length(length: int, ds: Dataset, frames: int) -> None:
-    bits = int(ds.BitsAllocated)
+def _text(stream: bytes, where: tuple[int, int] | None) -> str:
+    if where is None:
+        return ""
+    return stream[where[0] : where[0] + min(where[1], 64)].decode("ascii", "replace").strip(" \0")
+
+
+def _check_native_length(length: int, image: SimpleNamespace) -> None:
+    bits = image.BitsAllocated
     if bits != 1 and (bits <= 0 or bits % 8):
         raise PixelDataMismatch(f"Bits Allocated {bits} is neither 1 nor a multiple of 8")
-    # pydicom's own rule: bits 1 packed across frames and rounded up to whole bytes; YBR_FULL_422 2/3 size
-    expected = get_expected_length(ds, unit="bytes")
+    # pydicom's own rule (it reads only these attributes): 1-bit pixels packed across frames and rounded up
+    # to whole bytes; YBR_FULL_422 two thirds of the full size
+    expected = get_expected_length(image, unit="bytes")  # type: ignore[arg-type]
     if length == expected or (expected % 2 and length == expected + 1):  # one pad byte to even length
         return
     raise PixelDataMismatch(
-        f"Pixel Data is {length} bytes; {ds.Rows} rows x {ds.Columns} columns x {ds.SamplesPerPixel} samples"
-        f" x {bits} bits x {frames} frame(s) ({ds.PhotometricInterpretation}) need {expected}"
+        f"Pixel Data is {length} bytes; {image.Rows} rows x {image.Columns} columns x {image.SamplesPerPixel}"
+        f" samples x {bits} bits x {image.NumberOfFrames} frame(s) ({image.PhotometricInterpretation}) need {expected}"
     )
 
 
-def _check_frames(stream: bytes, value_offset: int, ds: Dataset, frames: int, transfer_syntax: UID) -> None:
+def _check_frames(
+    stream: bytes, value_offset: int, header: dict[int, tuple[int, int]], frames: int, transfer_syntax: UID
+) -> None:
     """Count the frames the fragments hold the way PS3.5 A.4 (and pydicom's frame generator) delimit them."""
     buffer = BytesIO(stream)  # shares the bytes; the helpers read item headers at the given positions
     buffer.seek(value_offset)
@@ -97,9 +124,9 @@ def _check_frames(stream: bytes, value_offset: int, ds: Dataset, frames: int, tr
         raise PixelDataMismatch("encapsulated Pixel Data has no fragments")
     first = positions[0]
     starts = {p - first for p in positions}  # offsets tables count from the first fragment's item tag
-    extended = ds.get("ExtendedOffsetTable")
+    extended = header.get(EXTENDED_OFFSET_TABLE)
     if extended is not None:
-        raw = bytes(extended)
+        raw = stream[extended[0] : extended[0] + extended[1]]
         offsets = list(unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8]))
         _same_count("Extended Offset Table", len(offsets), frames)
         _all_fragment_starts("Extended Offset Table", offsets, starts)

@@ -183,3 +183,18 @@ def test_no_pixel_data_needs_no_image_attributes(tmp_path: Path) -> None:
     for keyword in ("PixelData", "Rows", "Columns", "BitsAllocated", "SamplesPerPixel"):
         delattr(ds, keyword)
     assert parse_index_fields(encoded(ds, tmp_path), ExplicitVRLittleEndian).modality == "CT"
+
+
+def test_the_nodes_own_results_pass(tmp_path: Path) -> None:
+    """SEG (1-bit frames and fractional), SC heatmaps and SR come back to the node from the PACS: all pass."""
+    from node.config import ResultsSettings
+    from node.results import write_results
+    from tests.test_results import MODEL, ct_result
+
+    sources = make_ct_series(10, 48, 48)
+    settings = ResultsSettings(heatmap_slices=3, fractional_anomaly_seg=True, fractional_uncertainty_seg=True)
+    objects = write_results(ct_result(sources), sources, "job-1", settings, MODEL)
+    assert {o.kind for o in objects} == {"seg", "seg-anomaly", "seg-uncertainty", "sc", "sr"}
+    for obj in objects:
+        ts = str(obj.dataset.file_meta.TransferSyntaxUID)
+        assert parse_index_fields(encoded(obj.dataset, tmp_path, ts), ts).manufacturer == "edgenode", obj.kind
