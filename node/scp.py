@@ -7,8 +7,12 @@ then the Success response. Anything that cannot be stored gets a failure
 status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
 
 Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
-does not match the SOP class (required UIDs missing, or not the ones in the C-STORE request),
+does not match the SOP class (required UIDs missing, or not the ones in the C-STORE request, or pixel
+data that does not match Rows x Columns x ... / Number of Frames: node/pixel_check.py),
 0xC210 cannot understand (truncated or undecodable stream), 0x0110 processing failure (our fault).
+A SOP Instance UID already stored: Success when the bytes are the same (idempotent resend), warning
+0xB000 and an `instance.conflict` audit event when the content differs (node/resend.py); the first
+copy is kept either way.
 """
 
 from __future__ import annotations
