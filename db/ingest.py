@@ -68,6 +68,11 @@ class Known(NamedTuple):
     series_study: str | None  # the Study Instance UID the series already belongs to (None: a new series)
 
 
+class StoredCopy(NamedTuple):
+    path: str  # spool-relative path of the kept file
+    transfer_syntax_uid: str
+
+
 class SeriesInOtherStudy(ValueError):
     """A Series Instance UID that is already indexed under another study (UIDs must be unique)."""
 
@@ -88,6 +93,9 @@ class _IngestStatements:
         .join(series, series.c.study_id == studies.c.id)
         .where(series.c.series_instance_uid == bindparam("series"))
         .scalar_subquery(),
+    )
+    stored_copy = select(instances.c.path, instances.c.transfer_syntax_uid).where(
+        instances.c.sop_instance_uid == bindparam("uid")
     )
     insert_study = insert(studies)
     insert_series = insert(series)
@@ -119,6 +127,12 @@ class IngestIndex:
         with self.db.engine.connect() as conn:
             stored, own, series_study = conn.execute(_IngestStatements.lookup, params).one()
         return Known(bool(stored), bool(own), series_study)
+
+    def stored_copy(self, sop_instance_uid: str) -> StoredCopy | None:
+        """Where the kept copy of an instance is, to compare a resend with it (None: not indexed)."""
+        with self.db.engine.connect() as conn:
+            row = conn.execute(_IngestStatements.stored_copy, {"uid": sop_instance_uid}).one_or_none()
+        return None if row is None else StoredCopy(row.path, row.transfer_syntax_uid)
 
     def add_instance(self, rec: InstanceRecord) -> bool:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there.

@@ -249,6 +249,7 @@ class AuditEventType(StrEnum):
     INSTANCE_STORED = "instance.stored"
     INSTANCE_DUPLICATE = "instance.duplicate"
     INSTANCE_REJECTED = "instance.rejected"
+    INSTANCE_CONFLICT = "instance.conflict"  # same SOP Instance UID, different content: first copy kept
     STUDY_COMPLETE = "study.complete"
     JOB_CREATED = "job.created"
     JOB_SUPERSEDED = "job.superseded"

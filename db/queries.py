@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, aliased
 from db.models import (
     PRIORITY_STAT,
     AuditEvent,
+    AuditEventType,
     Instance,
     Job,
     JobStatus,
@@ -250,7 +251,8 @@ def worklist(session: Session, flt: WorklistFilter | None = None) -> list[dict[s
 
 
 def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
-    """Everything the study page shows: the worklist row plus series, jobs, results, delivery and audit."""
+    """Everything the study page shows: the worklist row plus series, jobs, results, delivery, audit and
+    conflicting resends (`instance.conflict` events)."""
     study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
     if study is None:
         return None
@@ -316,6 +318,9 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
             }
         )
     detail["audit"] = audit_events(session, AuditFilter(study_uid=study_uid, limit=200))
+    # Resends whose content differed from the kept copy: shown apart, however old, so they are not missed.
+    conflicts = AuditFilter(study_uid=study_uid, event_type=str(AuditEventType.INSTANCE_CONFLICT), limit=100)
+    detail["conflicts"] = audit_events(session, conflicts)
     return detail
 
 

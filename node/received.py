@@ -3,19 +3,22 @@
 Two cheap steps decide whether the bytes are worth keeping:
 1. `check_framing` walks the top-level elements (and undefined-length sequences/fragments) to prove
    the stream is complete: pydicom itself silently accepts a truncated last element.
-2. `parse_index_fields` reads only the attributes the database indexes, stopping before pixel data.
+2. `parse_index_fields` reads only the attributes the database indexes, stopping before pixel data,
+   and checks the pixel data's length or frames against the image attributes (node/pixel_check.py).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from node.pixel_check import HEADER_TAGS, PixelDataMismatch, PixelElement, check_pixel_data
 
 UNDEFINED = 0xFFFFFFFF
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -63,6 +66,8 @@ class Framing:
     pixel_offset: int  # offset of the pixel data element, or the stream length when there is none
     has_pixels: bool
     has_rows: bool
+    pixel: PixelElement | None = None  # the pixel data element's value position and length
+    header: dict[int, tuple[int, int]] = field(default_factory=dict)  # HEADER_TAGS -> (value offset, length)
 
 
 def inflate(stream: bytes) -> bytes:
@@ -85,7 +90,7 @@ def check_framing(stream: bytes, implicit: bool, little: bool) -> Framing:
     except struct.error as exc:
         raise InvalidDataSet(STATUS_CANNOT_UNDERSTAND, f"data set is truncated: {exc}") from exc
     pixel_offset = walker.pixel_offset if walker.pixel_offset is not None else len(stream)
-    return Framing(pixel_offset, walker.pixel_offset is not None, walker.has_rows)
+    return Framing(pixel_offset, walker.pixel_offset is not None, walker.has_rows, walker.pixel, walker.header)
 
 
 class _Walker:
@@ -94,6 +99,8 @@ class _Walker:
         self.implicit = implicit
         self.order = "<" if little else ">"
         self.pixel_offset: int | None = None
+        self.pixel: PixelElement | None = None
+        self.header: dict[int, tuple[int, int]] = {}
         self.has_rows = False
 
     def _tag_length(self, pos: int) -> tuple[int, int]:
@@ -131,7 +138,10 @@ class _Walker:
             if top:
                 if tag in PIXEL_DATA_TAGS and self.pixel_offset is None:
                     self.pixel_offset = pos - (8 if implicit or vr not in LONG_VRS else 12)
+                    self.pixel = PixelElement(tag, pos, length)
                 self.has_rows = self.has_rows or tag == ROWS_TAG
+                if (group == 0x0028 or group == 0x7FE0) and tag in HEADER_TAGS:
+                    self.header[tag] = (pos, length)
             if length == UNDEFINED:
                 if vr and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise InvalidDataSet(STATUS_CANNOT_UNDERSTAND, f"undefined length on VR {vr.decode()}")
@@ -200,6 +210,10 @@ def parse_index_fields(stream: bytes, transfer_syntax: str) -> IndexFields:
     try:
         ds = read_dataset(BytesIO(stream), implicit, little, bytelength=framing.pixel_offset)
         fields = _extract(ds)
+        if framing.pixel is not None:
+            check_pixel_data(stream, framing.pixel, framing.header, little, ts)
+    except PixelDataMismatch as exc:
+        raise InvalidDataSet(STATUS_DOES_NOT_MATCH, str(exc)) from None
     except InvalidDataSet:
         raise
     except Exception as exc:  # pydicom raises many types on malformed values

@@ -7,8 +7,12 @@ then the Success response. Anything that cannot be stored gets a failure
 status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
 
 Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
-does not match the SOP class (required UIDs missing, or not the ones in the C-STORE request),
+does not match the SOP class (required UIDs missing, or not the ones in the C-STORE request, or pixel
+data that does not match Rows x Columns x ... / Number of Frames: node/pixel_check.py),
 0xC210 cannot understand (truncated or undecodable stream), 0x0110 processing failure (our fault).
+A SOP Instance UID already stored: Success when the bytes are the same (idempotent resend), warning
+0xB000 and an `instance.conflict` audit event when the content differs (node/resend.py); the first
+copy is kept either way.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from db.models import AuditEventType
 from node.committer import GroupCommitter
 from node.config import Settings
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
+from node.resend import Resend, compare_resend
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,9 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_PROCESSING_FAILURE = 0x0110
+# PS3.4 B.2.3 Warning "Coercion of Data Elements": the instance the node holds under this UID is not
+# what was just sent (the first copy was kept). A warning, not a failure: the sender must not retry.
+STATUS_CONFLICT_KEPT_FIRST = 0xB000
 
 # Everything pydicom can hold. pynetdicom accepts the first syntax in THIS order that the sender
 # proposes, so: lossless compressed first (the sender keeps its native encoding, nothing is lost), then
@@ -379,15 +387,7 @@ class StorageSCP:
             try:
                 stored_before, is_result, series_study = self.index.lookup(sop, fields.series_instance_uid)
                 if stored_before:
-                    log.info("duplicate instance %s from %s: already stored", sop, calling)
-                    self._audit(
-                        AuditEventType.INSTANCE_DUPLICATE,
-                        **who,
-                        **ids,
-                        dimse_status=STATUS_SUCCESS,
-                        detail="already stored; kept the first copy",
-                    )
-                    return STATUS_SUCCESS
+                    return self._answer_resend(sop, stream, transfer_syntax, who, ids)
                 if series_study is not None and series_study != fields.study_instance_uid:
                     # A UID collision at the sender: filing it would mix two studies (two patients) in one series.
                     return self._reject(
@@ -444,6 +444,33 @@ class StorageSCP:
             except Exception:  # the periodic scan still completes the study
                 log.exception("instance %s stored; notifying the stability scan failed", sop)
         log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
+        return STATUS_SUCCESS
+
+    def _answer_resend(
+        self, sop: str, stream: bytes, transfer_syntax: str, who: dict[str, str], ids: dict[str, str]
+    ) -> int | Dataset:
+        """An already stored SOP Instance UID: the first copy stays. Identical bytes are a plain success;
+        different content is audited as a conflict with both hashes and answered with a warning."""
+        first = self.index.stored_copy(sop)
+        if first is None:  # removed (retention) since the lookup: the sender's next resend stores it afresh
+            resend = Resend(None, "", "", "first copy removed meanwhile; not compared")
+        else:
+            resend = compare_resend(self.spool.path(first.path), first.transfer_syntax_uid, stream, transfer_syntax)
+        if resend.identical is False:
+            log.warning("instance %s from %s: other content under a stored SOP Instance UID", sop, who["calling_ae"])
+            self._audit(
+                AuditEventType.INSTANCE_CONFLICT,
+                outcome="warning",
+                **who,
+                **ids,
+                dimse_status=STATUS_CONFLICT_KEPT_FIRST,
+                detail=f"different content under a stored SOP Instance UID; kept the first copy "
+                f"(sha256 {resend.first_sha256}), discarded this one (sha256 {resend.this_sha256})",
+            )
+            return _status(STATUS_CONFLICT_KEPT_FIRST, "SOP Instance UID stored with other content; first copy kept")
+        log.info("duplicate instance %s from %s: already stored", sop, who["calling_ae"])
+        detail = "already stored; kept the first copy" + (f" ({resend.note})" if resend.note else "")
+        self._audit(AuditEventType.INSTANCE_DUPLICATE, **who, **ids, dimse_status=STATUS_SUCCESS, detail=detail)
         return STATUS_SUCCESS
 
     def _remove_unindexed(self, sop: str, relpath: str) -> None:
