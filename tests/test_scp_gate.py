@@ -15,8 +15,8 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from db.models import AuditEvent, Instance
-from node.audit_limit import DETAILED_PER_INTERVAL
+from db.models import AuditEvent, AuditEventType, Instance
+from node.audit_limit import DETAILED_PER_INTERVAL, RateLimitedAudit
 from tests.conftest import DCMTK, peer_env
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.ingest_support import node_settings, running_node, sender_ae
@@ -153,3 +153,26 @@ def test_idle_connections_do_not_stall_the_tls_listener(tmp_path: Path) -> None:
             assert assoc.is_established
             assert int(assoc.send_c_echo().Status) == 0
             assoc.release()
+
+
+def test_rate_limited_audit_accounts_for_every_event_in_a_few_rows_per_interval() -> None:
+    rows: list[tuple[str, dict[str, str]]] = []
+    now = [0.0]
+    limiter = RateLimitedAudit(lambda kind, **fields: rows.append((kind, fields)), 60.0, clock=lambda: now[0])
+    kind = AuditEventType.CONNECTION_DROPPED
+    for i in range(1000):  # a flood from one address, another address now and then
+        now[0] = i * 0.01
+        limiter.record(kind, "10.0.0.9", detail=f"attempt {i}")
+        if i % 100 == 0:
+            limiter.record(kind, "10.0.0.7", detail="other")
+    limiter.flush()  # 10 s in: no interval has ended yet
+    assert len(rows) == 2 * DETAILED_PER_INTERVAL
+    now[0] = 61.0
+    limiter.flush()
+    by_address = {a: [f for _, f in rows if f["peer_address"] == a] for a in ("10.0.0.9", "10.0.0.7")}
+    assert len(by_address["10.0.0.9"]) == DETAILED_PER_INTERVAL + 1
+    assert by_address["10.0.0.9"][-1]["detail"].startswith(f"{1000 - DETAILED_PER_INTERVAL} more from 10.0.0.9")
+    assert "latest: attempt 999" in by_address["10.0.0.9"][-1]["detail"]
+    assert len(by_address["10.0.0.7"]) == DETAILED_PER_INTERVAL + 1  # 10 events: 5 detailed, "5 more"
+    limiter.record(kind, "10.0.0.9", detail="next interval")  # a new interval starts with detailed rows again
+    assert rows[-1][1]["detail"] == "next interval"
