@@ -53,7 +53,7 @@ class NodeSettings(Section):
     # within pending_timeout_seconds, and at most max_pending_per_address may wait per source address; refused
     # and dropped connections are audited at most a few times per address per refusal_audit_interval_seconds.
     pending_timeout_seconds: float = Field(5.0, gt=0)
-    max_pending_per_address: int = Field(8, ge=1)
+    max_pending_per_address: int = Field(16, ge=1)
     refusal_audit_interval_seconds: float = Field(60.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae)

@@ -96,10 +96,6 @@ class ConnectionGate:
         self._lock = threading.Lock()
         self._closed = False
 
-    def pending_count(self) -> int:
-        with self._lock:
-            return sum(self._pending.values())
-
     def reserve(self, address: str) -> bool:
         """Called in the accept loop: take a pending place for `address`, or refuse (the caller closes)."""
         key = _address_key(address)
@@ -127,10 +123,8 @@ class ConnectionGate:
             request = self._read_request(sock, deadline)
             calling, called = _ae_titles(request)
             refusal = self.screen(calling, called, address)
-            with self._lock:
-                if self._closed:
-                    raise _NotAdmitted("the node is stopping", audit=False)
-                del self._sockets[fd]
+            if self._closed:
+                raise _NotAdmitted("the node is stopping", audit=False)
             if refusal is not None:
                 self._reject(sock, address, calling, called, refusal)
                 return None
@@ -287,6 +281,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
     daemon_threads = True  # a connection waiting at the gate must not hold up the process's exit
     block_on_close = False
+    request_queue_size = 128  # listen backlog: a burst of connections must not crowd out the PACS's SYN
 
     def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
         self.gate = gate
