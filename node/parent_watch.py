@@ -44,7 +44,7 @@ def _set_parent_death_signal(signum: int) -> bool:
             log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
             return False
     except (OSError, AttributeError) as exc:
-        log.warning("prctl is not available (%s); watching the parent by polling only", exc)
+        log.warning("prctl is not available (%s); the watch thread alone notices the parent dying", exc)
         return False
     return True
 
