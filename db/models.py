@@ -245,6 +245,8 @@ class AuditEventType(StrEnum):
     ASSOCIATION_REJECTED = "association.rejected"
     ASSOCIATION_ABORTED = "association.aborted"
     ASSOCIATION_RELEASED = "association.released"
+    CONNECTION_REFUSED = "connection.refused"  # closed at once: too many connections from its address waiting
+    CONNECTION_DROPPED = "connection.dropped"  # no A-ASSOCIATE-RQ in time, not DICOM, or TLS failed
     ECHO = "echo"
     INSTANCE_STORED = "instance.stored"
     INSTANCE_DUPLICATE = "instance.duplicate"

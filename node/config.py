@@ -49,6 +49,12 @@ class NodeSettings(Section):
     min_free_disk_mb: int = Field(1024, ge=0)  # below this, stores answer 0xA700 and associations are refused
     require_called_ae: bool = True  # reject associations whose called AE title is not ours
     shutdown_grace_seconds: float = Field(5.0, ge=0)  # on stop, open associations get this long to finish
+    # The listener's front door (node/gate.py): a new connection must finish TLS and send its A-ASSOCIATE-RQ
+    # within pending_timeout_seconds, and at most max_pending_per_address may wait per source address; refused
+    # and dropped connections are audited at most a few times per address per refusal_audit_interval_seconds.
+    pending_timeout_seconds: float = Field(5.0, gt=0)
+    max_pending_per_address: int = Field(16, ge=1)
+    refusal_audit_interval_seconds: float = Field(60.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae)
 

@@ -18,7 +18,6 @@ copy is kept either way.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import socket
 import ssl
@@ -50,12 +49,13 @@ from pynetdicom.association import Association
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from db.ingest import IngestIndex, InstanceRecord
 from db.models import AuditEventType
+from node.audit_limit import RateLimitedAudit
 from node.committer import GroupCommitter
 from node.config import Settings
+from node.gate import ConnectionGate, GatedAssociationServer, Refusal, normalise_ip, start_gated_server
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
 from node.resend import Resend, compare_resend
 from node.spool import Spool
@@ -99,22 +99,15 @@ REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider 
 MAX_PDU = 1 << 20  # receive PDUs up to 1 MiB: fewer round trips per image than the 16 KiB default
 
 
-def _normalise_ip(address: str) -> str:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
-
-
 def resolve_peers(settings: Settings) -> dict[str, set[str]]:
     """AE title -> the source IP addresses it may connect from (hostnames resolved at start)."""
     allowed: dict[str, set[str]] = {}
     for peer in settings.peers:
         try:
-            addresses = {_normalise_ip(peer.host)}
+            addresses = {normalise_ip(peer.host)}
         except ValueError:
             infos = socket.getaddrinfo(peer.host, None, proto=socket.IPPROTO_TCP)
-            addresses = {_normalise_ip(str(info[4][0])) for info in infos}
+            addresses = {normalise_ip(str(info[4][0])) for info in infos}
         allowed.setdefault(peer.ae_title, set()).update(addresses)
     return allowed
 
@@ -143,7 +136,7 @@ def build_ae(settings: Settings) -> AE:
     ae.dimse_timeout = node.dimse_timeout
     ae.network_timeout = node.network_timeout
     ae.maximum_pdu_size = MAX_PDU
-    ae.require_called_aet = False  # checked in _on_requested, so the rejection is audited
+    ae.require_called_aet = False  # checked by the gate (_screen), so the rejection is audited
     return ae
 
 
@@ -171,7 +164,7 @@ class StorageSCP:
         self.allowed = resolve_peers(settings)
         self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
         self.committer = GroupCommitter(index, spool)
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GatedAssociationServer | None = None
         self._sop_locks = [threading.Lock() for _ in range(64)]
         self._inflight = 0
         self._draining = False
@@ -187,7 +180,6 @@ class StorageSCP:
 
     def start(self) -> None:
         handlers: list[tuple[evt.EventType, Callable[..., Any]]] = [
-            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -196,10 +188,15 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         node = self.settings.node
-        self.committer.start()
-        self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers, ssl_context=build_ssl_context(self.settings)
+        gate = ConnectionGate(
+            self._screen,
+            RateLimitedAudit(self._audit, node.refusal_audit_interval_seconds),
+            pending_timeout=node.pending_timeout_seconds,
+            max_pending_per_address=node.max_pending_per_address,
+            ssl_context=build_ssl_context(self.settings),
         )
+        self.committer.start()
+        self._server = start_gated_server(self.ae, (node.host, node.port), gate, handlers)
         log.info(
             "listening as %s on %s:%d (%d peer(s) allowed)", node.ae_title, node.host, self.port, len(self.allowed)
         )
@@ -212,12 +209,10 @@ class StorageSCP:
         """
         if self._server is None:
             return
-        self._server.shutdown()  # no new associations
+        self._server.shutdown()  # no new associations; connections still at the gate are closed
         self._server = None
         deadline = threading.Event()
         waited = 0.0
-        # Only established associations get the grace period: a connection that never sent an
-        # A-ASSOCIATE-RQ (a port probe, a health check) has nothing to finish.
         while any(a.is_established for a in self._acceptors()) and waited < grace_seconds:
             deadline.wait(0.05)
             waited += 0.05
@@ -226,8 +221,6 @@ class StorageSCP:
             while self._inflight:
                 self._cond.wait()
         for assoc in self._acceptors():
-            # A connection still awaiting its A-ASSOCIATE-RQ cannot be aborted (pynetdicom's state
-            # machine refuses A-ABORT there); it ends with the peer or the ACSE timeout.
             if assoc.is_established:
                 assoc.abort()
         self.committer.stop()
@@ -247,18 +240,15 @@ class StorageSCP:
             address = ""
         return calling, called, address
 
-    def _rejection(self, assoc: Association) -> tuple[tuple[int, int, int], str] | None:
-        primitive = assoc.requestor.primitive
-        calling = str(primitive.calling_ae_title or "").strip()
-        called = str(primitive.called_ae_title or "").strip()
-        _, _, address = self._peer(assoc)
+    def _screen(self, calling: str, called: str, address: str) -> Refusal | None:
+        """The gate's check of an A-ASSOCIATE-RQ (node/gate.py): why it is refused, or None to accept it."""
         if self.settings.node.require_called_ae and called != self.settings.node.ae_title:
             return REJECT_CALLED_AE, f"called AE {called!r} is not {self.settings.node.ae_title!r}"
         allowed = self.allowed.get(calling)
         if allowed is None:
             return REJECT_CALLING_AE, f"calling AE {calling!r} is not a configured peer"
         try:
-            source = _normalise_ip(address)
+            source = normalise_ip(address)
         except ValueError:
             source = address
         if source not in allowed:
@@ -268,28 +258,6 @@ class StorageSCP:
         if self._draining:
             return REJECT_LOCAL_LIMIT, "node is shutting down"
         return None
-
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        decision = self._rejection(assoc)
-        if decision is None:
-            return
-        (result, source, reason), why = decision
-        primitive = assoc.requestor.primitive
-        calling = str(primitive.calling_ae_title or "").strip()
-        called = str(primitive.called_ae_title or "").strip()
-        _, _, address = self._peer(assoc)
-        log.warning("rejecting association from %s@%s: %s", calling, address, why)
-        self._audit(
-            AuditEventType.ASSOCIATION_REJECTED,
-            outcome="failure",
-            calling_ae=calling,
-            called_ae=called,
-            peer_address=address,
-            detail=f"{why} (A-ASSOCIATE-RJ result {result}, source {source}, reason {reason})",
-        )
-        assoc.acse.send_reject(result, source, reason)  # after the audit commit: the sender sees it last
-        assoc.kill()
 
     def _audit_association(self, event: evt.Event, event_type: AuditEventType, **fields: Any) -> None:
         calling, called, address = self._peer(event.assoc)

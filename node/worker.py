@@ -28,6 +28,7 @@ from db.models import AuditEventType, Instance, Series
 from db.session import Database
 from node.config import InferenceSettings, RoutingRule, Settings
 from node.inference_server import triton_endpoint
+from node.parent_watch import ParentWatch
 from node.spool import Spool
 
 if TYPE_CHECKING:
@@ -472,6 +473,7 @@ def worker_main(settings_json: str, owner: str, wake: EventLike | None = None) -
 
     configure_logging(settings.logging.level)
     stop = threading.Event()
+    ParentWatch(stop.set).start()  # orphaned (the node was SIGKILLed): claim nothing more, release the job, exit
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     runner = JobRunner(settings, owner, stop)

@@ -81,6 +81,9 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("[[routing]]\ndestination = 'NOWHERE'\n", "NOWHERE"),
         ("[node]\ntls_cert = '/x.pem'\n", "tls_key"),
         ("[inference]\nmin_ct_slices = 0\n", "inference.min_ct_slices"),
+        ("[node]\npending_timeout_seconds = 0\n", "node.pending_timeout_seconds"),
+        ("[node]\nmax_pending_per_address = 0\n", "node.max_pending_per_address"),
+        ("[node]\nrefusal_audit_interval_seconds = -1\n", "node.refusal_audit_interval_seconds"),
     ],
 )
 def test_invalid_values_are_named(tmp_path: Path, text: str, key: str) -> None:

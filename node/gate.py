@@ -1,0 +1,331 @@
+"""The listener's front door: a connection gets an association slot only after it has sent, within
+`pending_timeout_seconds`, a complete A-ASSOCIATE-RQ that passes the AE title + source address check.
+
+pynetdicom gives every accepted TCP connection an acceptor thread that counts against `maximum_associations`
+while it waits (up to `acse_timeout`) for the request, and it performs the TLS handshake inside its accept loop;
+so a few idle connections could hold every slot, and one idle connection stalled a TLS listener. Here each
+accepted connection first passes the gate, in a thread of its own:
+
+1. at most `max_pending_per_address` connections per source address may be waiting; more are closed at once;
+2. the TLS handshake (when TLS is on) and the whole first PDU must arrive before the deadline, else the
+   connection is dropped;
+3. that PDU must be an A-ASSOCIATE-RQ; `screen` (the listener's AE title, address, disk and shutdown checks)
+   may refuse it, answered here with an A-ASSOCIATE-RJ.
+
+Only then is the connection handed to pynetdicom, with the request already read (`_PrimedSocket`), so its
+association count only ever sees admitted associations. Refused, dropped and rejected connections are audited
+through `RateLimitedAudit`. Once an association runs the gate is out of the data path: no per-store cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from db.models import AuditEventType
+from node.audit_limit import RateLimitedAudit
+
+log = logging.getLogger(__name__)
+
+PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length (PS3.8 9.3.1)
+A_ASSOCIATE_RQ_TYPE = 0x01
+A_ASSOCIATE_RJ_TYPE = 0x03
+MAX_REQUEST_BYTES = 1 << 20  # an A-ASSOCIATE-RQ with all 128 presentation contexts is a few tens of KiB
+
+RejectReason = tuple[int, int, int]  # A-ASSOCIATE-RJ (result, source, reason/diagnostic), PS3.8 9.3.4
+Refusal = tuple[RejectReason, str]  # ... and why, for the log and the audit trail
+Screen = Callable[[str, str, str], Refusal | None]  # (calling AE, called AE, source address) -> refusal or None
+
+
+def normalise_ip(address: str) -> str:
+    """The address as the allow-list writes it: no IPv6 scope, IPv4-mapped IPv6 as plain IPv4."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _address_key(address: str) -> str:
+    try:
+        return normalise_ip(address)
+    except ValueError:
+        return address
+
+
+class _NotAdmitted(Exception):
+    """The connection ends here; `audit` is False when there is nothing to record (the peer left, node stopping)."""
+
+    def __init__(self, why: str, audit: bool = True) -> None:
+        super().__init__(why)
+        self.audit = audit
+
+
+class ConnectionGate:
+    """Admission of new connections: the per-address cap, the deadline, the first PDU and the screen."""
+
+    def __init__(
+        self,
+        screen: Screen,
+        audit: RateLimitedAudit,
+        *,
+        pending_timeout: float,
+        max_pending_per_address: int,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.screen = screen
+        self.audit = audit
+        self.pending_timeout = pending_timeout
+        self.max_pending_per_address = max_pending_per_address
+        self.ssl_context = ssl_context
+        self._pending: dict[str, int] = {}  # source address -> connections waiting at the gate
+        self._sockets: dict[int, socket.socket] = {}  # file descriptor -> the waiting connection's socket
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def reserve(self, address: str) -> bool:
+        """Called in the accept loop: take a pending place for `address`, or refuse (the caller closes)."""
+        key = _address_key(address)
+        with self._lock:
+            waiting = self._pending.get(key, 0)
+            if not self._closed and waiting < self.max_pending_per_address:
+                self._pending[key] = waiting + 1
+                return True
+        if not self._closed:
+            why = f"{waiting} connection(s) from {address} already waiting (node.max_pending_per_address)"
+            if self.audit.record(AuditEventType.CONNECTION_REFUSED, address, outcome="failure", detail=why):
+                log.warning("refused a connection from %s: %s", address, why)
+        return False
+
+    def admit(self, sock: socket.socket, address: str) -> tuple[socket.socket, bytes] | None:
+        """Run the gate for a reserved connection: (socket, its A-ASSOCIATE-RQ) to hand on, or None (closed)."""
+        deadline = time.monotonic() + self.pending_timeout
+        fd = sock.fileno()
+        with self._lock:
+            self._sockets[fd] = sock
+        admitted = False
+        try:
+            if self.ssl_context is not None:
+                sock = self._handshake(sock, fd, deadline)
+            request = self._read_request(sock, deadline)
+            calling, called = _ae_titles(request)
+            refusal = self.screen(calling, called, address)
+            if self._closed:
+                raise _NotAdmitted("the node is stopping", audit=False)
+            if refusal is not None:
+                self._reject(sock, address, calling, called, refusal)
+                return None
+            sock.settimeout(None)  # pynetdicom expects the blocking socket accept() returned
+            admitted = True
+            return sock, request
+        except _NotAdmitted as exc:
+            if exc.audit and self.audit.record(
+                AuditEventType.CONNECTION_DROPPED, address, outcome="failure", detail=str(exc)
+            ):
+                log.warning("dropped a connection from %s: %s", address, exc)
+            return None
+        finally:
+            with self._lock:
+                self._sockets.pop(fd, None)
+                key = _address_key(address)
+                self._pending[key] -= 1
+                if not self._pending[key]:
+                    del self._pending[key]
+            if not admitted:
+                _close(sock)
+
+    def close(self) -> None:
+        """Admit nobody any more and end the connections still waiting (they have nothing to finish)."""
+        with self._lock:
+            self._closed = True
+            waiting = list(self._sockets.values())
+        for sock in waiting:  # the plain socket's shutdown, also for TLS: its thread still owns the TLS state
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    # --- the steps ---------------------------------------------------------------------------------
+
+    def _handshake(self, sock: socket.socket, fd: int, deadline: float) -> ssl.SSLSocket:
+        assert self.ssl_context is not None
+        try:
+            tls = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            raise _NotAdmitted(f"TLS setup failed: {exc}") from exc
+        with self._lock:
+            self._sockets[fd] = tls  # the same connection; the plain socket object is detached now
+        try:
+            tls.settimeout(max(deadline - time.monotonic(), 0.001))  # for the handshake as a whole
+            tls.do_handshake()
+            return tls
+        except TimeoutError:
+            failure = _NotAdmitted(f"TLS handshake not completed within {self.pending_timeout:g} s")
+        except ssl.SSLError as exc:
+            failure = _NotAdmitted(f"TLS handshake failed: {exc.reason or exc}")
+        except OSError as exc:
+            failure = _NotAdmitted(f"connection lost during the TLS handshake: {exc}", audit=False)
+        _close(tls)
+        raise failure
+
+    def _read_request(self, sock: socket.socket, deadline: float) -> bytes:
+        header = self._read(sock, PDU_HEADER.size, deadline, b"")
+        pdu_type, _, length = PDU_HEADER.unpack(header)
+        if pdu_type != A_ASSOCIATE_RQ_TYPE:
+            raise _NotAdmitted(f"not an A-ASSOCIATE-RQ (first byte 0x{pdu_type:02X})")
+        if length > MAX_REQUEST_BYTES:
+            raise _NotAdmitted(f"A-ASSOCIATE-RQ of {length} bytes (more than {MAX_REQUEST_BYTES})")
+        return self._read(sock, length, deadline, header)
+
+    def _read(self, sock: socket.socket, count: int, deadline: float, before: bytes) -> bytes:
+        data = bytearray(before)
+        wanted = len(before) + count
+        while len(data) < wanted:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                chunk = sock.recv(min(wanted - len(data), 65536))
+            except TimeoutError as exc:
+                raise _NotAdmitted(
+                    f"no complete A-ASSOCIATE-RQ within {self.pending_timeout:g} s ({len(data)} bytes received)"
+                ) from exc
+            except OSError as exc:
+                raise _NotAdmitted(f"connection lost before the A-ASSOCIATE-RQ: {exc}", audit=False) from exc
+            if not chunk:
+                raise _NotAdmitted("closed by the peer before sending an A-ASSOCIATE-RQ", audit=False)
+            data += chunk
+        return bytes(data)
+
+    def _reject(self, sock: socket.socket, address: str, calling: str, called: str, refusal: Refusal) -> None:
+        (result, source, reason), why = refusal
+        detail = f"{why} (A-ASSOCIATE-RJ result {result}, source {source}, reason {reason})"
+        if self.audit.record(
+            AuditEventType.ASSOCIATION_REJECTED,
+            address,
+            outcome="failure",
+            calling_ae=calling,
+            called_ae=called,
+            detail=detail,
+        ):
+            log.warning("rejecting association from %s@%s: %s", calling, address, why)
+        with contextlib.suppress(OSError):  # after the audit: the sender sees the rejection last
+            sock.settimeout(5.0)
+            sock.sendall(PDU_HEADER.pack(A_ASSOCIATE_RJ_TYPE, 0, 4) + bytes([0, result, source, reason]))
+
+
+def _ae_titles(request: bytes) -> tuple[str, str]:
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(request)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same: not a request we can read
+        raise _NotAdmitted(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
+    return str(pdu.calling_ae_title or "").strip(), str(pdu.called_ae_title or "").strip()
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    sock.close()
+
+
+class _PrimedSocket(AssociationSocket):
+    """pynetdicom's connection wrapper, returning first the A-ASSOCIATE-RQ bytes the gate already read."""
+
+    primed: bytearray
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.primed) or super().ready
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if not self.primed:
+            return super().recv(nr_bytes)
+        data = self.primed[:nr_bytes]
+        del self.primed[:nr_bytes]
+        if len(data) < nr_bytes:
+            data += super().recv(nr_bytes - len(data))
+        return data
+
+
+class _PrimedRequestHandler(RequestHandler):
+    """pynetdicom's request handler for a connection whose A-ASSOCIATE-RQ the gate has read."""
+
+    def __init__(self, request: socket.socket, client_address: Any, server: Any, first_pdu: bytes) -> None:
+        self.first_pdu = first_pdu
+        super().__init__(request, client_address, server)  # handles the request: starts the association
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        # Same object and state (pynetdicom has already queued its "connection open" event), reading the
+        # gate's bytes first.
+        assoc.dul.socket.__class__ = _PrimedSocket
+        assoc.dul.socket.primed = bytearray(self.first_pdu)
+        return assoc
+
+
+class GatedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the gate in front (and TLS moved out of the accept loop)."""
+
+    daemon_threads = True  # a connection waiting at the gate must not hold up the process's exit
+    block_on_close = False
+    request_queue_size = 128  # listen backlog: a burst of connections must not crowd out the PACS's SYN
+
+    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+        self.gate = gate
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return self.socket.accept()  # TLS, if on, is the gate's first step, in the connection's own thread
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        return self.gate.reserve(str(client_address[0]))
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        sock = request
+        try:
+            admitted = self.gate.admit(request, str(client_address[0]))
+            if admitted is not None:
+                sock, first_pdu = admitted
+                _PrimedRequestHandler(sock, client_address, self, first_pdu)
+        except Exception:
+            self.handle_error(sock, client_address)
+            _close(sock)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.gate.audit.flush()  # summaries of ended intervals, at most one per address and kind
+
+    def shutdown(self) -> None:
+        """Stop accepting and end the connections waiting at the gate. (pynetdicom's own shutdown also
+        unregisters from `AE._servers`, where this server, started by `start_gated_server`, never was.)"""
+        self.gate.close()
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+        self.gate.audit.flush(everything=True)
+
+
+def start_gated_server(
+    ae: AE,
+    address: tuple[str, int],
+    gate: ConnectionGate,
+    evt_handlers: list[tuple[evt.EventType, Callable[..., Any]]],
+) -> GatedAssociationServer:
+    """Bind and serve in a daemon thread, like `AE.start_server(block=False)`, with the gate in front."""
+    server = ae.make_server(
+        address, evt_handlers=evt_handlers, server_class=GatedAssociationServer, gate=gate
+    )  # no ssl_context here: the gate does TLS
+    threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+    return server  # type: ignore[return-value]
