@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from db.queries import AUDIT_FIELDS, WORKLIST_FIELDS
-EXIT_PIPE_CLOSED = 141
-csv_cell = None
+from node.cli import EXIT_PIPE_CLOSED
+from node.commands.tabular import csv_cell
 from tests.conftest import edgenode_cmd, node_env
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.opsdata import ServedNode, served_node, store
