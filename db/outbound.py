@@ -182,17 +182,20 @@ def mark_failed(
     return item
 
 
-def requeue_dead(session: Session, ids: Sequence[int] | None, now: datetime) -> list[int]:
-    """Revive dead items (all when ids is None): pending again, attempts reset, due now."""
-    query = select(OutboundItem).where(OutboundItem.status == OutboundStatus.DEAD)
+def requeue(session: Session, ids: Sequence[int] | None, now: datetime, pending_too: bool = False) -> list[int]:
+    """Revive dead items (all when ids is None): pending again, attempts reset, due now. With `pending_too`,
+    pending items waiting out a backoff are made due now the same way (attempts reset)."""
+    wanted = [OutboundStatus.DEAD, OutboundStatus.PENDING] if pending_too else [OutboundStatus.DEAD]
+    query = select(OutboundItem).where(OutboundItem.status.in_(wanted))
     if ids is not None:
         query = query.where(OutboundItem.id.in_(list(ids)))
     revived = []
     for item in session.scalars(query.order_by(OutboundItem.id)).all():
+        was = f"was {item.status} after {item.attempts} attempt(s): {item.last_error}"
         item.status = OutboundStatus.PENDING
         item.attempts = 0
         item.next_attempt_at = now
-        record_audit(session, AuditEventType.SEND_REQUEUED, detail=f"was: {item.last_error}", **_audit_fields(item))
+        record_audit(session, AuditEventType.SEND_REQUEUED, detail=was, **_audit_fields(item))
         revived.append(item.id)
     return revived
 

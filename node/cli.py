@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from node.config import ConfigError, load_settings
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PIPE_CLOSED = 128 + 13  # what a shell reports for a process ended by SIGPIPE (`yes | head -1`)
+
+QUIET_LIBRARIES = ("pynetdicom", "alembic", "apscheduler", "highdicom")  # logged at WARNING and above only
 
 # name -> (module, help). Add commands here; the module does the rest.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -54,9 +58,10 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # pynetdicom logs full datasets at DEBUG, which can include patient names; it logs every PDU
-    # at INFO. Alembic and APScheduler narrate every migration step and periodic run at INFO.
+    # at INFO. Alembic and APScheduler narrate every migration step and periodic run at INFO; highdicom
+    # a line per segment, frame and reference it builds (dozens per result, flooding `edgenode demo`).
     quiet = max(logging.WARNING, getattr(logging, level))
-    for name in ("pynetdicom", "alembic", "apscheduler"):
+    for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(quiet)
 
 
@@ -69,7 +74,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgenode: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.logging.level)
-    return int(args._module.run(args, settings) or EXIT_OK)
+    try:
+        code = int(args._module.run(args, settings) or EXIT_OK)
+        sys.stdout.flush()  # inside the try: a reader that left early surfaces here, not at interpreter exit
+    except BrokenPipeError:
+        return closed_pipe_exit()
+    return code
+
+
+def closed_pipe_exit() -> int:
+    """The reader of our output went away (`edgenode audit --format json | head -1`): stop quietly.
+
+    Python's documented recipe: point stdout at /dev/null so the interpreter's final flush of what is still
+    buffered cannot raise again (and print a traceback) on the way out.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return EXIT_PIPE_CLOSED
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from __future__ import annotations
 import fcntl
 import io
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,7 @@ from sqlalchemy.orm import Session
 from db.audit import record_audit
 from db.jobs import LeaseLost, update_timings
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
-from db.outbound import Backoff, add_outbound, due_items, mark_failed, mark_sent, requeue_dead, upsert_result
+from db.outbound import Backoff, add_outbound, due_items, mark_failed, mark_sent, requeue, upsert_result
 from db.session import Database
 from node.config import PeerSettings, Settings
 from node.scu import OutgoingFile, StoreOutcome, store_files
@@ -57,6 +58,7 @@ class SendReport:
     sent: list[int] = field(default_factory=list)
     retried: list[int] = field(default_factory=list)
     dead: list[int] = field(default_factory=list)
+    untried: list[int] = field(default_factory=list)  # due, but the association was lost before their turn
     busy: bool = False  # another sender held the lock: nothing was attempted
 
     @property
@@ -176,9 +178,20 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
         return _send_pass(settings, db, spool, now or datetime.now(UTC))
 
 
+def pass_clock(start: datetime) -> Callable[[], datetime]:
+    """The time of each attempt in a pass that began at `start`: `start` plus the time since.
+
+    A pass can take minutes (a slow PACS, timeouts); each outcome's time (sent_at, the next attempt's backoff)
+    counts from when that attempt ended, not from when the pass began. `start` may be a caller's simulated time.
+    """
+    began = time.monotonic()
+    return lambda: start + timedelta(seconds=time.monotonic() - began)
+
+
 def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) -> SendReport:
     backoff = backoff_of(settings)
     report = SendReport()
+    clock = pass_clock(now)
     with db.session() as session:
         due = due_items(session, now)
     if not due:
@@ -191,7 +204,7 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
         (listed if settings.peer(item.destination_ae) is not None else unlisted).append(item)
     for item in unlisted:
         why = f"destination {item.destination_ae} is no longer in [[peers]]; not sent (add it back, then retry)"
-        _record(db, StoreOutcome(item.id, None, why), now, backoff, report)
+        _record(db, StoreOutcome(item.id, None, why), clock(), backoff, report)
     for ae_title, group in groupby(sorted(listed, key=lambda i: i.destination_ae), key=lambda i: i.destination_ae):
         items = list(group)
         files, missing = [], []
@@ -202,19 +215,33 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
             except (OSError, InvalidDicomError, AttributeError) as exc:  # gone or damaged: no retry can fix that
                 missing.append(StoreOutcome(item.id, None, f"result file {item.path} unreadable: {exc}"))
         for outcome in missing:
-            _record(db, outcome, now, backoff, report, give_up=True)
+            _record(db, outcome, clock(), backoff, report, give_up=True)
         peer = settings.peer(ae_title)
         assert peer is not None
         for outcome in store_files(settings.node, peer, files):
-            _record(db, outcome, now, backoff, report)
-    log.info("send pass: %d sent, %d to retry, %d dead", len(report.sent), len(report.retried), len(report.dead))
+            _record(db, outcome, clock(), backoff, report)
+    log.info(
+        "send pass: %d sent, %d to retry, %d dead, %d not tried",
+        len(report.sent),
+        len(report.retried),
+        len(report.dead),
+        len(report.untried),
+    )
     return report
 
 
 def _record(
     db: Database, outcome: StoreOutcome, now: datetime, backoff: Backoff, report: SendReport, give_up: bool = False
 ) -> None:
-    """Commit one outcome before the next file is sent (the acknowledgement is durable as soon as possible)."""
+    """Commit one outcome before the next file is sent (the acknowledgement is durable as soon as possible).
+
+    `now` is when this attempt ended. An item that was never sent (its association was lost before its turn)
+    keeps its attempt count and stays due: the next pass tries it, and only a real try counts towards dead.
+    """
+    if not outcome.tried:
+        report.untried.append(outcome.key)
+        log.info("outbound item %s not tried in this pass: %s", outcome.key, outcome.error)
+        return
     with db.session() as session:
         if outcome.stored:
             assert outcome.status is not None
@@ -252,4 +279,11 @@ def _note_delivery_time(session: Session, item: OutboundItem) -> None:
 def retry_dead(db: Database, ids: Sequence[int] | None = None, now: datetime | None = None) -> list[int]:
     """Put dead-lettered items back in the queue (all of them when ids is None); returns the revived ids."""
     with db.session() as session:
-        return requeue_dead(session, ids, now or datetime.now(UTC))
+        return requeue(session, ids, now or datetime.now(UTC))
+
+
+def retry_now(db: Database, ids: Sequence[int] | None = None, now: datetime | None = None) -> list[int]:
+    """Make items due now (all unsent ones when ids is None): dead ones revived, pending ones in backoff no
+    longer waiting, attempts counted afresh. For the operator who has just mended the PACS."""
+    with db.session() as session:
+        return requeue(session, ids, now or datetime.now(UTC), pending_too=True)

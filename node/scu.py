@@ -59,6 +59,7 @@ class StoreOutcome:
     key: int
     status: int | None  # DIMSE status; None when no response came (association refused, aborted, timed out)
     error: str = ""
+    tried: bool = True  # False: never sent, the association was gone before its turn (no attempt to count)
 
     @property
     def stored(self) -> bool:
@@ -154,7 +155,7 @@ def _store_batch(node: NodeSettings, peer: PeerSettings, files: list[OutgoingFil
     try:
         for f in files:
             if not assoc.is_established:
-                yield StoreOutcome(f.key, None, f"association to {where} was lost")
+                yield StoreOutcome(f.key, None, f"association to {where} was lost before it was sent", tried=False)
                 continue
             as_written = (f.sop_class_uid, f.transfer_syntax_uid) in accepted
             re_encodable = f.transfer_syntax_uid in UNCOMPRESSED and any(

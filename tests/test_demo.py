@@ -32,3 +32,7 @@ def test_demo_delivers_seg_sc_and_sr_to_orthanc(tmp_path: Path) -> None:
         assert re.search(rf"^\s+{kind}\s+[\d.]+\s+http://127\.0\.0\.1:\d+/instances/[0-9a-f-]+$", out, re.M), out
     assert "NOT FOUND" not in out
     assert f"model {info.model_id}" in out
+    # Library chatter stays at WARNING: highdicom logs a line per segment, frame and reference at INFO.
+    chatter = [line for line in result.stderr.splitlines() if re.search(r" (INFO|DEBUG) (highdicom|pynetdicom)", line)]
+    assert not chatter, chatter[:5]
+    assert " INFO node." in result.stderr  # the node's own progress is still shown

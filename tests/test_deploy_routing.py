@@ -63,3 +63,35 @@ def test_orthanc_routes_originals_but_not_node_results(tmp_path: Path) -> None:
         received = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in node.received()}
         assert received == {ds.SOPInstanceUID for ds in ct}
         assert len(pacs.instances_of_study(study_uid)) == len(ct) + len(own)
+
+
+def test_a_refused_forward_is_retried_once_the_node_is_back(tmp_path: Path) -> None:
+    """The node is down when the study becomes stable: Orthanc logs the refusal and keeps the study on its retry
+    list; once the node listens again the next retry delivers it (Orthanc 1.10 has no Lua heartbeat, so an
+    instance arriving is what runs the retry here). The shipped script, with its retry delays cut to 1 s."""
+    script = LUA.read_text()
+    assert "local RETRY_FIRST_SECONDS = 30\n" in script
+    fast = tmp_path / "edgenode-routing.lua"
+    fast.write_text(script.replace("local RETRY_FIRST_SECONDS = 30\n", "local RETRY_FIRST_SECONDS = 1\n"))
+    ct = make_ct_series(3, 32, 32)
+    other = make_ct_series(1, 32, 32, seed=2)  # a later study from the modality
+    ct_files = write_datasets(ct, tmp_path / "ct")
+    other_files = write_datasets(other, tmp_path / "other")
+
+    node = StoreSCP(tmp_path / "node-inbox", aet="EDGENODE")  # not started: the node is down
+    with Orthanc(
+        tmp_path / "orthanc",
+        aet="PACS",
+        modalities={"edgenode": ("EDGENODE", "127.0.0.1", node.port)},
+        lua_scripts=[fast],
+        extra_config={"StableAge": 1},
+    ) as pacs:
+        log = tmp_path / "orthanc" / "orthanc.log"
+        _storescu(pacs.dicom_port, ct_files)
+        assert _wait_for(lambda: "did not take study" in log.read_text(errors="replace")), log.read_text()[-3000:]
+        time.sleep(1.5)  # past the first retry delay
+        with node:
+            _storescu(pacs.dicom_port, other_files)
+            want = {ds.SOPInstanceUID for ds in ct + other}
+            arrived = lambda: {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in node.received()}  # noqa: E731
+            assert _wait_for(lambda: arrived() == want), (arrived(), log.read_text()[-3000:])

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from db.models import AuditEvent, Job, OutboundItem, OutboundStatus, Study
 from db.outbound import Backoff, list_items
 from db.session import Database
-from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings
+from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings, settings_to_toml
 from node.outbound import enqueue, retry_dead, send_due, sender_lock
 from node.peers import Orthanc, StoreSCP, free_port
 from node.results import ResultObject, write_results
@@ -145,14 +145,18 @@ def test_dead_pacs_backoff_then_restart_delivers_each_object_once(
 
     now, expected_delay = T0, 30
     for attempt in range(1, 5):
+        began = time.monotonic()
         report = send_due(settings, db, spool, now=now)
+        took = timedelta(seconds=time.monotonic() - began)
         assert len(report.retried) == len(objects) and not report.sent
         for item in items(db):
             assert item.attempts == attempt and item.status == OutboundStatus.PENDING
             assert "cannot connect" in item.last_error or "aborted" in item.last_error
-            assert item.next_attempt_at == now + timedelta(seconds=expected_delay)
+            # counted from the attempt, which was somewhere in this pass
+            assert now + timedelta(seconds=expected_delay) <= item.next_attempt_at.replace(tzinfo=UTC)
+            assert item.next_attempt_at.replace(tzinfo=UTC) <= now + timedelta(seconds=expected_delay) + took
         assert send_due(settings, db, spool, now=now + timedelta(seconds=expected_delay - 1)).attempted == 0
-        now += timedelta(seconds=expected_delay)
+        now = max(item.next_attempt_at.replace(tzinfo=UTC) for item in items(db))
         expected_delay = min(expected_delay * 2, 100)
     assert audit_count(db, "send.retry") == 4 * len(objects)
 
@@ -247,7 +251,7 @@ def test_dead_letter_then_cli_list_and_retry(tmp_path: Path, node_db: tuple[Data
     settings = make_settings(tmp_path, [peer], initial_backoff_seconds=1, max_attempts=2)
     enqueue(db, spool, make_job(db, sources, "PACS"), objects, peer, now=T0)
     assert len(send_due(settings, db, spool, now=T0).retried) == len(objects)
-    report = send_due(settings, db, spool, now=T0 + timedelta(seconds=1))
+    report = send_due(settings, db, spool, now=max(i.next_attempt_at.replace(tzinfo=UTC) for i in items(db)))
     assert len(report.dead) == len(objects)
     assert audit_count(db, "send.dead") == len(objects)
     assert send_due(settings, db, spool, now=T0 + timedelta(days=1)).attempted == 0  # dead items rest
@@ -405,14 +409,99 @@ def test_sender_killed_mid_send_loses_nothing(tmp_path: Path, node_db: tuple[Dat
 
 
 def test_peer_aborting_the_association_is_retried(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    """storescp aborts on the first C-STORE: that item lost an attempt; the others were never sent, so they keep
+    their count and stay due, and the next pass (the peer mended) delivers everything."""
     db, spool = node_db
     sources, objects = ct_objects(heatmaps=1)
     with StoreSCP(tmp_path / "storescp", extra_args=["--abort-after"]) as scp:
         peer = PeerSettings(ae_title="STORESCP", port=scp.port)
         enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
-        report = send_due(make_settings(tmp_path, [peer]), db, spool, now=T0)
-    assert not report.sent and len(report.retried) == len(objects)
-    assert all(i.status == OutboundStatus.PENDING and i.attempts == 1 for i in items(db))
+        settings = make_settings(tmp_path, [peer])
+        report = send_due(settings, db, spool, now=T0)
+    assert not report.sent and not report.dead and len(report.retried) == 1
+    assert len(report.untried) == len(objects) - 1 and report.attempted == 1
+    first, *rest = items(db)
+    assert first.id == report.retried[0] and first.attempts == 1 and "no response" in first.last_error
+    assert first.next_attempt_at.replace(tzinfo=UTC) > T0
+    assert all(i.status == OutboundStatus.PENDING and i.attempts == 0 and i.last_error == "" for i in rest)
+    assert all(i.next_attempt_at.replace(tzinfo=UTC) == T0 for i in rest)  # still due: the next pass sends them
+    assert audit_count(db, "send.retry") == 1
+
+    with StoreSCP(tmp_path / "storescp-mended", port=scp.port) as mended:
+        assert len(send_due(settings, db, spool, now=T0).sent) == len(objects) - 1
+        report = send_due(settings, db, spool, now=first.next_attempt_at.replace(tzinfo=UTC))
+        assert report.sent == [first.id]
+        assert len(mended.received()) == len(objects)
+
+
+def test_next_attempt_counts_from_the_attempt_not_the_start_of_the_pass(
+    tmp_path: Path, node_db: tuple[Database, Spool]
+) -> None:
+    """A pass that waits on a slow PACS: storescp sleeps 3 s inside the C-STORE, the node gives up after its 1 s
+    DIMSE timeout. That item, and the items of a second destination tried after it, fail at least 1 s into the
+    pass; their next attempt is the backoff after that, not after the pass began."""
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=1)
+    with StoreSCP(tmp_path / "slow", aet="ASLOW", extra_args=["--sleep-during", "3"]) as slow:
+        slow_peer = PeerSettings(ae_title="ASLOW", port=slow.port)
+        down_peer = PeerSettings(ae_title="BDOWN", port=free_port())  # sorted after ASLOW: tried second
+        settings = Settings(
+            node=NodeSettings(data_dir=tmp_path / "var", acse_timeout=5, dimse_timeout=1, network_timeout=5),
+            peers=[slow_peer, down_peer],
+            send=SendSettings(initial_backoff_seconds=30),
+        )
+        enqueue(db, spool, make_job(db, sources, "ASLOW"), objects[:1], slow_peer, now=T0)
+        enqueue(db, spool, items_job_id(db), objects[1:2], down_peer, now=T0)
+        report = send_due(settings, db, spool, now=T0)
+    assert sorted(report.retried) == [i.id for i in items(db)] and not report.sent
+    for item in items(db):
+        assert item.attempts == 1
+        waited = item.next_attempt_at.replace(tzinfo=UTC) - (T0 + timedelta(seconds=30))
+        assert waited >= timedelta(seconds=settings.node.dimse_timeout), (item.destination_ae, item.last_error)
+
+
+def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
+    """The PACS is down: one job's results dead-lettered, another's waiting out a 10-minute backoff. The operator
+    mends the PACS; `edgenode outbound send` alone sends nothing (nothing is due), `outbound retry --all` makes
+    every unsent item due now and `outbound send` delivers them all, once each."""
+    db, spool = node_db
+    port = free_port()
+    peer = PeerSettings(ae_title="PACS", port=port)
+    sources, objects = ct_objects(heatmaps=1)
+    later_sources, later = ct_objects(heatmaps=1)
+    enqueue(db, spool, make_job(db, sources, "PACS"), objects, peer)
+    dead = send_due(make_settings(tmp_path, [peer], max_attempts=1), db, spool)
+    assert len(dead.dead) == len(objects)
+    enqueue(db, spool, make_job(db, later_sources, "PACS"), later, peer)
+    waiting = send_due(make_settings(tmp_path, [peer], initial_backoff_seconds=600), db, spool)
+    assert len(waiting.retried) == len(later)
+
+    settings = make_settings(tmp_path, [peer], initial_backoff_seconds=600)
+    config = tmp_path / "edgenode.toml"
+    config.write_text(settings_to_toml(settings))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            edgenode_cmd("outbound", *args, "--config", str(config)),
+            env=node_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    with StoreSCP(tmp_path / "pacs", aet="PACS", port=port) as pacs:
+        assert cli("send").stdout.strip() == "sent 0, to retry 0, dead 0"
+        assert cli("retry", "--all", "--all-dead").returncode == 2
+        retried = cli("retry", "--all")
+        assert retried.returncode == 0 and f"requeued {len(objects) + len(later)} item(s)" in retried.stdout
+        assert all(i.status == OutboundStatus.PENDING and i.attempts == 0 for i in items(db))
+        sent = cli("send")
+        assert sent.returncode == 0 and sent.stdout.strip() == f"sent {len(objects) + len(later)}, to retry 0, dead 0"
+        received = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in pacs.received())
+    assert received == sorted(str(o.dataset.SOPInstanceUID) for o in [*objects, *later])
+    assert {i.status for i in items(db)} == {OutboundStatus.SENT}
+    assert audit_count(db, "send.requeued") == len(objects) + len(later)
 
 
 def test_one_sender_at_a_time(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:

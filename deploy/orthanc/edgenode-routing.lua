@@ -3,10 +3,72 @@
 --
 -- Copy this file next to orthanc.json, list it under "LuaScripts", and declare the node under
 -- "DicomModalities" as "edgenode" (see orthanc.json in this folder).
+--
+-- A forward the node refuses or cannot take (node down, low disk, restarting) is retried: after
+-- RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS, for RETRY_FOR_SECONDS, then given up (logged;
+-- resend by hand as the operator guide says). Retries run on Orthanc's Lua heartbeat (Orthanc >= 1.11:
+-- set "LuaHeartBeatPeriod", e.g. 30) and, on any version, whenever an instance arrives. The retry list
+-- lives in memory: after an Orthanc restart, resend what was pending by hand.
 
 local NODE = 'edgenode'                              -- name of the node in DicomModalities
 local ROUTED_MODALITIES = { CT = true, CR = true, DX = true }
+local RETRY_FIRST_SECONDS = 30
+local RETRY_MAX_SECONDS = 600
+local RETRY_FOR_SECONDS = 24 * 3600
 local routed = {}                                    -- series already sent (since Orthanc started)
+local retries = {}                                   -- study ID -> { resources, delay, next_at, since }
+
+-- One association for the whole study; the node treats a repeated instance as a no-op, so a resend
+-- (a retry, or after an Orthanc restart) is harmless. True when the node took every instance.
+local function Forward(studyId, resources)
+  local body = DumpJson({ Resources = resources, Synchronous = true })
+  local ok, answer = pcall(RestApiPost, '/modalities/' .. NODE .. '/store', body, false)
+  if ok and answer ~= nil then
+    for _, id in ipairs(resources) do
+      routed[id] = true
+    end
+    retries[studyId] = nil
+    print('edgenode routing: sent ' .. #resources .. ' series of study ' .. studyId)
+    return true
+  end
+  return false
+end
+
+local function ScheduleRetry(studyId, resources)
+  local now = os.time()
+  local entry = retries[studyId]
+  if entry == nil then
+    entry = { delay = RETRY_FIRST_SECONDS, since = now }
+  else
+    entry.delay = math.min(entry.delay * 2, RETRY_MAX_SECONDS)
+  end
+  entry.resources = resources
+  entry.next_at = now + entry.delay
+  if now - entry.since >= RETRY_FOR_SECONDS then
+    retries[studyId] = nil
+    print('edgenode routing: GAVE UP forwarding study ' .. studyId .. ' after ' .. RETRY_FOR_SECONDS ..
+      ' s of refusals; resend it by hand')
+    return
+  end
+  retries[studyId] = entry
+  print('edgenode routing: the node did not take study ' .. studyId .. '; retrying in ' .. entry.delay .. ' s')
+end
+
+local function RetryDue()
+  local now = os.time()
+  local due = {}
+  for studyId, entry in pairs(retries) do
+    if entry.next_at <= now then
+      table.insert(due, studyId)
+    end
+  end
+  for _, studyId in ipairs(due) do
+    local resources = retries[studyId].resources
+    if not Forward(studyId, resources) then
+      ScheduleRetry(studyId, resources)
+    end
+  end
+end
 
 function OnStableStudy(studyId, tags, metadata)
   local series = ParseJson(RestApiGet('/studies/' .. studyId .. '/series'))
@@ -21,11 +83,17 @@ function OnStableStudy(studyId, tags, metadata)
   end
   if #resources > 0 then
     print('edgenode routing: sending ' .. #resources .. ' series of study ' .. studyId)
-    -- One association for the whole study; the node treats a repeated instance as a no-op,
-    -- so a resend after an Orthanc restart is harmless.
-    RestApiPost('/modalities/' .. NODE .. '/store', DumpJson({ Resources = resources, Synchronous = true }), false)
-    for _, id in ipairs(resources) do
-      routed[id] = true
+    if not Forward(studyId, resources) then
+      ScheduleRetry(studyId, resources)
     end
   end
+  RetryDue()
+end
+
+function OnStoredInstance(instanceId, tags, metadata, origin)
+  RetryDue()
+end
+
+function OnHeartBeat()
+  RetryDue()
 end

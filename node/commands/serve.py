@@ -11,6 +11,12 @@ from node.config import Settings
 
 log = logging.getLogger(__name__)
 
+# The default is to refuse everyone; a new user's first start must say so, and what to do about it.
+NO_PEERS = (
+    "no [[peers]] configured, so every association is refused: add a [[peers]] entry (ae_title, host, port) for "
+    "each PACS or modality that sends studies, in the file given with --config (example: deploy/edgenode.toml)"
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Run the DICOM listener, study completion and the scheduler until stopped."
@@ -37,6 +43,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("cannot start: %s%s", exc, hint)
         return 1
     log.info("edgenode ready: AE %s port %d, data in %s", settings.node.ae_title, node.scp.port, settings.data_dir)
+    if not settings.peers:
+        log.warning(NO_PEERS)
     while not stop_requested.wait(1.0):
         pass
     node.stop()

@@ -48,6 +48,29 @@ def query_rows(database_url: str, query: Callable[[Any, Any], list[dict[str, Any
         db.dispose()
 
 
+# Cells a spreadsheet would read as a formula (OWASP "CSV injection"): = + - @, and tab or carriage return,
+# which some tools strip before looking for those. A leading single quote makes them text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text, never runs: strings that start like a formula get a leading
+    single quote; numbers (a negative score is a number, not a formula) and None (empty) pass as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def write_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str], out: TextIO) -> None:
+    """CSV with the field names as header, every text cell neutralised (csv_cell)."""
+    writer = csv.DictWriter(out, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({f: csv_cell(row.get(f)) for f in fields})
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return ""
@@ -70,10 +93,7 @@ def write_rows(
         out.write("\n")
         return
     if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({f: "" if row.get(f) is None else row.get(f) for f in fields})
+        write_csv(rows, fields, out)
         return
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
