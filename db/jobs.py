@@ -75,7 +75,7 @@ def claim_next_job(
     Times come from the database's clock (`now` overrides it, for tests), so the lease means the same to every
     node. PostgreSQL: the top queued row is locked with FOR UPDATE SKIP LOCKED, so concurrent claimers each take a
     different job instead of queueing behind one and giving up. SQLite (one writer at a time): the top five are
-    tried in turn with a conditional UPDATE.
+    tried in turn with a conditional UPDATE, and looked up again if others took them all.
     """
     at = now if now is not None else db_utcnow()
     expires = now + timedelta(seconds=lease_seconds) if now is not None else db_utcnow(lease_seconds)
@@ -88,45 +88,56 @@ def claim_next_job(
         query = query.limit(1).with_for_update(skip_locked=True)
     else:
         query = query.limit(5)
-    candidates = session.execute(query).scalars()
-    for job_id in list(candidates):
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                lease_owner=owner,
-                lease_expires_at=expires,
-                heartbeat_at=at,
-                attempts=Job.attempts + 1,
-                started_at=at,
-            )
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        if claimed != 1:
-            continue  # another worker took it
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.refresh(job)
-        study = job.study
-        study.status = StudyStatus.PROCESSING
-        record_audit(
-            session,
-            AuditEventType.JOB_STARTED,
-            **job_fields(job),
-            detail=f"attempt {job.attempts} by {owner}",
+    while True:
+        candidates = list(session.execute(query).scalars())
+        if not candidates:
+            return None
+        for job_id in candidates:
+            claimed = _take(session, job_id, owner, at, expires)
+            if claimed is not None:
+                return claimed
+        # Other claimers took every candidate since the query; this UPDATE began our write transaction, so the
+        # next query sees what they committed. "Empty" is only ever said of an empty queue.
+
+
+def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> ClaimedJob | None:
+    """Start `job_id` for `owner` if it is still queued; None when another claimer took it first."""
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            heartbeat_at=at,
+            attempts=Job.attempts + 1,
+            started_at=at,
         )
-        return ClaimedJob(
-            job.id,
-            study.id,
-            study.study_instance_uid,
-            job.attempts,
-            job.priority,
-            job.destination_ae,
-            job.created_at,
-            job.rule,
-        )
-    return None
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed != 1:
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.refresh(job)
+    study = job.study
+    study.status = StudyStatus.PROCESSING
+    record_audit(
+        session,
+        AuditEventType.JOB_STARTED,
+        **job_fields(job),
+        detail=f"attempt {job.attempts} by {owner}",
+    )
+    return ClaimedJob(
+        job.id,
+        study.id,
+        study.study_instance_uid,
+        job.attempts,
+        job.priority,
+        job.destination_ae,
+        job.created_at,
+        job.rule,
+    )
 
 
 def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
