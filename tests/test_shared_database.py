@@ -241,8 +241,8 @@ def _receive_study(db: Database, uid: str, received_hours_ago: float) -> None:
 
 
 def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: str, tmp_path: Path) -> None:
-    """Two nodes' scans both read the study as due before either writes (a lock held by the test makes them wait
-    there): the one that writes second must see the first's decision. Before, this made two jobs every time."""
+    """Two nodes' scans both read the study as due before either writes (a lock held by the test makes their writes
+    wait): the one that writes second must see the first's decision. Before, this made two jobs every time."""
     settings = load_settings(None, node={"data_dir": str(tmp_path)}, database={"url": database_url})
     _receive_study(Database(database_url), "8.1", received_hours_ago=1)
     blocker = make_engine(database_url)
@@ -252,7 +252,7 @@ def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: 
         writing = threading.Event()
 
         def note_write(_conn, _cursor, statement, *_args, writing=writing) -> None:  # type: ignore[no-untyped-def]
-            if statement.lstrip().upper().startswith("UPDATE STUDIES"):
+            if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
                 writing.set()
 
         event.listen(db.engine, "before_cursor_execute", note_write)
