@@ -1,4 +1,4 @@
-"""The job queue on a real SQLite file and a real PostgreSQL server: ordering, leases, retries, and concurrent claimers in real processes."""
+"""The job queue on SQLite and PostgreSQL: ordering, leases, retries, and concurrent claimers in real processes."""
 
 from __future__ import annotations
 
