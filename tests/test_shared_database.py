@@ -48,18 +48,18 @@ def _open(url: str, out: multiprocessing.Queue) -> None:
         out.put(f"{type(exc).__name__}: {exc}")
 
 
-def test_nodes_starting_together_on_an_empty_postgres_database_all_migrate(postgres_url: str) -> None:
-    """Without the advisory lock the second of two nodes died with UniqueViolation (3 of 3 tries)."""
+def test_processes_starting_together_on_an_empty_database_all_migrate(database_url: str) -> None:
+    """Without the migration lock the second of two nodes on PostgreSQL died with UniqueViolation (3 of 3 tries)."""
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
-    procs = [ctx.Process(target=_open, args=(postgres_url, out)) for _ in range(4)]
+    procs = [ctx.Process(target=_open, args=(database_url, out)) for _ in range(4)]
     for p in procs:
         p.start()
     outcomes = [out.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(timeout=30)
     assert outcomes == ["ok"] * 4
-    db = Database(postgres_url, run_migrations=False)
+    db = Database(database_url, run_migrations=False)
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
 
