@@ -5,8 +5,8 @@ The server is Debian's `postgresql` (initdb and pg_ctl from /usr/lib/postgresql/
 session in a temp dir on a free loopback port (its unix socket in that dir too), with fsync off: a test database need
 not survive power loss. PostgreSQL refuses to run as root, so as root the server runs as the `postgres` system user
 (the Debian package creates it). Each test gets a fresh database on it. Tests that use `database_url` are skipped on
-PostgreSQL only when the server binaries are missing (scripts/setup.sh installs them); any other failure to start
-is an error.
+PostgreSQL only when the server binaries are missing (scripts/setup.sh installs them); a missing driver or a server
+that does not start is an error.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ class PostgresServer:
         cmd = [str(self.bin_dir / args[0]), *args[1:]]
         done = subprocess.run(cmd, user=self.user, cwd=self.root, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            log = self.root / "server.log"
+            tail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n{tail}")
 
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync")
@@ -104,7 +106,10 @@ def postgres_server() -> Iterator[PostgresServer]:
     bin_dir = server_bin_dir()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries missing (/usr/lib/postgresql/*/bin): run scripts/setup.sh")
-    pytest.importorskip("psycopg", reason="psycopg missing: install the edgenode[postgres] extra (scripts/setup.sh)")
+    try:
+        import psycopg  # noqa: F401 - the driver the tests' URLs name
+    except ImportError:
+        pytest.fail("psycopg is missing: install the edgenode[postgres] extra (scripts/setup.sh does)")
     user = _server_user()
     root = Path(tempfile.mkdtemp(prefix="edgenode-pg-"))  # not under pytest's 0700 tmp: the server user needs it
     if user is not None:
