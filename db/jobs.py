@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db.audit import job_fields, record_audit
-from db.models import AuditEventType, Job, JobDuration, JobStatus, Study, StudyStatus, utcnow
+from db.clock import db_utcnow
+from db.models import ACTIVE_JOB_SQL, AuditEventType, Job, JobDuration, JobStatus, Study, StudyStatus, utcnow
 
 WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
 
@@ -46,7 +49,6 @@ def queue_wait_seconds(timings: dict[str, Any] | None) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-
 class LeaseLost(Exception):
     """The job is no longer the caller's: superseded, completed or re-queued by someone else."""
 
@@ -68,60 +70,86 @@ class ClaimedJob:
 def claim_next_job(
     session: Session, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> ClaimedJob | None:
-    """Claim the most urgent due job (STAT first, then oldest) for `owner`; None when the queue is empty."""
-    now = now or utcnow()
-    candidates = session.execute(
+    """Claim the most urgent due job (STAT first, then oldest) for `owner`; None when the queue is empty.
+
+    Times come from the database's clock (`now` overrides it, for tests), so the lease means the same to every
+    node. PostgreSQL: the top queued row is locked with FOR UPDATE SKIP LOCKED, so concurrent claimers each take a
+    different job instead of queueing behind one and giving up. SQLite (one writer at a time): the top five are
+    tried in turn with a conditional UPDATE, and looked up again if others took them all.
+    """
+    at = now if now is not None else db_utcnow()
+    expires = now + timedelta(seconds=lease_seconds) if now is not None else db_utcnow(lease_seconds)
+    query = (
         select(Job.id)
-        .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= now)
+        .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= at)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(5)
-    ).scalars()
-    for job_id in list(candidates):
-        claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.RUNNING,
-                lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                heartbeat_at=now,
-                attempts=Job.attempts + 1,
-                started_at=now,
-            )
-        ).rowcount
-        if claimed != 1:
-            continue  # another worker took it
-        job = session.get(Job, job_id)
-        assert job is not None
-        session.refresh(job)
-        study = job.study
-        study.status = StudyStatus.PROCESSING
-        record_audit(
-            session,
-            AuditEventType.JOB_STARTED,
-            **job_fields(job),
-            detail=f"attempt {job.attempts} by {owner}",
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.limit(1).with_for_update(skip_locked=True)
+    else:
+        query = query.limit(5)
+    while True:
+        candidates = list(session.execute(query).scalars())
+        if not candidates:
+            return None
+        for job_id in candidates:
+            claimed = _take(session, job_id, owner, at, expires)
+            if claimed is not None:
+                return claimed
+        # Other claimers took every candidate since the query; this UPDATE began our write transaction, so the
+        # next query sees what they committed. "Empty" is only ever said of an empty queue.
+
+
+def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> ClaimedJob | None:
+    """Start `job_id` for `owner` if it is still queued; None when another claimer took it first."""
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            heartbeat_at=at,
+            attempts=Job.attempts + 1,
+            started_at=at,
         )
-        return ClaimedJob(
-            job.id,
-            study.id,
-            study.study_instance_uid,
-            job.attempts,
-            job.priority,
-            job.destination_ae,
-            job.created_at,
-            job.rule,
-        )
-    return None
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if claimed != 1:
+        return None
+    job = session.get(Job, job_id)
+    assert job is not None
+    session.refresh(job)
+    study = job.study
+    study.status = StudyStatus.PROCESSING
+    record_audit(
+        session,
+        AuditEventType.JOB_STARTED,
+        **job_fields(job),
+        detail=f"attempt {job.attempts} by {owner}",
+    )
+    return ClaimedJob(
+        job.id,
+        study.id,
+        study.study_instance_uid,
+        job.attempts,
+        job.priority,
+        job.destination_ae,
+        job.created_at,
+        job.rule,
+    )
 
 
 def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float, now: datetime | None = None) -> bool:
-    """Extend the lease; False means the worker no longer owns the job and must stop working on it."""
-    now = now or utcnow()
+    """Extend the lease (on the database's clock unless `now` is given); False means the worker no longer owns the
+    job and must stop working on it."""
+    at = now if now is not None else db_utcnow()
+    expires = now + timedelta(seconds=lease_seconds) if now is not None else db_utcnow(lease_seconds)
     extended = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
-        .values(heartbeat_at=now, lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .values(heartbeat_at=at, lease_expires_at=expires)
+        .execution_options(synchronize_session=False)
     ).rowcount
     return extended == 1
 
@@ -247,14 +275,17 @@ def defer_job(
 def requeue_expired(
     session: Session, *, max_attempts: int, backoff_seconds: float, now: datetime | None = None
 ) -> list[int]:
-    """Jobs whose worker stopped heart-beating (it died) go back to the queue, or fail after max attempts."""
-    now = now or utcnow()
+    """Jobs whose worker stopped heart-beating (it died) go back to the queue, or fail after max attempts.
+
+    Expiry is judged on the database's clock (`now` overrides it, for tests), the clock the leases were set on.
+    """
+    cutoff = now if now is not None else db_utcnow()
     expired = session.execute(
-        select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+        select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < cutoff)
     ).all()
     requeued = []
     for job_id, owner in expired:
-        job = _end_lease(session, job_id, owner, expired_before=now)
+        job = _end_lease(session, job_id, owner, expired_before=cutoff)
         if job is None:  # it finished, failed or renewed its lease since the query
             continue
         _retry_or_fail(
@@ -263,19 +294,24 @@ def requeue_expired(
             f"lease expired (worker {owner} stopped)",
             max_attempts=max_attempts,
             backoff_seconds=backoff_seconds,
-            now=now,
+            now=now or utcnow(),
         )
         requeued.append(job_id)
     return requeued
 
 
-def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[int]:
+def requeue_owned_by(session: Session, owners: set[str] | None = None, *, prefix: str | None = None) -> list[int]:
     """At start-up: running jobs of workers that no longer exist go straight back to the queue.
 
-    `owners=None` means every running job (a single node restarting owns no live workers yet).
+    A node passes `prefix`, its own identity (every owner id it hands out starts with it): only its own workers'
+    jobs are touched, never those that live workers on other nodes sharing the database are running. `owners`
+    names owners one by one; with neither, every running job (a lone node with a database of its own).
     Attempts are kept, so a job that kills its worker every time still ends up failed.
     """
-    running = session.execute(select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING)).all()
+    query = select(Job.id, Job.lease_owner).where(Job.status == JobStatus.RUNNING)
+    if prefix is not None:
+        query = query.where(Job.lease_owner.startswith(prefix, autoescape=True))
+    running = session.execute(query).all()
     requeued = []
     for job_id, owner in running:
         if owners is not None and owner not in owners:
@@ -296,7 +332,7 @@ def requeue_owned_by(session: Session, owners: set[str] | None = None) -> list[i
     return requeued
 
 
-def _end_lease(session: Session, job_id: int, owner: str | None, expired_before: datetime | None = None) -> Job | None:
+def _end_lease(session: Session, job_id: int, owner: str | None, expired_before: Any = None) -> Job | None:
     """End the lease of a job that is still running under `owner` (with `expired_before`: whose lease ran out
     before then), as one conditional UPDATE; the fresh row to finish the transition on, or None when another
     process changed the job first (completed, superseded, failed, renewed). The UPDATE also takes the database's
@@ -362,3 +398,53 @@ def study_of(session: Session, job_id: int) -> Study:
     if job is None:
         raise LookupError(f"job {job_id} does not exist")
     return job.study
+
+
+def mark_study_completed(session: Session, study: Study, *, source_count: int, at: datetime) -> bool:
+    """Record that `study` was judged complete with `source_count` source instances, only if no other scan did so
+    since `study` was read (its completion mark is unchanged): a compare-and-set, so two scans racing on one study
+    (two nodes, or two threads) judge it once. The loser's UPDATE waits for the winner's transaction and then
+    matches no row; False tells it to leave the study alone."""
+    unchanged = Study.completed_at.is_(None) if study.completed_at is None else Study.completed_at == study.completed_at
+    marked = session.execute(
+        update(Study)
+        .where(Study.id == study.id, Study.completed_instance_count == study.completed_instance_count, unchanged)
+        .values(completed_at=at, completed_instance_count=source_count)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if marked != 1:
+        return False
+    session.refresh(study)
+    return True
+
+
+def supersede_active_jobs(session: Session, study_id: int, now: datetime) -> list[Job]:
+    """Mark the study's queued or running jobs superseded (flushed: a new active job may then be inserted)."""
+    old = list(
+        session.scalars(
+            select(Job).where(Job.study_id == study_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        ).all()
+    )
+    for job in old:
+        job.status = JobStatus.SUPERSEDED
+        job.finished_at = now
+    session.flush()
+    return old
+
+
+def insert_active_job(session: Session, **values: Any) -> Job | None:
+    """Queue a new job for `values["study_id"]`; None when the study already has an active job.
+
+    The schema allows one active job per study (a partial unique index); the INSERT ... ON CONFLICT DO NOTHING
+    yields to an active job another transaction created instead of failing the whole scan.
+    """
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(Job)
+        .values(status=JobStatus.QUEUED, **values)
+        .on_conflict_do_nothing(index_elements=[Job.study_id], index_where=text(ACTIVE_JOB_SQL))
+        .returning(Job.id)
+    )
+    job_id = session.execute(statement).scalar_one_or_none()
+    return None if job_id is None else session.get(Job, job_id)

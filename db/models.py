@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -61,6 +61,9 @@ class OutboundStatus(StrEnum):
     SENT = "sent"
     DEAD = "dead"  # gave up after max attempts; `edgenode outbound retry` revives it
 
+
+# The statuses of an active job, as SQL for the partial unique index (the values of JobStatus.QUEUED and RUNNING).
+ACTIVE_JOB_SQL = "status IN ('queued', 'running')"
 
 PRIORITY_ROUTINE = 0
 PRIORITY_STAT = 10
@@ -157,7 +160,17 @@ class Job(Base):
     study: Mapped[Study] = relationship(back_populates="jobs")
     results: Mapped[list[Result]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
-    __table_args__ = (Index("ix_jobs_queue", "status", "priority", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_jobs_queue", "status", "priority", "next_attempt_at"),
+        # At most one active job per study (migration 0004): concurrent stability scans cannot both queue one.
+        Index(
+            "uq_jobs_active_study",
+            "study_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_JOB_SQL),
+            postgresql_where=text(ACTIVE_JOB_SQL),
+        ),
+    )
 
 
 class Result(Base):

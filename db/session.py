@@ -13,7 +13,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -46,10 +48,30 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+# pg_advisory_xact_lock key held while migrating: nodes starting together on an empty PostgreSQL database would
+# otherwise all create the same tables at once and all but one die. Any fixed 64-bit number ("edgenode" in ASCII).
+MIGRATION_LOCK_KEY = 0x65646765_6E6F6465
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent)."""
+    """Bring the schema to the newest Alembic revision (idempotent, safe for several processes at once).
+
+    PostgreSQL: one transaction holds an advisory lock for its whole length (DDL is transactional there), so the
+    processes migrate one after another and the later ones find the schema at head. SQLite: the same, under its
+    write lock (BEGIN IMMEDIATE; the others wait up to its busy timeout).
+    """
     cfg = alembic_config(engine)
+    with engine.connect() as connection:  # the usual case, and read-only: nothing to do
+        if set(MigrationContext.configure(connection).get_current_heads()) == set(
+            ScriptDirectory.from_config(cfg).get_heads()
+        ):
+            return
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK_KEY)))
+        elif connection.dialect.name == "sqlite":
+            # The driver runs DDL outside any transaction: take the write lock first, for the whole migration.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 

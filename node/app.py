@@ -20,6 +20,7 @@ from db.jobs import requeue_expired, requeue_owned_by
 from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
+from node.identity import node_identity
 from node.outbound import send_due
 from node.retention import run_retention
 from node.scheduler import (
@@ -146,8 +147,9 @@ class EdgeNode:
 
     def start(self) -> None:
         self.recover_spool()
-        with self.db.session() as session:  # no worker of ours is alive yet: their jobs go back to the queue
-            requeued = requeue_owned_by(session)
+        # No worker of ours is alive yet: the jobs our earlier workers held go back to the queue; other nodes' stay.
+        with self.db.session() as session:
+            requeued = requeue_owned_by(session, prefix=node_identity(self.settings.data_dir) + "/")
         if requeued:
             log.warning("jobs %s were running when the node stopped; back in the queue", requeued)
         try:

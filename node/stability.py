@@ -4,7 +4,9 @@ or forced `max_wait_seconds` after the first instance of the current receiving e
 On completion the first matching routing rule creates a queued inference job (STAT when the rule
 or the study says so); a study that grew after an earlier completion gets a new job, and its
 queued/running job is superseded. The node's own results (SEG/SC/SR sent back) never count.
-The scan holds the ingest write lock, so no instance commit interleaves with a decision.
+The scan holds the ingest write lock, so no instance commit interleaves with a decision. Scans on several
+nodes (or threads) are safe too: the completion mark is a compare-and-set, and the schema allows one active job
+per study.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from db.audit import record_audit
-from db.ingest import IngestIndex, PendingStudy, active_jobs, pending_studies
-from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEventType, Job, JobStatus, StudyStatus, utcnow
+from db.ingest import IngestIndex, PendingStudy, pending_studies
+from db.jobs import insert_active_job, mark_study_completed, supersede_active_jobs
+from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEventType, Job, StudyStatus, utcnow
 from db.session import Database
 from node.config import Priority, Settings
 from node.routing import select_rule
@@ -64,8 +67,10 @@ class StabilityScanner:
         grew = study.completed_at is not None and study.completed_instance_count > 0
         # The completion mark is real time taken under the ingest lock, so every instance committed
         # after this scan is later than it ("grew"), even when `now` is a simulated future time.
-        study.completed_at = min(now, utcnow())
-        study.completed_instance_count = pending.source_count
+        # Another scan (another node) may have judged the study since we read it: then it is that scan's.
+        if not mark_study_completed(session, study, source_count=pending.source_count, at=min(now, utcnow())):
+            log.info("study %s was completed by a concurrent scan", study.study_instance_uid)
+            return None
         record_audit(
             session,
             AuditEventType.STUDY_COMPLETE,
@@ -81,9 +86,10 @@ class StabilityScanner:
             log.info("study %s complete (%s), no routing rule matched", study.study_instance_uid, why)
             return None
         stat = rule.priority == Priority.STAT or study.priority >= PRIORITY_STAT
-        job = Job(
+        superseded = supersede_active_jobs(session, study.id, now)  # first: one active job per study
+        job = insert_active_job(
+            session,
             study_id=study.id,
-            status=JobStatus.QUEUED,
             priority=PRIORITY_STAT if stat else PRIORITY_ROUTINE,
             rule=rule.name,
             destination_ae=rule.destination or study.calling_ae,
@@ -91,14 +97,11 @@ class StabilityScanner:
             next_attempt_at=now,
             created_at=now,
         )
-        session.add(job)
-        session.flush()
-        for old in active_jobs(session, study.id):
-            if old.id == job.id:
-                continue
-            old.status = JobStatus.SUPERSEDED
+        if job is None:
+            log.warning("study %s already has an active job: none created", study.study_instance_uid)
+            return None
+        for old in superseded:
             old.superseded_by = job.id
-            old.finished_at = now
             record_audit(
                 session,
                 AuditEventType.JOB_SUPERSEDED,

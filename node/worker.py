@@ -27,6 +27,7 @@ from db.jobs import ClaimedJob, LeaseLost, claim_next_job, complete_job, defer_j
 from db.models import AuditEventType, Instance, Series
 from db.session import Database
 from node.config import InferenceSettings, RoutingRule, Settings
+from node.identity import node_identity, worker_owner
 from node.inference_server import triton_endpoint
 from node.parent_watch import ParentWatch
 from node.spool import Spool
@@ -507,10 +508,11 @@ class WorkerSupervisor:
         self._generation = 0
         self._started_at: dict[str, float] = {}
         self._wake = self._ctx.Event()  # set by wake(): new jobs; every worker process shares it
+        self.identity = node_identity(settings.data_dir)  # prefixes its workers' lease owner ids
 
     def _spawn(self, slot: int) -> None:
         self._generation += 1
-        owner = f"worker-{os.getpid()}-{slot}.{self._generation}"
+        owner = worker_owner(self.identity, slot, self._generation)
         proc = self._ctx.Process(
             target=worker_main, args=(self.settings.model_dump_json(), owner, self._wake), name=owner
         )

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The throwaway PostgreSQL server and the `database_url` fixture (SQLite and PostgreSQL).
+pytest_plugins = ["tests.postgres"]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # dcmtk's tools by absolute path: pynetdicom installs same-named scripts into the venv's bin.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -14,8 +13,8 @@ from db.session import Database
 
 
 @pytest.fixture
-def index(tmp_path: Path) -> IngestIndex:
-    return IngestIndex(Database(f"sqlite:///{tmp_path / 'edgenode.db'}"))
+def index(database_url: str) -> IngestIndex:
+    return IngestIndex(Database(database_url))
 
 
 def record(sop: str, series: str = "1.2.3.1", study: str = "1.2.3", **kw: object) -> InstanceRecord:

@@ -1,4 +1,4 @@
-"""The job queue on a real SQLite file: ordering, leases, retries, and concurrent claimers in real processes."""
+"""The job queue on SQLite and PostgreSQL: ordering, leases, retries, and concurrent claimers in real processes."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEvent, Job, JobStatu
 from db.session import Database
 
 
-def _db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'edgenode.db'}")
+def _db(database_url: str) -> Database:
+    return Database(database_url)
 
 
 def _add_job(db: Database, uid: str, priority: int = PRIORITY_ROUTINE, age_s: float = 0.0) -> int:
@@ -37,8 +37,8 @@ def _add_job(db: Database, uid: str, priority: int = PRIORITY_ROUTINE, age_s: fl
         return job.id
 
 
-def test_stat_first_then_oldest(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_stat_first_then_oldest(database_url: str) -> None:
+    db = _db(database_url)
     old_routine = _add_job(db, "1.1", age_s=100)
     new_routine = _add_job(db, "1.2", age_s=10)
     stat = _add_job(db, "1.3", PRIORITY_STAT, age_s=1)
@@ -53,8 +53,8 @@ def test_stat_first_then_oldest(tmp_path: Path) -> None:
         assert claim_next_job(s, "w1", 60) is None
 
 
-def test_complete_only_by_owner_and_study_done(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_complete_only_by_owner_and_study_done(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "2.1")
     with db.session() as s:
         claim_next_job(s, "w1", 60)
@@ -70,8 +70,8 @@ def test_complete_only_by_owner_and_study_done(tmp_path: Path) -> None:
         assert events == ["job.started", "job.done"]
 
 
-def test_failures_back_off_then_give_up(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_failures_back_off_then_give_up(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "3.1")
     now = utcnow()
     with db.session() as s:
@@ -88,8 +88,8 @@ def test_failures_back_off_then_give_up(tmp_path: Path) -> None:
         assert job.study.status == StudyStatus.FAILED
 
 
-def test_dead_worker_lease_expires_and_job_is_requeued(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_dead_worker_lease_expires_and_job_is_requeued(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "4.1")
     now = utcnow()
     with db.session() as s:
@@ -103,8 +103,8 @@ def test_dead_worker_lease_expires_and_job_is_requeued(tmp_path: Path) -> None:
         assert claimed is not None and claimed.id == job_id and claimed.attempts == 2
 
 
-def test_restart_requeues_running_jobs(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_restart_requeues_running_jobs(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "5.1")
     with db.session() as s:
         claim_next_job(s, "w-before-crash", 600)
@@ -126,8 +126,8 @@ def _claim_all(url: str, owner: str, out: multiprocessing.Queue) -> None:
     out.put(claimed)
 
 
-def test_concurrent_workers_never_claim_the_same_job(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_concurrent_workers_never_claim_the_same_job(database_url: str) -> None:
+    db = _db(database_url)
     ids = {_add_job(db, f"6.{n}") for n in range(40)}
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue = ctx.Queue()
@@ -262,8 +262,8 @@ def _just_before_the_first_update(session, change) -> None:  # type: ignore[no-u
             change()
 
 
-def test_a_failure_reported_after_the_job_was_superseded_does_not_requeue_it(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_a_failure_reported_after_the_job_was_superseded_does_not_requeue_it(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "1.2.1")
     with db.session() as s:
         claim_next_job(s, "w1", 60)
@@ -280,8 +280,8 @@ def test_a_failure_reported_after_the_job_was_superseded_does_not_requeue_it(tmp
         assert s.get(Job, job_id).status == JobStatus.SUPERSEDED
 
 
-def test_a_job_completed_while_its_expired_lease_is_requeued_stays_done(tmp_path: Path) -> None:
-    db = _db(tmp_path)
+def test_a_job_completed_while_its_expired_lease_is_requeued_stays_done(database_url: str) -> None:
+    db = _db(database_url)
     job_id = _add_job(db, "1.2.2")
     with db.session() as s:
         claim_next_job(s, "w1", 1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -13,14 +11,14 @@ from db.models import Base, Job, JobDuration, JobStatus, Study
 from db.session import Database, alembic_config, make_engine
 
 
-def test_migrations_and_models_agree(tmp_path: Path) -> None:
-    db = Database(f"sqlite:///{tmp_path / 'edgenode.db'}")
+def test_migrations_and_models_agree(database_url: str) -> None:
+    db = Database(database_url)
     with db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
 
 
-def test_upgrading_copies_finished_jobs_into_job_durations(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'edgenode.db'}"
+def test_upgrading_copies_finished_jobs_into_job_durations(database_url: str) -> None:
+    url = database_url
     engine = make_engine(url)
     config = alembic_config(engine)
     with engine.begin() as conn:  # a database as the first release left it

@@ -20,8 +20,10 @@ from tests.opsdata import record_inference_outcome, record_received_study
 
 
 @pytest.fixture
-def env(tmp_path: Path):
-    settings = load_settings(None, node={"data_dir": str(tmp_path)}, retention={"days": 30})
+def env(tmp_path: Path, database_url: str):
+    settings = load_settings(
+        None, node={"data_dir": str(tmp_path)}, retention={"days": 30}, database={"url": database_url}
+    )
     db = Database(settings.database_url)
     yield settings, db
     db.dispose()

@@ -70,11 +70,12 @@ def quiet_time(node: EdgeNode, uid: str, factor: float = 1.5) -> object:
 
 
 @pytest.fixture
-def node(tmp_path: Path):  # type: ignore[no-untyped-def]
+def node(tmp_path: Path, database_url: str):  # type: ignore[no-untyped-def]
     # The scheduler's own scans are off (slowed right down, no wake-up at quiet end): the tests call scan() with
     # an explicit time.
     settings = node_settings(
         tmp_path / "var",
+        database={"url": database_url},
         stability={
             "stable_seconds": STABLE,
             "max_wait_seconds": STABLE,

@@ -20,8 +20,8 @@ from tests.opsdata import record_inference_outcome, record_received_study
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    database = Database(f"sqlite:///{tmp_path / 'edgenode.db'}")
+def db(database_url: str) -> Database:
+    database = Database(database_url)
     yield database
     database.dispose()
 

@@ -1,0 +1,279 @@
+"""Several nodes on one database: migrations at once, concurrent claimers, leases on the database's clock, start-up
+recovery of only this node's jobs, one active job per study and concurrent stability scans, the append-only audit
+trail and downgrade. Each runs on SQLite and on a real PostgreSQL server (tests/postgres.py) unless it says why not.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import event, func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from db.audit import record_audit
+from db.clock import db_utcnow
+from db.ingest import IngestIndex, InstanceRecord
+from db.jobs import claim_next_job, requeue_expired, requeue_owned_by
+from db.models import AuditEvent, AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
+from db.session import Database, alembic_config, make_engine
+from node.config import load_settings
+from node.identity import node_identity, worker_owner
+from node.stability import StabilityScanner
+
+
+def _add_job(db: Database, uid: str) -> int:
+    with db.session() as s:
+        study = Study(study_instance_uid=uid, patient_id="P", status=StudyStatus.QUEUED)
+        s.add(study)
+        s.flush()
+        job = Job(study_id=study.id)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+# ---- migrations --------------------------------------------------------------------------------------------------
+
+
+def _open(url: str, out: multiprocessing.Queue) -> None:
+    try:
+        Database(url).dispose()
+        out.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which names it
+        out.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_starting_together_on_an_empty_database_all_migrate(database_url: str) -> None:
+    """Without the migration lock the second of two nodes on PostgreSQL died with UniqueViolation (3 of 3 tries)."""
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()
+    procs = [ctx.Process(target=_open, args=(database_url, out)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    outcomes = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    assert outcomes == ["ok"] * 4
+    db = Database(database_url, run_migrations=False)
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 1
+
+
+def test_downgrade_to_nothing_and_upgrade_again(database_url: str) -> None:
+    """PostgreSQL's downgrade failed on DROP TRIGGER without ON <table>."""
+    db = Database(database_url)
+    _add_job(db, "1.1")
+    config = alembic_config(db.engine)
+    with db.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "base")
+    with db.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar_one() == 0
+    db.dispose()
+    db = Database(database_url)
+    _add_job(db, "1.1")  # the tables are back, empty
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_the_audit_trail_is_append_only(database_url: str) -> None:
+    db = Database(database_url)
+    with db.session() as s:
+        record_audit(s, AuditEventType.NODE_STARTED, detail="first")
+    for statement in ("UPDATE audit_events SET detail = 'rewritten'", "DELETE FROM audit_events"):
+        with pytest.raises(DBAPIError, match="append-only"), db.engine.begin() as conn:
+            conn.execute(text(statement))
+    with db.session() as s:
+        assert s.scalars(select(AuditEvent.detail)).all() == ["first"]
+
+
+def test_upgrading_keeps_only_the_newest_active_job_of_a_study(database_url: str) -> None:
+    """A database from before the one-active-job index, with the duplicate the racing scans made."""
+    engine = make_engine(database_url)
+    config = alembic_config(engine)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+    with engine.begin() as conn:
+        conn.execute(Study.__table__.insert().values(id=1, study_instance_uid="2.1"))
+        conn.execute(
+            Job.__table__.insert(),
+            [{"id": n, "study_id": 1, "status": JobStatus.QUEUED, "timings": {}} for n in (1, 2)],
+        )
+    engine.dispose()
+    db = Database(database_url)
+    with db.session() as s:
+        rows = s.execute(select(Job.id, Job.status, Job.superseded_by).order_by(Job.id)).all()
+    assert rows == [(1, JobStatus.SUPERSEDED, 2), (2, JobStatus.QUEUED, None)]
+
+
+def test_the_schema_refuses_a_second_active_job_for_a_study(database_url: str) -> None:
+    db = Database(database_url)
+    _add_job(db, "3.1")
+    with pytest.raises(IntegrityError), db.session() as s:
+        s.add(Job(study_id=1))
+    with db.session() as s:  # a finished job and a new active one are fine
+        s.execute(Job.__table__.update().values(status=JobStatus.DONE))
+        s.add(Job(study_id=1))
+    with db.session() as s:
+        assert sorted(s.scalars(select(Job.status)).all()) == [JobStatus.DONE, JobStatus.QUEUED]
+
+
+# ---- claims and leases -------------------------------------------------------------------------------------------
+
+
+def test_four_concurrent_claimers_never_see_an_empty_queue_while_jobs_are_queued(database_url: str) -> None:
+    """Each claimer takes jobs until it is told the queue is empty: that may only happen once every job is taken.
+    On PostgreSQL the old top-five-then-conditional-UPDATE claim gave up with ~290 of 400 jobs still queued."""
+    db = Database(database_url)
+    total = 120
+    with db.session() as s:
+        studies = [Study(study_instance_uid=f"4.{n}", patient_id="P") for n in range(total)]
+        s.add_all(studies)
+        s.flush()
+        s.add_all([Job(study_id=study.id) for study in studies])
+    claimed: dict[str, list[int]] = {}
+    queued_when_empty: list[int] = []
+    start = threading.Barrier(4)
+
+    def claimer(owner: str) -> None:
+        mine = claimed.setdefault(owner, [])
+        start.wait()
+        while True:
+            with db.session() as s:
+                job = claim_next_job(s, owner, 60)
+            if job is None:
+                with db.session() as s:  # queued jobs no other claimer is taking at this moment (row-locked)
+                    free = select(Job.id).where(Job.status == JobStatus.QUEUED).with_for_update(skip_locked=True)
+                    queued_when_empty.append(s.scalar(select(func.count()).select_from(free.subquery())))
+                return
+            mine.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(f"w{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    every = sorted(job_id for ids in claimed.values() for job_id in ids)
+    assert every == list(range(1, total + 1))  # each job exactly once
+    assert queued_when_empty == [0, 0, 0, 0]
+
+
+def test_leases_are_set_and_judged_on_the_database_clock(database_url: str) -> None:
+    db = Database(database_url)
+    short, long = _add_job(db, "5.1"), _add_job(db, "5.2")
+    with db.session() as s:
+        assert claim_next_job(s, "w-short", -5).id == short  # a lease that ran out 5 s ago on the database's clock
+        assert claim_next_job(s, "w-long", 600).id == long
+    with db.session() as s:
+        started, expires, db_now = s.execute(
+            select(Job.started_at, Job.lease_expires_at, db_utcnow()).where(Job.id == long)
+        ).one()
+        assert requeue_expired(s, max_attempts=3, backoff_seconds=0) == [short]  # judged by the database too
+    assert expires - started == timedelta(seconds=600)  # both from one reading of the database's clock
+    assert timedelta(0) <= db_now - started < timedelta(minutes=5)
+
+
+def test_claim_times_come_from_the_database_server(postgres_url: str) -> None:
+    """PostgreSQL's now() is the transaction's start: a claim inside a transaction stamps exactly that time,
+    which no clock on the node could reproduce."""
+    db = Database(postgres_url)
+    job_id = _add_job(db, "6.1")
+    with db.session() as s:
+        server_now = s.scalar(text("SELECT now() AT TIME ZONE 'utc'"))
+        claim_next_job(s, "w1", 60)
+        started, heartbeat = s.execute(select(Job.started_at, Job.heartbeat_at).where(Job.id == job_id)).one()
+    assert started.replace(tzinfo=None) == server_now == heartbeat.replace(tzinfo=None)
+
+
+# ---- owners and start-up recovery --------------------------------------------------------------------------------
+
+
+def test_owner_ids_carry_the_node_identity_which_survives_a_restart(tmp_path: Path) -> None:
+    identity = node_identity(tmp_path / "a")
+    assert node_identity(tmp_path / "a") == identity  # a restart keeps it
+    assert node_identity(tmp_path / "b") != identity  # another node on the same host (or a clone) differs
+    owner = worker_owner(identity, 3, 7)
+    assert owner.startswith(identity + "/") and owner.endswith("-3.7") and len(owner) <= 64
+
+
+def test_start_up_recovery_requeues_only_this_nodes_jobs(database_url: str, tmp_path: Path) -> None:
+    db = Database(database_url)
+    mine, theirs = _add_job(db, "7.1"), _add_job(db, "7.2")
+    here, there = node_identity(tmp_path / "here"), node_identity(tmp_path / "there")
+    with db.session() as s:
+        claim_next_job(s, worker_owner(here, 0, 1), 600)
+        claim_next_job(s, worker_owner(there, 0, 1), 600)
+    with db.session() as s:
+        assert requeue_owned_by(s, prefix=here + "/") == [mine]
+    with db.session() as s:
+        status = dict(s.execute(select(Job.id, Job.status)).all())
+    assert status == {mine: JobStatus.QUEUED, theirs: JobStatus.RUNNING}
+
+
+# ---- concurrent stability scans ----------------------------------------------------------------------------------
+
+
+def _receive_study(db: Database, uid: str, received_hours_ago: float) -> None:
+    index = IngestIndex(db)
+    for n in range(3):
+        index.add_instance(
+            InstanceRecord(
+                study_instance_uid=uid,
+                series_instance_uid=uid + ".1",
+                sop_instance_uid=f"{uid}.1.{n}",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=f"{uid}/{n}.dcm",
+                size_bytes=1,
+                sha256="0" * 64,
+                calling_ae="PACS",
+                modality="CT",
+            )
+        )
+    with db.session() as s:
+        s.execute(Study.__table__.update().values(last_received_at=utcnow() - timedelta(hours=received_hours_ago)))
+
+
+def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: str, tmp_path: Path) -> None:
+    """Two nodes' scans both read the study as due before either writes (a lock held by the test makes their writes
+    wait): the one that writes second must see the first's decision. Before, this made two jobs every time."""
+    settings = load_settings(None, node={"data_dir": str(tmp_path)}, database={"url": database_url})
+    _receive_study(Database(database_url), "8.1", received_hours_ago=1)
+    blocker = make_engine(database_url)
+    scanners, about_to_write = [], []
+    for _ in range(2):  # two nodes: their own engines and ingest indexes
+        db = Database(database_url, run_migrations=False)
+        writing = threading.Event()
+
+        def note_write(_conn, _cursor, statement, *_args, writing=writing) -> None:  # type: ignore[no-untyped-def]
+            if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
+                writing.set()
+
+        event.listen(db.engine, "before_cursor_execute", note_write)
+        scanners.append(StabilityScanner(settings, db, IngestIndex(db)))
+        about_to_write.append(writing)
+    created: list[list[int]] = []
+    with blocker.connect() as conn:
+        if blocker.dialect.name == "postgresql":
+            conn.execute(text("SELECT id FROM studies FOR UPDATE"))  # their UPDATE of the study waits for us
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # SQLite: the write lock; readers still read
+        threads = [threading.Thread(target=lambda sc=sc: created.append(sc.scan())) for sc in scanners]
+        for t in threads:
+            t.start()
+        for writing in about_to_write:
+            assert writing.wait(timeout=60), "a scan never reached its write"
+        conn.rollback()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(len(ids) for ids in created) == [0, 1]
+    with scanners[0].db.session() as s:
+        assert s.execute(select(Job.status)).scalars().all() == [JobStatus.QUEUED]
+        kinds = s.scalars(select(AuditEvent.event_type).where(AuditEvent.study_instance_uid == "8.1")).all()
+    assert kinds.count(AuditEventType.STUDY_COMPLETE) == 1 and kinds.count(AuditEventType.JOB_CREATED) == 1
