@@ -1,9 +1,11 @@
 """Pick the fastest correct backend this machine offers, and say why.
 
-Order on a GPU: TensorRT > torch with CUDA graphs > torch CUDA eager. On a CPU: ONNX Runtime or
-torch eager (fp32), either by the static preference measured in benchmarks/engines.py or by a short
-probe that times both on one batch. `[inference] backend` / `device` / `precision` override the
-choice; a requested backend that cannot run here is an error that says why, never a silent fallback.
+Order on a GPU: TensorRT > torch with CUDA graphs > torch CUDA eager. On a CPU: a short measured probe
+(engines/probe.py) over torch fp32/bf16, ONNX Runtime fp32 and OpenVINO fp32/bf16 picks the fastest
+candidate that passes the accuracy guard, cached per machine in the engine cache; without a probe the
+static preference measured in benchmarks/engines.py. `[inference] backend` / `device` / `precision`
+override the choice (a forced backend or precision only narrows the probe's candidates; both forced:
+no probe); a requested backend that cannot run here is an error that says why, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from torch import nn
 
 from engines.base import Denoiser
 from engines.onnx_export import Exporter, OnnxModel, cached_onnx
+from engines.openvino_backend import OpenVinoDenoiser, openvino_precisions, openvino_version
 from engines.ort_backend import OrtDenoiser, ort_providers
+from engines.probe import Candidate, ProbeRecord, cpu_candidates, probe_cpu
 from engines.tensorrt_backend import TensorRTDenoiser, tensorrt_version
 from engines.torch_backend import TorchDenoiser
 from engines.triton_backend import TritonDenoiser, TritonEndpoint, TritonUnavailable, tritonclient_version
@@ -27,9 +31,10 @@ from inference.unet import ModelInfo, load_model
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime", "openvino", "tensorrt")
 # Backends that run the U-Net elsewhere: never chosen by "auto" (they need an endpoint), only by name.
 REMOTE_BACKENDS = ("triton",)
+PROBE_MODES = ("cached", "force", "off")
 # CPU preference without a probe, from benchmarks/RESULTS.md (## Engines): ONNX Runtime's fused
 # GroupNorm + conv graph beats torch eager on the `small` preset at every batch size measured.
 CPU_DEFAULT_BACKEND = "onnxruntime"
@@ -68,7 +73,8 @@ class Plan:
 class Selection:
     denoiser: Denoiser
     plan: Plan
-    reason: str  # the plan's reason, plus the probe's timings when one ran
+    reason: str  # the plan's reason, plus the probe's outcome when one ran
+    probe: ProbeRecord | None = None  # the probe's table (measured now or read from the cache)
 
 
 def backend_statuses() -> list[BackendStatus]:
@@ -78,6 +84,7 @@ def backend_statuses() -> list[BackendStatus]:
     no_gpu = "torch sees no CUDA GPU"
     providers = ort_providers()
     trt = tensorrt_version()
+    ov = openvino_version()
     return [
         BackendStatus("torch-cpu", True, f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
         BackendStatus("torch-cuda", cuda, gpu or no_gpu),
@@ -91,6 +98,11 @@ def backend_statuses() -> list[BackendStatus]:
             "onnxruntime-cuda",
             cuda and "CUDAExecutionProvider" in providers,
             "CUDAExecutionProvider" if "CUDAExecutionProvider" in providers else "no CUDAExecutionProvider",
+        ),
+        BackendStatus(
+            "openvino-cpu",
+            ov is not None,
+            f"OpenVINO {ov}, {'/'.join(openvino_precisions())} on this CPU" if ov else "openvino not installed",
         ),
         BackendStatus(
             "tensorrt",
@@ -116,7 +128,7 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if backend not in ("auto", *BACKENDS, *REMOTE_BACKENDS):
-        raise ValueError(f"backend must be auto, torch, onnxruntime, tensorrt or triton, got {backend!r}")
+        raise ValueError(f"backend must be auto, {', '.join((*BACKENDS, *REMOTE_BACKENDS))}, got {backend!r}")
     if precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {precision!r}")
     cuda = torch.cuda.is_available()
@@ -124,7 +136,11 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
         raise BackendUnavailable("[inference] device = 'cuda' but torch sees no CUDA GPU; set device = 'auto' or 'cpu'")
     if backend == "tensorrt" and device == "cpu":
         raise BackendUnavailable("[inference] backend = 'tensorrt' needs device 'cuda' (or 'auto' on a GPU machine)")
-    if device == "auto":
+    if backend == "openvino" and device == "cuda":
+        raise BackendUnavailable("[inference] backend = 'openvino' runs on the CPU; set device = 'cpu' or 'auto'")
+    if backend == "openvino" and device == "auto":
+        device, why_device = "cpu", "OpenVINO runs on the CPU"
+    elif device == "auto":
         device = "cuda" if cuda else "cpu"
         why_device = "a CUDA GPU is visible" if cuda else "no CUDA GPU is visible"
     else:
@@ -140,11 +156,13 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
                 backend, reason = "torch", "bf16 requested: torch with CUDA graphs (TensorRT builds fp16/fp32)"
             else:
                 backend, reason = "torch", "TensorRT is not installed; torch with CUDA graphs is next fastest"
+        elif precision == "bf16" and "bf16" in openvino_precisions():
+            backend, reason = "openvino", "bf16 requested: OpenVINO runs it natively on this CPU"
         elif precision not in ("auto", "fp32"):
-            backend, reason = "torch", f"{precision} requested: only torch runs it on a CPU"
+            backend, reason = "torch", f"{precision} requested: torch runs it on this CPU"
         else:
             backend = CPU_DEFAULT_BACKEND if _available("onnxruntime-cpu").available else "torch"
-            reason = f"CPU preference {backend} (measured in benchmarks/engines.py)"
+            reason = f"CPU preference {backend} without a probe (measured in benchmarks/engines.py)"
     else:
         status = _available(f"{backend}-{device}" if backend != "tensorrt" else "tensorrt")
         if not status.available:
@@ -165,6 +183,11 @@ def plan_backend(device: str = "auto", backend: str = "auto", precision: str = "
         raise BackendUnavailable("[inference] precision = 'fp16' is not supported on the CPU; use fp32")
     if backend == "onnxruntime" and precision != "fp32":
         raise BackendUnavailable("the onnxruntime backend runs the fp32 export only; set precision = 'fp32'")
+    if backend == "openvino" and precision not in openvino_precisions():
+        raise BackendUnavailable(
+            f"[inference] precision = {precision!r}: OpenVINO runs {'/'.join(openvino_precisions())} on this CPU "
+            "(bf16 needs AVX512-BF16 or AMX); set precision = 'fp32' or 'auto'"
+        )
     if backend == "tensorrt" and precision == "bf16":
         raise BackendUnavailable("the tensorrt backend builds fp16 or fp32 engines; set precision = 'fp16'")
     cuda_graphs = backend == "torch" and device == "cuda"
@@ -258,6 +281,10 @@ def build_denoiser(
         with tempfile.TemporaryDirectory(prefix="edgenode-engines-") as tmp:
             return build_denoiser(plan, model, info, max_batch, Path(tmp), threads, micro_batch, exporter)
     onnx_model = _onnx(model, info, cache_dir, exporter)
+    if plan.backend == "openvino":
+        return OpenVinoDenoiser(
+            onnx_model, cache_dir, plan.precision, max_batch=max_batch, threads=threads, micro_batch=micro_batch
+        )
     if plan.backend == "onnxruntime":
         if plan.device != "cpu":
             return OrtDenoiser(onnx_model, device=plan.device, max_batch=max_batch, threads=threads)
@@ -307,31 +334,47 @@ def select(
     precision: str = "auto",
     max_batch: int = 28,
     cache_dir: Path | None = None,
-    probe: bool = False,
+    probe: str = "cached",
     threads: int | None = None,
     micro_batch: int | None = None,
     exporter: Exporter = "dynamo",
     triton: TritonEndpoint | None = None,
 ) -> Selection:
-    """Plan, load and build the denoiser; with probe=True on a CPU (backend auto), time both backends."""
+    """Plan, load and build the denoiser.
+
+    On a CPU with backend or precision "auto", `probe` "cached" (the default) reuses the probe's cached
+    outcome for this model and machine and probes when there is none, "force" probes again, "off" takes
+    the static preference.
+    """
+    if probe not in PROBE_MODES:
+        raise ValueError(f"probe must be one of {', '.join(PROBE_MODES)}, got {probe!r}")
     plan = plan_backend(device, backend, precision)
     model, info = load_source(source)
-    denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter, triton)
-    reason = plan.reason
-    if probe and backend == "auto" and plan.device == "cpu" and _available("onnxruntime-cpu").available:
-        other_backend = "torch" if plan.backend == "onnxruntime" else "onnxruntime"
-        other_plan = Plan(other_backend, "cpu", "fp32", False, f"faster in a probe on {max_batch} images")
-        other = build_denoiser(other_plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter)
-        size = info.config.image_size
-        mine, theirs = time_call(denoiser, max_batch, size), time_call(other, max_batch, size)
-        timings = f"probe: {plan.backend} {mine:.3f} s, {other_backend} {theirs:.3f} s per {max_batch}-image call"
-        if theirs < mine:
-            plan, denoiser = other_plan, other
-            reason = f"{other_backend} was faster; {timings}"
-        else:
-            reason = f"{plan.backend} was faster; {timings}"
-    log.info("U-Net backend: %s for %s; %s", denoiser.name, info.model_id, reason)
-    return Selection(denoiser, plan, reason)
+    candidates = cpu_candidates(backend, precision) if plan.device == "cpu" else []
+    if probe == "off" or len(candidates) < 2 or "auto" not in (backend, precision):
+        denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter, triton)
+        log.info("U-Net backend: %s for %s; %s", denoiser.name, info.model_id, plan.reason)
+        return Selection(denoiser, plan, plan.reason)
+
+    with tempfile.TemporaryDirectory(prefix="edgenode-probe-") as tmp:  # one export for every candidate
+        work_dir = cache_dir or Path(tmp)
+
+        def build(candidate: Candidate) -> Denoiser:
+            candidate_plan = Plan(candidate.backend, "cpu", candidate.precision, False, "")
+            return build_denoiser(candidate_plan, model, info, max_batch, work_dir, threads, micro_batch, exporter)
+
+        outcome = probe_cpu(info, candidates, build, max_batch, threads, cache_dir, force=probe == "force")
+    record = outcome.record
+    how = f"cached probe of {record.probed_at}" if outcome.cached else f"probe ({record.probe_s:.1f} s)"
+    reason = (
+        f"{record.chosen}: the fastest of {len(record.rows)} CPU candidates that passed the accuracy guard "
+        f"({how}); precision {record.precision}"
+    )
+    plan = Plan(record.backend, "cpu", record.precision, False, reason)
+    log.info(
+        "U-Net backend: %s for %s; %s\n%s", outcome.denoiser.name, info.model_id, reason, "\n".join(record.table())
+    )
+    return Selection(outcome.denoiser, plan, reason, record)
 
 
 def select_denoiser(source: ModelSource, **kwargs: object) -> Denoiser:
