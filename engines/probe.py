@@ -4,9 +4,9 @@ Which backend and precision is fastest depends on the CPU (AMX, AVX512-BF16, VNN
 the libraries' versions, so it is measured where the node runs: every candidate this CPU can run (torch
 fp32/bf16, ONNX Runtime fp32, OpenVINO fp32/bf16) is timed on full batches, and candidates are then
 checked from the fastest down until one passes the **accuracy guard**: on a fixed set of phantom slices
-(healthy and with lesions), run through the node's own detection (`inference.pipeline.detect`) with a
-the node's default settings, its binary anomaly mask agrees with torch fp32's at Dice >= 0.98 and every slice score
-is within 2 % of torch fp32's, in the same order wherever torch fp32's scores differ by more than 2 %.
+(healthy and with lesions), run through the node's own detection (`inference.pipeline.detect`) at the
+node's default settings, its binary anomaly mask agrees with torch fp32's at Dice >= 0.98 and every slice
+score is within 2 % of torch fp32's, in the same order wherever torch fp32's scores differ by more than 2 %.
 torch fp32 is the reference and always passes; a fast candidate that changes the findings never runs.
 
 The outcome is cached in the engine cache (`probe-*.json`), keyed by the model's hash, the CPU's model

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.diffusion import LinearSchedule, q_sample
+from inference.hardware import cpu_info
 from inference.phantoms import make_ct
 from inference.simplex import NoiseSource, splitmix64
 from inference.unet import PRESETS, UNet, UNetConfig, save_model
@@ -58,7 +59,7 @@ class TrainConfig:
     intensity_jitter: float = 0.0  # augmentation: random gain 1 +- j and offset +- j (in [-1, 1] units)
     flip: bool = False  # left-right flips: off for chests (the heart is on the left)
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast where there are bf16 units: CUDA GPUs, CPUs with AVX512-BF16 or AMX
     time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     init_from: str = ""  # start from these weights (.safetensors: fine-tuning, e.g. on a site's healthy series)
     checkpoint_every: int = 200
@@ -177,6 +178,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast where the hardware computes it natively; on a CPU without bf16 units it would be
+    emulated, slower than fp32, so that CPU trains in fp32."""
+    return cfg.amp and (device.type == "cuda" or (device.type == "cpu" and cpu_info().bf16_units))
+
+
 @dataclass
 class TrainResult:
     model: UNet  # the EMA weights
@@ -184,6 +191,7 @@ class TrainResult:
     steps_done: int
     wall_s: float
     pool_source: str
+    precision: str = "fp32"  # "bf16": autocast (weights, optimiser and loss stay fp32)
 
 
 def train(
@@ -240,7 +248,8 @@ def train(
         torch.save(state, tmp)
         tmp.replace(checkpoint)
 
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = uses_bf16(cfg, device)
+    log.info("training on %s in %s", device, "bf16 autocast" if use_amp else "fp32")
     t0 = time.monotonic()
     data = batches(pool, cfg, step)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
@@ -287,7 +296,8 @@ def train(
     bar.close()
     save_checkpoint()
     ema.eval()
-    return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source)
+    precision = "bf16" if use_amp else "fp32"
+    return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source, precision)
 
 
 def _initial_weights(path: Path, unet_cfg: UNetConfig) -> UNet:
@@ -315,6 +325,7 @@ def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:
         "data": result.pool_source,
         "data_seed": cfg.seed,
         "wall_time_s": round(result.wall_s, 1),
+        "precision": result.precision,
         "final_loss_mean50": round(float(np.mean(result.losses[-50:])), 5) if result.losses else None,
         "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()}'}",

@@ -131,7 +131,7 @@ SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.Pipel
 
 class InferenceSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = "auto"  # triton: see [triton]
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt", "triton"] = "auto"  # triton: see [triton]
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     ensemble: int = Field(7, ge=1, le=64)
     model: str = "bundled"  # "bundled" or a path to a .safetensors file

@@ -70,3 +70,22 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
     assert np.mean(tuned.losses) < 0.7 * np.mean(fresh.losses)
     with pytest.raises(ValueError, match="architecture"):
         train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)
+
+
+def test_bf16_autocast_loss_tracks_fp32() -> None:
+    """Where the hardware has bf16 units, training runs in bf16 autocast; its loss follows the fp32 run's."""
+    import pytest
+
+    from inference.hardware import cpu_info
+
+    if not cpu_info().bf16_units:
+        pytest.skip("this CPU has no bf16 units: training stays fp32 here")
+    pool = phantom_slices(seed=1, subjects=2, size=64, slices=6, grid=32)
+    fp32 = train(tiny_config(steps=12, amp=False, device="cpu"), pool=pool, progress=False)
+    bf16 = train(tiny_config(steps=12, amp=True, device="cpu"), pool=pool, progress=False)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    a, b = np.array(fp32.losses), np.array(bf16.losses)
+    assert not np.array_equal(a, b)  # really computed in another precision
+    rel = np.abs(b - a) / a
+    assert rel.max() < 0.05, rel  # step by step, same data and noise: within 5 %
+    assert abs(b.mean() - a.mean()) / a.mean() < 0.02, (a.mean(), b.mean())

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="dynamo",
         help="ONNX exporter (dynamo: opset 21 GroupNormalization; torchscript: opset 17, faster export)",
     )
-    parser.add_argument("--probe", action="store_true", help="info: load the model and time the CPU backends")
+    parser.add_argument(
+        "--probe", action="store_true", help="info: probe the CPU backends again now (timing + accuracy guard)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per core)")
     parser.add_argument(
         "--triton-repo",
@@ -57,13 +59,19 @@ def _cache_lines(cache: Path) -> list[str]:
         return [f"  (empty: {cache} does not exist; run `edgenode engine build`)"]
     lines = []
     for path in sorted(cache.iterdir()):
-        if path.suffix not in (".onnx", ".plan"):
+        if path.suffix not in (".onnx", ".plan", ".blob"):
             continue
         meta_path = path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         size_mb = path.stat().st_size / 1e6
         if path.suffix == ".onnx":
             what = f"ONNX {meta.get('exporter', '?')} opset {meta.get('opset', '?')}, model {meta.get('model_id', '?')}"
+        elif path.suffix == ".blob":
+            what = (
+                f"OpenVINO {meta.get('openvino_version', '?')} {meta.get('precision', '?')} on "
+                f"{meta.get('cpu_model', '?')} ({' '.join(meta.get('cpu_flags', []))}), "
+                f"{meta.get('streams', '?')} streams, model {meta.get('model_id', '?')}"
+            )
         else:
             what = (
                 f"TensorRT {meta.get('tensorrt_version', '?')} {meta.get('precision', '?')} on "
@@ -74,10 +82,33 @@ def _cache_lines(cache: Path) -> list[str]:
     return lines or [f"  (empty: nothing in {cache})"]
 
 
-def _info(args: argparse.Namespace, settings: Settings) -> int:
-    from engines.select import BackendUnavailable, backend_statuses, plan_backend, select
+def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The cached CPU probe for this model, machine and settings, or how to get one."""
+    from engines.probe import cpu_candidates, probe_key, read_probe
+    from engines.select import resolve_model_path
+    from inference.unet import read_model_info
 
     inf = settings.inference
+    try:
+        info = read_model_info(resolve_model_path(args.model or inf.model))
+    except FileNotFoundError as exc:
+        return [f"probe: none ({exc})"]
+    key = probe_key(info, cpu_candidates(inf.backend, inf.precision), inf.max_batch, args.threads)
+    record = read_probe(engines_dir(settings), info, key)
+    if record is None:
+        return [
+            f"probe: none cached for {info.model_id} on this machine; the first inference worker start runs it "
+            "(or `edgenode engine info --probe` now)"
+        ]
+    return [f"probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
+
+
+def _info(args: argparse.Namespace, settings: Settings) -> int:
+    from engines.select import BackendUnavailable, backend_statuses, plan_backend, select
+    from inference.hardware import cpu_info
+
+    inf = settings.inference
+    print(f"CPU: {cpu_info().describe()}")
     print("backends:")
     for status in backend_statuses():
         print(f"  {'yes' if status.available else 'no ':3}  {status.name:18} {status.detail}")
@@ -88,6 +119,7 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     print(f"chosen: {plan.backend} on {plan.device} ({plan.precision}{', CUDA graphs' if plan.cuda_graphs else ''})")
     print(f"  why: {plan.reason}")
+    probes = plan.device == "cpu" and "auto" in (inf.backend, inf.precision)
     if args.probe:
         selection = select(
             args.model or inf.model,
@@ -96,12 +128,16 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
             precision=inf.precision,
             max_batch=inf.max_batch,
             cache_dir=engines_dir(settings),
-            probe=True,
+            probe="force",
             threads=args.threads,
             exporter=args.exporter,
             triton=triton_endpoint(settings) if uses_triton(settings) else None,
         )
         print(f"probe: {selection.denoiser.name}: {selection.reason}")
+        if selection.probe is not None:
+            print("\n".join(selection.probe.table()))
+    elif probes:
+        print("\n".join(_cached_probe_lines(args, settings)))
     print(f"cache {engines_dir(settings)}:")
     print("\n".join(_cache_lines(engines_dir(settings))))
     return EXIT_OK
