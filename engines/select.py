@@ -4,8 +4,9 @@ Order on a GPU: TensorRT > torch with CUDA graphs > torch CUDA eager. On a CPU: 
 (engines/probe.py) over torch fp32/bf16, ONNX Runtime fp32 and OpenVINO fp32/bf16 picks the fastest
 candidate that passes the accuracy guard, cached per machine in the engine cache; without a probe the
 static preference measured in benchmarks/engines.py. `[inference] backend` / `device` / `precision`
-override the choice (a forced backend or precision only narrows the probe's candidates; both forced:
-no probe); a requested backend that cannot run here is an error that says why, never a silent fallback.
+override the choice (a forced backend is built as asked, no probe, fp32 unless `precision` says
+otherwise; a forced precision with backend "auto" narrows the probe's candidates to that precision); a
+requested backend that cannot run here is an error that says why, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -342,7 +343,7 @@ def select(
 ) -> Selection:
     """Plan, load and build the denoiser.
 
-    On a CPU with backend or precision "auto", `probe` "cached" (the default) reuses the probe's cached
+    On a CPU with backend "auto", `probe` "cached" (the default) reuses the probe's cached
     outcome for this model and machine and probes when there is none, "force" probes again, "off" takes
     the static preference.
     """
@@ -350,8 +351,8 @@ def select(
         raise ValueError(f"probe must be one of {', '.join(PROBE_MODES)}, got {probe!r}")
     plan = plan_backend(device, backend, precision)
     model, info = load_source(source)
-    candidates = cpu_candidates(backend, precision) if plan.device == "cpu" else []
-    if probe == "off" or len(candidates) < 2 or "auto" not in (backend, precision):
+    candidates = cpu_candidates(backend, precision) if plan.device == "cpu" and backend == "auto" else []
+    if probe == "off" or len(candidates) < 2:
         denoiser = build_denoiser(plan, model, info, max_batch, cache_dir, threads, micro_batch, exporter, triton)
         log.info("U-Net backend: %s for %s; %s", denoiser.name, info.model_id, plan.reason)
         return Selection(denoiser, plan, plan.reason)

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from engines.base import Denoiser, batch_slices, check_inputs
+from engines.openvino_backend import openvino_precisions
 from engines.ort_backend import OrtDenoiser
+from engines.probe import cpu_candidates
 from engines.select import (
     CPU_MICRO_BATCH,
     BackendUnavailable,
@@ -98,6 +100,7 @@ def test_statuses_list_every_backend() -> None:
         "torch-cuda-graphs",
         "onnxruntime-cpu",
         "onnxruntime-cuda",
+        "openvino-cpu",
         "tensorrt",
         "triton",
     }
@@ -115,8 +118,14 @@ def test_cpu_plans() -> None:
     assert (forced.backend, forced.device) == ("torch", "cpu") and "[inference] backend = 'torch'" in forced.reason
     with pytest.raises(BackendUnavailable, match="fp16"):
         plan_backend(precision="fp16")
-    bf16 = plan_backend(precision="bf16")  # auto backend: the one that can run it
-    assert (bf16.backend, bf16.precision) == ("torch", "bf16") and "only torch" in bf16.reason
+    bf16 = plan_backend(precision="bf16")  # auto backend without a probe: one that can run it
+    native = "bf16" in openvino_precisions()
+    assert (bf16.backend, bf16.precision) == ("openvino" if native else "torch", "bf16")
+    if not native:
+        with pytest.raises(BackendUnavailable, match="precision = 'bf16'.*AVX512-BF16 or AMX"):
+            plan_backend(backend="openvino", precision="bf16")
+    forced = plan_backend(backend="openvino")  # on the CPU, fp32 unless precision says otherwise
+    assert (forced.backend, forced.device, forced.precision) == ("openvino", "cpu", "fp32")
     with pytest.raises(BackendUnavailable, match="onnxruntime backend runs the fp32"):
         plan_backend(backend="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="backend must be"):
@@ -136,7 +145,7 @@ def test_model_paths_resolve_or_say_what_is_missing(tmp_path: Path, tiny) -> Non
         assert bundled.suffix == ".safetensors" and bundled.parent.name == "weights"
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_select_builds_a_correct_denoiser(backend: str, tiny, tmp_path: Path) -> None:
     model, info, path = tiny
     denoiser = select_denoiser(
@@ -161,13 +170,16 @@ def test_cpu_onnxruntime_runs_one_single_threaded_run_per_thread(tiny, tmp_path:
     assert rel_error(denoiser(x, c, t), ref) < 1e-4
 
 
-def test_probe_times_both_cpu_backends_and_logs_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
+def test_probe_times_every_cpu_candidate_and_logs_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     model, info, _ = tiny
     with caplog.at_level(logging.INFO, logger="engines.select"):
-        selection = select((model, info), device="cpu", max_batch=4, probe=True, exporter="torchscript")
-    assert "probe: " in selection.reason and "torch" in selection.reason and "onnxruntime" in selection.reason
-    assert selection.plan.backend in selection.denoiser.name
+        selection = select((model, info), device="cpu", max_batch=4, probe="force", exporter="torchscript", threads=1)
+    assert selection.probe is not None and "accuracy guard" in selection.reason
+    assert {r.candidate for r in selection.probe.rows} == {c.name for c in cpu_candidates()}
+    assert selection.plan.backend in selection.denoiser.name and selection.probe.chosen in selection.reason
     assert any("U-Net backend" in r.message and selection.reason in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="probe must be one of"):
+        select((model, info), probe="yes")
 
 
 def test_torch_cpu_bf16_autocast_returns_float32_close_to_fp32(tiny) -> None:

@@ -132,26 +132,27 @@ def perturbed_onnx(source: OnnxModel, directory: Path) -> OnnxModel:
 def test_guard_passes_real_backends_and_rejects_a_perturbed_one(tiny, exported: OnnxModel, tmp_path: Path) -> None:
     model, info, _ = tiny
     size = info.config.image_size
-    ref = guard_detection(TorchDenoiser(model, info, max_batch=28), size)
+    # One thread: torch eager on a shared 2-core machine waits at every operator's barrier with two.
+    ref = guard_detection(TorchDenoiser(model, info, max_batch=28, threads=1), size)
     assert ref.slice_scores.size == 8 and np.all(ref.slice_scores > 0)
     assert guard_verdict(ref, ref).passed
 
-    good = OpenVinoDenoiser(exported, tmp_path, "fp32", max_batch=28, threads=2)
+    good = OpenVinoDenoiser(exported, tmp_path, "fp32", max_batch=28, threads=1)
     assert guard_verdict(ref, guard_detection(good, size)).passed
 
     broken_model = perturbed_onnx(exported, tmp_path)
-    broken = OpenVinoDenoiser(broken_model, tmp_path, "fp32", max_batch=28, threads=2)
+    broken = OpenVinoDenoiser(broken_model, tmp_path, "fp32", max_batch=28, threads=1)
     verdict = guard_verdict(ref, guard_detection(broken, size))
     assert not verdict.passed and "FAIL" in verdict.describe(), verdict
 
-    # In a probe: the broken model is the only candidate besides nothing it could hide behind.
+    # In a probe (precision forced, so torch fp32 is only the reference): the broken model is never chosen.
     with pytest.raises(RuntimeError, match="no candidate passed the accuracy guard.*FAIL"):
         probe_cpu(
             info,
             [Candidate("openvino", "fp32")],
-            lambda c: broken if c.backend == "openvino" else TorchDenoiser(model, info, max_batch=28),
+            lambda c: broken if c.backend == "openvino" else TorchDenoiser(model, info, max_batch=28, threads=1),
             max_batch=28,
-            threads=2,
+            threads=1,
             cache_dir=None,
         )
 
@@ -167,7 +168,9 @@ def test_probe_is_cached_per_machine_and_model(tiny, tmp_path: Path, caplog: pyt
     cache = tmp_path / "engines"
 
     def choose(**kw: object):
-        return select((model, info), device="cpu", precision="fp32", cache_dir=cache, exporter="torchscript", **kw)
+        return select(
+            (model, info), device="cpu", precision="fp32", cache_dir=cache, exporter="torchscript", threads=1, **kw
+        )
 
     with caplog.at_level(logging.INFO, logger="engines.select"):
         first = choose(max_batch=8)
@@ -189,20 +192,20 @@ def test_probe_is_cached_per_machine_and_model(tiny, tmp_path: Path, caplog: pyt
     forced = choose(max_batch=8, probe="force")
     assert "cached" not in forced.reason and stored.stat().st_mtime_ns != written
 
-    key = probe_key(info, cpu_candidates(precision="fp32"), 8, 2)
+    key = probe_key(info, cpu_candidates(precision="fp32"), 8, 1)
     assert {"model_sha256", "cpu_model", "cpu_flags", "torch", "onnxruntime", "openvino"} <= set(key)
     other_machine = {**key, "cpu_flags": [*key["cpu_flags"], "amx_bf16"]}
     assert other_machine != key
 
 
-def test_forced_backend_and_precision_skip_the_probe(tiny, tmp_path: Path) -> None:
+def test_a_forced_backend_skips_the_probe(tiny, tmp_path: Path) -> None:
     model, info, _ = tiny
-    chosen = select(
-        (model, info), backend="openvino", precision="fp32", max_batch=4, cache_dir=tmp_path, exporter="torchscript"
-    )
+    chosen = select((model, info), backend="openvino", max_batch=4, cache_dir=tmp_path, exporter="torchscript")
     assert chosen.probe is None and chosen.denoiser.name == "openvino-cpu-fp32"
+    assert "[inference] backend = 'openvino'" in chosen.reason
     assert not list(tmp_path.glob("probe-*.json"))
-    built = build_denoiser(Plan("openvino", "cpu", "fp32", False, ""), model, info, 4, tmp_path, threads=1)
+    plan = Plan("openvino", "cpu", "fp32", False, "")
+    built = build_denoiser(plan, model, info, 4, tmp_path, threads=1, exporter="torchscript")
     x, c, t = random_batch(4, 32)
     with torch.inference_mode():
         assert rel_error(built(x, c, t), model(x, c, t)) < 1e-4

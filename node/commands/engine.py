@@ -119,7 +119,7 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_USAGE
     print(f"chosen: {plan.backend} on {plan.device} ({plan.precision}{', CUDA graphs' if plan.cuda_graphs else ''})")
     print(f"  why: {plan.reason}")
-    probes = plan.device == "cpu" and "auto" in (inf.backend, inf.precision)
+    probes = plan.device == "cpu" and inf.backend == "auto"
     if args.probe:
         selection = select(
             args.model or inf.model,
