@@ -1,10 +1,12 @@
 """U-Net backends on this machine: per-step latency, images/s, GFLOP/s and the fraction of peak.
 
 One "step" is one U-Net call on a batch (one reverse-diffusion step for K members x slices). Peak is
-measured here, in the same process, precision and thread count: the best of a large square matmul
-(fp32 on the CPU, bf16 on a GPU). FLOPs are `inference.unet.count_flops` (2 x MACs of convolutions,
-linears and attention; normalisations and activations are not counted, so the fraction is a lower
-bound on how busy the cores are).
+measured here, in the same process and thread count: a large square matmul in the precision the row's
+backend computes in (fp32, bf16 or fp16), timed right before each of its calls, so "of peak" is against
+what this machine's units can do in that precision. The fp32, bf16 and int8 matmul peaks are printed
+side by side first, with the CPU's model and flags. FLOPs are `inference.unet.count_flops` (2 x MACs of
+convolutions, linears and attention; normalisations and activations are not counted, so the fraction
+is a lower bound on how busy the cores are).
 
     PYTHONPATH=. python benchmarks/engines.py                      # small preset, batches 1 7 14 28
     PYTHONPATH=. python benchmarks/engines.py --batches 7 28 --rounds 7 --threads 2
@@ -29,17 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engines.base import Denoiser  # noqa: E402
 from engines.onnx_export import cached_onnx  # noqa: E402
+from engines.openvino_backend import openvino_precisions, openvino_version  # noqa: E402
 from engines.ort_backend import OrtDenoiser, ort_providers  # noqa: E402
 from engines.select import build_denoiser, plan_backend  # noqa: E402
 from engines.torch_backend import TorchDenoiser  # noqa: E402
+from inference.hardware import cpu_info  # noqa: E402
 from inference.unet import PRESETS, ModelInfo, UNet, count_flops  # noqa: E402
 
 DEFAULT_BATCH = 28  # [inference] max_batch default: what full pipeline calls use
 
 
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 @dataclass
 class Row:
     backend: str
+    precision: str  # what the backend computes in; its peak is a matmul in the same precision
     batch: int
     seconds: list[float]  # per call, one per round
     peaks: list[float]  # matmul GFLOP/s measured right before each of those calls
@@ -75,6 +83,7 @@ class Row:
     def cells(self) -> list[str]:
         return [
             self.backend,
+            self.precision,
             str(self.batch),
             f"{self.median_s * 1e3:.1f}",
             f"{self.spread * 100:.0f}%",
@@ -85,24 +94,50 @@ class Row:
         ]
 
 
-HEADER = ["backend", "batch", "ms/step", "spread", "images/s", "GFLOP/s", "peak GFLOP/s", "of peak"]
+HEADER = ["backend", "precision", "batch", "ms/step", "spread", "images/s", "GFLOP/s", "peak GFLOP/s", "of peak"]
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 3) -> float:
-    """Best GFLOP/s of a size x size matmul: the machine's practical peak for this precision/threads."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    """Best GFLOP/s (GOP/s for int8) of a size x size matmul: the practical peak for this precision/threads.
+
+    int8 is torch's int8 x int8 -> int32 matmul (`torch._int_mm`, oneDNN VNNI/AMX-INT8 on CPUs)."""
+    if dtype == torch.int8:
+        a = torch.randint(-64, 64, (size, size), device=device, dtype=torch.int8)
+        b = torch.randint(-64, 64, (size, size), device=device, dtype=torch.int8)
+
+        def mm() -> torch.Tensor:
+            return torch._int_mm(a, b)
+    else:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+
+        def mm() -> torch.Tensor:
+            return a @ b
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     with torch.inference_mode():
-        a @ b
+        mm()
         for _ in range(repeats):
             sync()
             start = time.perf_counter()
-            a @ b
+            mm()
             sync()
             best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def peaks_line(device: torch.device, size: int) -> str:
+    """fp32, bf16 and int8 matmul peaks side by side (n/a where this build cannot run one)."""
+    cells = []
+    dtypes = [torch.float32, torch.bfloat16, torch.int8] + ([torch.float16] if device.type == "cuda" else [])
+    for dtype in dtypes:
+        name = PRECISION_NAMES.get(dtype, "int8")
+        try:
+            cells.append(f"{name} {matmul_peak(device, dtype, size):.1f}")
+        except (RuntimeError, NotImplementedError) as exc:
+            cells.append(f"{name} n/a ({str(exc).splitlines()[0][:60]})")
+    return f"matmul peaks {size}^2, GFLOP/s (int8: GOP/s): " + ", ".join(cells)
 
 
 class Inputs:
@@ -144,6 +179,15 @@ def cpu_variants(
     for m in micro:
         variants[f"torch-cpu-fp32 mb{m}"] = lambda m=m: TorchDenoiser(
             model, info, max_batch=max_batch, threads=threads, micro_batch=m
+        )
+    if cpu_info().bf16_units:  # emulated bf16 is slower than fp32: only where the CPU has bf16 units
+        variants["torch-cpu-bf16-cl"] = lambda: TorchDenoiser(
+            model, info, max_batch=max_batch, threads=threads, channels_last=True, precision="bf16"
+        )
+    for precision in openvino_precisions():
+        # What engines.select builds: one stream (and async request) per thread.
+        variants[f"openvino-cpu-{precision}"] = lambda p=precision: build_denoiser(
+            plan_backend("cpu", "openvino", p), model, info, max_batch, cache, threads=threads
         )
     if "CPUExecutionProvider" in ort_providers():
         onnx_model = cached_onnx(model, info, cache)
@@ -211,24 +255,28 @@ def main() -> int:
     info = ModelInfo(name=f"bench-{args.preset}", config=config, sha256="0" * 64)
     max_batch = max(args.batches)
     print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}")
+    print(f"CPU: {cpu_info().describe()}; OpenVINO {openvino_version() or 'not installed'}")
     print(f"preset {args.preset}: {config.image_size}x{config.image_size}, {flops / 1e9:.2f} GFLOP per image")
     print(f"chosen by engines.select (no probe): {plan_backend(device=args.device).reason}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="edgenode-bench-") as tmp:
         cache = Path(tmp)
         if args.device == "cuda":
-            peak_dtype, peak_size = torch.bfloat16, 8192
+            peak_size = 8192
             variants = cuda_variants(model, info, cache, max_batch)
         else:
-            peak_dtype, peak_size = torch.float32, args.matmul
+            peak_size = args.matmul
             variants = cpu_variants(model, info, cache, args.threads, max_batch, args.micro_batch)
         device = torch.device(args.device)
-        print(f"peak: {peak_dtype} matmul {peak_size}^2, measured before every timed call", flush=True)
+        print(peaks_line(device, peak_size), flush=True)
+        print(f"peak per row: a {peak_size}^2 matmul in the row's precision, before every timed call", flush=True)
         if args.only:
             variants = {k: v for k, v in variants.items() if k in args.only}
         denoisers = {name: make() for name, make in variants.items()}
         inputs = Inputs(config.image_size)
-        rows = {(name, b): Row(name, b, [], [], flops) for b in args.batches for name in denoisers}
+        precisions = {name: PRECISION_NAMES[d.dtype] for name, d in denoisers.items()}
+        dtypes = {v: k for k, v in PRECISION_NAMES.items()}
+        rows = {(name, b): Row(name, precisions[name], b, [], [], flops) for b in args.batches for name in denoisers}
         for denoiser in denoisers.values():  # warm-up: allocation, kernel choice, graph capture
             for b in args.batches:
                 denoiser(*inputs.get(b, device))
@@ -236,19 +284,19 @@ def main() -> int:
         with tqdm(total=args.rounds * len(rows), desc="timing", unit="call", file=sys.stderr) as bar:
             for _ in range(args.rounds):
                 for (name, b), row in rows.items():
-                    row.peaks.append(matmul_peak(device, peak_dtype, peak_size, repeats=1))
+                    row.peaks.append(matmul_peak(device, dtypes[row.precision], peak_size, repeats=1))
                     row.seconds.append(time_call(denoisers[name], inputs.get(b, device)))
                     bar.update()
         rows_list = sorted(rows.values(), key=lambda r: (list(denoisers).index(r.backend), r.batch))
-        peak = statistics.median(p for r in rows_list for p in r.peaks)
     print()
     print_table(rows_list)
     default = [r for r in rows_list if r.batch == DEFAULT_BATCH]
     if default:
-        best = max(default, key=lambda r: r.fraction)
+        best = min(default, key=lambda r: r.median_s)
         print(
-            f"\nbest at the default batch {DEFAULT_BATCH}: {best.backend} {best.gflops:.1f} GFLOP/s = "
-            f"{best.fraction * 100:.0f}% of the matmul peak measured alongside (median {peak:.1f} GFLOP/s)"
+            f"\nfastest at the default batch {DEFAULT_BATCH}: {best.backend} ({best.precision}) {best.gflops:.1f} "
+            f"GFLOP/s = {best.fraction * 100:.0f}% of the {best.precision} matmul peak measured alongside "
+            f"(median {best.peak:.1f} GFLOP/s)"
         )
     print(f"load after: {os.getloadavg()}")
     return 0

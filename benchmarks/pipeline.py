@@ -7,8 +7,10 @@ noise, ensemble) and the rest (load, mask, model grid, threshold, map back), giv
 compares each backend's result with the first row's (the fp32 reference): the largest anomaly-map difference
 relative to that map's maximum, the Dice of the segmentations, and the study score.
 
-On a CPU it runs what `engines.select` picks (ONNX Runtime) and torch eager; on a GPU torch fp32, bf16/fp16
-with CUDA graphs (what `select` picks without TensorRT), ONNX Runtime's CUDA provider and TensorRT when present.
+On a CPU it runs every candidate of `engines.select`'s probe this CPU can run (torch fp32 first, the reference,
+then ONNX Runtime fp32, OpenVINO fp32, and torch/OpenVINO bf16 where the CPU has bf16 units), all in one run;
+on a GPU torch fp32, bf16/fp16 with CUDA graphs (what `select` picks without TensorRT), ONNX Runtime's CUDA
+provider and TensorRT when present. The CPU's model and flags are printed with the table.
 Run: PYTHONPATH=. python benchmarks/pipeline.py [--repeats 2] [--max-batch 28 560] [--slices 80]
 """
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engines.probe import cpu_candidates  # noqa: E402
 from engines.select import (  # noqa: E402
     BackendUnavailable,
     Plan,
@@ -37,6 +40,7 @@ from engines.select import (  # noqa: E402
     load_source,
     plan_backend,
 )
+from inference.hardware import cpu_info  # noqa: E402
 from inference.phantoms import ct_datasets, make_ct, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from inference.result import AnomalyResult  # noqa: E402
@@ -78,10 +82,7 @@ HEADER = ["backend", "max batch", "study s", "U-Net s", "rest s", "U-Net images/
 def plans(device: str) -> dict[str, Plan]:
     """The backends worth comparing on this device, fp32 reference first."""
     if device == "cpu":
-        return {
-            "onnxruntime-cpu (selected)": plan_backend("cpu", "onnxruntime"),
-            "torch-cpu": plan_backend("cpu", "torch"),
-        }
+        return {f"{c.backend}-cpu-{c.precision}": plan_backend("cpu", c.backend, c.precision) for c in cpu_candidates()}
     found = {"torch-cuda-fp32-graphs": plan_backend("cuda", "torch", "fp32")}
     low = ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
     for precision in low:
@@ -122,6 +123,7 @@ def main() -> int:
     print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, torch {torch.__version__}, model {info.model_id}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(0)}")
+    print(f"CPU: {cpu_info().describe()}")
     print(
         f"[inference] defaults: ensemble {defaults.ensemble}, steps {defaults.steps}, "
         f"t_start {defaults.t_start_for('CT')}, lambda {defaults.lambda_for('CT')}",

@@ -24,25 +24,31 @@ def table(stdout: str) -> list[list[str]]:
 
 
 def test_pipeline_benchmark_compares_the_cpu_backends() -> None:
-    out = run_script("benchmarks/pipeline.py", "--slices", "8", "--size", "128", "--repeats", "1").stdout
+    out = run_script(
+        "benchmarks/pipeline.py", "--slices", "8", "--size", "128", "--repeats", "1",
+        "--only", "torch-cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32",
+    ).stdout  # fmt: skip
     rows = table(out)
-    assert [r[0] for r in rows] == ["onnxruntime-cpu (selected)", "torch-cpu"]
-    reference, torch_row = rows
+    assert [r[0] for r in rows] == ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32"]
+    reference, *others = rows
     assert float(reference[6]) == 0.0  # the first row is the reference
-    assert float(torch_row[6]) < 1e-4 and torch_row[8] == reference[8]  # same map to fp32 rounding, same score
+    for row in others:
+        assert float(row[6]) < 1e-4 and row[8] == reference[8]  # same map to fp32 rounding, same score
     assert all(float(r[2]) >= float(r[3]) > 0 for r in rows)  # the study includes its U-Net time
+    assert "CPU: " in out
 
 
 def test_engines_benchmark_reports_the_selected_cpu_backend() -> None:
     out = run_script(
         "benchmarks/engines.py",
         "--rounds", "1", "--batches", "4", "--threads", "2", "--matmul", "256",
-        "--only", "torch-cpu-fp32", "onnxruntime-cpu mb7 x2",
+        "--only", "torch-cpu-fp32", "onnxruntime-cpu mb7 x2", "openvino-cpu-fp32",
     ).stdout  # fmt: skip
     rows = table(out)
-    assert sorted(r[0] for r in rows) == ["onnxruntime-cpu mb7 x2", "torch-cpu-fp32"]
-    assert all(r[1] == "4" and float(r[5]) > 0 and r[7].endswith("%") for r in rows)
+    assert sorted(r[0] for r in rows) == ["onnxruntime-cpu mb7 x2", "openvino-cpu-fp32", "torch-cpu-fp32"]
+    assert all(r[1] == "fp32" and r[2] == "4" and float(r[6]) > 0 and r[8].endswith("%") for r in rows)
     assert "chosen by engines.select (no probe): CPU preference onnxruntime" in out
+    assert "CPU: " in out and "matmul peaks 256^2" in out and "fp32 " in out and "bf16 " in out
 
 
 def test_memory_benchmark_measures_each_series_length() -> None:
