@@ -73,3 +73,14 @@ def test_triton_benchmark_compares_the_remote_call_with_local_onnxruntime() -> N
     assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
     diffs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "max |eps diff|" in line]
     assert len(diffs) == 2 and max(diffs) < 1e-5  # the same export gives the same numbers remotely
+
+
+def test_train_benchmark_times_each_precision_the_hardware_runs() -> None:
+    from inference.hardware import cpu_info
+
+    out = run_script(
+        "benchmarks/train.py", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--threads", "1"
+    ).stdout  # fmt: skip
+    rows = table(out)
+    assert [r[0] for r in rows] == (["fp32", "bf16"] if cpu_info().bf16_units else ["fp32"])
+    assert all(float(r[3]) > 0 for r in rows) and "CPU: " in out
