@@ -41,3 +41,23 @@ def test_unavailable_backend_and_missing_model_exit_2(tmp_path: Path) -> None:
     trt = subprocess.run(edgenode_cmd("engine", "info"), env=env, capture_output=True, text=True, timeout=120)
     if "yes  tensorrt" not in trt.stdout:
         assert trt.returncode == 2 and "backend = 'tensorrt'" in trt.stderr
+
+
+def test_info_probes_on_request_and_then_shows_the_cached_table(tmp_path: Path) -> None:
+    _, info, weights = saved_unet(tmp_path)
+    data_dir = tmp_path / "var"
+    model = ("--model", str(weights), "--threads", "1")
+    before = _edgenode(data_dir, "engine", "info", *model)
+    assert before.returncode == 0, before.stderr
+    assert "CPU: " in before.stdout and "yes  openvino-cpu" in before.stdout
+    assert f"probe: none cached for {info.model_id}" in before.stdout
+
+    probed = _edgenode(data_dir, "engine", "info", "--probe", "--exporter", "torchscript", *model)
+    assert probed.returncode == 0, probed.stderr
+    assert "accuracy guard vs torch-fp32" in probed.stdout and "<- chosen" in probed.stdout
+    assert len(list((data_dir / "engines").glob("probe-*.json"))) == 1
+
+    shown = _edgenode(data_dir, "engine", "info", *model)  # no probe: the cached table
+    assert shown.returncode == 0, shown.stderr
+    table = [line for line in shown.stdout.splitlines() if "<- chosen" in line or "reference" in line]
+    assert table and all(line in probed.stdout for line in table)

@@ -121,18 +121,22 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  why: {plan.reason}")
     probes = plan.device == "cpu" and inf.backend == "auto"
     if args.probe:
-        selection = select(
-            args.model or inf.model,
-            device=inf.device,
-            backend=inf.backend,
-            precision=inf.precision,
-            max_batch=inf.max_batch,
-            cache_dir=engines_dir(settings),
-            probe="force",
-            threads=args.threads,
-            exporter=args.exporter,
-            triton=triton_endpoint(settings) if uses_triton(settings) else None,
-        )
+        try:
+            selection = select(
+                args.model or inf.model,
+                device=inf.device,
+                backend=inf.backend,
+                precision=inf.precision,
+                max_batch=inf.max_batch,
+                cache_dir=engines_dir(settings),
+                probe="force",
+                threads=args.threads,
+                exporter=args.exporter,
+                triton=triton_endpoint(settings) if uses_triton(settings) else None,
+            )
+        except (BackendUnavailable, RuntimeError) as exc:  # e.g. no candidate of a forced precision passed
+            print(f"probe: failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         print(f"probe: {selection.denoiser.name}: {selection.reason}")
         if selection.probe is not None:
             print("\n".join(selection.probe.table()))
