@@ -308,10 +308,15 @@ def probe_cpu(
         elif cand == REFERENCE:
             verdict, chosen = "reference", cand
         else:
-            result = guard_verdict(ref, guard_detection(denoisers[cand], size))
-            verdict = result.describe()
-            if result.passed:
-                chosen = cand
+            try:
+                result = guard_verdict(ref, guard_detection(denoisers[cand], size))
+            except Exception as exc:  # noqa: BLE001 - a candidate that fails on real slices is not chosen
+                log.warning("probe: %s failed on the guard slices: %s", cand.name, exc)
+                verdict = f"FAIL: {type(exc).__name__}: {exc}"
+            else:
+                verdict = result.describe()
+                if result.passed:
+                    chosen = cand
         rows[cand] = ProbeRow(cand.name, s * 1e3, max_batch / s, verdict, chosen == cand)
     if chosen is None:  # only when the reference itself was not a candidate (precision forced) and all failed
         raise RuntimeError(
