@@ -64,7 +64,7 @@ def test_triton_benchmark_compares_the_remote_call_with_local_onnxruntime() -> N
     pytriton_python()  # the server's venv (skips with the reason where the wheel cannot be installed)
     out = run_script(
         "benchmarks/triton_remote.py",
-        "--calls", "1", "--batch", "4", "--in-flight", "2", "--slices", "2", "--size", "64",
+        "--calls", "1", "--batch", "4", "--in-flight", "2", "--slices", "3", "--size", "64",
         "--repeats", "1", "--ensemble", "1", "--steps", "1", "--threads", "1",
     ).stdout  # fmt: skip
     rows = table(out)
