@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import Denoiser
 from engines.openvino_backend import openvino_precisions, openvino_version
 from engines.ort_backend import ort_providers
+from inference.denoiser import Denoiser
 from inference.hardware import cpu_info
 from inference.lungmask import anatomy_mask
 from inference.phantoms import make_ct

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engines.base import Denoiser
+from inference.denoiser import Denoiser
 from inference.diffusion import LinearSchedule, Sampler, strided_timesteps
 from inference.ensemble import ensemble_reconstruct
 from inference.lungmask import anatomy_mask
