@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.result import AnomalyResult
+from inference.anomaly_result import AnomalyResult
 from node.config import ResultsSettings
 from node.heatmap import HeatmapRenderer, HeatmapText
 

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_settings(base: Settings, workdir: Path, pacs: PeerSettings) -> Settings:
     """The operator's settings with what the demo needs: its own data dir, free ports, the PACS as peer."""
-    from node.peers import free_port
+    from node.local_orthanc import free_port
 
     data = base.model_dump()
     data["node"].update(port=free_port(), data_dir=str(workdir / "node"), min_free_disk_mb=64)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from inference.phantoms import write_study
     from node.app import EdgeNode
-    from node.peers import Orthanc
+    from node.local_orthanc import Orthanc
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgenode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
