@@ -179,10 +179,6 @@ class IngestIndex:
         with self.db.session() as session:
             yield from session.scalars(select(Instance.path).execution_options(yield_per=5000))
 
-    def instance_by_sop(self, sop_instance_uid: str) -> Instance | None:
-        with self.db.session() as session:
-            return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
-
 
 def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
     q = _IngestStatements

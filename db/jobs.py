@@ -154,11 +154,6 @@ def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float, n
     return extended == 1
 
 
-def still_owned(session: Session, job_id: int, owner: str) -> bool:
-    job = session.get(Job, job_id)
-    return job is not None and job.status == JobStatus.RUNNING and job.lease_owner == owner
-
-
 def complete_job(
     session: Session,
     job_id: int,
@@ -391,13 +386,6 @@ def _is_latest_job(session: Session, job: Job) -> bool:
         select(Job.id).where(Job.study_id == job.study_id).order_by(Job.id.desc()).limit(1)
     ).scalar_one()
     return latest == job.id
-
-
-def study_of(session: Session, job_id: int) -> Study:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise LookupError(f"job {job_id} does not exist")
-    return job.study
 
 
 def mark_study_completed(session: Session, study: Study, *, source_count: int, at: datetime) -> bool:
