@@ -138,12 +138,12 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
         if modality and modality not in modalities[study_id]:
             modalities[study_id].append(modality)
     jobs: dict[int, list[Job]] = defaultdict(list)
-    for job in session.scalars(select(Job).where(Job.study_id.in_(ids))):
-        jobs[job.study_id].append(job)
+    for candidate in session.scalars(select(Job).where(Job.study_id.in_(ids))):
+        jobs[candidate.study_id].append(candidate)
     current = {sid: _current_job(js) for sid, js in jobs.items()}
     job_ids = [j.id for j in current.values() if j is not None]
     result_counts: dict[int, int] = dict(
-        session.execute(  # type: ignore[arg-type]
+        session.execute(
             select(Result.job_id, func.count(Result.id)).where(Result.job_id.in_(job_ids)).group_by(Result.job_id)
         ).all()
     )
@@ -335,7 +335,7 @@ def result_path(session: Session, study_uid: str, result_id: int) -> tuple[str, 
     return (row[0], row[1]) if row else None
 
 
-def _audit_query(flt: AuditFilter) -> Select[tuple[AuditEvent]]:
+def _audit_query(flt: AuditFilter) -> Select[AuditEvent]:
     query = select(AuditEvent)
     if flt.study_uid:
         query = query.where(AuditEvent.study_instance_uid == flt.study_uid)
