@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.base import Denoiser  # noqa: E402
 from engines.onnx_export import cached_onnx  # noqa: E402
 from engines.openvino_backend import openvino_precisions, openvino_version  # noqa: E402
 from engines.ort_backend import OrtDenoiser, ort_providers  # noqa: E402
 from engines.select import build_denoiser, plan_backend  # noqa: E402
 from engines.torch_backend import TorchDenoiser  # noqa: E402
+from inference.denoiser import Denoiser  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
 from inference.unet import PRESETS, ModelInfo, UNet, count_flops  # noqa: E402
 

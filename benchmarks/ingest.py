@@ -27,8 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from node.peers import Orthanc, StoreSCP, free_port, peer_env, wait_for_port  # noqa: E402
+from node.local_orthanc import Orthanc, free_port, peer_env, wait_for_port  # noqa: E402
 from tests.dicomgen import make_ct_series, write_datasets  # noqa: E402
+from tests.peers import StoreSCP  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 CALLING_AE = "STORESCU"

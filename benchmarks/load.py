@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import func, select  # noqa: E402
 
 from db.models import Job, JobStatus, OutboundItem, OutboundStatus, Result  # noqa: E402
-from node.peers import Orthanc, free_port  # noqa: E402
+from node.local_orthanc import Orthanc, free_port  # noqa: E402
 from tests.dicomgen import make_ct_series, make_dx, write_datasets  # noqa: E402
 from tests.e2e_support import PACS_AET, NodeProcess, make_model, node_results_in_pacs, storescu  # noqa: E402
 

@@ -40,10 +40,10 @@ from engines.select import (  # noqa: E402
     load_source,
     plan_backend,
 )
+from inference.anomaly_result import AnomalyResult  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
 from inference.phantoms import ct_datasets, make_ct, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
-from inference.result import AnomalyResult  # noqa: E402
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.result import AnomalyResult  # noqa: E402
+from inference.anomaly_result import AnomalyResult  # noqa: E402
 from node.config import ResultsSettings  # noqa: E402
 from node.results import ModelIdentity, ResultWriter  # noqa: E402
 from tests.dicomgen import make_ct_series  # noqa: E402

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import Connection, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, Insert, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -179,9 +179,13 @@ class IngestIndex:
         with self.db.session() as session:
             yield from session.scalars(select(Instance.path).execution_options(yield_per=5000))
 
-    def instance_by_sop(self, sop_instance_uid: str) -> Instance | None:
-        with self.db.session() as session:
-            return session.scalars(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid)).one_or_none()
+
+def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object]) -> int:
+    """The primary key of the one row a single-row INSERT added."""
+    key = conn.execute(statement, params).inserted_primary_key
+    if key is None:  # only for executemany or an INSERT ... FROM SELECT, which this never is
+        raise RuntimeError("the INSERT reported no primary key")
+    return int(key[0])
 
 
 def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
@@ -191,7 +195,8 @@ def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
     if study_id is None:
         # A study known only through our own results is complete at once: nothing to wait for.
         completed = {"status": StudyStatus.COMPLETE, "completed_at": now} if rec.own_output else {}
-        study_id = conn.execute(
+        study_id = _inserted_id(
+            conn,
             q.insert_study,
             {
                 "study_instance_uid": rec.study_instance_uid,
@@ -206,10 +211,11 @@ def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
                 "completed_instance_count": 0,
                 **completed,
             },
-        ).inserted_primary_key[0]
+        )
     found = conn.execute(q.series_row, {"uid": rec.series_instance_uid}).one_or_none()
     if found is None:
-        series_id = conn.execute(
+        series_id = _inserted_id(
+            conn,
             q.insert_series,
             {
                 "study_id": study_id,
@@ -221,7 +227,7 @@ def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
                 "is_own_output": rec.own_output,
                 "instance_count": 0,
             },
-        ).inserted_primary_key[0]
+        )
     else:
         if found.study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
             raise SeriesInOtherStudy(f"series {rec.series_instance_uid} belongs to another study")

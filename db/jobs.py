@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import CursorResult, Update, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -21,6 +21,13 @@ from db.clock import db_utcnow
 from db.models import ACTIVE_JOB_SQL, AuditEventType, Job, JobDuration, JobStatus, Study, StudyStatus, utcnow
 
 WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
+
+
+def _updated_rows(session: Session, statement: Update) -> int:
+    """Rows an UPDATE matched: the guard of every state change here (0 means another process got there first)."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)  # DML through a Session always returns one; typed as a plain Result
+    return result.rowcount
 
 
 def inference_seconds(timings: dict[str, Any] | None) -> float | None:
@@ -102,7 +109,8 @@ def claim_next_job(
 
 def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> ClaimedJob | None:
     """Start `job_id` for `owner` if it is still queued; None when another claimer took it first."""
-    claimed = session.execute(
+    claimed = _updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(
@@ -113,8 +121,8 @@ def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> C
             attempts=Job.attempts + 1,
             started_at=at,
         )
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if claimed != 1:
         return None
     job = session.get(Job, job_id)
@@ -145,18 +153,14 @@ def heartbeat(session: Session, job_id: int, owner: str, lease_seconds: float, n
     job and must stop working on it."""
     at = now if now is not None else db_utcnow()
     expires = now + timedelta(seconds=lease_seconds) if now is not None else db_utcnow(lease_seconds)
-    extended = session.execute(
+    extended = _updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
         .values(heartbeat_at=at, lease_expires_at=expires)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     return extended == 1
-
-
-def still_owned(session: Session, job_id: int, owner: str) -> bool:
-    job = session.get(Job, job_id)
-    return job is not None and job.status == JobStatus.RUNNING and job.lease_owner == owner
 
 
 def complete_job(
@@ -172,7 +176,8 @@ def complete_job(
 ) -> bool:
     """Mark the job done (only if `owner` still holds it) and the study done."""
     now = now or utcnow()
-    done = session.execute(
+    done = _updated_rows(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
         .values(
@@ -185,8 +190,8 @@ def complete_job(
             model_id=model_id,
             timings=timings,
             error="",
-        )
-    ).rowcount
+        ),
+    )
     if done != 1:
         return False
     job = session.get(Job, job_id)
@@ -340,12 +345,13 @@ def _end_lease(session: Session, job_id: int, owner: str | None, expired_before:
     conditions = [Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner]
     if expired_before is not None:
         conditions.append(Job.lease_expires_at < expired_before)
-    ended = session.execute(
+    ended = _updated_rows(
+        session,
         update(Job)
         .where(*conditions)
         .values(lease_owner=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if ended != 1:
         return None
     return session.get(Job, job_id, populate_existing=True)
@@ -393,25 +399,19 @@ def _is_latest_job(session: Session, job: Job) -> bool:
     return latest == job.id
 
 
-def study_of(session: Session, job_id: int) -> Study:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise LookupError(f"job {job_id} does not exist")
-    return job.study
-
-
 def mark_study_completed(session: Session, study: Study, *, source_count: int, at: datetime) -> bool:
     """Record that `study` was judged complete with `source_count` source instances, only if no other scan did so
     since `study` was read (its completion mark is unchanged): a compare-and-set, so two scans racing on one study
     (two nodes, or two threads) judge it once. The loser's UPDATE waits for the winner's transaction and then
     matches no row; False tells it to leave the study alone."""
     unchanged = Study.completed_at.is_(None) if study.completed_at is None else Study.completed_at == study.completed_at
-    marked = session.execute(
+    marked = _updated_rows(
+        session,
         update(Study)
         .where(Study.id == study.id, Study.completed_instance_count == study.completed_instance_count, unchanged)
         .values(completed_at=at, completed_instance_count=source_count)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+        .execution_options(synchronize_session=False),
+    )
     if marked != 1:
         return False
     session.refresh(study)

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Select, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
+from db.counts import state_counts
 from db.models import (
     PRIORITY_STAT,
     AuditEvent,
@@ -27,7 +28,6 @@ from db.models import (
     Result,
     Series,
     Study,
-    StudyStatus,
 )
 
 WORKLIST_FIELDS: tuple[str, ...] = (
@@ -138,12 +138,12 @@ def _study_rows(session: Session, studies: list[Study]) -> list[dict[str, Any]]:
         if modality and modality not in modalities[study_id]:
             modalities[study_id].append(modality)
     jobs: dict[int, list[Job]] = defaultdict(list)
-    for job in session.scalars(select(Job).where(Job.study_id.in_(ids))):
-        jobs[job.study_id].append(job)
+    for candidate in session.scalars(select(Job).where(Job.study_id.in_(ids))):
+        jobs[candidate.study_id].append(candidate)
     current = {sid: _current_job(js) for sid, js in jobs.items()}
     job_ids = [j.id for j in current.values() if j is not None]
     result_counts: dict[int, int] = dict(
-        session.execute(  # type: ignore[arg-type]
+        session.execute(
             select(Result.job_id, func.count(Result.id)).where(Result.job_id.in_(job_ids)).group_by(Result.job_id)
         ).all()
     )
@@ -335,7 +335,7 @@ def result_path(session: Session, study_uid: str, result_id: int) -> tuple[str, 
     return (row[0], row[1]) if row else None
 
 
-def _audit_query(flt: AuditFilter) -> Select[tuple[AuditEvent]]:
+def _audit_query(flt: AuditFilter) -> Select[AuditEvent]:
     query = select(AuditEvent)
     if flt.study_uid:
         query = query.where(AuditEvent.study_instance_uid == flt.study_uid)
@@ -395,20 +395,7 @@ def audit_events(session: Session, flt: AuditFilter | None = None) -> list[dict[
 
 def queue_summary(session: Session) -> dict[str, Any]:
     """Queue and delivery state for the queue page: counts by state, waiting and stuck items."""
-    jobs_by_state = {str(s): 0 for s in JobStatus}
-    jobs_by_state.update(dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all()))
-    outbound_by_state = {str(s): 0 for s in OutboundStatus}
-    outbound_by_state.update(
-        dict(
-            session.execute(
-                select(OutboundItem.status, func.count(OutboundItem.id)).group_by(OutboundItem.status)
-            ).all()
-        )
-    )
-    studies_by_state = {str(s): 0 for s in StudyStatus}
-    studies_by_state.update(
-        dict(session.execute(select(Study.status, func.count(Study.id)).group_by(Study.status)).all())
-    )
+    states = state_counts(session)
     active = session.execute(
         select(Job, Study.study_instance_uid, Study.accession_number)
         .join(Study, Job.study_id == Study.id)
@@ -449,9 +436,9 @@ def queue_summary(session: Session) -> dict[str, Any]:
         }
 
     return {
-        "studies_by_state": studies_by_state,
-        "jobs_by_state": jobs_by_state,
-        "outbound_by_state": outbound_by_state,
+        "studies_by_state": states.studies,
+        "jobs_by_state": states.jobs,
+        "outbound_by_state": states.outbound,
         "instances_stored": session.scalar(select(func.count(Instance.id))) or 0,
         "active_jobs": [job_row(*row) for row in active],
         "failed_jobs": [job_row(*row) for row in failed],
@@ -469,6 +456,21 @@ def queue_summary(session: Session) -> dict[str, Any]:
             for o, kind, uid in undelivered
         ],
     }
+
+
+def latest_job_of_study(session: Session, study_uid: str) -> Job | None:
+    """The study's most recent job (a study that grew after its job ran has several), or None."""
+    return session.scalars(
+        select(Job).join(Study).where(Study.study_instance_uid == study_uid).order_by(Job.id.desc()).limit(1)
+    ).first()
+
+
+def job_deliveries(session: Session, job_id: int) -> list[tuple[str, str, str]]:
+    """(delivery status, result kind, SOP Instance UID) of every outbound item of the job's results."""
+    rows = session.execute(
+        select(OutboundItem.status, Result.kind, Result.sop_instance_uid).join(Result).where(Result.job_id == job_id)
+    ).all()
+    return [(status, kind, uid) for status, kind, uid in rows]
 
 
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

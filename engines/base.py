@@ -1,29 +1,8 @@
-"""The Denoiser protocol: how the inference code calls the U-Net, whatever executes it."""
+"""Helpers shared by the backends that implement `inference.denoiser.Denoiser`: precisions, input checks, chunking."""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import torch
-
-
-@runtime_checkable
-class Denoiser(Protocol):
-    """eps = f(x_t, cond, t) on batches.
-
-    x_t and cond are (N, 1, H, W) float32 tensors on `device`, t is an (N,) float32 tensor of
-    timesteps; the result is the predicted noise, (N, 1, H, W) float32 on `device`. Backends that
-    compute in lower precision convert at the boundary. N may not exceed `max_batch`; callers chunk.
-    """
-
-    name: str  # e.g. "torch-cpu-fp32", "onnxruntime-cpu", "tensorrt-fp16"
-    device: torch.device
-    dtype: torch.dtype  # compute precision
-    max_batch: int
-    model_id: str  # identity of the weights being run
-
-    def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
-
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from inference.unet import ModelInfo, file_sha256
+from inference.unet import ModelInfo, UNet, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def _export_dynamo(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path,
     image: dict[int, object] = {0: batch}
     if spatial:
         # U-Net levels halve the grid, so spatial sizes are multiples of 2^(levels-1).
-        levels = len(model.config.channel_mults)  # type: ignore[union-attr]
+        if not isinstance(model, UNet):
+            raise TypeError(f"dynamic spatial export needs the U-Net (its levels set the size step), not {model}")
+        levels = len(model.config.channel_mults)
         step = 2 ** (levels - 1)
         image[2] = step * torch.export.Dim("h_blocks", min=1, max=4096 // step)
         image[3] = step * torch.export.Dim("w_blocks", min=1, max=4096 // step)

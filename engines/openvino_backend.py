@@ -139,7 +139,7 @@ class OpenVinoDenoiser:
     def blob_path(self, cache_dir: Path) -> Path:
         return cache_dir / f"{self.model_id}-openvino-{self.precision}-{self.key.digest()[:16]}.blob"
 
-    def _load_or_compile(self, cache_dir: Path | None):  # type: ignore[no-untyped-def]
+    def _load_or_compile(self, cache_dir: Path | None):
         blob = self.blob_path(cache_dir) if cache_dir is not None else None
         if blob is not None and blob.is_file():
             try:
@@ -158,7 +158,7 @@ class OpenVinoDenoiser:
             self._store(compiled, blob)
         return compiled
 
-    def _store(self, compiled, blob: Path) -> None:  # type: ignore[no-untyped-def]
+    def _store(self, compiled, blob: Path) -> None:
         """Write the compiled model beside its target and rename, so a crash never leaves half a blob."""
         blob.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=blob.stem, suffix=".tmp", dir=blob.parent)
@@ -172,7 +172,7 @@ class OpenVinoDenoiser:
         meta["cpu_flags"] = cpu_info().speed_flags  # the sidecar lists the flags that matter; the key hashes all
         blob.with_suffix(".json").write_text(json.dumps(meta, indent=2))
 
-    def _done(self, request, rows: slice) -> None:  # type: ignore[no-untyped-def]
+    def _done(self, request, rows: slice) -> None:
         assert self._out is not None
         self._out[rows] = request.get_output_tensor(0).data
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.base import Denoiser
 from engines.openvino_backend import openvino_precisions, openvino_version
 from engines.ort_backend import ort_providers
+from inference.denoiser import Denoiser
 from inference.hardware import cpu_info
 from inference.lungmask import anatomy_mask
 from inference.phantoms import make_ct
@@ -94,7 +94,7 @@ class GuardSlices:
 
 
 def _phantom_on_grid(seed: int, lesions: str, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ph = make_ct(seed, lesions=lesions, **_PHANTOM)
+    ph = make_ct(seed, _PHANTOM["rows"], _PHANTOM["cols"], _PHANTOM["slices"], lesions)
     mapping = GridMapping(rows=_PHANTOM["rows"], cols=_PHANTOM["cols"], size=size)
     sz, sy, sx = ph.grid.spacing  # phantom slices run feet to head
     lungs = anatomy_mask(ph.hu, "CT", (sy, sx), np.array([0.0, 0.0, 1.0]), sz)

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engines.base import Denoiser
 from engines.onnx_export import Exporter, OnnxModel, cached_onnx
 from engines.openvino_backend import OpenVinoDenoiser, openvino_precisions, openvino_version
 from engines.ort_backend import OrtDenoiser, ort_providers
@@ -28,7 +27,9 @@ from engines.probe import Candidate, ProbeRecord, cpu_candidates, probe_cpu
 from engines.tensorrt_backend import TensorRTDenoiser, tensorrt_version
 from engines.torch_backend import TorchDenoiser
 from engines.triton_backend import TritonDenoiser, TritonEndpoint, TritonUnavailable, tritonclient_version
+from inference.denoiser import Denoiser
 from inference.unet import ModelInfo, load_model
+from inference.weights import bundled_model_path
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ CPU_DEFAULT_BACKEND = "onnxruntime"
 # barriers idle the cores on the small preset's short convolutions and norms. torch eager gets no
 # micro-batches by default: every extra call multiplies its per-operator thread synchronisation.
 CPU_MICRO_BATCH = 7
-BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "inference" / "weights"
 
 
 class BackendUnavailable(RuntimeError):
@@ -214,13 +214,7 @@ def _plan_triton(device: str, precision: str, why_device: str) -> Plan:
 def resolve_model_path(spec: str | Path) -> Path:
     """`[inference] model`: "bundled" (the .safetensors in inference/weights/) or a file path."""
     if str(spec) == "bundled":
-        found = sorted(BUNDLED_WEIGHTS_DIR.glob("*.safetensors")) if BUNDLED_WEIGHTS_DIR.is_dir() else []
-        if not found:
-            raise FileNotFoundError(
-                f"no bundled model: {BUNDLED_WEIGHTS_DIR} holds no .safetensors file yet; "
-                "train one (edgenode train) or set [inference] model to a weights file"
-            )
-        return found[0]
+        return bundled_model_path()
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist ([inference] model)")

@@ -54,7 +54,7 @@ def profile_shapes(
     profile: BatchProfile, height: int, width: int
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shape of every network input for `profile` at one image size."""
-    shapes = {}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
     for name in INPUT_NAMES:
         per_batch = [(b, 1, height, width) if name != "t" else (b,) for b in (profile.min, profile.opt, profile.max)]
         shapes[name] = (per_batch[0], per_batch[1], per_batch[2])

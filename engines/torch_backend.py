@@ -87,7 +87,8 @@ class TorchDenoiser:
         for p in self.model.parameters():
             p.requires_grad_(False)
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            # torch's stub of Module.to omits memory_format, which Module.to accepts (torch._C._nn._parse_to)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._graphs: dict[tuple[int, ...], _CapturedGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 

@@ -74,7 +74,7 @@ def model_config(
 def config_text(config: object) -> str:
     from google.protobuf import text_format
 
-    return text_format.MessageToString(config)  # type: ignore[arg-type]
+    return text_format.MessageToString(config)
 
 
 def parse_config(text: str) -> object:

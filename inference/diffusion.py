@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engines.base import Denoiser
+from inference.denoiser import Denoiser
 from inference.simplex import NoiseSource, splitmix64
 
 Sampler = Literal["ddpm", "ddim"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.base import Denoiser
+from inference.denoiser import Denoiser
 from inference.diffusion import LinearSchedule, Sampler, q_sample, reverse_process
 from inference.simplex import NoiseSource, splitmix64
 

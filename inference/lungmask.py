@@ -65,7 +65,7 @@ def _drop_border_components(binary: np.ndarray) -> np.ndarray:
     frame, so a component reaches the image border exactly when it reaches the grown box's edge.
     """
     out = np.zeros_like(binary)
-    solid = ~binary.all(axis=0)
+    solid = ~np.all(binary, axis=0)
     rows, cols = np.flatnonzero(solid.any(axis=1)), np.flatnonzero(solid.any(axis=0))
     if rows.size == 0:  # True everywhere: one component, on the border
         return out
@@ -156,7 +156,7 @@ def _select_labels(labels: np.ndarray, n: int, keep: list[int]) -> np.ndarray:
 
 def _in_plane_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     """(all slices, rows, cols): the in-plane bounding box of every True voxel of a (Z, Y, X) mask; None if empty."""
-    footprint = mask.any(axis=0)
+    footprint = np.any(mask, axis=0)
     rows = np.flatnonzero(footprint.any(axis=1))
     if rows.size == 0:
         return None

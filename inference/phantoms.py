@@ -21,11 +21,13 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -132,7 +134,7 @@ class CTPhantom:
 
     @property
     def slice_labels(self) -> np.ndarray:
-        return self.lesion_mask.any(axis=(1, 2))
+        return np.any(self.lesion_mask, axis=(1, 2))
 
 
 @dataclass
@@ -600,8 +602,8 @@ def make_radiograph(
     ideal, mask3d, found = add_lesions(ideal_healthy, lung, grid, lesions, lesion_rng)
     line = _project(ideal, spacing_y)[::-1]
     line_healthy = _project(ideal_healthy, spacing_y)[::-1] if (keep_healthy or keep_line_integral) else None
-    lesion2d = mask3d.any(axis=1)[::-1]
-    lung2d = lung.any(axis=1)[::-1]
+    lesion2d = np.any(mask3d, axis=1)[::-1]
+    lung2d = np.any(lung, axis=1)[::-1]
     photons = rng.uniform(2e4, 8e4)
     blur = rng.uniform(0.5, 1.1)
 
@@ -612,7 +614,9 @@ def make_radiograph(
         return _resize(np.clip(measured / 7.0, 0.0, 1.0) ** 0.8, rows, cols)
 
     image = render(line, np.random.default_rng(noise_seed))
-    healthy = render(line_healthy, np.random.default_rng(noise_seed)) if keep_healthy else None
+    healthy = None
+    if keep_healthy and line_healthy is not None:
+        healthy = render(line_healthy, np.random.default_rng(noise_seed))
     zoomed = (rows, cols) != (n_z, n_x)
     out_lesion = _resize(lesion2d.astype(np.float32), rows, cols) > 0 if zoomed else lesion2d.copy()
     out_lung = _resize(lung2d.astype(np.float32), rows, cols) >= 0.5 if zoomed else lung2d.copy()
@@ -642,7 +646,7 @@ def _resize(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
 def _base_dataset(sop_class: str, modality: str, study: dict[str, str], series_uid: str, number: int) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
@@ -785,7 +789,7 @@ def write_study(
     if modality == "ct":
         ph = make_ct(case_seed, size, size, slices, lesions)
         datasets = ct_datasets(ph, study)
-        truth = {
+        truth: dict[str, Any] = {  # Any: numpy's stub would read a key as savez's allow_pickle
             "lesion_mask": ph.lesion_mask,
             "lung_mask": ph.lung_mask,
             "slice_labels": ph.slice_labels,
@@ -799,7 +803,7 @@ def write_study(
         truth = {
             "lesion_mask": rx.lesion_mask[None],
             "lung_mask": rx.lung_mask[None],
-            "slice_labels": rx.lesion_mask.any()[None],
+            "slice_labels": np.array([rx.lesion_mask.any()]),
             "spacing_yx_mm": np.array(rx.pixel_spacing),
             "sop_instance_uids": np.array([str(datasets[0].SOPInstanceUID)]),
         }

@@ -16,12 +16,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from engines.base import Denoiser
+from inference.anomaly_result import AnomalyResult
+from inference.denoiser import Denoiser
 from inference.diffusion import LinearSchedule, Sampler, strided_timesteps
 from inference.ensemble import ensemble_reconstruct
 from inference.lungmask import anatomy_mask
 from inference.postprocess import detect_anomalies, median_filtered
-from inference.result import AnomalyResult
 from inference.simplex import NoiseSource
 from inference.unet import ModelInfo
 from inference.volume import (

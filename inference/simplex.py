@@ -78,7 +78,9 @@ def opensimplex_permutations(seeds: Sequence[int]) -> np.ndarray:
     return perm
 
 
-def _lattice_contributions(x: torch.Tensor, y: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+def _lattice_contributions(
+    x: torch.Tensor, y: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """For points (x, y) (float64, (P,)), the four lattice vertices OpenSimplex 2D sums over.
 
     Returns (xsv, ysv, wx, wy) per vertex: integer lattice coordinates and the weights attn^4 * (dx, dy) / 47, so

@@ -130,7 +130,9 @@ def dicom_slices(folder: Path, grid: int) -> SlicePool:
     )
 
 
-def augment(x: torch.Tensor, m: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def augment(
+    x: torch.Tensor, m: torch.Tensor, cfg: TrainConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Small rotations, intensity jitter and (optional) flips, applied identically to image and mask."""
     n = x.shape[0]
     if cfg.rotate_degrees > 0:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,14 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+def _zero(conv: nn.Conv2d) -> nn.Conv2d:
+    """Zero a layer's weights and bias: a residual branch then starts as the identity (DDPM initialisation)."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int) -> None:
         super().__init__()
@@ -67,8 +77,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        _zero(self.conv2)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -84,8 +93,7 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, channels * 3, 1)
         self.proj = nn.Conv2d(channels, channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        _zero(self.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -147,16 +155,14 @@ class UNet(nn.Module):
                 )
 
         self.head = nn.Sequential(
-            nn.GroupNorm(config.groups, cur), nn.SiLU(), nn.Conv2d(cur, config.image_channels, 3, padding=1)
+            nn.GroupNorm(config.groups, cur), nn.SiLU(), _zero(nn.Conv2d(cur, config.image_channels, 3, padding=1))
         )
-        nn.init.zeros_(self.head[-1].weight)
-        nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         h = self.stem(torch.cat([x_t, cond], dim=1))
         skips = [h]
-        for block in self.down:
+        for block in cast(Iterable[nn.ModuleList], self.down):
             if isinstance(block[0], ResBlock):
                 h = block[0](h, emb)
                 for extra in block[1:]:
@@ -167,7 +173,7 @@ class UNet(nn.Module):
         h = self.mid[0](h, emb)
         h = self.mid[1](h)
         h = self.mid[2](h, emb)
-        for block in self.up:
+        for block in cast(Iterable[nn.ModuleList], self.up):
             if isinstance(block[0], ResBlock):
                 h = block[0](torch.cat([h, skips.pop()], dim=1), emb)
                 for extra in block[1:]:
@@ -253,7 +259,8 @@ def read_model_info(path: Path) -> ModelInfo:
     if "edgenode.config" not in meta:
         raise ValueError(f"{path} is not an edgenode model (no edgenode.config metadata)")
     raw = json.loads(meta["edgenode.config"])
-    config = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    config = UNetConfig(**fields)
     return ModelInfo(
         name=meta.get("edgenode.name", path.stem),
         config=config,

@@ -158,7 +158,9 @@ class InferenceSettings(Section):
                 raise ValueError(f"unknown modality {key!r}: the keys are CT, CR and DX")
             merged[modality] = item
         if info.field_name == "t_start":  # (a value that is no integer at all is pydantic's to report)
-            outside = {m: t for m, t in merged.items() if str(t).lstrip("-").isdigit() and not 0 <= int(t) < SCHEDULE_T}
+            outside = {
+                m: t for m, t in merged.items() if str(t).lstrip("-").isdigit() and not 0 <= int(str(t)) < SCHEDULE_T
+            }
             if outside:
                 raise ValueError(f"{outside}: t_start must be 0..{SCHEDULE_T - 1} (the schedule's T = {SCHEDULE_T})")
         return merged
@@ -276,9 +278,7 @@ class Settings(BaseSettings):
         known = {p.ae_title for p in self.peers}
         for rule in self.routing:
             if rule.destination and rule.destination not in known:
-                raise ValueError(
-                    f"routing rule {rule.name!r}: destination {rule.destination!r} is not in [[peers]]"
-                )
+                raise ValueError(f"routing rule {rule.name!r}: destination {rule.destination!r} is not in [[peers]]")
         return self
 
     # Derived paths: one place decides where things live under data_dir.

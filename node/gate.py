@@ -271,8 +271,11 @@ class _PrimedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         # Same object and state (pynetdicom has already queued its "connection open" event), reading the
         # gate's bytes first.
-        assoc.dul.socket.__class__ = _PrimedSocket
-        assoc.dul.socket.primed = bytearray(self.first_pdu)
+        sock = assoc.dul.socket
+        assert sock is not None  # the accepted connection, already wrapped by pynetdicom
+        sock.__class__ = _PrimedSocket
+        assert isinstance(sock, _PrimedSocket)
+        sock.primed = bytearray(self.first_pdu)
         return assoc
 
 
@@ -288,7 +291,9 @@ class GatedAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        return self.socket.accept()  # TLS, if on, is the gate's first step, in the connection's own thread
+        listener = self.socket
+        assert listener is not None  # bound in __init__, closed only by server_close()
+        return listener.accept()  # TLS, if on, is the gate's first step, in the connection's own thread
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         return self.gate.reserve(str(client_address[0]))
@@ -321,7 +326,7 @@ def start_gated_server(
     ae: AE,
     address: tuple[str, int],
     gate: ConnectionGate,
-    evt_handlers: list[tuple[evt.EventType, Callable[..., Any]]],
+    evt_handlers: list[evt.EventHandlerType],
 ) -> GatedAssociationServer:
     """Bind and serve in a daemon thread, like `AE.start_server(block=False)`, with the gate in front."""
     server = ae.make_server(

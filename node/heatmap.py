@@ -169,7 +169,7 @@ class HeatmapRenderer:
             frame.image_axes.draw_artist(contours)
             contours.remove()
         frame.caption.set_text(f"{text.label}  slice score {text.score:.3f}  study score {text.study_score:.3f}")
-        frame.caption.figure.draw_artist(frame.caption)
+        frame.canvas.figure.draw_artist(frame.caption)
         buffer = np.asarray(frame.canvas.buffer_rgba())[..., :3]
         return np.ascontiguousarray(buffer, dtype=np.uint8)
 

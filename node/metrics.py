@@ -10,35 +10,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import case, func, select
-from sqlalchemy.orm import Session
 
-from db.models import AuditEvent, AuditEventType, Job, JobStatus, OutboundItem, OutboundStatus, Study, StudyStatus
+from db.counts import audit_event_count, duration_histogram, state_counts
+from db.models import AuditEventType
 from db.models import JobDuration as JD
 from db.session import Database
 from node.config import Settings
 from node.inference_server import TritonMonitor
-from node.web.health import free_disk_bytes
+from node.spool import free_disk_bytes
 
 log = logging.getLogger(__name__)
 
 INFERENCE_BUCKETS: tuple[float, ...] = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 SEND_FAILURE_EVENTS = (str(AuditEventType.SEND_RETRY), str(AuditEventType.SEND_DEAD))
-
-
-def duration_histogram(session: Session, column: Any) -> tuple[list[tuple[str, float]], float]:
-    """Cumulative buckets and sum of one job_durations column, counted in SQL: one row whatever the history's
-    length. The table is append-only (retention never touches it), so every count only grows."""
-    counts = [func.sum(case((column <= bound, 1), else_=0)) for bound in INFERENCE_BUCKETS]
-    row = session.execute(select(func.count(column), func.coalesce(func.sum(column), 0.0), *counts)).one()
-    total_count, total, *cumulative = row
-    buckets = [(str(float(bound)), float(n or 0)) for bound, n in zip(INFERENCE_BUCKETS, cumulative, strict=True)]
-    return [*buckets, ("+Inf", float(total_count))], float(total)
 
 
 class DatabaseCollector(Collector):
@@ -84,39 +72,30 @@ class DatabaseCollector(Collector):
 
     def _from_database(self) -> Iterator[Metric]:
         with self._db.session() as session:
-            stored = session.scalar(
-                select(func.count(AuditEvent.id)).where(AuditEvent.event_type == str(AuditEventType.INSTANCE_STORED))
-            )
-            failures = session.scalar(
-                select(func.count(AuditEvent.id)).where(AuditEvent.event_type.in_(SEND_FAILURE_EVENTS))
-            )
-            jobs = dict(session.execute(select(Job.status, func.count(Job.id)).group_by(Job.status)).all())
-            studies = dict(session.execute(select(Study.status, func.count(Study.id)).group_by(Study.status)).all())
-            outbound = dict(
-                session.execute(
-                    select(OutboundItem.status, func.count(OutboundItem.id)).group_by(OutboundItem.status)
-                ).all()
-            )
+            stored = audit_event_count(session, [AuditEventType.INSTANCE_STORED])
+            failures = audit_event_count(session, SEND_FAILURE_EVENTS)
+            states = state_counts(session)
             durations = {
-                column.key: duration_histogram(session, column) for column in (JD.worker_seconds, JD.queue_wait_seconds)
+                column.key: duration_histogram(session, column, INFERENCE_BUCKETS)
+                for column in (JD.worker_seconds, JD.queue_wait_seconds)
             }
 
         received = CounterMetricFamily("edgenode_instances_received", "DICOM instances stored (C-STORE accepted)")
-        received.add_metric([], float(stored or 0))
+        received.add_metric([], float(stored))
         yield received
         send_failures = CounterMetricFamily(
             "edgenode_send_failures", "Failed result C-STORE attempts (retried or dead-lettered)"
         )
-        send_failures.add_metric([], float(failures or 0))
+        send_failures.add_metric([], float(failures))
         yield send_failures
-        for name, doc, counts, states in (
-            ("edgenode_jobs", "Inference jobs by state", jobs, JobStatus),
-            ("edgenode_studies", "Studies by state", studies, StudyStatus),
-            ("edgenode_outbound_items", "Result deliveries by state", outbound, OutboundStatus),
+        for name, doc, counts in (
+            ("edgenode_jobs", "Inference jobs by state", states.jobs),
+            ("edgenode_studies", "Studies by state", states.studies),
+            ("edgenode_outbound_items", "Result deliveries by state", states.outbound),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["state"])
-            for state in sorted({str(s) for s in states} | set(counts)):
-                gauge.add_metric([state], float(counts.get(state, 0)))
+            for state in sorted(counts):
+                gauge.add_metric([state], float(counts[state]))
             yield gauge
         for name, doc, key in (
             (

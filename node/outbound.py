@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 from db.audit import record_audit
 from db.jobs import LeaseLost, update_timings
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
-from db.outbound import Backoff, add_outbound, due_items, mark_failed, mark_sent, requeue, upsert_result
+from db.outbound import Backoff, DueItem, add_outbound, due_items, mark_failed, mark_sent, requeue, upsert_result
 from db.session import Database
 from node.config import PeerSettings, Settings
 from node.scu import OutgoingFile, StoreOutcome, store_files
@@ -199,7 +199,8 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
 
     # Only to peers still in [[peers]] (their current address and TLS setting): a peer removed from the
     # configuration is no longer trusted with results, so its items wait (backoff, then dead, retryable).
-    listed, unlisted = [], []
+    listed: list[DueItem] = []
+    unlisted: list[DueItem] = []
     for item in due:
         (listed if settings.peer(item.destination_ae) is not None else unlisted).append(item)
     for item in unlisted:

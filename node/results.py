@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from inference.result import AnomalyResult
+from inference.anomaly_result import AnomalyResult
 from node.config import ResultsSettings
 from node.heatmap import HeatmapRenderer, HeatmapText
 
@@ -200,7 +200,7 @@ class ResultWriter:
         )
 
     def seg(self, kind: str, pixels: np.ndarray, seg_type: str, segment: hd.seg.SegmentDescription) -> Dataset:
-        omit_empty = not self.settings.seg_all_slices and pixels.any()
+        omit_empty = not self.settings.seg_all_slices and bool(pixels.any())
         extra: dict[str, Any] = {}
         if seg_type == "FRACTIONAL":
             extra = {
@@ -325,7 +325,7 @@ class ResultWriter:
                 contributing_equipment=self.equipment,
             )
             if letters is None:
-                sc.PatientOrientation = list(orientation) if orientation else None
+                sc.PatientOrientation = list(orientation or ())  # empty (Type 2) when unknown
             sc.BurnedInAnnotation = "YES"
             sc.ImageType = ["DERIVED", "SECONDARY"]
             sc.DerivationDescription = f"Anomaly map of model {self.model.version} blended over the source image"
@@ -378,7 +378,7 @@ class ResultWriter:
         chosen = []
         for k in sorted(self.library_slices(seg)):
             ds = self.sources[k]
-            needed = PROJECTION_LIBRARY_ATTRIBUTES if ds.Modality in PROJECTION_MODALITIES else ()
+            needed: tuple[str, ...] = PROJECTION_LIBRARY_ATTRIBUTES if ds.Modality in PROJECTION_MODALITIES else ()
             if ds.Modality in CROSS_SECTIONAL_MODALITIES:
                 needed = CROSS_SECTIONAL_LIBRARY_ATTRIBUTES
             absent = [keyword for keyword in needed if ds.get(keyword) in (None, "", [])]  # Type 2: may be empty

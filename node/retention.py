@@ -10,33 +10,25 @@ finishes the job. Each removal appends a `retention.deleted` audit event; audit 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select, update
-
 from db.audit import record_audit
-from db.models import (
-    AuditEventType,
-    Instance,
-    Job,
-    JobStatus,
-    OutboundStatus,
-    Result,
-    Series,
-    Study,
-    StudyStatus,
-    utcnow,
+from db.models import AuditEventType, utcnow
+from db.retention import (
+    delete_study,
+    has_undelivered_results,
+    is_busy,
+    lock_study,
+    studies_received_before,
+    study_file_paths,
 )
 from db.session import Database
 from node.config import Settings
+from node.spool import contained_path
 
 log = logging.getLogger(__name__)
-
-BUSY_STUDY = (StudyStatus.RECEIVING, StudyStatus.QUEUED, StudyStatus.PROCESSING)
-BUSY_JOB = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass
@@ -51,14 +43,6 @@ class RetentionReport:
     studies_kept_failed: list[str] = field(default_factory=list)  # a file could not be removed: rows kept, retried
 
 
-def _undelivered(study: Study) -> bool:
-    for job in study.jobs:
-        for result in job.results:
-            if not result.outbound or any(o.status != OutboundStatus.SENT for o in result.outbound):
-                return True
-    return False
-
-
 @dataclass
 class _Removal:
     deleted: int = 0
@@ -67,25 +51,27 @@ class _Removal:
     bytes: int = 0
 
 
-def _remove(path: Path, spool_root: Path, removal: _Removal) -> None:
-    # Containment is checked on the path as written (.. folded), not resolved: a spool folder that is a symlink
-    # to another disk (results on their own volume, say) is still the spool.
-    if not Path(os.path.normpath(path)).is_relative_to(spool_root):
-        log.error("retention: refusing to delete %s outside the spool %s", path, spool_root)
+def _remove(relpath: str, spool_root: Path, removal: _Removal) -> Path | None:
+    """Delete one spool file, counting the outcome; returns its path unless it lies outside the spool."""
+    try:
+        path = contained_path(spool_root, relpath)
+    except ValueError:
+        log.error("retention: refusing to delete %s outside the spool %s", relpath, spool_root)
         removal.failed += 1
-        return
+        return None
     try:
         size = path.stat().st_size
         path.unlink()
     except FileNotFoundError:
         removal.missing += 1
-        return
+        return path
     except OSError as exc:
         log.error("retention: cannot delete %s: %s", path, exc)
         removal.failed += 1
-        return
+        return path
     removal.deleted += 1
     removal.bytes += size
+    return path
 
 
 def _prune_empty_dirs(paths: set[Path], spool_root: Path) -> None:
@@ -106,37 +92,21 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
     cutoff = (now or utcnow()) - timedelta(days=settings.retention.days)
     report = RetentionReport(cutoff=cutoff)
     with db.session() as session:
-        candidates = [
-            uid
-            for uid in session.scalars(
-                select(Study.study_instance_uid).where(Study.last_received_at < cutoff).order_by(Study.id)
-            )
-        ]
+        candidates = studies_received_before(session, cutoff)
     for uid in candidates:
         with db.session() as session:
-            # Take the database write lock first (a no-op UPDATE), so no instance can join this study
-            # between the checks below and the delete; the listener waits on its busy timeout.
-            session.execute(
-                update(Study).where(Study.study_instance_uid == uid).values(status=Study.status),
-                execution_options={"synchronize_session": False},
-            )
-            study = session.scalar(select(Study).where(Study.study_instance_uid == uid))
+            study = lock_study(session, uid)
             if study is None or study.last_received_at >= cutoff:  # gone or grew meanwhile
                 continue
-            if study.status in BUSY_STUDY or any(j.status in BUSY_JOB for j in study.jobs):
+            if is_busy(study):
                 report.studies_kept_busy.append(uid)
                 continue
-            if _undelivered(study):
+            if has_undelivered_results(study):
                 report.studies_kept_undelivered.append(uid)
                 continue
-            relative = list(
-                session.scalars(select(Instance.path).join(Series).where(Series.study_id == study.id))
-            ) + list(session.scalars(select(Result.path).join(Job).where(Job.study_id == study.id)))
-            files = [spool_root / p for p in relative]
             removal = _Removal()
-            for path in files:
-                _remove(path, spool_root, removal)
-            _prune_empty_dirs({p.parent for p in files}, spool_root)
+            removed = [_remove(relpath, spool_root, removal) for relpath in study_file_paths(session, study.id)]
+            _prune_empty_dirs({p.parent for p in removed if p is not None}, spool_root)
             report.files_deleted += removal.deleted
             report.files_missing += removal.missing
             report.bytes_freed += removal.bytes
@@ -157,7 +127,7 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
                     "study's database rows"
                 ),
             )
-            session.delete(study)
+            delete_study(session, study)
         report.studies_deleted.append(uid)
         log.info("retention: removed study %s (%d files)", uid, removal.deleted)
     if report.studies_kept_failed:

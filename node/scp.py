@@ -46,6 +46,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -125,11 +126,19 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def _store_request(event: evt.Event) -> C_STORE:
+    """The request of an EVT_C_STORE event (pynetdicom types `event.request` as any DIMSE message)."""
+    request = event.request
+    assert isinstance(request, C_STORE)
+    return request
+
+
 def build_ae(settings: Settings) -> AE:
     node = settings.node
     ae = AE(ae_title=node.ae_title)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:  # always set in pynetdicom's list (the attribute is Optional)
+            ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
     ae.maximum_associations = node.max_associations
     ae.acse_timeout = node.acse_timeout
@@ -179,7 +188,7 @@ class StorageSCP:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handlers: list[tuple[evt.EventType, Callable[..., Any]]] = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
@@ -318,11 +327,12 @@ class StorageSCP:
         """Refuse a C-STORE whose data set was not (or could not be) looked at: named by the request's UID."""
         calling, called, address = self._peer(event.assoc)
         who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
-        return self._reject(status, reason, str(event.request.AffectedSOPInstanceUID or "").strip(), who)
+        requested_sop = str(_store_request(event).AffectedSOPInstanceUID or "").strip()
+        return self._reject(status, reason, requested_sop, who)
 
     def _store(self, event: evt.Event) -> int | Dataset:
         calling, called, address = self._peer(event.assoc)
-        request = event.request
+        request = _store_request(event)
         requested_sop = str(request.AffectedSOPInstanceUID or "").strip()
         requested_class = str(request.AffectedSOPClassUID or "").strip()
         who = {"calling_ae": calling, "called_ae": called, "peer_address": address}

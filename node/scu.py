@@ -114,7 +114,8 @@ def store_files(node: NodeSettings, peer: PeerSettings, files: Sequence[Outgoing
     """Send `files` to `peer` over one association (or a few, past 128 contexts); one outcome per file."""
     remaining = list(files)
     while remaining:
-        batch, pairs = [], set()
+        batch: list[OutgoingFile] = []
+        pairs: set[tuple[str, str]] = set()
         for f in remaining:
             pair = (f.sop_class_uid, f.transfer_syntax_uid)
             if pair not in pairs and len(pairs) == MAX_CONTEXTS:

@@ -46,6 +46,28 @@ class StoredFile:
     sha256: str
 
 
+def contained_path(root: Path, relpath: str) -> Path:
+    """`root / relpath` with `..` folded; ValueError when it leaves `root` (an absolute `root`).
+
+    The one spool containment check (sender, retention, dashboard). It is made on the path as written, not
+    resolved: a spool folder that is a symlink to another disk (results on their own volume) is still the spool,
+    while a relpath from the database or a URL cannot climb out of it.
+    """
+    path = Path(os.path.normpath(root / relpath))
+    if not path.is_relative_to(root):
+        raise ValueError(f"{relpath!r} is outside the spool")
+    return path
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Bytes available to this (unprivileged) process on the file system holding `path` (or its nearest
+    existing parent): the listener's low-disk refusal, /healthz and /metrics all read this."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
 KNOWN_DIRS_LIMIT = 4096  # series folders remembered: far more than are written to at once
 
 
@@ -112,11 +134,8 @@ class Spool:
         return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def path(self, relpath: str) -> Path:
-        """Absolute path of a spool-relative path; refuses paths that escape the spool."""
-        candidate = (self.root / relpath).resolve()
-        if candidate != self.root and self.root not in candidate.parents:
-            raise ValueError(f"{relpath!r} is outside the spool")
-        return candidate
+        """Absolute path of a spool-relative path; refuses paths that escape the spool (see contained_path)."""
+        return contained_path(self.root, relpath)
 
     def delete(self, relpath: str) -> None:
         """Remove a file (missing is fine) and folders left empty up to the spool root."""
@@ -136,7 +155,7 @@ class Spool:
 
     def free_bytes(self) -> int:
         """Bytes available to this (unprivileged) process on the spool's file system."""
-        return shutil.disk_usage(self.root).free
+        return free_disk_bytes(self.root)
 
     def cleanup_temp(self) -> list[str]:
         """Remove temp files left by an interrupted write; returns their relative paths."""

@@ -33,8 +33,10 @@ from node.parent_watch import ParentWatch
 from node.spool import Spool
 
 if TYPE_CHECKING:
+    from inference.anomaly_result import AnomalyResult
+    from inference.denoiser import Denoiser
     from inference.pipeline import PipelineSettings
-    from inference.result import AnomalyResult
+    from inference.unet import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -190,15 +192,15 @@ class JobRunner:
         self.stop = stop or threading.Event()
         self.db = Database(settings.database_url, run_migrations=False)
         self.spool = Spool(settings.spool_dir)
-        self._denoiser = None
-        self._model_info = None
+        self._denoiser: Denoiser | None = None
+        self._model_info: ModelInfo | None = None
         self.max_batch = settings.inference.max_batch
         self._sender: threading.Thread | None = None
         self._server_down_streak = 0  # jobs deferred in a row because the inference server could not serve
 
-    def _engine(self):  # type: ignore[no-untyped-def]
+    def _engine(self) -> tuple[Denoiser, ModelInfo]:
         """Load the model and pick its backend once per worker process (the first job pays for it)."""
-        if self._denoiser is None:
+        if self._denoiser is None or self._model_info is None:
             from engines.select import resolve_model_path, select_denoiser
             from inference.pipeline import model_fit_problems
             from inference.unet import read_model_info
@@ -415,7 +417,7 @@ class JobRunner:
         if self._sender is not None:
             self._sender.join(timeout)
 
-    def _infer_with_oom_retry(self, run_pipeline, item: SeriesFiles, denoiser, model_info, check):  # type: ignore[no-untyped-def]
+    def _infer_with_oom_retry(self, run_pipeline, item: SeriesFiles, denoiser, model_info, check):
         """Run the pipeline; on GPU out-of-memory halve the batch and try again instead of failing."""
         import torch
 

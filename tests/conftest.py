@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+
+# One copy of each, shared with `edgenode demo` (TCP_NODELAY=1 for dcmtk and Orthanc); re-exported for the tests.
+from node.local_orthanc import free_port as free_port
+from node.local_orthanc import peer_env as peer_env
 
 # The throwaway PostgreSQL server and the `database_url` fixture (SQLite and PostgreSQL).
 pytest_plugins = ["tests.postgres"]
@@ -23,19 +26,6 @@ DCMTK = {
 DCIODVFY = Path("/usr/bin/dciodvfy")
 DCENTVFY = Path("/usr/bin/dcentvfy")
 ORTHANC = Path("/usr/sbin/Orthanc")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def peer_env() -> dict[str, str]:
-    """Environment for dcmtk and Orthanc processes: TCP_NODELAY avoids Nagle's ~50 ms per image."""
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    return env
 
 
 def node_env(**extra: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from db.models import AuditEvent, Job, Study
 from db.session import Database
 from node.config import load_settings, settings_to_toml
-from node.peers import Orthanc, free_port, peer_env, wait_for_port
+from node.local_orthanc import Orthanc, free_port, peer_env, wait_for_port
 from tests.conftest import REPO_ROOT, edgenode_cmd, node_env
 
 ROUTING_LUA = REPO_ROOT / "deploy" / "orthanc" / "edgenode-routing.lua"

@@ -15,7 +15,7 @@ from pynetdicom import AE
 
 from node.app import EdgeNode
 from node.config import Settings, load_settings
-from node.peers import wait_for_port
+from node.local_orthanc import wait_for_port
 from tests.conftest import edgenode_cmd, free_port, node_env
 
 SENDER_AE = "SENDER"

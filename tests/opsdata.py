@@ -52,10 +52,11 @@ from db.models import (
 )
 from db.session import Database
 from node.config import Settings, load_settings, settings_to_toml
-from node.peers import StoreSCP, wait_for_port
+from node.local_orthanc import wait_for_port
 from tests.conftest import DCMTK, edgenode_cmd, free_port, node_env, peer_env
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.engine_models import saved_unet
+from tests.peers import StoreSCP
 
 
 def heatmap_sc(study_uid: str, patient_id: str, size: int = 64, hot: tuple[int, int] = (20, 40)) -> Dataset:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT, node_env
+
+pytestmark = pytest.mark.slow  # runs the benchmark scripts: minutes
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,8 @@ from db.session import Database
 from tests.conftest import REPO_ROOT
 from tests.opsdata import ServedNode, served_node
 
+pytestmark = pytest.mark.slow  # a real run, then Chromium
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM_ARGS = [

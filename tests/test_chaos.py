@@ -14,7 +14,7 @@ from db.models import JobStatus, OutboundStatus
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.e2e_support import NodeProcess, make_model, node_results_in_pacs, routing_pacs, storescu, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # a real node killed twice during a real run
 
 SLICES = 24  # one heatmap per slice: 26 result objects, so sending lasts long enough to be interrupted
 

@@ -6,8 +6,12 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import edgenode_cmd, node_env
 from tests.engine_models import saved_unet
+
+pytestmark = pytest.mark.slow  # `edgenode demo` end to end
 
 
 def test_demo_delivers_seg_sc_and_sr_to_orthanc(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pydicom
 
-from node.peers import Orthanc, StoreSCP, peer_env
+from node.local_orthanc import Orthanc, peer_env
 from tests.conftest import REPO_ROOT
 from tests.dicomgen import make_ct_series, write_datasets
+from tests.peers import StoreSCP
 
 LUA = REPO_ROOT / "deploy" / "orthanc" / "edgenode-routing.lua"
 

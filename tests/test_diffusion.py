@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.base import Denoiser
+from inference.denoiser import Denoiser
 from inference.diffusion import LinearSchedule, q_sample, reverse_process, strided_timesteps
 from inference.simplex import NoiseSource
 from inference.unet import PRESETS, UNet

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from db.models import Job, JobStatus
-from node.peers import Orthanc
+from node.local_orthanc import Orthanc
 from tests.dicomgen import make_ct_series, make_dx, make_undecodable, write_datasets
 from tests.e2e_support import PACS_AET, NodeProcess, make_model, node_results_in_pacs, routing_pacs, storescu, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # Orthanc -> node -> Orthanc with inference
 
 REQUIRED_AUDIT = {
     "instance.stored",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.base import Denoiser, batch_slices, check_inputs
+from engines.base import batch_slices, check_inputs
 from engines.openvino_backend import openvino_precisions
 from engines.ort_backend import OrtDenoiser
 from engines.probe import cpu_candidates
@@ -23,6 +23,8 @@ from engines.select import (
     select_denoiser,
 )
 from engines.torch_backend import TorchDenoiser
+from inference.denoiser import Denoiser
+from inference.weights import bundled_model_path
 from tests.engine_models import random_batch, rel_error, saved_unet
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
@@ -142,7 +144,7 @@ def test_model_paths_resolve_or_say_what_is_missing(tmp_path: Path, tiny) -> Non
     except FileNotFoundError as exc:
         assert "inference/weights" in str(exc)
     else:
-        assert bundled.suffix == ".safetensors" and bundled.parent.name == "weights"
+        assert bundled == bundled_model_path() and bundled.suffix == ".safetensors"
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import edgenode_cmd, node_env
 from tests.engine_models import saved_unet
 
@@ -14,6 +16,7 @@ def _edgenode(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(edgenode_cmd(*args), env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # an ONNX export in a subprocess
 def test_build_exports_into_the_cache_and_info_lists_it(tmp_path: Path) -> None:
     _, info, weights = saved_unet(tmp_path)
     data_dir = tmp_path / "var"

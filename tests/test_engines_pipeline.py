@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from engines.select import BACKENDS, BackendUnavailable, build_denoiser, plan_backend
 from inference.pipeline import PipelineSettings, run_pipeline
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.engine_models import saved_unet
+
+pytestmark = pytest.mark.slow  # the whole pipeline once per backend
 
 
 def fp32_plans() -> list:

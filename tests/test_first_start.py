@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from node.commands.serve import NO_PEERS
-from node.peers import wait_for_port
+from node.local_orthanc import wait_for_port
 from tests.conftest import REPO_ROOT, edgenode_cmd, free_port, node_env
 
 

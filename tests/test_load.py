@@ -12,11 +12,11 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Job, JobStatus, OutboundItem, OutboundStatus, Result, Study
-from node.peers import Orthanc, free_port
+from node.local_orthanc import Orthanc, free_port
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.e2e_support import PACS_AET, NodeProcess, make_model, node_results_in_pacs, storescu, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # 8 studies through a real node and Orthanc
 
 SENDERS = 4
 STUDIES = 8

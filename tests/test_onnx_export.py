@@ -20,7 +20,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return model, info
 
 
-@pytest.fixture(scope="module", params=["dynamo", "torchscript"])
+# The dynamo export takes most of this file's time; the fast tier still runs one (test_engines, through select).
+@pytest.fixture(scope="module", params=[pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
 def exported(request: pytest.FixtureRequest, tiny, tmp_path_factory: pytest.TempPathFactory):
     model, info = tiny
     out = tmp_path_factory.mktemp(f"onnx-{request.param}")

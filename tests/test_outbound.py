@@ -19,12 +19,13 @@ from db.models import AuditEvent, Job, OutboundItem, OutboundStatus, Study
 from db.outbound import Backoff, list_items
 from db.session import Database
 from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings, settings_to_toml
+from node.local_orthanc import Orthanc, free_port
 from node.outbound import enqueue, retry_dead, send_due, sender_lock
-from node.peers import Orthanc, StoreSCP, free_port
 from node.results import ResultObject, write_results
 from node.spool import Spool
 from tests.conftest import edgenode_cmd, node_env
 from tests.dicomgen import make_ct_series
+from tests.peers import StoreSCP
 from tests.test_results import MODEL, ct_result
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -16,7 +16,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
-from inference.result import AnomalyResult
+from inference.anomaly_result import AnomalyResult
 from node.config import ResultsSettings
 from node.heatmap import HeatmapRenderer, HeatmapText, render_heatmap
 from node.results import MANUFACTURER, SLICE_SCORE, STUDY_SCORE, ResultObject, write_results

@@ -9,9 +9,9 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from node.config import NodeSettings, PeerSettings
-from node.peers import StoreSCP
 from node.scu import OutgoingFile, contexts_for, store_files
 from tests.dicomgen import make_ct_series, write_datasets
+from tests.peers import StoreSCP
 from tests.test_scp_tls import make_pki
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.spool import TEMP_SUFFIX, Spool, safe_component
+from node.spool import TEMP_SUFFIX, Spool, free_disk_bytes, safe_component
 
 
 def test_store_instance_layout_size_and_checksum(tmp_path: Path) -> None:
@@ -68,3 +68,20 @@ def test_folder_cache_stays_bounded_when_others_remove_folders(tmp_path: Path, m
     assert len(spool._known_dirs) <= 8
     spool.store_instance("1.0", "2", "3", b"again")  # a stale entry costs one retry, never a failure
     assert spool.path("1.0/2/3.dcm").read_bytes() == b"again"
+
+
+def test_a_spool_folder_that_is_a_symlink_to_another_disk_is_still_the_spool(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    elsewhere = tmp_path / "other-disk" / "results"
+    elsewhere.mkdir(parents=True)
+    (spool.root / "results").symlink_to(elsewhere)  # results on their own volume, as sites do
+    spool.write_atomic("results/job-1/seg.dcm", b"seg")
+    assert spool.path("results/job-1/seg.dcm").read_bytes() == b"seg"
+    assert (elsewhere / "job-1" / "seg.dcm").is_file()
+    for escaping in ("results/../../other-disk/results/job-1/seg.dcm", "/etc/passwd", "../spool2/x.dcm"):
+        with pytest.raises(ValueError, match="outside the spool"):
+            spool.path(escaping)
+
+
+def test_free_disk_of_a_folder_not_made_yet_is_read_on_its_nearest_parent(tmp_path: Path) -> None:
+    assert free_disk_bytes(tmp_path / "not" / "made" / "yet") > 0  # data_dir before the first start: no error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from inference.train import TrainConfig, phantom_slices, ship, train
@@ -22,6 +23,7 @@ def test_pool_is_normalised_with_lung_masks() -> None:
     assert pool.masks.sum() > 0 and set(pool.masks.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.slow
 def test_loss_falls_and_weights_ship(tmp_path) -> None:
     pool = phantom_slices(seed=1, subjects=2, size=64, slices=6, grid=32)
     cfg = tiny_config(rotate_degrees=3.0, intensity_jitter=0.02)
@@ -36,6 +38,7 @@ def test_loss_falls_and_weights_ship(tmp_path) -> None:
     assert model(x, x, torch.zeros(1)).shape == (1, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_resume_matches_an_unbroken_run(tmp_path) -> None:
     pool = phantom_slices(seed=2, subjects=1, size=48, slices=4, grid=32)
     unbroken = train(tiny_config(steps=8), pool=pool, progress=False)
@@ -57,6 +60,7 @@ def test_pool_from_a_dicom_folder(tmp_path) -> None:
     assert pool.masks.sum() > 0
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
     """--init: a run starts where the given model is (its first loss is the trained loss, not a fresh one's)."""
     import pytest

@@ -88,6 +88,7 @@ def served(python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     server.stop()
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_pipeline_through_triton_gives_the_local_onnxruntime_findings(served: Served, tmp_path: Path) -> None:
     files = write_datasets(make_ct_series(4, 48, 48, seed=7), tmp_path / "ct")
     settings = PipelineSettings(
@@ -106,6 +107,7 @@ def test_pipeline_through_triton_gives_the_local_onnxruntime_findings(served: Se
     assert remote.anomalous_volume_mm3 == local.anomalous_volume_mm3
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_a_served_model_of_other_weights_is_refused(served: Served, tmp_path: Path) -> None:
     other_model, other, _ = saved_unet(tmp_path, seed=4)
     with pytest.raises(TritonModelMismatch, match=f"this node runs {other.model_id}") as refused:
@@ -139,6 +141,7 @@ def _stop_on_call(denoiser: TritonDenoiser, server: TritonProcess, call: int) ->
     return Stopping()  # type: ignore[return-value]
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, tmp_path: Path) -> None:
     settings, db = received_study(tmp_path, make_ct_series(3, 48, 48, seed=5))
     weights = Path(settings.inference.model)
@@ -187,6 +190,7 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
         server.stop()
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_a_job_meeting_another_model_waits_without_using_an_attempt(served: Served, tmp_path: Path) -> None:
     settings, db = received_study(tmp_path, make_ct_series(2, 48, 48, seed=6))  # weights other than the served
     settings.inference.backend = "triton"
@@ -216,6 +220,7 @@ def test_a_server_that_never_answers_in_time_is_unavailable_not_an_error(tmp_pat
         assert probe(endpoint, info).state == "unreachable"
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_generated_repository_parses_and_is_served(python: Path, tmp_path: Path) -> None:
     _, info, weights = saved_unet(tmp_path, seed=3)
     repo = tmp_path / "repo"
@@ -260,6 +265,7 @@ def test_generated_repository_parses_and_is_served(python: Path, tmp_path: Path)
         server.stop()
 
 
+@pytest.mark.slow  # starts a Triton server
 def test_mutual_tls_with_the_sites_ca(python: Path, served: Served, tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     tls = (pki["server.pem"], pki["server.key"], pki["ca.pem"])

@@ -168,6 +168,18 @@ def test_study_api_page_and_heatmap(client: TestClient, node) -> None:
     assert other.status_code == 404  # a result is only served under its own study
 
 
+def test_heatmaps_render_from_a_results_folder_on_another_disk(client: TestClient, node, tmp_path: Path) -> None:
+    settings, _, uids = node
+    results = settings.spool_dir / "results"
+    elsewhere = tmp_path / "other-disk" / "results"
+    elsewhere.parent.mkdir()
+    results.rename(elsewhere)
+    results.symlink_to(elsewhere)  # results on their own volume: still the spool (retention agrees)
+    page = client.get(f"/studies/{uids['high']}", headers=AUTH)
+    srcs = re.findall(r'<img src="([^"]+\.png)"', page.text)
+    assert srcs and all(client.get(src, headers=AUTH).status_code == 200 for src in srcs)
+
+
 def test_pages_render(client: TestClient, node) -> None:
     _, _, uids = node
     worklist = client.get("/", headers=AUTH)
@@ -218,6 +230,19 @@ def test_public_health_check_keeps_the_database_error_to_itself(client: TestClie
     assert public.status_code == 503 and public.json()["database"].startswith("unreachable")
     assert "db.internal" not in public.text
     assert "db.internal" in client.get("/api/queue", headers=AUTH).text  # with the token, the reason
+
+
+def test_queue_page_and_metrics_count_the_same_states(client: TestClient) -> None:
+    queue = client.get("/api/queue", headers=AUTH).json()
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics", headers=AUTH).text)}
+    for family, key in (
+        ("edgenode_jobs", "jobs_by_state"),
+        ("edgenode_studies", "studies_by_state"),
+        ("edgenode_outbound_items", "outbound_by_state"),
+    ):
+        scraped = {s.labels["state"]: s.value for s in families[family].samples}
+        assert scraped == {state: float(n) for state, n in queue[key].items()}
+    assert queue["jobs_by_state"]["done"] == 2 and queue["outbound_by_state"]["pending"] >= 1
 
 
 def test_token_generated_once_and_kept_private(tmp_path: Path) -> None:

@@ -24,9 +24,9 @@ from sqlalchemy import select
 from db.models import Job, Study
 from db.queries import AUDIT_FIELDS, WORKLIST_FIELDS
 from db.session import Database
-from node.peers import StoreSCP
 from tests.conftest import edgenode_cmd, node_env
 from tests.opsdata import OFFLINE_AE, ServedNode, served_node, store
+from tests.peers import StoreSCP
 
 SCORED = ("ACC-A", "ACC-B", "ACC-C", "ACC-OFF")  # routine studies with a job; ACC-STAT is STAT, ACC-ABD has none
 SOP_CLASS_KIND = {

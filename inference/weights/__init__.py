@@ -1,1 +1,21 @@
-"""Shipped model weights (package data): chest-ct-small.safetensors is what `inference.model = "bundled"` loads."""
+"""Shipped model weights (package data): chest-ct-small.safetensors is what `[inference] model = "bundled"` loads.
+
+Inference owns its weights: code outside this package asks `bundled_model_path()` rather than looking here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+
+
+def bundled_model_path() -> Path:
+    """The shipped .safetensors model; FileNotFoundError (saying what to do) when none is shipped."""
+    found = sorted(WEIGHTS_DIR.glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(
+            f"no bundled model: {WEIGHTS_DIR} holds no .safetensors file yet; "
+            "train one (edgenode train) or set [inference] model to a weights file"
+        )
+    return found[0]

@@ -24,9 +24,7 @@ DEMO_PACS_AET = "DEMOPACS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--workdir", type=Path, default=None, help="demo data folder (default: a temp dir)"
-    )
+    parser.add_argument("--workdir", type=Path, default=None, help="demo data folder (default: a temp dir)")
     parser.add_argument("--lesions", default="nodule", choices=["nodule", "ggo", "consolidation", "reticular", "mixed"])
     parser.add_argument("--modality", default="ct", choices=["ct", "dx"])
     parser.add_argument("--size", type=int, default=256, help="image rows and columns (default 256)")
@@ -44,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_settings(base: Settings, workdir: Path, pacs: PeerSettings) -> Settings:
     """The operator's settings with what the demo needs: its own data dir, free ports, the PACS as peer."""
-    from node.peers import free_port
+    from node.local_orthanc import free_port
 
     data = base.model_dump()
     data["node"].update(port=free_port(), data_dir=str(workdir / "node"), min_free_disk_mb=64)
@@ -80,7 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from inference.phantoms import write_study
     from node.app import EdgeNode
-    from node.peers import Orthanc
+    from node.local_orthanc import Orthanc
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgenode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,32 +138,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _wait_for_results(node: Any, pacs: Any, study_uid: str, timeout: float) -> dict[str, Any] | None:
     """Poll the node's database until the study's job is done and all its results are delivered."""
-    from sqlalchemy import select
-
-    from db.models import Job, JobStatus, OutboundItem, OutboundStatus, Result, Study
+    from db.models import JobStatus, OutboundStatus
+    from db.queries import job_deliveries, latest_job_of_study
 
     deadline = time.monotonic() + timeout
     last_state = ""
     while time.monotonic() < deadline:
         with node.db.session() as session:
-            job = (
-                session.execute(
-                    select(Job).join(Study).where(Study.study_instance_uid == study_uid).order_by(Job.id.desc())
-                )
-                .scalars()
-                .first()
-            )
+            job = latest_job_of_study(session, study_uid)
             state = "waiting for the study to arrive and settle" if job is None else f"job {job.id} {job.status}"
             if job is not None and job.status == JobStatus.FAILED:
                 print(f"      job failed: {job.error}")
                 return None
             if job is not None and job.status == JobStatus.DONE:
-                items = session.execute(
-                    select(OutboundItem.status, Result.kind, Result.sop_instance_uid)
-                    .join(Result)
-                    .where(Result.job_id == job.id)
-                ).all()
-                pending = [i for i in items if i.status != OutboundStatus.SENT]
+                items = job_deliveries(session, job.id)
+                pending = [i for i in items if i[0] != OutboundStatus.SENT]
                 state = f"job {job.id} done; {len(items) - len(pending)}/{len(items)} result(s) delivered"
                 if items and not pending:
                     return {
@@ -174,7 +161,7 @@ def _wait_for_results(node: Any, pacs: Any, study_uid: str, timeout: float) -> d
                         "uncertainty": job.uncertainty,
                         "model_id": job.model_id,
                         "timings": dict(job.timings or {}),
-                        "results": [(i.kind, i.sop_instance_uid) for i in items],
+                        "results": [(kind, uid) for _, kind, uid in items],
                     }
         if state != last_state:
             print(f"      {state}")

@@ -210,9 +210,10 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
             kind=f"KIND_{args.triton_kind.upper()}",
             plan=plan,
         )
-        for model in written:
+        for repo_model in written:
             print(
-                f"  {model.directory}: {model.platform}, max batch {inf.max_batch}, weights sha256 {info.sha256[:16]}"
+                f"  {repo_model.directory}: {repo_model.platform}, max batch {inf.max_batch}, "
+                f"weights sha256 {info.sha256[:16]}"
             )
     print(f"done in {time.perf_counter() - start:.1f} s; cache {cache}:")
     print("\n".join(_cache_lines(cache)))

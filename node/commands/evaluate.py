@@ -7,11 +7,9 @@ from pathlib import Path
 
 from node.config import Settings
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "inference" / "weights" / "chest-ct-small.safetensors"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_WEIGHTS, help="weights (default: the shipped model)")
+    parser.add_argument("--model", type=Path, default=None, help="weights (default: the shipped model)")
     parser.add_argument("--out", type=Path, default=Path("docs/EVALUATION.md"), help="Markdown report")
     parser.add_argument("--figure", type=Path, default=None, help="figure PNG (default: beside the report)")
     parser.add_argument(
@@ -38,17 +36,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
     from inference.evaluate import write_report
+    from inference.weights import bundled_model_path
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    if not args.model.exists():
-        print(f"edgenode evaluate: model {args.model} not found")
+    try:
+        model = args.model or bundled_model_path()
+    except FileNotFoundError as exc:
+        print(f"edgenode evaluate: {exc}")
+        return 2
+    if not model.exists():
+        print(f"edgenode evaluate: model {model} not found")
         return 2
     rows = [int(r) for r in args.rows.split(",") if r.strip()] if args.rows else None
     figure = args.figure or args.out.with_name("evaluation.png")
     write_report(
-        args.model,
+        model,
         args.out,
         figure,
         lesion_cases=args.lesion_cases,

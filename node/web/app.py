@@ -40,7 +40,7 @@ from node.config import Settings
 from node.inference_server import TritonMonitor, uses_triton
 from node.metrics import build_registry
 from node.web.health import check_health
-from node.web.heatmap import HeatmapError, render_png, spool_file
+from node.web.result_png import HeatmapError, render_png, spool_file
 from node.web.token import resolve_token
 
 HERE = Path(__file__).parent

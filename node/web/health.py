@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-from sqlalchemy import text
 
 from db.session import Database
 from node.config import Settings
+from node.spool import free_disk_bytes
 
 if TYPE_CHECKING:
     from node.inference_server import TritonMonitor
 
 
-def free_disk_bytes(path: Path) -> int:
-    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
 def database_ok(db: Database) -> tuple[bool, str]:
     try:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        db.ping()
     except Exception as exc:  # any driver error means "not reachable"
         return False, f"{type(exc).__name__}: {exc}"
     return True, ""

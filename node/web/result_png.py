@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from node.spool import contained_path
+
 
 class HeatmapError(Exception):
     """The file is missing, outside the spool or has no renderable pixels."""
@@ -19,10 +21,10 @@ class HeatmapError(Exception):
 
 def spool_file(spool_dir: Path, relative: str) -> Path:
     """The spool file at `relative`, refusing any path that escapes the spool directory."""
-    root = spool_dir.resolve()
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise HeatmapError(f"result path {relative!r} is outside the spool")
+    try:
+        path = contained_path(spool_dir.resolve(), relative)
+    except ValueError as exc:
+        raise HeatmapError(f"result path {relative!r} is outside the spool") from exc
     if not path.is_file():
         raise HeatmapError(f"result file {relative!r} is no longer in the spool")
     return path

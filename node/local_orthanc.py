@@ -1,14 +1,14 @@
-"""Real DICOM peers as child processes: Orthanc (a PACS) and dcmtk's storescp.
+"""Orthanc as a child process on loopback ports: the PACS that `edgenode demo` starts.
 
-Used by `edgenode demo`, the benchmarks and the tests; each runs on loopback ports with
-TCP_NODELAY=1 (Nagle's algorithm otherwise adds ~50 ms per image) and is stopped by its owner.
+The tests and benchmarks start theirs the same way (their other peers, such as dcmtk's storescp, are in
+tests/peers.py). Every peer runs with TCP_NODELAY=1 (Nagle's algorithm otherwise adds ~50 ms per image)
+and is stopped by its owner.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,11 +17,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
-STORESCP_BIN = Path("/usr/bin/storescp")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,7 +47,8 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[b
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; a process already gone (or None) is fine."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -117,7 +116,10 @@ class Orthanc:
         config_path.write_text(json.dumps(self.config(), indent=2))
         log = (self.workdir / "orthanc.log").open("ab")
         self.proc = subprocess.Popen(
-            [str(ORTHANC_BIN), str(config_path)], stdout=log, stderr=subprocess.STDOUT, env=peer_env(),
+            [str(ORTHANC_BIN), str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=peer_env(),
             cwd=self.workdir,
         )
         deadline = time.monotonic() + timeout
@@ -136,7 +138,7 @@ class Orthanc:
         return self
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
         self.proc = None
 
     def get(self, path: str) -> Any:
@@ -152,53 +154,13 @@ class Orthanc:
 
     def instances_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
         """Every instance Orthanc holds under the study, with its main DICOM tags."""
-        found = self.post("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid},
-                                          "Expand": True})
+        found = self.post(
+            "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_instance_uid}, "Expand": True}
+        )
         return list(found)
 
     def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-@dataclass
-class StoreSCP:
-    """dcmtk's storescp writing every received object under `output_dir`."""
-
-    output_dir: Path
-    aet: str = "STORESCP"
-    port: int = 0
-    fsync: bool = False  # storescp has no fsync option; kept for symmetry in benchmark tables
-    extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-
-    def __post_init__(self) -> None:
-        self.port = self.port or free_port()
-
-    def start(self, timeout: float = 15.0) -> Self:
-        exe = shutil.which(str(STORESCP_BIN)) or str(STORESCP_BIN)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.output_dir.parent / f"storescp-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [exe, "--aetitle", self.aet, "--output-directory", str(self.output_dir), "--accept-all",
-             *self.extra_args, str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=peer_env(),
-        )
-        wait_for_port("127.0.0.1", self.port, timeout, self.proc)
-        return self
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        self.proc = None
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.output_dir.rglob("*") if p.is_file())
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
         self.stop()
