@@ -578,7 +578,7 @@ def write_report(
     )
     figure(results, cases, figure_path, denoiser, seed)
     full = next((r for r in results if r.row.max_slices is None and r.row.ensemble > 1 and r.row.median), None)
-    by_kind = f"By lesion kind, row \"{full.row.label}\":\n\n{kind_table(full)}" if full else ""
+    by_kind = f'By lesion kind, row "{full.row.label}":\n\n{kind_table(full)}' if full else ""
     training = info.training
     model_arg = f" --model {_rel(model_path)}"
     ablation_arg = f" --ablations {_rel(ablations)}" if ablations else ""

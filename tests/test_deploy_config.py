@@ -14,8 +14,13 @@ EXAMPLE = REPO_ROOT / "deploy" / "edgenode.toml"
 def test_example_config_is_valid() -> None:
     settings = load_settings(EXAMPLE)
     assert settings.peers[0].ae_title == "PACS"
-    result = subprocess.run(edgenode_cmd("config", "check", "--config", str(EXAMPLE)), env=node_env(),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        edgenode_cmd("config", "check", "--config", str(EXAMPLE)),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 

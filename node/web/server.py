@@ -22,9 +22,9 @@ from node.web.token import resolve_token
 log = logging.getLogger(__name__)
 
 
-
 class WebPortUnavailable(OSError):
     """The dashboard's address cannot be bound; the message names it and the setting to change."""
+
 
 class WebServer:
     """The dashboard, REST API and /metrics on a uvicorn server in a daemon thread.

@@ -38,15 +38,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("audit_events", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_audit_events_accession_number"), ["accession_number"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_events_accession_number"), ["accession_number"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_events_at"), ["at"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_events_event_type"), ["event_type"], unique=False)
         batch_op.create_index(batch_op.f("ix_audit_events_patient_id"), ["patient_id"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_audit_events_study_instance_uid"), ["study_instance_uid"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_audit_events_study_instance_uid"), ["study_instance_uid"], unique=False)
 
     op.create_table(
         "studies",
