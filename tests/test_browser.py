@@ -25,8 +25,6 @@ from db.session import Database
 from tests.conftest import REPO_ROOT
 from tests.opsdata import ServedNode, served_node
 
-pytestmark = pytest.mark.slow  # a real run, then Chromium
-
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM_ARGS = [
@@ -41,9 +39,12 @@ CHROMIUM_ARGS = [
 ACCESSIONS = ("ACC-1", "ACC-2", "ACC-3")
 PIXEL_PROBES = ((0.5, 0.5), (0.3, 0.6), (0.7, 0.4), (0.5, 0.95))  # (x, y) fractions of the image
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (scripts/setup.sh installs Debian's chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # a real run, then Chromium
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (scripts/setup.sh installs Debian's chromium)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.local_orthanc import Orthanc, peer_env
 from tests.conftest import REPO_ROOT
@@ -66,6 +67,7 @@ def test_orthanc_routes_originals_but_not_node_results(tmp_path: Path) -> None:
         assert len(pacs.instances_of_study(study_uid)) == len(ct) + len(own)
 
 
+@pytest.mark.slow
 def test_a_refused_forward_is_retried_once_the_node_is_back(tmp_path: Path) -> None:
     """The node is down when the study becomes stable: Orthanc logs the refusal and keeps the study on its retry
     list; once the node listens again the next retry delivers it (Orthanc 1.10 has no Lua heartbeat, so an

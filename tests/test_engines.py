@@ -172,6 +172,7 @@ def test_cpu_onnxruntime_runs_one_single_threaded_run_per_thread(tiny, tmp_path:
     assert rel_error(denoiser(x, c, t), ref) < 1e-4
 
 
+@pytest.mark.slow
 def test_probe_times_every_cpu_candidate_and_logs_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     model, info, _ = tiny
     with caplog.at_level(logging.INFO, logger="engines.select"):

@@ -46,6 +46,7 @@ def test_unavailable_backend_and_missing_model_exit_2(tmp_path: Path) -> None:
         assert trt.returncode == 2 and "backend = 'tensorrt'" in trt.stderr
 
 
+@pytest.mark.slow
 def test_info_probes_on_request_and_then_shows_the_cached_table(tmp_path: Path) -> None:
     _, info, weights = saved_unet(tmp_path)
     data_dir = tmp_path / "var"

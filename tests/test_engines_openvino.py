@@ -129,6 +129,7 @@ def perturbed_onnx(source: OnnxModel, directory: Path) -> OnnxModel:
     return replace(source, path=path, sha256=file_sha256(path))
 
 
+@pytest.mark.slow
 def test_guard_passes_real_backends_and_rejects_a_perturbed_one(tiny, exported: OnnxModel, tmp_path: Path) -> None:
     model, info, _ = tiny
     size = info.config.image_size
@@ -163,6 +164,7 @@ def test_ranking_ignores_swaps_within_the_tolerance() -> None:
     assert not same_ranking(ref, np.array([1.0, 1.005, 0.9]))
 
 
+@pytest.mark.slow
 def test_probe_is_cached_per_machine_and_model(tiny, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model, info, _ = tiny
     cache = tmp_path / "engines"

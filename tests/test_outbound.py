@@ -317,6 +317,7 @@ def test_a_damaged_result_file_goes_dead_and_the_rest_are_delivered(
     assert "unreadable" in items(db)[0].last_error
 
 
+@pytest.mark.slow
 def test_restart_as_a_real_process(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     """`edgenode outbound send` in fresh processes: fails while the peer is down, delivers once it is up."""
     db, spool = node_db
@@ -374,6 +375,7 @@ def test_a_peer_removed_from_the_config_gets_nothing_and_its_items_wait(
     )
 
 
+@pytest.mark.slow
 def test_sender_killed_mid_send_loses_nothing(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     """SIGKILL the sending process while a slow storescp is receiving; a new process finishes the job.
 
@@ -461,6 +463,7 @@ def test_next_attempt_counts_from_the_attempt_not_the_start_of_the_pass(
         assert waited >= timedelta(seconds=settings.node.dimse_timeout), (item.destination_ae, item.last_error)
 
 
+@pytest.mark.slow
 def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     """The PACS is down: one job's results dead-lettered, another's waiting out a 10-minute backoff. The operator
     mends the PACS; `edgenode outbound send` alone sends nothing (nothing is due), `outbound retry --all` makes

@@ -79,6 +79,7 @@ def spool_files(root: Path) -> list[Path]:
 # --- item 1: pixel data checked against the header ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_short_pixel_slice_is_refused_and_the_good_series_then_stores_and_is_analysed(tmp_path: Path) -> None:
     series = make_ct_series(8, 64, 64, patient_id="PAT-SHORT", accession="ACC-SHORT")
     study_uid = str(series[0].StudyInstanceUID)

@@ -76,6 +76,7 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
         train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_loss_tracks_fp32() -> None:
     """Where the hardware has bf16 units, training runs in bf16 autocast; its loss follows the fp32 run's."""
     import pytest

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from tests.ingest_support import ServeProcess, node_settings, write_toml
 
@@ -30,6 +31,7 @@ def poll(condition, timeout: float, every: float = 0.2) -> bool:  # type: ignore
     return bool(condition())
 
 
+@pytest.mark.slow
 def test_workers_exit_when_serve_is_killed(tmp_path: Path) -> None:
     settings = node_settings(tmp_path / "var", inference={"workers": WORKERS, "device": "cpu", "backend": "torch"})
     config = write_toml(settings, tmp_path / "edgenode.toml")
