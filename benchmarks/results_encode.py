@@ -25,7 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.anomaly_result import AnomalyResult  # noqa: E402
 from node.config import ResultsSettings  # noqa: E402
-from node.results import ModelIdentity, ResultWriter  # noqa: E402
+from node.results.common import ModelIdentity, SeriesResult  # noqa: E402
+from node.results.sc import heatmap_images  # noqa: E402
+from node.results.seg import binary_seg, fractional_segs  # noqa: E402
+from node.results.sr import measurement_report  # noqa: E402
 from tests.dicomgen import make_ct_series  # noqa: E402
 
 
@@ -75,20 +78,20 @@ def timed(fn: Callable[[], list]) -> tuple[float, float, list]:
     return built - start, time.perf_counter() - built, [len(out), size]
 
 
-def run_once(writer: ResultWriter, heatmaps: int) -> dict[str, list[float]]:
+def run_once(series: SeriesResult, heatmaps: int) -> dict[str, list[float]]:
     """Build and encode every object kind once, SEG first (the SR references it)."""
     out: dict[str, list[float]] = {}
     seg: list = []
 
-    def binary_seg() -> list:
-        seg[:] = [writer.binary_seg()]
+    def binary() -> list:
+        seg[:] = [binary_seg(series)]
         return list(seg)
 
     stages: list[tuple[str, Callable[[], list]]] = [
-        ("seg (binary)", binary_seg),
-        ("seg (2 fractional)", lambda: [ds for _, ds in writer.fractional_segs()]),
-        (f"sc heatmaps (top {heatmaps})", writer.heatmaps),
-        ("sr (TID 1500)", lambda: [writer.sr(seg[0])]),
+        ("seg (binary)", binary),
+        ("seg (2 fractional)", lambda: [ds for _, ds in fractional_segs(series)]),
+        (f"sc heatmaps (top {heatmaps})", lambda: heatmap_images(series)),
+        ("sr (TID 1500)", lambda: [measurement_report(series, seg[0])]),
     ]
     for name, fn in stages:
         build, encode, (count, size) = timed(fn)
@@ -115,8 +118,8 @@ def main() -> int:
 
     rows: dict[str, list[list[float]]] = {}
     for _ in tqdm(range(args.repeat), desc="runs", file=sys.stderr):
-        writer = ResultWriter(result, sources, "bench-job", settings, model)
-        for name, row in run_once(writer, args.heatmaps or args.slices).items():
+        series = SeriesResult.of(result, sources, "bench-job", settings, model)
+        for name, row in run_once(series, args.heatmaps or args.slices).items():
             rows.setdefault(name, []).append(row)
 
     print(

@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -75,6 +76,16 @@ class OutboundStatus(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     DEAD = "dead"  # gave up after max attempts; `edgenode outbound retry` revives it
+
+
+class ResultKind(StrEnum):
+    """What a result object is. The values are stored in `results.kind` and shown by the CLI and REST API: keep them."""
+
+    SEG = "seg"  # BINARY SEG of the thresholded finding
+    SEG_ANOMALY = "seg-anomaly"  # FRACTIONAL SEG of the anomaly map
+    SEG_UNCERTAINTY = "seg-uncertainty"  # FRACTIONAL SEG of the ensemble uncertainty
+    SC = "sc"  # RGB secondary-capture heatmap
+    SR = "sr"  # TID 1500 measurement report
 
 
 # The statuses of an active job, as SQL for the partial unique index (the values of JobStatus.QUEUED and RUNNING).
@@ -195,7 +206,10 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # seg | seg-fractional | sc | sr
+    # Stored as the enum's values in a VARCHAR(16) (no native enum type, no CHECK: the schema is unchanged).
+    kind: Mapped[ResultKind] = mapped_column(
+        Enum(ResultKind, native_enum=False, length=16, values_callable=lambda kinds: [k.value for k in kinds])
+    )
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(String(64))

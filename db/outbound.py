@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
 from db.audit import record_audit
-from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
+from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result, ResultKind
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _audit_fields(item: OutboundItem) -> dict[str, object]:
 def upsert_result(
     session: Session,
     job_id: int,
-    kind: str,
+    kind: ResultKind,
     sop_instance_uid: str,
     sop_class_uid: str,
     series_instance_uid: str,

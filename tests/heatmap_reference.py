@@ -1,6 +1,6 @@
 """The heatmap renderer as first written (a new matplotlib figure per image), kept as the reference that
-node.heatmap.HeatmapRenderer (one figure per series, blitting) must equal pixel for pixel. Only the figure part
-differs; the blended image comes from the shared `blended_image`."""
+node.results.heatmap_render.HeatmapRenderer (one figure per series, blitting) must equal pixel for pixel. Only the
+figure part differs; the blended image comes from the shared `blended_image`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from pydicom.dataset import Dataset
 
-from node.heatmap import BAR_PIXELS, COLORMAP, DISCLAIMER, HEADER_PIXELS, HeatmapText, blended_image
+from node.results.heatmap_render import BAR_PIXELS, COLORMAP, DISCLAIMER, HEADER_PIXELS, HeatmapText, blended_image
 
 
 def render_heatmap(

@@ -18,8 +18,10 @@ from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
 from inference.anomaly_result import AnomalyResult
 from node.config import ResultsSettings
-from node.heatmap import HeatmapRenderer, HeatmapText, render_heatmap
-from node.results import MANUFACTURER, SLICE_SCORE, STUDY_SCORE, ResultObject, write_results
+from node.results import ResultObject, write_results
+from node.results.common import MANUFACTURER
+from node.results.heatmap_render import HeatmapRenderer, HeatmapText, render_heatmap
+from node.results.sr import SLICE_SCORE, STUDY_SCORE
 from tests.conftest import DCENTVFY, DCIODVFY, require
 from tests.dicomgen import make_ct_series, make_dx
 
@@ -332,7 +334,7 @@ def test_heatmap_overlays_colour_only_where_the_map_is_high() -> None:
     anomaly[10:20, 10:20] = 1.0
     rgb = render_heatmap(source, anomaly, 1.0, HeatmapText(0.9, 0.9, "slice 1/1"))
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
-    from node.heatmap import HEADER_PIXELS, MIN_IMAGE_PIXELS
+    from node.results.heatmap_render import HEADER_PIXELS, MIN_IMAGE_PIXELS
 
     scale = int(np.ceil(MIN_IMAGE_PIXELS / 64))
     image = rgb[HEADER_PIXELS:, : 64 * scale].astype(int)
@@ -355,7 +357,7 @@ def test_results_settings_keys_and_defaults(tmp_path: Path) -> None:
 
 
 def test_large_radiograph_heatmap_is_reduced_to_an_overview() -> None:
-    from node.heatmap import BAR_PIXELS, HEADER_PIXELS, MAX_IMAGE_PIXELS
+    from node.results.heatmap_render import BAR_PIXELS, HEADER_PIXELS, MAX_IMAGE_PIXELS
 
     source = make_dx(1100, 900)
     anomaly = np.zeros((1100, 900), np.float32)

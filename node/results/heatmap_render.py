@@ -1,7 +1,8 @@
 """Render an anomaly heatmap as an RGB image: windowed source + colour overlay + colour bar + burned-in text.
 
 Rendering uses matplotlib's Agg canvas directly (no pyplot, no GUI, no global figure state), so it is
-safe in a worker thread. The output is a plain uint8 (rows, cols, 3) array for a Secondary Capture.
+safe in a worker thread. The output is a plain uint8 (rows, cols, 3) array; sc.py makes it a Secondary Capture
+object (this module knows nothing of DICOM objects beyond reading the source's pixels).
 
 A HeatmapRenderer draws every heatmap of a series on one figure: the frame (black background, colour bar,
 disclaimer) is drawn once and saved, and each image then only restores it and draws its own image, contour
