@@ -18,9 +18,10 @@ from pydicom.uid import ComputedRadiographyImageStorage, SegmentationStorage
 
 from inference.anomaly_result import AnomalyResult
 from node.config import ResultsSettings
-from node.results import ResultObject, write_results
-from node.results.common import MANUFACTURER
+from node.results import ResultKind, ResultObject, write_results
+from node.results.common import MANUFACTURER, ModelIdentity, derive_uid
 from node.results.heatmap_render import HeatmapRenderer, HeatmapText, render_heatmap
+from node.results.sc import patient_orientation
 from node.results.sr import SLICE_SCORE, STUDY_SCORE
 from tests.conftest import DCENTVFY, DCIODVFY, require
 from tests.dicomgen import make_ct_series, make_dx
@@ -464,3 +465,41 @@ def test_report_without_left_out_instances_has_no_such_container(tmp_path: Path)
     sources = make_ct_series(4, 32, 32)
     (sr,) = by_kind(write_results(ct_result(sources), sources, "j", ResultsSettings(heatmap_slices=1), MODEL), "sr")
     assert not [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+
+
+def test_derived_uids_are_those_earlier_releases_wrote() -> None:
+    """A job re-run after an upgrade writes the same SOP Instance UIDs, so the PACS replaces its copy, not adds one
+    (the values are those of the single-module writer)."""
+    root = "1.2.826.0.1.3680043.8.498."
+    assert derive_uid("job-1", "1.2.3", ResultKind.SR) == root + "11229348510581099811788107308056516992"
+    assert derive_uid("job-1", "1.2.3", ResultKind.SC, 4) == root + "15263421295929717594794751747395614827"
+    series = derive_uid("job-7-2", "1.2.840.5", f"{ResultKind.SEG}-series")
+    assert series == root + "32868657787111351880953378518602990940"
+
+
+def test_model_identity_from_a_dict_or_a_model_info() -> None:
+    class Info:
+        name, version = "ct-chest", "ct-chest-0123456789ab"
+
+    assert ModelIdentity.of({"model_id": "tiny-0123456789ab"}, "x") == ModelIdentity("tiny", "tiny-0123456789ab")
+    assert ModelIdentity.of(Info(), "x") == ModelIdentity("ct-chest", "ct-chest-0123456789ab")
+    assert ModelIdentity.of({}, "fallback-00ff") == ModelIdentity("fallback", "fallback-00ff")
+
+
+@pytest.mark.parametrize(
+    ("cosines", "letters"),
+    [
+        ([1, 0, 0, 0, 1, 0], ("L", "P")),  # axial, as scanned
+        ([-1, 0, 0, 0, -1, 0], ("R", "A")),  # axial, rotated by 180 degrees
+        ([1, 0, 0, 0, 0, -1], ("L", "F")),  # coronal
+        ([0, 1, 0, 0.1, 0, -0.99], ("P", "F")),  # sagittal, slightly oblique: the dominant axis
+    ],
+)
+def test_heatmap_orientation_letters_follow_the_source_direction_cosines(
+    cosines: list[float], letters: tuple[str, str]
+) -> None:
+    source = Dataset()
+    source.ImageOrientationPatient = cosines
+    assert patient_orientation(source) == letters
+    source.PatientOrientation = ["A", "FL"]  # given by the source: kept as is
+    assert patient_orientation(source) == ("A", "FL")
