@@ -335,7 +335,8 @@ class TritonDenoiser:
             for f in futures:
                 f.cancel()
             raise
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        # One response is a read-only view of the gRPC buffer; torch needs memory it may own.
+        out = np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
         return torch.from_numpy(out).to(self.device)
 
     def describe(self) -> str:
