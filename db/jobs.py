@@ -18,7 +18,19 @@ from sqlalchemy.orm import Session
 
 from db.audit import job_fields, record_audit
 from db.clock import db_utcnow
-from db.models import ACTIVE_JOB_SQL, AuditEventType, Job, JobDuration, JobStatus, Study, StudyStatus, utcnow
+from db.models import (
+    ACTIVE_JOB_SQL,
+    AuditEventType,
+    Instance,
+    Job,
+    JobDuration,
+    JobStatus,
+    Series,
+    Study,
+    StudyStatus,
+    utcnow,
+)
+from db.states import job_states_leading_to, move_job, move_study
 
 WAITING_STAGES = frozenset({"queue_wait", "send"})  # time a job waited or was delivered, not worked on
 
@@ -74,6 +86,27 @@ class ClaimedJob:
     rule: str
 
 
+@dataclass(frozen=True)
+class SourceInstance:
+    """One received image of a study, as a job analyses it (in series, then receipt, order)."""
+
+    series_instance_uid: str
+    modality: str
+    path: str  # relative to the spool
+    sop_instance_uid: str
+
+
+def source_instances(session: Session, study_id: int, modalities: tuple[str, ...]) -> list[SourceInstance]:
+    """The study's received source images of `modalities` (never the node's own output), series by series."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Series.modality, Instance.path, Instance.sop_instance_uid)
+        .join(Instance, Instance.series_id == Series.id)
+        .where(Series.study_id == study_id, Series.is_own_output.is_(False), Series.modality.in_(modalities))
+        .order_by(Series.id, Instance.id)
+    ).all()
+    return [SourceInstance(*row) for row in rows]
+
+
 def claim_next_job(
     session: Session, owner: str, lease_seconds: float, now: datetime | None = None
 ) -> ClaimedJob | None:
@@ -112,7 +145,7 @@ def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> C
     claimed = _updated_rows(
         session,
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job_id, Job.status.in_(job_states_leading_to(JobStatus.RUNNING)))
         .values(
             status=JobStatus.RUNNING,
             lease_owner=owner,
@@ -129,7 +162,7 @@ def _take(session: Session, job_id: int, owner: str, at: Any, expires: Any) -> C
     assert job is not None
     session.refresh(job)
     study = job.study
-    study.status = StudyStatus.PROCESSING
+    move_study(study, StudyStatus.PROCESSING)
     record_audit(
         session,
         AuditEventType.JOB_STARTED,
@@ -179,7 +212,7 @@ def complete_job(
     done = _updated_rows(
         session,
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.lease_owner == owner)
+        .where(Job.id == job_id, Job.status.in_(job_states_leading_to(JobStatus.DONE)), Job.lease_owner == owner)
         .values(
             status=JobStatus.DONE,
             finished_at=now,
@@ -207,7 +240,7 @@ def complete_job(
     )
     study = job.study
     if _is_latest_job(session, job):
-        study.status = StudyStatus.DONE
+        move_study(study, StudyStatus.DONE)
     record_audit(
         session,
         AuditEventType.JOB_DONE,
@@ -247,9 +280,9 @@ def release_job(session: Session, job_id: int, owner: str) -> bool:
     job = _end_lease(session, job_id, owner)
     if job is None:
         return False
-    job.status = JobStatus.QUEUED
+    move_job(job, JobStatus.QUEUED)
     job.attempts = max(job.attempts - 1, 0)
-    job.study.status = StudyStatus.QUEUED
+    move_study(job.study, StudyStatus.QUEUED)
     return True
 
 
@@ -262,11 +295,11 @@ def defer_job(
     job = _end_lease(session, job_id, owner)
     if job is None:
         return False
-    job.status = JobStatus.QUEUED
+    move_job(job, JobStatus.QUEUED)
     job.attempts = max(job.attempts - 1, 0)
     job.next_attempt_at = now + timedelta(seconds=delay_seconds)
     job.error = reason[:4000]
-    job.study.status = StudyStatus.QUEUED
+    move_study(job.study, StudyStatus.QUEUED)
     record_audit(
         session,
         AuditEventType.JOB_RETRY,
@@ -324,8 +357,8 @@ def requeue_owned_by(session: Session, owners: set[str] | None = None, *, prefix
         job = _end_lease(session, job_id, owner)
         if job is None:
             continue
-        job.status = JobStatus.QUEUED
-        job.study.status = StudyStatus.QUEUED
+        move_job(job, JobStatus.QUEUED)
+        move_study(job.study, StudyStatus.QUEUED)
         record_audit(
             session,
             AuditEventType.JOB_RETRY,
@@ -366,10 +399,10 @@ def _retry_or_fail(
     job.error = error[:4000]
     audit = job_fields(job)
     if job.attempts >= max_attempts:
-        job.status = JobStatus.FAILED
+        move_job(job, JobStatus.FAILED)
         job.finished_at = now
         if _is_latest_job(session, job):
-            study.status = StudyStatus.FAILED
+            move_study(study, StudyStatus.FAILED)
         record_audit(
             session,
             AuditEventType.JOB_FAILED,
@@ -379,9 +412,9 @@ def _retry_or_fail(
         )
         return JobStatus.FAILED
     delay = backoff_seconds * (2 ** max(job.attempts - 1, 0))
-    job.status = JobStatus.QUEUED
+    move_job(job, JobStatus.QUEUED)
     job.next_attempt_at = now + timedelta(seconds=delay)
-    study.status = StudyStatus.QUEUED
+    move_study(study, StudyStatus.QUEUED)
     record_audit(
         session,
         AuditEventType.JOB_RETRY,
@@ -426,7 +459,7 @@ def supersede_active_jobs(session: Session, study_id: int, now: datetime) -> lis
         ).all()
     )
     for job in old:
-        job.status = JobStatus.SUPERSEDED
+        move_job(job, JobStatus.SUPERSEDED)
         job.finished_at = now
     session.flush()
     return old

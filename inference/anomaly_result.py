@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:  # the writers read results without loading torch (which inference.volume needs)
+    from pydicom.dataset import Dataset
+
     from inference.volume import LeftOutInstance
 
 
@@ -38,6 +42,10 @@ class AnomalyResult:
     settings: dict[str, object] = field(default_factory=dict)  # t_start, steps, ensemble, lambda, ...
     anomalous_fraction: float = 0.0  # segmented voxels / anatomy-mask voxels (model grid), see docs/method.md
     left_out: list[LeftOutInstance] = field(default_factory=list)  # the series' instances not analysed, and why
+    # What the result writers copy from the sources (patient, study, geometry): slice k's header as the loader read
+    # it, without its pixel data, and its file (a heatmap reads the pixels of its slice from there).
+    source_headers: list[Dataset] = field(default_factory=list)
+    source_paths: list[Path] = field(default_factory=list)
 
     @property
     def positive(self) -> bool:
@@ -47,3 +55,18 @@ class AnomalyResult:
         """Indices of the n highest-scoring slices (all slices when n <= 0), best first."""
         order = np.argsort(-self.slice_scores, kind="stable")
         return [int(i) for i in (order if n <= 0 else order[:n])]
+
+    def writer_sources(self, with_pixels: Iterable[int] = ()) -> list[Dataset]:
+        """The source datasets for the result writers, slice order, without reading the series again.
+
+        Slices in `with_pixels` (those drawn as heatmaps) come with their pixel data, read from their file when
+        first used; the others are headers only, which is also what highdicom deep-copies into a SEG.
+        """
+        if len(self.source_headers) != len(self.source_sop_instance_uids):
+            raise ValueError("the result carries no source headers (it was not made by inference.pipeline)")
+        import pydicom
+
+        sources = list(self.source_headers)
+        for k in set(with_pixels):
+            sources[k] = pydicom.dcmread(self.source_paths[k], defer_size="64 KB")
+        return sources

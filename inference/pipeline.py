@@ -279,4 +279,6 @@ def run_pipeline(
         settings=recorded,
         anomalous_fraction=anomalous_fraction,
         left_out=list(volume.left_out),
+        source_headers=list(volume.headers),
+        source_paths=list(volume.paths),
     )

@@ -21,7 +21,6 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
 from node.identity import node_identity
-from node.outbound import send_due
 from node.retention import run_retention
 from node.scheduler import (
     QuietEndWaker,
@@ -31,9 +30,10 @@ from node.scheduler import (
     register_stability_scan,
 )
 from node.scp import StorageSCP
+from node.sender import ResultSender
 from node.spool import Spool
 from node.stability import StabilityScanner
-from node.worker import WorkerSupervisor
+from node.supervisor import WorkerSupervisor, shared_event
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class ListenerComponent:
 
 
 class EdgeNode:
-    """One node process: listener, scheduler (stability scan, sender, lease check, retention), inference
-    worker processes and the web dashboard. Stopped listener first (its drain is what a short stop grace must
+    """One node process: listener, scheduler (stability scan, lease check, retention), the result sender,
+    inference worker processes and the web dashboard. Stopped listener first (its drain is what a short stop grace must
     cover), then the others in reverse start order."""
 
     def __init__(self, settings: Settings) -> None:
@@ -75,9 +75,11 @@ class EdgeNode:
         self.index = IngestIndex(self.db)
         self.scheduler = build_scheduler()
         self.stability = StabilityScanner(settings, self.db, self.index)
+        # The node's only sender: woken by the workers (through this event) when they queued results.
+        self.sender = ResultSender(settings, self.db, self.spool, shared_event())
         self.workers: WorkerSupervisor | None = None
         if settings.inference.workers > 0:
-            self.workers = WorkerSupervisor(settings)
+            self.workers = WorkerSupervisor(settings, results_queued=self.sender.results_queued)
         register_stability_scan(self.scheduler, settings, self.scan_studies)
         on_source_instance = None
         if settings.stability.scan_at_quiet_end:
@@ -86,6 +88,7 @@ class EdgeNode:
         self.components: list[Component] = [
             SchedulerComponent(self.scheduler),
             ListenerComponent(self.scp, settings.node.shutdown_grace_seconds),
+            self.sender,  # stopped after the workers (reverse order): results they queued while stopping still go
         ]
         if self.workers is not None:
             self.components.append(self.workers)
@@ -93,7 +96,6 @@ class EdgeNode:
         register_periodic(
             self.scheduler, "lease-check", self.requeue_expired_jobs, max(1.0, settings.jobs.lease_seconds / 4)
         )
-        register_periodic(self.scheduler, "send", self.send_results, settings.send.interval_seconds)
         if settings.retention.enabled:
             register_periodic(
                 self.scheduler, "retention", self.apply_retention, settings.retention.interval_minutes * 60
@@ -136,11 +138,6 @@ class EdgeNode:
             )
         if requeued:
             log.warning("jobs %s: their workers stopped heart-beating; back in the queue", requeued)
-
-    def send_results(self) -> None:
-        report = send_due(self.settings, self.db, self.spool)
-        if report.attempted:
-            log.info("sender: %d sent, %d to retry, %d dead", len(report.sent), len(report.retried), len(report.dead))
 
     def apply_retention(self) -> None:
         run_retention(self.settings, self.db, self.settings.spool_dir)

@@ -21,6 +21,7 @@ from db.ingest import IngestIndex, PendingStudy, pending_studies
 from db.jobs import insert_active_job, mark_study_completed, supersede_active_jobs
 from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEventType, Job, StudyStatus, utcnow
 from db.session import Database
+from db.states import move_study
 from node.config import Priority, Settings
 from node.routing import select_rule
 
@@ -82,7 +83,7 @@ class StabilityScanner:
             ),
         )
         if rule is None:
-            study.status = StudyStatus.COMPLETE
+            move_study(study, StudyStatus.COMPLETE)
             log.info("study %s complete (%s), no routing rule matched", study.study_instance_uid, why)
             return None
         stat = rule.priority == Priority.STAT or study.priority >= PRIORITY_STAT
@@ -109,7 +110,7 @@ class StabilityScanner:
                 job_id=old.id,
                 detail=f"study grew to {pending.source_count} source instance(s); superseded by job {job.id}",
             )
-        study.status = StudyStatus.QUEUED
+        move_study(study, StudyStatus.QUEUED)
         record_audit(
             session,
             AuditEventType.JOB_CREATED,

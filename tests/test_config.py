@@ -128,7 +128,7 @@ def test_config_check_cli_exit_codes(config: Path, tmp_path: Path) -> None:
 def test_inference_defaults_are_the_pipelines_defaults() -> None:
     """The evaluation, benchmarks/pipeline.py and the model card use PipelineSettings(); the node its config."""
     from inference.pipeline import PipelineSettings
-    from node.worker import pipeline_settings
+    from node.model_loader import pipeline_settings
 
     s = load_settings(None)
     assert pipeline_settings(s.inference, s.inference.max_batch) == PipelineSettings(max_batch=s.inference.max_batch)

@@ -228,7 +228,7 @@ def test_stability_scan_wakes_the_workers_when_it_creates_jobs(tmp_path: Path) -
 
 def test_a_rule_for_any_modality_analyses_every_image_modality() -> None:
     from node.config import RoutingRule
-    from node.worker import IMAGE_MODALITIES, modalities_to_process
+    from node.job_series import IMAGE_MODALITIES, modalities_to_process
 
     assert modalities_to_process(RoutingRule(name="any", modalities=[])) == IMAGE_MODALITIES  # empty = any
     assert modalities_to_process(RoutingRule(name="ct", modalities=["ct", "MR"])) == ("CT",)
@@ -238,7 +238,7 @@ def test_a_rule_for_any_modality_analyses_every_image_modality() -> None:
 def test_each_worker_slot_gets_its_gpu_and_cpu_workers_none() -> None:
     import torch
 
-    from node.worker import pin_worker_gpu
+    from node.model_loader import pin_worker_gpu
 
     assert pin_worker_gpu(0, "cpu") is None
     if not torch.cuda.is_available():

@@ -149,7 +149,6 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
     settings.inference.steps = 4
     settings.jobs.retry_backoff_seconds = 0.2
     runner = JobRunner(settings, "worker-1-0.1")
-    runner.kick_sender = lambda: None  # type: ignore[method-assign]  # no PACS here: the queue is what is checked
     from engines.select import load_source
 
     model, info = load_source(weights)
@@ -158,8 +157,8 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
     server.start()
     try:
         settings.triton.url = server.url
-        denoiser, _ = runner._engine()
-        runner._denoiser = _stop_on_call(denoiser, server, call=2)
+        denoiser, _ = runner.model.load()
+        runner.model.denoiser = _stop_on_call(denoiser, server, call=2)
         monitor = TritonMonitor(settings)
         assert check_health(settings, db, triton=monitor).as_dict()["inference_server"] == "ok"
 

@@ -54,8 +54,7 @@ def received_study(tmp_path: Path, datasets: list[Dataset]) -> tuple[Settings, D
 
 
 def run_one_job(settings: Settings) -> None:
-    runner = JobRunner(settings, "worker-1-0.1")
-    runner.kick_sender = lambda: None  # type: ignore[method-assign]  # no PACS here: the queue is what is checked
+    runner = JobRunner(settings, "worker-1-0.1")  # no sender: workers only queue, the queue is what is checked
     assert runner.run_once()
 
 
@@ -134,7 +133,7 @@ def test_the_heartbeat_survives_a_database_error_and_gives_up_only_after_the_lea
 ) -> None:
     import time
 
-    import node.worker
+    import node.heartbeat
     from db.jobs import claim_next_job
 
     settings, db = received_study(tmp_path, make_ct_series(2, 32, 32))
@@ -142,7 +141,7 @@ def test_the_heartbeat_survives_a_database_error_and_gives_up_only_after_the_lea
     with db.session() as s:
         job = claim_next_job(s, "w1", 60)
     calls: list[float] = []
-    real = node.worker.heartbeat
+    real = node.heartbeat.heartbeat
 
     def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(time.monotonic())
@@ -150,13 +149,13 @@ def test_the_heartbeat_survives_a_database_error_and_gives_up_only_after_the_lea
             raise RuntimeError("database is locked")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(node.worker, "heartbeat", failing_once)
-    with node.worker.Heartbeat(db, job.id, "w1", settings) as beat:
+    monkeypatch.setattr(node.heartbeat, "heartbeat", failing_once)
+    with node.heartbeat.Heartbeat(db, job.id, "w1", settings) as beat:
         time.sleep(0.3)
         assert len(calls) >= 3 and not beat.lost.is_set()  # it kept beating after the error
 
-    monkeypatch.setattr(node.worker, "heartbeat", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down")))
-    with node.worker.Heartbeat(db, job.id, "w1", settings) as beat:
+    monkeypatch.setattr(node.heartbeat, "heartbeat", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down")))
+    with node.heartbeat.Heartbeat(db, job.id, "w1", settings) as beat:
         assert beat.lost.wait(2.0)  # no renewal for a whole lease: the job may be someone else's now
 
 
@@ -182,7 +181,7 @@ def test_a_model_trained_for_other_settings_is_refused_at_load(tmp_path: Path) -
     gaussian = Path(__file__).resolve().parent.parent / "inference/weights/ablations/ablation-gaussian.safetensors"
     settings = node_settings(tmp_path / "var", inference={"model": str(gaussian), "device": "cpu"})
     with pytest.raises(ValueError, match="does not fit \\[inference\\]: it was trained with gaussian noise"):
-        JobRunner(settings, "worker-1-0.1")._engine()
+        JobRunner(settings, "worker-1-0.1").model.load()
     trained = {"noise": "simplex", "conditioned": True, "t_max": 300}
     assert model_fit_problems(trained, PipelineSettings()) == []
     deep = model_fit_problems(trained, PipelineSettings(t_start={"CT": 400}))
