@@ -135,6 +135,8 @@ class JobRunner:
             self._fail(job, f"{type(exc).__name__}: {exc}", max_attempts=self.settings.jobs.max_attempts)
 
     def _process(self, job: ClaimedJob, check: Callable[[], None]) -> None:
+        """The claimed job's steps: load, then per series analyse -> write -> queue, then complete. `check` raises
+        JobAborted between steps (and inside the pipeline) once the job is no longer ours or the node stops."""
         from inference.volume import SeriesError
 
         job_started = time.perf_counter()
