@@ -21,7 +21,7 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
 from node.identity import node_identity
-from node.outbound import send_due
+from node.outbound import release_own_claims, send_due
 from node.retention import run_retention
 from node.scheduler import (
     QuietEndWaker,
@@ -71,8 +71,9 @@ class EdgeNode:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
-        self.spool = Spool(settings.spool_dir)
-        self.index = IngestIndex(self.db)
+        self.identity = node_identity(settings.data_dir)
+        self.spool = Spool(settings.spool_dir, writer=self.identity)
+        self.index = IngestIndex(self.db, spool_id=self.spool.id)
         self.scheduler = build_scheduler()
         self.stability = StabilityScanner(settings, self.db, self.index)
         self.workers: WorkerSupervisor | None = None
@@ -149,9 +150,10 @@ class EdgeNode:
         self.recover_spool()
         # No worker of ours is alive yet: the jobs our earlier workers held go back to the queue; other nodes' stay.
         with self.db.session() as session:
-            requeued = requeue_owned_by(session, prefix=node_identity(self.settings.data_dir) + "/")
+            requeued = requeue_owned_by(session, prefix=self.identity + "/")
         if requeued:
             log.warning("jobs %s were running when the node stopped; back in the queue", requeued)
+        release_own_claims(self.settings, self.db)  # this node's dead senders' claims; other nodes' stay
         try:
             for component in self.components:
                 component.start()

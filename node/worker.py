@@ -191,7 +191,7 @@ class JobRunner:
         self.owner = owner
         self.stop = stop or threading.Event()
         self.db = Database(settings.database_url, run_migrations=False)
-        self.spool = Spool(settings.spool_dir)
+        self.spool = Spool(settings.spool_dir, writer=node_identity(settings.data_dir))  # tags its temp files
         self._denoiser: Denoiser | None = None
         self._model_info: ModelInfo | None = None
         self.max_batch = settings.inference.max_batch

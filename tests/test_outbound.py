@@ -20,7 +20,7 @@ from db.outbound import Backoff, list_items
 from db.session import Database
 from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings, settings_to_toml
 from node.local_orthanc import Orthanc, free_port
-from node.outbound import enqueue, retry_dead, send_due, sender_lock
+from node.outbound import enqueue, retry_dead, send_due
 from node.results import ResultObject, write_results
 from node.spool import Spool
 from tests.conftest import edgenode_cmd, node_env
@@ -506,19 +506,3 @@ def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, no
     assert received == sorted(str(o.dataset.SOPInstanceUID) for o in [*objects, *later])
     assert {i.status for i in items(db)} == {OutboundStatus.SENT}
     assert audit_count(db, "send.requeued") == len(objects) + len(later)
-
-
-def test_one_sender_at_a_time(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
-    db, spool = node_db
-    sources, objects = ct_objects(heatmaps=1)
-    with StoreSCP(tmp_path / "storescp") as scp:
-        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
-        settings = make_settings(tmp_path, [peer])
-        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
-        with sender_lock(settings.data_dir) as held:  # e.g. the scheduler's pass in progress
-            assert held
-            busy = send_due(settings, db, spool, now=T0)
-            assert busy.busy and busy.attempted == 0
-            assert scp.received() == []
-        report = send_due(settings, db, spool, now=T0)
-        assert not report.busy and len(report.sent) == len(objects)
