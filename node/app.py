@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -38,6 +39,9 @@ from node.worker import WorkerSupervisor
 log = logging.getLogger(__name__)
 
 CLEAN_STOP_MARKER = "clean-stop"
+# On a spool other nodes may share, a file younger than this that no row names may be another node's store in
+# flight (renamed into place, its row not committed yet): start-up recovery leaves it alone.
+SHARED_ORPHAN_AGE_SECONDS = 3600.0
 
 
 class Component(Protocol):
@@ -170,9 +174,12 @@ class EdgeNode:
         if self.marker.exists():
             self.marker.unlink()
             return [], []
-        temps = self.spool.cleanup_temp()
+        temps = self.spool.cleanup_temp()  # only this node's (their names carry its identity)
         known = set(self.index.iter_instance_paths())
         orphans = [rel for rel in self.spool.iter_instance_files() if rel not in known]
+        if self.settings.node.spool_dir is not None:  # a spool of its own (<data_dir>/spool) has no other writer
+            oldest = time.time() - SHARED_ORPHAN_AGE_SECONDS
+            orphans = [rel for rel in orphans if _modified_before(self.spool.path(rel), oldest)]
         for rel in orphans:
             self.spool.delete(rel)
         if temps or orphans:
@@ -216,3 +223,10 @@ class EdgeNode:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stop() has finished; True if it has."""
         return self._stopped.wait(timeout)
+
+
+def _modified_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime < when
+    except FileNotFoundError:
+        return False

@@ -195,7 +195,8 @@ class Spool:
         With a `writer`, only temp files carrying it go (other nodes on a shared spool may be writing theirs now);
         without one (a spool of its own), every temp file."""
         removed = []
-        for temp in self.root.rglob(f"*{self._temp_tag()}*{TEMP_SUFFIX}"):
+        pattern = f"*{self._temp_tag()}*{TEMP_SUFFIX}" if self.writer else f"*{TEMP_SUFFIX}"
+        for temp in self.root.rglob(pattern):
             if temp.is_file():
                 temp.unlink(missing_ok=True)
                 removed.append(temp.relative_to(self.root).as_posix())

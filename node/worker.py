@@ -224,7 +224,8 @@ class JobRunner:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing due."""
         with self.db.session() as session:
-            job = claim_next_job(session, self.owner, self.settings.jobs.lease_seconds)
+            # Only studies whose files this node's spool holds (all of them, where the nodes share one spool).
+            job = claim_next_job(session, self.owner, self.settings.jobs.lease_seconds, spool_id=self.spool.id)
         if job is None:
             return False
         self.run(job)

@@ -271,3 +271,26 @@ def test_lease_must_outlast_one_files_send(tmp_path: Path, lease: float) -> None
             node=NodeSettings(data_dir=tmp_path, acse_timeout=5, dimse_timeout=5, network_timeout=5),
             send=SendSettings(lease_seconds=lease),
         )
+
+
+def test_recovery_on_a_shared_spool_leaves_young_unindexed_files(tmp_path: Path, database_url: str) -> None:
+    """Another node's store in flight (renamed into the shared spool, its row not committed yet) survives this
+    node's start-up recovery; an old unindexed file (a crash of long ago) is removed; another node's temp stays."""
+    from node.app import EdgeNode
+    from tests.ingest_support import node_settings
+
+    shared = tmp_path / "shared-spool"
+    node = EdgeNode(node_settings(tmp_path / "var", node={"spool_dir": str(shared)}, database={"url": database_url}))
+    try:
+        young = node.spool.write_atomic("1.2/1.2.3/1.2.3.4.dcm", b"in flight on another node")
+        old = node.spool.write_atomic("1.2/1.2.3/1.2.3.5.dcm", b"left by a crash long ago")
+        long_ago = time.time() - 2 * 3600
+        os.utime(node.spool.path(old.relpath), (long_ago, long_ago))
+        theirs = shared / "1.2" / "1.2.3" / f".1.2.3.6.dcm.other~bbbbbbbb@abc{TEMP_SUFFIX}"
+        theirs.write_bytes(b"another node writing")
+        temps, orphans = node.recover_spool()
+        assert temps == [] and orphans == [old.relpath]
+        assert node.spool.path(young.relpath).exists() and theirs.exists()
+        assert not node.spool.path(old.relpath).exists()
+    finally:
+        node.db.dispose()
