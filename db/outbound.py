@@ -221,11 +221,14 @@ def release_items(session: Session, ids: Sequence[int], owner: str) -> int:
 
 
 def lease_owners(session: Session, prefix: str) -> list[str]:
-    """The distinct owners whose id starts with `prefix` (one node's senders) holding claims now."""
+    """The distinct owners whose id starts with `prefix` (one node's senders) holding claims on pending items."""
     return list(
         session.scalars(
             select(OutboundItem.lease_owner)
-            .where(OutboundItem.lease_owner.startswith(prefix, autoescape=True))
+            .where(
+                OutboundItem.status == OutboundStatus.PENDING,
+                OutboundItem.lease_owner.startswith(prefix, autoescape=True),
+            )
             .distinct()
         )
     )

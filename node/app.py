@@ -157,7 +157,7 @@ class EdgeNode:
             requeued = requeue_owned_by(session, prefix=self.identity + "/")
         if requeued:
             log.warning("jobs %s were running when the node stopped; back in the queue", requeued)
-        release_own_claims(self.settings, self.db)  # this node's dead senders' claims; other nodes' stay
+        release_own_claims(self.settings, self.db)  # this node's dead senders' claims due at once; other nodes' stay
         try:
             for component in self.components:
                 component.start()

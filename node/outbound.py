@@ -170,6 +170,7 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
     Claims are this process's (`sender_owner`), on the database's clock; with `now` (a caller's simulated time)
     they are set on that clock instead.
     """
+    release_own_claims(settings, db)  # a killed sender of this node (e.g. `outbound send`) need not wait out its lease
     owner = sender_owner(node_identity(settings.data_dir))
     report = SendReport()
     clock = pass_clock(now) if now is not None else None
@@ -202,8 +203,8 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
 
 
 def release_own_claims(settings: Settings, db: Database) -> int:
-    """At start-up: claims held by this node's senders that no longer run (an earlier run, a killed `outbound
-    send`) are given back at once; other nodes' claims, and those of this node's live senders, are left alone."""
+    """Before each pass (and at start-up): claims held by this node's senders that no longer run (an earlier run,
+    a killed `outbound send`) are given back at once; other nodes' claims, and this node's live senders', stay."""
     identity = node_identity(settings.data_dir)
     with db.session() as session:
         gone = [o for o in lease_owners(session, identity + "/") if owner_is_gone(o, identity)]

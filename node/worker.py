@@ -398,8 +398,8 @@ class JobRunner:
 
     def kick_sender(self) -> None:
         """Deliver the results now instead of at the scheduler's next send pass (up to `send.interval_seconds`
-        later), in a thread so the next job can start. The sender's flock keeps this from overlapping a pass of
-        the scheduler's: while one runs, this kick is a no-op and that pass or the next picks the items up."""
+        later), in a thread so the next job can start. Beside a pass of the scheduler's, each item is still sent once:
+        senders claim items one by one (node/outbound.py)."""
         from node.outbound import send_due
 
         if self._sender is not None and self._sender.is_alive():

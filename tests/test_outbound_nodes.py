@@ -99,6 +99,7 @@ def test_claims_are_disjoint_expire_and_a_stale_owner_records_nothing(tmp_path: 
         db.dispose()
 
 
+@pytest.mark.slow  # real sender processes, a 120-item backlog / a lease run out
 def test_two_senders_deliver_every_item_exactly_once(tmp_path: Path, database_url: str) -> None:
     """Two nodes (two identities, one shared spool) send one backlog at once to one storescp."""
     db = Database(database_url)
@@ -128,6 +129,7 @@ def test_two_senders_deliver_every_item_exactly_once(tmp_path: Path, database_ur
         db.dispose()
 
 
+@pytest.mark.slow  # real sender processes, a 120-item backlog / a lease run out
 def test_a_killed_senders_items_are_taken_over_after_its_lease(tmp_path: Path, database_url: str) -> None:
     """SIGKILL node A's sender mid-send; node B leaves A's claims alone while the lease runs, then takes them over
     and delivers each once. A node with a spool of its own never claims them (it cannot read the files)."""
