@@ -117,8 +117,11 @@ class _IngestStatements:
 class IngestIndex:
     """Instance indexing, duplicate and own-output checks, and audit events for the listener."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, spool_id: str | None = None) -> None:
+        """`spool_id`: the spool this node stores into, recorded on the studies it creates (retention and other
+        nodes then know where their files are)."""
         self.db = db
+        self.spool_id = spool_id
         self.write_lock = threading.Lock()
 
     def lookup(self, sop_instance_uid: str, series_instance_uid: str = "") -> Known:
@@ -143,7 +146,7 @@ class IngestIndex:
         with self.write_lock:
             try:
                 with self.db.engine.begin() as conn:
-                    _add_instance(conn, rec)
+                    _add_instance(conn, rec, self.spool_id)
             except IntegrityError:
                 if self.lookup(rec.sop_instance_uid)[0]:
                     return False
@@ -158,7 +161,7 @@ class IngestIndex:
             try:
                 with self.db.engine.begin() as conn:
                     for rec in records:
-                        _add_instance(conn, rec)
+                        _add_instance(conn, rec, self.spool_id)
                 return [True] * len(records)
             except Exception:  # noqa: BLE001 - rare: find which record failed, and why, one at a time
                 pass
@@ -188,7 +191,7 @@ def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object])
     return int(key[0])
 
 
-def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
+def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
     q = _IngestStatements
     now = utcnow()
     study_id = conn.execute(q.study_id, {"uid": rec.study_instance_uid}).scalar_one_or_none()
@@ -209,6 +212,7 @@ def _add_instance(conn: Connection, rec: InstanceRecord) -> None:
                 "last_received_at": now,
                 "instance_count": 0,
                 "completed_instance_count": 0,
+                "spool_id": spool_id,
                 **completed,
             },
         )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Update, select, text, update
+from sqlalchemy import CursorResult, Update, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -108,7 +108,7 @@ def source_instances(session: Session, study_id: int, modalities: tuple[str, ...
 
 
 def claim_next_job(
-    session: Session, owner: str, lease_seconds: float, now: datetime | None = None
+    session: Session, owner: str, lease_seconds: float, now: datetime | None = None, spool_id: str | None = None
 ) -> ClaimedJob | None:
     """Claim the most urgent due job (STAT first, then oldest) for `owner`; None when the queue is empty.
 
@@ -116,6 +116,10 @@ def claim_next_job(
     node. PostgreSQL: the top queued row is locked with FOR UPDATE SKIP LOCKED, so concurrent claimers each take a
     different job instead of queueing behind one and giving up. SQLite (one writer at a time): the top five are
     tried in turn with a conditional UPDATE, and looked up again if others took them all.
+
+    With `spool_id` (the claimer's spool), only jobs of studies whose files are in that spool (or of studies from
+    before spool ids were recorded): where nodes do not share a spool, a study's jobs stay with the node that
+    received it.
     """
     at = now if now is not None else db_utcnow()
     expires = now + timedelta(seconds=lease_seconds) if now is not None else db_utcnow(lease_seconds)
@@ -124,8 +128,12 @@ def claim_next_job(
         .where(Job.status == JobStatus.QUEUED, Job.next_attempt_at <= at)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
     )
+    if spool_id is not None:
+        query = query.join(Study, Study.id == Job.study_id).where(
+            or_(Study.spool_id == spool_id, Study.spool_id.is_(None))
+        )
     if session.get_bind().dialect.name == "postgresql":
-        query = query.limit(1).with_for_update(skip_locked=True)
+        query = query.limit(1).with_for_update(skip_locked=True, of=Job)
     else:
         query = query.limit(5)
     while True:

@@ -114,6 +114,8 @@ class Study(Base):
     # Count of source (not own-output) instances when the study was last judged complete;
     # a larger count later means the study grew and needs a new job.
     completed_instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The spool holding its received files (node/spool.py: spool_id); None for rows from before migration 0005.
+    spool_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
     jobs: Mapped[list[Job]] = relationship(back_populates="study", cascade="all, delete-orphan")
@@ -216,6 +218,7 @@ class Result(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    spool_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the spool holding `path`
 
     job: Mapped[Job] = relationship(back_populates="results")
     outbound: Mapped[list[OutboundItem]] = relationship(back_populates="result", cascade="all, delete-orphan")
@@ -238,6 +241,9 @@ class OutboundItem(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The sender sending it now (node/identity.py: sender_owner) until then, on the database's clock.
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     result: Mapped[Result] = relationship(back_populates="outbound")
 

@@ -2,6 +2,11 @@
 
 Pure database work (no networking): node/outbound.py decides what to send and calls these inside its
 transactions. Every state change writes its audit event in the same transaction.
+
+Several senders (nodes sharing the database, or a node and `edgenode outbound send`) each send only items they
+claimed: a claim sets the item's lease owner and expiry on the database's clock, each outcome is recorded only
+while the claim is still the sender's, and an item whose lease ran out (its sender died or stalled) can be
+claimed by any sender that can read its file.
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, Update, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from db.audit import record_audit
+from db.clock import db_utcnow
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result, ResultKind
 
 
@@ -66,6 +73,7 @@ def upsert_result(
     series_instance_uid: str,
     path: str,
     size_bytes: int,
+    spool_id: str | None = None,
 ) -> Result:
     """The Result row for a SOP instance: created, or refreshed when the same object is written again."""
     result = session.scalars(select(Result).where(Result.sop_instance_uid == sop_instance_uid)).one_or_none()
@@ -78,6 +86,7 @@ def upsert_result(
     result.series_instance_uid = series_instance_uid
     result.path = path
     result.size_bytes = size_bytes
+    result.spool_id = spool_id
     session.flush()
     return result
 
@@ -102,14 +111,69 @@ def add_outbound(session: Session, result: Result, ae_title: str, host: str, por
     return item
 
 
-def due_items(session: Session, now: datetime, limit: int = 1000) -> list[DueItem]:
-    """Pending items whose next attempt is due, oldest first, grouped by destination by the caller."""
+def _updated_rows(session: Session, statement: Update) -> int:
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    assert isinstance(result, CursorResult)  # DML through a Session always returns one
+    return result.rowcount
+
+
+def _lease_times(lease_seconds: float, now: datetime | None) -> tuple[Any, Any]:
+    """(now, expiry) on the database's clock, or from `now` (tests)."""
+    if now is not None:
+        return now, now + timedelta(seconds=lease_seconds)
+    return db_utcnow(), db_utcnow(lease_seconds)
+
+
+def claim_due_items(
+    session: Session,
+    owner: str,
+    lease_seconds: float,
+    spool_id: str,
+    *,
+    limit: int = 50,
+    exclude: Sequence[int] = (),
+    now: datetime | None = None,
+) -> list[DueItem]:
+    """Claim up to `limit` due pending items for `owner` (oldest due first) and return them.
+
+    Only items not claimed by a live sender (no lease, or its lease ran out: a dead sender's items are taken
+    over) and whose file is in this spool (`spool_id`; rows from before spool ids are anyone's). `exclude`: ids
+    this pass already tried. PostgreSQL: the rows are locked with FOR UPDATE SKIP LOCKED, so concurrent claimers
+    take different items; SQLite: the conditional UPDATE runs under the database's one write lock, and only
+    rows it changed are returned.
+    """
+    at, expires = _lease_times(lease_seconds, now)
+    claimable = (
+        OutboundItem.status == OutboundStatus.PENDING,
+        OutboundItem.next_attempt_at <= at,
+        or_(OutboundItem.lease_owner.is_(None), OutboundItem.lease_expires_at < at),
+    )
+    query = (
+        select(OutboundItem.id)
+        .join(Result, Result.id == OutboundItem.result_id)
+        .where(*claimable, or_(Result.spool_id == spool_id, Result.spool_id.is_(None)))
+        .order_by(OutboundItem.next_attempt_at, OutboundItem.id)
+        .limit(limit)
+    )
+    if exclude:
+        query = query.where(OutboundItem.id.not_in(list(exclude)))
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True, of=OutboundItem)
+    ids = list(session.scalars(query))
+    if not ids:
+        return []
+    _updated_rows(
+        session,
+        update(OutboundItem)
+        .where(OutboundItem.id.in_(ids), *claimable)
+        .values(lease_owner=owner, lease_expires_at=expires),
+    )
     rows = session.scalars(
         select(OutboundItem)
         .options(joinedload(OutboundItem.result))
-        .where(OutboundItem.status == OutboundStatus.PENDING, OutboundItem.next_attempt_at <= now)
+        .where(OutboundItem.id.in_(ids), OutboundItem.lease_owner == owner)
         .order_by(OutboundItem.next_attempt_at, OutboundItem.id)
-        .limit(limit)
+        .execution_options(populate_existing=True)
     ).all()
     return [
         DueItem(
@@ -125,8 +189,88 @@ def due_items(session: Session, now: datetime, limit: int = 1000) -> list[DueIte
     ]
 
 
-def mark_sent(session: Session, item_id: int, status: int, comment: str, now: datetime) -> OutboundItem:
-    item = session.get_one(OutboundItem, item_id)
+def renew_leases(
+    session: Session, ids: Sequence[int], owner: str, lease_seconds: float, now: datetime | None = None
+) -> int:
+    """Extend `owner`'s claims on the items still pending; how many it still holds."""
+    if not ids:
+        return 0
+    _, expires = _lease_times(lease_seconds, now)
+    return _updated_rows(
+        session,
+        update(OutboundItem)
+        .where(
+            OutboundItem.id.in_(list(ids)),
+            OutboundItem.status == OutboundStatus.PENDING,
+            OutboundItem.lease_owner == owner,
+        )
+        .values(lease_expires_at=expires),
+    )
+
+
+def release_items(session: Session, ids: Sequence[int], owner: str) -> int:
+    """Give `owner`'s claims back unsent (never tried in this pass): due again for any sender at once."""
+    if not ids:
+        return 0
+    return _updated_rows(
+        session,
+        update(OutboundItem)
+        .where(OutboundItem.id.in_(list(ids)), OutboundItem.lease_owner == owner)
+        .values(lease_owner=None, lease_expires_at=None),
+    )
+
+
+def lease_owners(session: Session, prefix: str) -> list[str]:
+    """The distinct owners whose id starts with `prefix` (one node's senders) holding claims on pending items."""
+    return list(
+        session.scalars(
+            select(OutboundItem.lease_owner)
+            .where(
+                OutboundItem.status == OutboundStatus.PENDING,
+                OutboundItem.lease_owner.startswith(prefix, autoescape=True),
+            )
+            .distinct()
+        )
+    )
+
+
+def release_owned_by(session: Session, owners: Sequence[str]) -> int:
+    """At start-up: the claims of this node's senders that are gone go back at once (no wait for the lease)."""
+    if not owners:
+        return 0
+    return _updated_rows(
+        session,
+        update(OutboundItem)
+        .where(OutboundItem.lease_owner.in_(list(owners)))
+        .values(lease_owner=None, lease_expires_at=None),
+    )
+
+
+def _end_claim(session: Session, item_id: int, owner: str) -> OutboundItem | None:
+    """End `owner`'s claim on a pending item (one conditional UPDATE); the fresh row, or None when the claim is no
+    longer the owner's (its lease ran out and another sender took the item over)."""
+    ended = _updated_rows(
+        session,
+        update(OutboundItem)
+        .where(
+            OutboundItem.id == item_id,
+            OutboundItem.status == OutboundStatus.PENDING,
+            OutboundItem.lease_owner == owner,
+        )
+        .values(lease_owner=None, lease_expires_at=None),
+    )
+    if ended != 1:
+        return None
+    return session.get(OutboundItem, item_id, populate_existing=True)
+
+
+def mark_sent(
+    session: Session, item_id: int, owner: str, status: int, comment: str, now: datetime
+) -> OutboundItem | None:
+    """Record the peer's acknowledgement; None (nothing recorded) when `owner` no longer holds the claim."""
+    item = _end_claim(session, item_id, owner)
+    if item is None:
+        return None
     item.status = OutboundStatus.SENT
     item.attempts += 1
     item.last_status = status
@@ -147,14 +291,18 @@ def mark_sent(session: Session, item_id: int, status: int, comment: str, now: da
 def mark_failed(
     session: Session,
     item_id: int,
+    owner: str,
     status: int | None,
     error: str,
     now: datetime,
     backoff: Backoff,
     give_up: bool = False,
-) -> OutboundItem:
-    """Count a failed try: schedule the next with backoff, or dead-letter after the last attempt (or give_up)."""
-    item = session.get_one(OutboundItem, item_id)
+) -> OutboundItem | None:
+    """Count a failed try: schedule the next with backoff, or dead-letter after the last attempt (or give_up).
+    None (nothing recorded) when `owner` no longer holds the claim."""
+    item = _end_claim(session, item_id, owner)
+    if item is None:
+        return None
     item.attempts += 1
     item.last_status = status
     item.last_error = error
@@ -194,7 +342,7 @@ def requeue(session: Session, ids: Sequence[int] | None, now: datetime, pending_
         was = f"was {item.status} after {item.attempts} attempt(s): {item.last_error}"
         item.status = OutboundStatus.PENDING
         item.attempts = 0
-        item.next_attempt_at = now
+        item.next_attempt_at = now  # a claim a live sender holds stays: it is sending the item now
         record_audit(session, AuditEventType.SEND_REQUEUED, detail=was, **_audit_fields(item))
         revived.append(item.id)
     return revived

@@ -48,6 +48,14 @@ def has_undelivered_results(study: Study) -> bool:
     return False
 
 
+def files_elsewhere(study: Study, spool_id: str) -> bool:
+    """Whether some of the study's files are in another spool than `spool_id` (another node's, not shared with
+    this one): this node can neither delete them nor tell whether they are gone, so it must keep the rows. Rows
+    from before spool ids were recorded (None) were written by a lone node."""
+    spools = {study.spool_id} | {r.spool_id for job in study.jobs for r in job.results}
+    return bool(spools - {None, spool_id})
+
+
 def study_file_paths(session: Session, study_id: int) -> list[str]:
     """Spool-relative paths of the study's received instances and of the result files it produced."""
     instances = session.scalars(select(Instance.path).join(Series).where(Series.study_id == study_id))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
 from node.identity import node_identity
+from node.outbound import release_own_claims
 from node.retention import run_retention
 from node.scheduler import (
     QuietEndWaker,
@@ -38,6 +40,9 @@ from node.supervisor import WorkerSupervisor, shared_event
 log = logging.getLogger(__name__)
 
 CLEAN_STOP_MARKER = "clean-stop"
+# On a spool other nodes may share, a file younger than this that no row names may be another node's store in
+# flight (renamed into place, its row not committed yet): start-up recovery leaves it alone.
+SHARED_ORPHAN_AGE_SECONDS = 3600.0
 
 
 class Component(Protocol):
@@ -71,8 +76,9 @@ class EdgeNode:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(settings.database_url)
-        self.spool = Spool(settings.spool_dir)
-        self.index = IngestIndex(self.db)
+        self.identity = node_identity(settings.data_dir)
+        self.spool = Spool(settings.spool_dir, writer=self.identity)
+        self.index = IngestIndex(self.db, spool_id=self.spool.id)
         self.scheduler = build_scheduler()
         self.stability = StabilityScanner(settings, self.db, self.index)
         # The node's only sender: woken by the workers (through this event) when they queued results.
@@ -146,9 +152,10 @@ class EdgeNode:
         self.recover_spool()
         # No worker of ours is alive yet: the jobs our earlier workers held go back to the queue; other nodes' stay.
         with self.db.session() as session:
-            requeued = requeue_owned_by(session, prefix=node_identity(self.settings.data_dir) + "/")
+            requeued = requeue_owned_by(session, prefix=self.identity + "/")
         if requeued:
             log.warning("jobs %s were running when the node stopped; back in the queue", requeued)
+        release_own_claims(self.settings, self.db)  # this node's dead senders' claims due at once; other nodes' stay
         try:
             for component in self.components:
                 component.start()
@@ -165,9 +172,12 @@ class EdgeNode:
         if self.marker.exists():
             self.marker.unlink()
             return [], []
-        temps = self.spool.cleanup_temp()
+        temps = self.spool.cleanup_temp()  # only this node's (their names carry its identity)
         known = set(self.index.iter_instance_paths())
         orphans = [rel for rel in self.spool.iter_instance_files() if rel not in known]
+        if self.settings.node.spool_dir is not None:  # a spool of its own (<data_dir>/spool) has no other writer
+            oldest = time.time() - SHARED_ORPHAN_AGE_SECONDS
+            orphans = [rel for rel in orphans if _modified_before(self.spool.path(rel), oldest)]
         for rel in orphans:
             self.spool.delete(rel)
         if temps or orphans:
@@ -211,3 +221,10 @@ class EdgeNode:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until stop() has finished; True if it has."""
         return self._stopped.wait(timeout)
+
+
+def _modified_before(path: Path, when: float) -> bool:
+    try:
+        return path.stat().st_mtime < when
+    except FileNotFoundError:
+        return False

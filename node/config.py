@@ -39,6 +39,9 @@ class NodeSettings(Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     data_dir: Path = Path("var")
+    # Received and result files; empty: <data_dir>/spool. Nodes sharing one database may share one spool (a shared
+    # mount at the same or another path): then any of them can send (and take over) the others' results.
+    spool_dir: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # when set, clients must present a certificate signed by it
@@ -210,6 +213,9 @@ class SendSettings(Section):
     max_backoff_seconds: float = Field(600.0, gt=0)
     max_attempts: int = Field(20, ge=1)
     interval_seconds: float = Field(2.0, gt=0)  # how often the sender looks for due items
+    # A sender's claim on the items it is sending, renewed after each file; a dead sender's items are taken over
+    # by another once it runs out. Must outlast the longest wait for one file (node.*_timeout).
+    lease_seconds: float = Field(300.0, gt=0)
 
 
 class JobSettings(Section):
@@ -275,6 +281,12 @@ class Settings(BaseSettings):
     def _cross_checks(self) -> Settings:
         if self.stability.max_wait_seconds < self.stability.stable_seconds:
             raise ValueError("stability.max_wait_seconds must be >= stability.stable_seconds")
+        longest_wait = self.node.network_timeout + self.node.acse_timeout + self.node.dimse_timeout
+        if self.send.lease_seconds <= longest_wait:
+            raise ValueError(
+                f"send.lease_seconds ({self.send.lease_seconds:g}) must exceed node.network_timeout + "
+                f"node.acse_timeout + node.dimse_timeout ({longest_wait:g}): a claim must outlast one file's send"
+            )
         known = {p.ae_title for p in self.peers}
         for rule in self.routing:
             if rule.destination and rule.destination not in known:
@@ -288,6 +300,8 @@ class Settings(BaseSettings):
 
     @property
     def spool_dir(self) -> Path:
+        if self.node.spool_dir is not None and str(self.node.spool_dir):
+            return self.node.spool_dir.expanduser().resolve()
         return self.data_dir / "spool"
 
     @property

@@ -47,3 +47,28 @@ def boot_id() -> str:
 def worker_owner(identity: str, slot: int, generation: int) -> str:
     """The lease owner id of one worker process; `identity` is its prefix, and it ends `-<slot>.<generation>`."""
     return f"{identity}/{boot_id()}.{os.getpid()}-{slot}.{generation}"
+
+
+def sender_owner(identity: str) -> str:
+    """The lease owner id of one sending process (the node's sender, or `edgenode outbound send`)."""
+    return f"{identity}/{boot_id()}.{os.getpid()}-send"
+
+
+def owner_is_gone(owner: str, identity: str) -> bool:
+    """Whether a lease owner id of this node (`identity`) names a process that no longer runs: one of an earlier
+    boot, or a pid not alive now. Another node's owner ids are never judged gone here (their leases expire)."""
+    prefix = identity + "/"
+    if not owner.startswith(prefix):
+        return False
+    match = re.fullmatch(r"([0-9a-f]*)\.(\d+)-.*", owner[len(prefix) :])
+    if match is None:
+        return False
+    if match.group(1) != boot_id():
+        return True
+    try:
+        os.kill(int(match.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

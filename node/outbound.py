@@ -10,23 +10,24 @@ Durability contract:
   (Orthanc keeps one copy), so the worst case is one duplicate transfer, never a lost or duplicated object.
 - Files are never deleted here: removing delivered files is retention's job.
 
-`send_due` runs one pass at a time per data directory: an flock on <data_dir>/outbound.lock makes a
-concurrent pass (the CLI's `outbound send` beside the scheduler, or a second thread) return at once. It
-holds no state between calls, so a restart only needs the database and the spool.
+Several senders may run at once (nodes sharing the database, `edgenode outbound send` beside the node, two
+threads): each item is claimed by one sender (db/outbound.py: a lease on the database's clock, renewed after each
+file, ended with the outcome), so each is sent by one sender at a time. A sender that dies leaves its claims to run
+out; then any node that can read the files (the same spool: `Spool.id`) takes them over, and at start-up a node
+releases the claims of its own senders that are gone at once. A sender whose claim ran out while it stalled records
+nothing for that item (the new owner does). `send_due` holds no state between calls, so a restart only needs the
+database and the spool.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
@@ -37,9 +38,23 @@ from sqlalchemy.orm import Session
 from db.audit import record_audit
 from db.jobs import LeaseLost, update_timings
 from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
-from db.outbound import Backoff, DueItem, add_outbound, due_items, mark_failed, mark_sent, requeue, upsert_result
+from db.outbound import (
+    Backoff,
+    DueItem,
+    add_outbound,
+    claim_due_items,
+    lease_owners,
+    mark_failed,
+    mark_sent,
+    release_items,
+    release_owned_by,
+    renew_leases,
+    requeue,
+    upsert_result,
+)
 from db.session import Database
 from node.config import PeerSettings, Settings
+from node.identity import node_identity, owner_is_gone, sender_owner
 from node.scu import OutgoingFile, StoreOutcome, store_files
 from node.spool import RESULTS_DIR, Spool, safe_component
 
@@ -48,7 +63,7 @@ if TYPE_CHECKING:  # results pulls in highdicom and matplotlib; the queue itself
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = "outbound.lock"
+CLAIM_BATCH = 50  # items claimed at a time: several senders share a backlog instead of one taking it all
 
 
 @dataclass
@@ -59,7 +74,8 @@ class SendReport:
     retried: list[int] = field(default_factory=list)
     dead: list[int] = field(default_factory=list)
     untried: list[int] = field(default_factory=list)  # due, but the association was lost before their turn
-    busy: bool = False  # another sender held the lock: nothing was attempted
+    taken_over: list[int] = field(default_factory=list)  # our claim ran out mid-pass; another sender has them
+    busy: bool = False  # kept for callers: claims replaced the pass lock, so a pass is never refused now
 
     @property
     def attempted(self) -> int:
@@ -119,6 +135,7 @@ def enqueue(
                 series_instance_uid=str(ds.SeriesInstanceUID),
                 path=file.relpath,
                 size_bytes=file.size,
+                spool_id=spool.id,
             )
             item = add_outbound(session, result, destination.ae_title, destination.host, destination.port, now)
             record_audit(
@@ -146,36 +163,69 @@ def backoff_of(settings: Settings) -> Backoff:
     )
 
 
-@contextmanager
-def sender_lock(data_dir: Path) -> Iterator[bool]:
-    """An exclusive, non-blocking lock on <data_dir>/outbound.lock; yields whether it was obtained.
-
-    It keeps `edgenode outbound send` and the running node's scheduler (or two threads) from sending the
-    same items at once; the kernel drops it when the holder dies, so a killed sender never blocks the next.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / LOCK_NAME).open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | None = None) -> SendReport:
-    """One pass: every due pending item, one association per destination, each outcome committed at once.
+    """One pass: claim due items a batch at a time and send them, one association per destination per batch, each
+    outcome committed at once, until nothing due is left that this pass has not tried.
 
-    Returns at once with `busy` set when another sender (thread or process) holds the lock.
+    Claims are this process's (`sender_owner`), on the database's clock; with `now` (a caller's simulated time)
+    they are set on that clock instead.
     """
-    with sender_lock(settings.data_dir) as held:
-        if not held:
-            log.info("another sender is running; this pass is skipped")
-            return SendReport(busy=True)
-        return _send_pass(settings, db, spool, now or datetime.now(UTC))
+    release_own_claims(settings, db)  # a killed sender of this node (e.g. `outbound send`) need not wait out its lease
+    owner = sender_owner(node_identity(settings.data_dir))
+    report = SendReport()
+    clock = pass_clock(now) if now is not None else None
+    seen: list[int] = []
+    while True:
+        with db.session() as session:
+            batch = claim_due_items(
+                session,
+                owner,
+                settings.send.lease_seconds,
+                spool.id,
+                limit=CLAIM_BATCH,
+                exclude=seen,
+                now=clock() if clock else None,
+            )
+        if not batch:
+            break
+        seen.extend(item.id for item in batch)
+        _send_batch(settings, db, spool, batch, _Claims(db, owner, settings.send.lease_seconds, clock), report)
+    if seen:
+        log.info(
+            "send pass: %d sent, %d to retry, %d dead, %d not tried, %d taken over by another sender",
+            len(report.sent),
+            len(report.retried),
+            len(report.dead),
+            len(report.untried),
+            len(report.taken_over),
+        )
+    return report
+
+
+def release_own_claims(settings: Settings, db: Database) -> int:
+    """Before each pass (and at start-up): claims held by this node's senders that no longer run (an earlier run,
+    a killed `outbound send`) are given back at once; other nodes' claims, and this node's live senders', stay."""
+    identity = node_identity(settings.data_dir)
+    with db.session() as session:
+        gone = [o for o in lease_owners(session, identity + "/") if owner_is_gone(o, identity)]
+        released = release_owned_by(session, gone)
+    if released:
+        log.warning("outbound: %d item(s) claimed by this node's stopped sender(s) are due again", released)
+    return released
+
+
+@dataclass
+class _Claims:
+    """One batch's claims: who holds them, how long, on which clock (None: the database's)."""
+
+    db: Database
+    owner: str
+    lease_seconds: float
+    clock: Callable[[], datetime] | None
+    open: set[int] = field(default_factory=set)
+
+    def now(self) -> datetime:
+        return self.clock() if self.clock else datetime.now(UTC)
 
 
 def pass_clock(start: datetime) -> Callable[[], datetime]:
@@ -188,15 +238,11 @@ def pass_clock(start: datetime) -> Callable[[], datetime]:
     return lambda: start + timedelta(seconds=time.monotonic() - began)
 
 
-def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) -> SendReport:
+def _send_batch(
+    settings: Settings, db: Database, spool: Spool, due: list[DueItem], claims: _Claims, report: SendReport
+) -> None:
     backoff = backoff_of(settings)
-    report = SendReport()
-    clock = pass_clock(now)
-    with db.session() as session:
-        due = due_items(session, now)
-    if not due:
-        return report
-
+    claims.open = {item.id for item in due}
     # Only to peers still in [[peers]] (their current address and TLS setting): a peer removed from the
     # configuration is no longer trusted with results, so its items wait (backoff, then dead, retryable).
     listed: list[DueItem] = []
@@ -205,7 +251,7 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
         (listed if settings.peer(item.destination_ae) is not None else unlisted).append(item)
     for item in unlisted:
         why = f"destination {item.destination_ae} is no longer in [[peers]]; not sent (add it back, then retry)"
-        _record(db, StoreOutcome(item.id, None, why), clock(), backoff, report)
+        _record(db, StoreOutcome(item.id, None, why), claims, backoff, report)
     for ae_title, group in groupby(sorted(listed, key=lambda i: i.destination_ae), key=lambda i: i.destination_ae):
         items = list(group)
         files, missing = [], []
@@ -216,41 +262,52 @@ def _send_pass(settings: Settings, db: Database, spool: Spool, now: datetime) ->
             except (OSError, InvalidDicomError, AttributeError) as exc:  # gone or damaged: no retry can fix that
                 missing.append(StoreOutcome(item.id, None, f"result file {item.path} unreadable: {exc}"))
         for outcome in missing:
-            _record(db, outcome, clock(), backoff, report, give_up=True)
+            _record(db, outcome, claims, backoff, report, give_up=True)
         peer = settings.peer(ae_title)
         assert peer is not None
         for outcome in store_files(settings.node, peer, files):
-            _record(db, outcome, clock(), backoff, report)
-    log.info(
-        "send pass: %d sent, %d to retry, %d dead, %d not tried",
-        len(report.sent),
-        len(report.retried),
-        len(report.dead),
-        len(report.untried),
-    )
-    return report
+            _record(db, outcome, claims, backoff, report)
+    if claims.open:  # never reached (an outcome per item is the rule; this is the guard)
+        with db.session() as session:
+            release_items(session, sorted(claims.open), claims.owner)
 
 
 def _record(
-    db: Database, outcome: StoreOutcome, now: datetime, backoff: Backoff, report: SendReport, give_up: bool = False
+    db: Database, outcome: StoreOutcome, claims: _Claims, backoff: Backoff, report: SendReport, give_up: bool = False
 ) -> None:
-    """Commit one outcome before the next file is sent (the acknowledgement is durable as soon as possible).
+    """Commit one outcome before the next file is sent (the acknowledgement is durable as soon as possible), and
+    renew the batch's other claims in the same transaction.
 
-    `now` is when this attempt ended. An item that was never sent (its association was lost before its turn)
-    keeps its attempt count and stays due: the next pass tries it, and only a real try counts towards dead.
+    An item that was never sent (its association was lost before its turn) keeps its attempt count and is given
+    back unclaimed: the next pass tries it, and only a real try counts towards dead. An outcome for an item whose
+    claim ran out and was taken over by another sender is not recorded (that sender records its own).
     """
-    if not outcome.tried:
-        report.untried.append(outcome.key)
-        log.info("outbound item %s not tried in this pass: %s", outcome.key, outcome.error)
-        return
+    now = claims.now()
+    claims.open.discard(outcome.key)
     with db.session() as session:
+        renew_leases(
+            session, sorted(claims.open), claims.owner, claims.lease_seconds, claims.clock() if claims.clock else None
+        )
+        if not outcome.tried:
+            release_items(session, [outcome.key], claims.owner)
+            report.untried.append(outcome.key)
+            log.info("outbound item %s not tried in this pass: %s", outcome.key, outcome.error)
+            return
         if outcome.stored:
             assert outcome.status is not None
-            item = mark_sent(session, outcome.key, outcome.status, outcome.error, now)
-            _note_delivery_time(session, item)
+            sent = mark_sent(session, outcome.key, claims.owner, outcome.status, outcome.error, now)
+            if sent is None:
+                _note_taken_over(outcome, report)
+                return
+            _note_delivery_time(session, sent)
             report.sent.append(outcome.key)
             return
-        item = mark_failed(session, outcome.key, outcome.status, outcome.error, now, backoff, give_up=give_up)
+        item = mark_failed(
+            session, outcome.key, claims.owner, outcome.status, outcome.error, now, backoff, give_up=give_up
+        )
+        if item is None:
+            _note_taken_over(outcome, report)
+            return
         (report.dead if item.status == OutboundStatus.DEAD else report.retried).append(outcome.key)
         log.warning(
             "send of outbound item %s failed (attempt %d, status %s): %s",
@@ -259,6 +316,14 @@ def _record(
             "none" if outcome.status is None else f"0x{outcome.status:04X}",
             outcome.error,
         )
+
+
+def _note_taken_over(outcome: StoreOutcome, report: SendReport) -> None:
+    report.taken_over.append(outcome.key)
+    log.warning(
+        "outbound item %s: this sender's claim ran out before its outcome was recorded; another sender has it",
+        outcome.key,
+    )
 
 
 def _note_delivery_time(session: Session, item: OutboundItem) -> None:

@@ -5,6 +5,10 @@ queued or running, and every result it produced was acknowledged by every destin
 items `sent`; a result never queued for delivery counts as undelivered and keeps the study). Files go
 first, then the rows, so a crash in between leaves rows whose files are already gone and the next run
 finishes the job. Each removal appends a `retention.deleted` audit event; audit rows are never touched.
+
+Several nodes on one database: a node removes only studies whose files are all in its own spool (or a spool it
+shares with the node that wrote them: db/retention.py's `files_elsewhere`); another node's study stays for that node
+to remove. An item another node is sending is pending, so its study is kept as undelivered.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from db.audit import record_audit
 from db.models import AuditEventType, utcnow
 from db.retention import (
     delete_study,
+    files_elsewhere,
     has_undelivered_results,
     is_busy,
     lock_study,
@@ -26,7 +31,7 @@ from db.retention import (
 )
 from db.session import Database
 from node.config import Settings
-from node.spool import contained_path
+from node.spool import contained_path, spool_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class RetentionReport:
     bytes_freed: int = 0
     files_missing: int = 0  # already gone from the spool (earlier interrupted run, manual cleanup)
     studies_kept_failed: list[str] = field(default_factory=list)  # a file could not be removed: rows kept, retried
+    studies_kept_elsewhere: list[str] = field(default_factory=list)  # files in another node's spool: its to remove
 
 
 @dataclass
@@ -91,6 +97,7 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
     spool_root = spool_root.resolve()
     cutoff = (now or utcnow()) - timedelta(days=settings.retention.days)
     report = RetentionReport(cutoff=cutoff)
+    ours = spool_id(spool_root)
     with db.session() as session:
         candidates = studies_received_before(session, cutoff)
     for uid in candidates:
@@ -100,6 +107,9 @@ def run_retention(settings: Settings, db: Database, spool_root: Path, now: datet
                 continue
             if is_busy(study):
                 report.studies_kept_busy.append(uid)
+                continue
+            if files_elsewhere(study, ours):
+                report.studies_kept_elsewhere.append(uid)
                 continue
             if has_undelivered_results(study):
                 report.studies_kept_undelivered.append(uid)

@@ -68,15 +68,44 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+SPOOL_ID_FILE = "spool-id"
+
+
+def spool_id(root: Path) -> str:
+    """The id kept in the spool root, made once: nodes that share the spool (one mount) read the same id, nodes
+    with spools of their own read different ones. Rows name the spool holding their files by it, so a node only
+    sends, analyses or deletes what it can reach. Two nodes making it at once agree: the first link wins."""
+    path = root / SPOOL_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    temp = root / f".{SPOOL_ID_FILE}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    temp.write_text(uuid.uuid4().hex + "\n")
+    try:
+        os.link(temp, path)  # never replaces: a concurrent maker's id stays
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink(missing_ok=True)
+    _fsync_dir(root)
+    return path.read_text().strip()
+
+
 KNOWN_DIRS_LIMIT = 4096  # series folders remembered: far more than are written to at once
 
 
 class Spool:
     """Files under one root folder; every write is atomic and durable before it returns."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, writer: str = "") -> None:
+        """`writer` (the node identity) goes into temp file names: on a spool shared by several nodes, start-up
+        recovery removes only its own node's interrupted writes (`cleanup_temp`), never another's in flight."""
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.writer = re.sub(r"[^0-9A-Za-z.~-]", "-", writer)
+        self.id = spool_id(self.root)
         # Folders known to exist (saves a stat per write). Bounded, most recently used kept: other processes
         # (retention) remove folders without telling this cache, and a stale entry only costs one retry.
         self._known_dirs: OrderedDict[Path, None] = OrderedDict({self.root: None})
@@ -105,7 +134,7 @@ class Spool:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
         final = self.path(relpath)
         self._ensure_dir(final.parent)
-        temp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
@@ -157,10 +186,17 @@ class Spool:
         """Bytes available to this (unprivileged) process on the spool's file system."""
         return free_disk_bytes(self.root)
 
+    def _temp_tag(self) -> str:
+        return f"{self.writer}@" if self.writer else ""
+
     def cleanup_temp(self) -> list[str]:
-        """Remove temp files left by an interrupted write; returns their relative paths."""
+        """Remove temp files left by this writer's interrupted writes; returns their relative paths.
+
+        With a `writer`, only temp files carrying it go (other nodes on a shared spool may be writing theirs now);
+        without one (a spool of its own), every temp file."""
         removed = []
-        for temp in self.root.rglob(f"*{TEMP_SUFFIX}"):
+        pattern = f"*{self._temp_tag()}*{TEMP_SUFFIX}" if self.writer else f"*{TEMP_SUFFIX}"
+        for temp in self.root.rglob(pattern):
             if temp.is_file():
                 temp.unlink(missing_ok=True)
                 removed.append(temp.relative_to(self.root).as_posix())

@@ -26,6 +26,7 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import PeerSettings, Settings
 from node.heartbeat import Heartbeat, JobAborted
+from node.identity import node_identity
 from node.job_series import SeriesFiles, modalities_to_process, series_to_process
 from node.model_loader import LoadedModel, pin_worker_gpu
 from node.parent_watch import ParentWatch
@@ -91,7 +92,7 @@ class JobRunner:
         self.stop = stop or threading.Event()
         self.results_queued = results_queued  # the serve process's sender waits on it
         self.db = Database(settings.database_url, run_migrations=False)
-        self.spool = Spool(settings.spool_dir)
+        self.spool = Spool(settings.spool_dir, writer=node_identity(settings.data_dir))  # tags its temp files
         self.model = LoadedModel(settings)
         self._server_down_streak = 0  # jobs deferred in a row because the inference server could not serve
 
@@ -99,7 +100,8 @@ class JobRunner:
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue had nothing due."""
         with self.db.session() as session:
-            job = claim_next_job(session, self.owner, self.settings.jobs.lease_seconds)
+            # Only studies whose files this node's spool holds (all of them, where the nodes share one spool).
+            job = claim_next_job(session, self.owner, self.settings.jobs.lease_seconds, spool_id=self.spool.id)
         if job is None:
             return False
         self.run(job)

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from db.models import Instance
 from db.session import Database
 from node.app import CLEAN_STOP_MARKER
-from node.spool import TEMP_SUFFIX, Spool
+from node.spool import SPOOL_ID_FILE, TEMP_SUFFIX, Spool
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.ingest_support import ServeProcess, dataset_bytes, node_settings, sender_ae, write_toml
 
@@ -79,7 +79,7 @@ def check_spool_against_index(data_dir: Path, acked: dict[str, Path]) -> None:
         stored = spool.path(rows[sop].path)
         assert dataset_bytes(stored) == dataset_bytes(source)
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == rows[sop].sha256
-    files = {p.relative_to(spool.root).as_posix() for p in spool.root.rglob("*") if p.is_file()}
+    files = {p.relative_to(spool.root).as_posix() for p in spool.root.rglob("*") if p.is_file()} - {SPOOL_ID_FILE}
     assert not [f for f in files if f.endswith(TEMP_SUFFIX)], "temp files left in the spool"
     assert files == {r.path for r in rows.values()}, "spool and index disagree"
 

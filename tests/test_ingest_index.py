@@ -103,12 +103,12 @@ def test_after_a_failed_batch_each_record_gets_its_own_outcome(
     index.add_instances([record("9.9")])
     real = db.ingest._add_instance
 
-    def flaky(conn, rec):  # type: ignore[no-untyped-def]
+    def flaky(conn, rec, *more):  # type: ignore[no-untyped-def]
         if rec.sop_instance_uid == "9.3":
             raise OperationalError("INSERT", {}, Exception("database is locked"))
         if rec.sop_instance_uid == "9.4":  # e.g. the series was removed by retention in between
             raise IntegrityError("INSERT", {}, Exception("FOREIGN KEY constraint failed"))
-        return real(conn, rec)
+        return real(conn, rec, *more)
 
     monkeypatch.setattr(db.ingest, "_add_instance", flaky)
     outcomes = index.add_instances([record("9.1"), record("9.9"), record("9.3"), record("9.4")])

@@ -20,7 +20,7 @@ from db.outbound import Backoff, list_items
 from db.session import Database
 from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings, settings_to_toml
 from node.local_orthanc import Orthanc, free_port
-from node.outbound import enqueue, retry_dead, send_due, sender_lock
+from node.outbound import enqueue, retry_dead, send_due
 from node.results import ResultObject, write_results
 from node.spool import Spool
 from tests.conftest import edgenode_cmd, node_env
@@ -69,8 +69,9 @@ def items(db: Database) -> list[OutboundItem]:
 
 
 @pytest.fixture
-def node_db(tmp_path: Path) -> Iterator[tuple[Database, Spool]]:
-    db = Database(f"sqlite:///{tmp_path / 'var' / 'edgenode.db'}")
+def node_db(tmp_path: Path, database_url: str) -> Iterator[tuple[Database, Spool]]:
+    """The queue's database (SQLite, and a real PostgreSQL) and the node's spool."""
+    db = Database(database_url)
     yield db, Spool(tmp_path / "var" / "spool")
     db.dispose()
 
@@ -258,7 +259,7 @@ def test_dead_letter_then_cli_list_and_retry(tmp_path: Path, node_db: tuple[Data
     assert send_due(settings, db, spool, now=T0 + timedelta(days=1)).attempted == 0  # dead items rest
 
     config = tmp_path / "edgenode.toml"
-    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n[database]\nurl = "{db.url}"\n')
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -327,7 +328,8 @@ def test_restart_as_a_real_process(tmp_path: Path, node_db: tuple[Database, Spoo
     enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer)
     config = tmp_path / "edgenode.toml"
     config.write_text(
-        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[send]\ninitial_backoff_seconds = 0.2\n'
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[database]\nurl = "{db.url}"\n'
+        "[send]\ninitial_backoff_seconds = 0.2\n"
         f'[[peers]]\nae_title = "STORESCP"\nport = {port}\n'
     )
     command = edgenode_cmd("outbound", "send", "--config", str(config))
@@ -388,7 +390,8 @@ def test_sender_killed_mid_send_loses_nothing(tmp_path: Path, node_db: tuple[Dat
     enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer)
     config = tmp_path / "edgenode.toml"
     config.write_text(
-        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[[peers]]\nae_title = "STORESCP"\nport = {peer.port}\n'
+        f'[node]\ndata_dir = "{tmp_path / "var"}"\n[database]\nurl = "{db.url}"\n'
+        f'[[peers]]\nae_title = "STORESCP"\nport = {peer.port}\n'
     )
     command = edgenode_cmd("outbound", "send", "--config", str(config))
     slow = ["--sleep-after", "1", "--unique-filenames"]
@@ -482,6 +485,7 @@ def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, no
 
     settings = make_settings(tmp_path, [peer], initial_backoff_seconds=600)
     config = tmp_path / "edgenode.toml"
+    settings.database.url = db.url
     config.write_text(settings_to_toml(settings))
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -506,19 +510,3 @@ def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, no
     assert received == sorted(str(o.dataset.SOPInstanceUID) for o in [*objects, *later])
     assert {i.status for i in items(db)} == {OutboundStatus.SENT}
     assert audit_count(db, "send.requeued") == len(objects) + len(later)
-
-
-def test_one_sender_at_a_time(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
-    db, spool = node_db
-    sources, objects = ct_objects(heatmaps=1)
-    with StoreSCP(tmp_path / "storescp") as scp:
-        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
-        settings = make_settings(tmp_path, [peer])
-        enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer, now=T0)
-        with sender_lock(settings.data_dir) as held:  # e.g. the scheduler's pass in progress
-            assert held
-            busy = send_due(settings, db, spool, now=T0)
-            assert busy.busy and busy.attempted == 0
-            assert scp.received() == []
-        report = send_due(settings, db, spool, now=T0)
-        assert not report.busy and len(report.sent) == len(objects)

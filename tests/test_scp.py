@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 
 from db.models import AuditEvent, Instance, Series, Study
 from node.scp import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
+from node.spool import SPOOL_ID_FILE
 from tests.conftest import DCMTK, peer_env
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.ingest_support import SENDER_AE, dataset_bytes, node_settings, running_node, sender_ae
@@ -221,7 +222,7 @@ def test_truncated_or_garbage_data_sets_fail_and_leave_nothing(tmp_path: Path, c
         assoc.release()
         assert statuses == {"truncated": 0xC210, "cut-before-pixels": 0xA900, "garbage": 0xC210, "no-study-uid": 0xA900}
         assert instance_count(node) == 1
-        assert len([p for p in node.spool.root.rglob("*") if p.is_file()]) == 1
+        assert len([p for p in node.spool.root.rglob("*") if p.is_file() and p.name != SPOOL_ID_FILE]) == 1
         rejected = audit(node, "instance.rejected")
         assert len(rejected) == 4
         assert all(e.outcome == "failure" and e.sop_instance_uid and e.detail for e in rejected)
@@ -239,7 +240,7 @@ def test_full_disk_answers_out_of_resources_and_refuses_associations(tmp_path: P
         assoc.release()
         assert int(status.Status) == 0xA700
         assert instance_count(node) == 0
-        assert not [p for p in node.spool.root.rglob("*") if p.is_file()]
+        assert not [p for p in node.spool.root.rglob("*") if p.is_file() and p.name != SPOOL_ID_FILE]
         refused = sender_ae().associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
         assert refused.is_rejected
         rsp = refused.acceptor.primitive

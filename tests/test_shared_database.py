@@ -277,3 +277,25 @@ def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: 
         assert s.execute(select(Job.status)).scalars().all() == [JobStatus.QUEUED]
         kinds = s.scalars(select(AuditEvent.event_type).where(AuditEvent.study_instance_uid == "8.1")).all()
     assert kinds.count(AuditEventType.STUDY_COMPLETE) == 1 and kinds.count(AuditEventType.JOB_CREATED) == 1
+
+
+def test_without_a_shared_spool_a_studys_job_stays_with_the_node_that_received_it(database_url: str) -> None:
+    """Nodes with spools of their own: a claimer takes only jobs of studies in its spool (and of studies from before
+    spool ids were recorded); nodes sharing a spool share one id, so any of them takes any job."""
+    db = Database(database_url)
+    try:
+        theirs, ours, legacy = _add_job(db, "7.1"), _add_job(db, "7.2"), _add_job(db, "7.3")
+        with db.session() as s:
+            for job_id, spool in ((theirs, "spool-b"), (ours, "spool-a"), (legacy, None)):
+                s.get_one(Job, job_id).study.spool_id = spool
+        with db.session() as s:
+            first = claim_next_job(s, "a-1", 60, spool_id="spool-a")
+            second = claim_next_job(s, "a-2", 60, spool_id="spool-a")
+            third = claim_next_job(s, "a-3", 60, spool_id="spool-a")
+        assert first is not None and second is not None and third is None
+        assert {first.id, second.id} == {ours, legacy}
+        with db.session() as s:
+            taken = claim_next_job(s, "b-1", 60, spool_id="spool-b")
+        assert taken is not None and taken.id == theirs
+    finally:
+        db.dispose()

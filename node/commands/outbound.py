@@ -88,9 +88,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         from node.spool import Spool
 
         report = send_due(settings, db, Spool(settings.spool_dir))
-        if report.busy:
-            print("another sender (the running node?) is sending now; nothing done")
-            return 0
         untried = f", not tried {len(report.untried)} (association lost; still due)" if report.untried else ""
         print(f"sent {len(report.sent)}, to retry {len(report.retried)}, dead {len(report.dead)}{untried}")
         return 0 if not report.retried and not report.dead and not report.untried else 1
