@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, Update, or_, select, update
+from sqlalchemy import CursorResult, Update, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from db.audit import record_audit
@@ -328,6 +328,18 @@ def mark_failed(
             **fields,
         )
     return item
+
+
+def pending_items_of_job(session: Session, job_id: int) -> int:
+    """How many of a job's results still wait for the peer's acknowledgement."""
+    return int(
+        session.scalar(
+            select(func.count(OutboundItem.id))
+            .join(Result, Result.id == OutboundItem.result_id)
+            .where(Result.job_id == job_id, OutboundItem.status == OutboundStatus.PENDING)
+        )
+        or 0
+    )
 
 
 def requeue(session: Session, ids: Sequence[int] | None, now: datetime, pending_too: bool = False) -> list[int]:

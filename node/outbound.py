@@ -32,12 +32,11 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.audit import record_audit
 from db.jobs import LeaseLost, update_timings
-from db.models import AuditEventType, Job, OutboundItem, OutboundStatus, Result
+from db.models import AuditEventType, Job, OutboundItem, OutboundStatus
 from db.outbound import (
     Backoff,
     DueItem,
@@ -46,6 +45,7 @@ from db.outbound import (
     lease_owners,
     mark_failed,
     mark_sent,
+    pending_items_of_job,
     release_items,
     release_owned_by,
     renew_leases,
@@ -332,12 +332,7 @@ def _note_delivery_time(session: Session, item: OutboundItem) -> None:
     job = item.result.job
     if job.finished_at is None:
         return
-    pending = session.scalar(
-        select(func.count(OutboundItem.id))
-        .join(Result, Result.id == OutboundItem.result_id)
-        .where(Result.job_id == job.id, OutboundItem.status == OutboundStatus.PENDING)
-    )
-    if not pending:
+    if not pending_items_of_job(session, job.id):
         seconds = (datetime.now(UTC) - job.finished_at).total_seconds()
         update_timings(session, job.id, {"send": round(max(seconds, 0.0), 4)})
 
