@@ -144,7 +144,7 @@ def _stop_on_call(denoiser: TritonDenoiser, server: TritonProcess, call: int) ->
 @pytest.mark.slow  # starts a Triton server
 def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, tmp_path: Path) -> None:
     settings, db = received_study(tmp_path, make_ct_series(3, 48, 48, seed=5))
-    weights = Path(settings.inference.model)
+    weights = Path(settings.inference.model_for("CT"))
     settings.inference.backend = "triton"
     settings.inference.steps = 4
     settings.jobs.retry_backoff_seconds = 0.2
