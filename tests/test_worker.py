@@ -324,6 +324,26 @@ def source_series_results(db: Database) -> dict[str, set[str]]:
     return found
 
 
+def study_page_series(settings: Settings, db: Database, study_uid: str) -> dict[str, str]:
+    """Series UID -> the text of the study page's "Analysed by" cell (and the REST API agrees)."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from node.web.app import create_app
+
+    client = TestClient(create_app(settings, db, token="t"))
+    auth = {"Authorization": "Bearer t"}
+    page = client.get(f"/studies/{study_uid}", headers=auth)
+    assert page.status_code == 200
+    cells = re.findall(r'<tr data-series="([^"]+)">.*?<td class="served">(.*?)</td>', page.text, re.S)
+    api = client.get(f"/api/studies/{study_uid}", headers=auth).json()
+    for series in api["series"]:
+        cell = dict(cells)[series["series_instance_uid"]]
+        assert all(m in cell for m in series["model_ids"]) and all(w[:40] in cell for w in series["skipped"])
+    return {uid: re.sub(r"<[^>]+>", " ", cell) for uid, cell in cells}
+
+
 def test_a_cr_series_is_never_analysed_by_the_ct_model(tmp_path: Path) -> None:
     """`model` names the CT model for every modality (as the default "bundled" does): the CT series is analysed,
     the CR series is skipped with an audit event saying no model is trained for CR, and nothing is sent for it."""
@@ -346,6 +366,10 @@ def test_a_cr_series_is_never_analysed_by_the_ct_model(tmp_path: Path) -> None:
     assert source_series_results(db) == {ct[0].SeriesInstanceUID: {ct_model.model_id}}
     every = [p for kind in ("seg", "sc", "sr") for p in queued_results(db, settings, kind)]
     assert every and of_series(every, cr.SeriesInstanceUID) == []  # no object refers to the CR series
+    rows = study_page_series(settings, db, study)  # the study page says which model served which series
+    assert ct_model.model_id in rows[ct[0].SeriesInstanceUID]
+    assert "not analysed" in rows[cr.SeriesInstanceUID] and "no model trained for CR" in rows[cr.SeriesInstanceUID]
+    assert rows[cr.SeriesInstanceUID].split("not analysed")[0].strip() == ""  # no model named as serving it
 
 
 def test_a_radiograph_only_study_without_a_radiograph_model_is_done_with_nothing_sent(tmp_path: Path) -> None:
@@ -386,6 +410,8 @@ def test_a_cr_series_is_analysed_by_a_model_trained_for_cr(tmp_path: Path) -> No
         ct[0].SeriesInstanceUID: {ct_model.model_id},
         cr.SeriesInstanceUID: {rx_model.model_id},
     }
+    rows = study_page_series(settings, db, study)
+    assert rx_model.model_id in rows[cr.SeriesInstanceUID] and ct_model.model_id in rows[ct[0].SeriesInstanceUID]
     (cr_report,) = of_series(queued_results(db, settings, "sr"), cr.SeriesInstanceUID)
     import pydicom
 
