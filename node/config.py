@@ -161,9 +161,8 @@ class InferenceSettings(Section):
             return {m: str(value) for m in MODEL_DEFAULTS}
         if not isinstance(value, dict):
             return value  # pydantic names the type error
-        defaults: dict[str, object] = {"t_start": T_START_DEFAULTS, "threshold_lambda": LAMBDA_DEFAULTS}.get(
-            str(info.field_name), MODEL_DEFAULTS
-        )
+        per_field: dict[str, dict[str, Any]] = {"t_start": T_START_DEFAULTS, "threshold_lambda": LAMBDA_DEFAULTS}
+        defaults = per_field.get(str(info.field_name), MODEL_DEFAULTS)
         merged: dict[str, object] = dict(defaults)
         for key, item in value.items():
             modality = str(key).strip().upper()
