@@ -7,14 +7,16 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -140,7 +142,9 @@ class InferenceSettings(Section):
     ensemble: int = Field(7, ge=1, le=64)
     # Per modality, like t_start: "bundled" or a path to a .safetensors file; a plain string means every modality.
     # A model only ever analyses the modalities its metadata says it was trained for (node/models.py).
-    model: dict[str, str] = Field(default_factory=lambda: dict(MODEL_DEFAULTS))
+    # NoDecode: EDGENODE_INFERENCE__MODEL=/path arrives as the plain string (not parsed as JSON); a table from the
+    # environment is JSON ({"CR": "/path"}) or one variable per key (EDGENODE_INFERENCE__MODEL__CR).
+    model: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(MODEL_DEFAULTS))
     steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
     t_start: dict[str, int] = Field(default_factory=lambda: dict(T_START_DEFAULTS))
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
@@ -155,6 +159,11 @@ class InferenceSettings(Section):
         """A partial table changes only the modalities it names (`t_start = {CR = 200}` keeps CT's and DX's
         defaults); keys are case-insensitive (environment variables arrive lower-case) and must be CT/CR/DX.
         `model` may also be a plain string: that model for every modality."""
+        if info.field_name == "model" and isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON table of modality -> model: {exc}") from exc
         if info.field_name == "model" and isinstance(value, str | Path):
             if not str(value).strip():
                 raise ValueError('empty: give "bundled" or a path to a .safetensors file')

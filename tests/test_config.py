@@ -169,6 +169,11 @@ def test_the_model_is_a_per_modality_table_or_one_string_for_all(
     monkeypatch.setenv("EDGENODE_INFERENCE__MODEL__CT", "/models/ct2.safetensors")
     assert load_settings(path).inference.model["CT"] == "/models/ct2.safetensors"  # merged with the file
     monkeypatch.delenv("EDGENODE_INFERENCE__MODEL__CT")
+    monkeypatch.setenv("EDGENODE_INFERENCE__MODEL", "/models/all.safetensors")  # one variable, a plain path
+    assert load_settings().inference.model == dict.fromkeys(("CT", "CR", "DX"), "/models/all.safetensors")
+    monkeypatch.setenv("EDGENODE_INFERENCE__MODEL", '{"dx": "/models/rx.safetensors"}')  # or a JSON table
+    assert load_settings().inference.model == {"CT": "bundled", "CR": "bundled", "DX": "/models/rx.safetensors"}
+    monkeypatch.delenv("EDGENODE_INFERENCE__MODEL")
     path.write_text('[inference]\nmodel = { MR = "/models/mr.safetensors" }\n')
     with pytest.raises(ConfigError, match="inference.model: unknown modality 'MR'"):
         load_settings(path)
