@@ -157,8 +157,10 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
     server.start()
     try:
         settings.triton.url = server.url
-        denoiser, _ = runner.model.load()
-        runner.model.denoiser = _stop_on_call(denoiser, server, call=2)
+        served = runner.model.for_modality("CT")  # loads it
+        assert served is not None
+        stopping = replace(served, denoiser=_stop_on_call(served.denoiser, server, call=2))
+        runner.model.models._loaded[served.source] = stopping  # the CT series is analysed with it
         monitor = TritonMonitor(settings)
         assert check_health(settings, db, triton=monitor).as_dict()["inference_server"] == "ok"
 
