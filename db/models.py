@@ -217,6 +217,9 @@ class Result(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(Text)  # relative to the spool directory
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The source series it was made from and the model that analysed it (migration 0005; empty on older rows).
+    source_series_instance_uid: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    model_id: Mapped[str] = mapped_column(String(80), default="", server_default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     spool_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the spool holding `path`
 

@@ -74,6 +74,8 @@ def upsert_result(
     path: str,
     size_bytes: int,
     spool_id: str | None = None,
+    source_series_instance_uid: str = "",
+    model_id: str = "",
 ) -> Result:
     """The Result row for a SOP instance: created, or refreshed when the same object is written again."""
     result = session.scalars(select(Result).where(Result.sop_instance_uid == sop_instance_uid)).one_or_none()
@@ -87,6 +89,8 @@ def upsert_result(
     result.path = path
     result.size_bytes = size_bytes
     result.spool_id = spool_id
+    result.source_series_instance_uid = source_series_instance_uid
+    result.model_id = model_id
     session.flush()
     return result
 

@@ -280,6 +280,8 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
                     "sop_instance_uid": res.sop_instance_uid,
                     "sop_class_uid": res.sop_class_uid,
                     "series_instance_uid": res.series_instance_uid,
+                    "source_series_instance_uid": res.source_series_instance_uid,
+                    "model_id": res.model_id,
                     "size_bytes": res.size_bytes,
                     "created_at": iso(res.created_at),
                     "outbound": [
@@ -317,11 +319,33 @@ def study_detail(session: Session, study_uid: str) -> dict[str, Any] | None:
                 "results": results,
             }
         )
+    _served_by(session, detail, _current_job(study.jobs))
     detail["audit"] = audit_events(session, AuditFilter(study_uid=study_uid, limit=200))
     # Resends whose content differed from the kept copy: shown apart, however old, so they are not missed.
     conflicts = AuditFilter(study_uid=study_uid, event_type=str(AuditEventType.INSTANCE_CONFLICT), limit=100)
     detail["conflicts"] = audit_events(session, conflicts)
     return detail
+
+
+def _served_by(session: Session, detail: dict[str, Any], job: Job | None) -> None:
+    """Per source series of the study page: the model(s) whose results the current job queued for it
+    (`model_ids`), or why it was not analysed (`skipped`: the job's `series.skipped` details)."""
+    models: dict[str, list[str]] = defaultdict(list)
+    skipped: dict[str, list[str]] = defaultdict(list)
+    if job is not None:
+        for res in job.results:
+            if res.source_series_instance_uid and res.model_id not in models[res.source_series_instance_uid]:
+                models[res.source_series_instance_uid].append(res.model_id)
+        for uid, why in session.execute(
+            select(AuditEvent.series_instance_uid, AuditEvent.detail)
+            .where(AuditEvent.job_id == job.id, AuditEvent.event_type == str(AuditEventType.SERIES_SKIPPED))
+            .order_by(AuditEvent.id)
+        ):
+            skipped[uid].append(why)
+    for series in detail["series"]:
+        uid = series["series_instance_uid"]
+        series["model_ids"] = models.get(uid, [])
+        series["skipped"] = skipped.get(uid, [])
 
 
 def result_path(session: Session, study_uid: str, result_id: int) -> tuple[str, str] | None:

@@ -55,6 +55,10 @@ class TrainConfig:
     phantom_size: int = 256  # phantom rows/cols before resampling to the model grid
     phantom_slices: int = 24
     data_dir: str = ""  # a folder of healthy DICOM series instead of phantoms
+    # What the model is for, written into its metadata: the node runs it only on these modalities. Phantoms are
+    # rendered as CT slices for CT and as PA chest radiographs for CR/DX; a DICOM folder must hold only these.
+    modalities: tuple[str, ...] = ("CT",)
+    body_part: str = "CHEST"
     rotate_degrees: float = 0.0  # augmentation: random rotation in [-d, d]
     intensity_jitter: float = 0.0  # augmentation: random gain 1 +- j and offset +- j (in [-1, 1] units)
     flip: bool = False  # left-right flips: off for chests (the heart is on the left)
@@ -107,7 +111,45 @@ def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) 
     )
 
 
-def dicom_slices(folder: Path, grid: int) -> SlicePool:
+def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePool:
+    """Healthy phantom PA chest radiographs, one per subject, normalised and masked like inference does a CR/DX."""
+    from inference.lungmask import anatomy_mask
+    from inference.phantoms import make_radiograph
+
+    images, masks = [], []
+    for i in range(subjects):
+        rx = make_radiograph(splitmix64(seed, i) % 2**31, size, size, "none", native=size)
+        pixels = rx.image[None]
+        mapping = GridMapping(rows=size, cols=size, size=grid)
+        images.append(resample_to_grid(normalise(pixels, "DX"), mapping, fill=-1.0))
+        lungs = anatomy_mask(pixels, "DX", rx.pixel_spacing)
+        masks.append(mask_to_grid(lungs, mapping).astype(np.float32))
+    return SlicePool(
+        torch.from_numpy(np.concatenate(images)),
+        torch.from_numpy(np.concatenate(masks)),
+        f"radiograph phantoms(seed={seed}, subjects={subjects}, {size}x{size})",
+    )
+
+
+RADIOGRAPH_MODALITIES = ("CR", "DX")
+
+
+def training_pool(cfg: TrainConfig, grid: int) -> SlicePool:
+    """The run's healthy images: a DICOM folder (its modalities must be the run's), else phantoms of the run's
+    kind (CT slices, or radiographs for a CR/DX model; a model for both kinds at once is refused)."""
+    wanted = {m.upper() for m in cfg.modalities}
+    if not wanted or not wanted <= {"CT", *RADIOGRAPH_MODALITIES}:
+        raise ValueError(f"modalities {sorted(wanted)}: choose CT, or CR and/or DX")
+    if cfg.data_dir:
+        return dicom_slices(Path(cfg.data_dir), grid, wanted)
+    if wanted == {"CT"}:
+        return phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, grid)
+    if wanted <= set(RADIOGRAPH_MODALITIES):
+        return radiograph_slices(cfg.seed, cfg.subjects, cfg.phantom_size, grid)
+    raise ValueError(f"modalities {sorted(wanted)}: one model is for CT or for radiographs (CR/DX), not both")
+
+
+def dicom_slices(folder: Path, grid: int, modalities: set[str] | None = None) -> SlicePool:
     """Every DICOM series under `folder` (healthy by the operator's word), with the inference lung mask."""
     from inference.lungmask import anatomy_mask
     from inference.volume import load_series, to_model_grid
@@ -119,6 +161,11 @@ def dicom_slices(folder: Path, grid: int) -> SlicePool:
     images, masks = [], []
     for files in by_dir.values():
         volume = load_series(files)
+        if modalities is not None and volume.modality not in modalities:
+            raise ValueError(
+                f"{files[0].parent} holds {volume.modality} images; "
+                f"this model is trained for {', '.join(sorted(modalities))}"
+            )
         x, mapping = to_model_grid(volume, grid)
         images.append(x)
         mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing, volume.normal, volume.slice_spacing)
@@ -211,10 +258,7 @@ def train(
     device = pick_device(cfg.device)
     unet_cfg = cfg.unet_config()
     if pool is None:
-        if cfg.data_dir:
-            pool = dicom_slices(Path(cfg.data_dir), unet_cfg.image_size)
-        else:
-            pool = phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, unet_cfg.image_size)
+        pool = training_pool(cfg, unet_cfg.image_size)
     model = UNet(unet_cfg).to(device)
     if cfg.init_from:
         model = _initial_weights(Path(cfg.init_from), unet_cfg).to(device)
@@ -333,4 +377,4 @@ def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:
         f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()}'}",
         "config": json.dumps(asdict(cfg)),
     }
-    save_model(result.model, path, name, metadata)
+    save_model(result.model, path, name, metadata, modalities=cfg.modalities, body_part=cfg.body_part)

@@ -224,10 +224,31 @@ class ModelInfo:
     config: UNetConfig
     sha256: str
     training: dict[str, object] = field(default_factory=dict)  # t_start, noise, data, epochs, ...
+    # What it was trained on (metadata "edgenode.modalities" / "edgenode.body_part"): the node runs a model only on
+    # these modalities. Empty: a file written before the metadata existed (the node treats it as CT-only).
+    modalities: tuple[str, ...] = ()
+    body_part: str = ""
 
     @property
     def model_id(self) -> str:
         return f"{self.name}-{self.sha256[:12]}"
+
+    def describe_training(self) -> str:
+        """'CT, CHEST' or 'no modality metadata' (for logs, `engine info` and error messages)."""
+        if not self.modalities:
+            return "no modality metadata"
+        return ", ".join(self.modalities) + (f" {self.body_part}" if self.body_part else "")
+
+
+MODALITIES_KEY, BODY_PART_KEY = "edgenode.modalities", "edgenode.body_part"
+
+
+def modality_metadata(modalities: Iterable[str], body_part: str = "") -> dict[str, str]:
+    """The safetensors metadata entries naming what a model was trained on (upper case, as DICOM spells them)."""
+    names = sorted({m.strip().upper() for m in modalities if m.strip()})
+    if not names:
+        raise ValueError("a model must name at least one modality it was trained on (CT, CR, DX)")
+    return {MODALITIES_KEY: json.dumps(names), BODY_PART_KEY: body_part.strip().upper()}
 
 
 def file_sha256(path: Path) -> str:
@@ -238,17 +259,51 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_model(model: UNet, path: Path, name: str, training: dict[str, object] | None = None) -> ModelInfo:
-    """Write weights + architecture + training settings as safetensors; returns the new identity."""
+def save_model(
+    model: UNet,
+    path: Path,
+    name: str,
+    training: dict[str, object] | None = None,
+    modalities: Iterable[str] = ("CT",),
+    body_part: str = "CHEST",
+) -> ModelInfo:
+    """Write weights + architecture + training settings + what it was trained on as safetensors; returns the new
+    identity."""
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {
         "edgenode.name": name,
         "edgenode.config": json.dumps(asdict(model.config)),
         "edgenode.training": json.dumps(training or {}, default=str),
+        **modality_metadata(modalities, body_part),
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=metadata)
-    return ModelInfo(name=name, config=model.config, sha256=file_sha256(path), training=training or {})
+    return ModelInfo(
+        name=name,
+        config=model.config,
+        sha256=file_sha256(path),
+        training=training or {},
+        modalities=tuple(json.loads(metadata[MODALITIES_KEY])),
+        body_part=metadata[BODY_PART_KEY],
+    )
+
+
+def stamp_modalities(path: Path, modalities: Iterable[str], body_part: str = "") -> ModelInfo:
+    """Write what a model was trained on into its metadata, for files made before edgenode recorded it. The
+    tensors are written back unchanged (same bytes); the file, and so its SHA-256 identity, changes."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = dict(fh.metadata() or {})
+        state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if "edgenode.config" not in metadata:
+        raise ValueError(f"{path} is not an edgenode model (no edgenode.config metadata)")
+    metadata.update(modality_metadata(modalities, body_part))
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.chmod(path.stat().st_mode)
+    tmp.replace(path)
+    return read_model_info(path)
 
 
 def read_model_info(path: Path) -> ModelInfo:
@@ -266,6 +321,8 @@ def read_model_info(path: Path) -> ModelInfo:
         config=config,
         sha256=file_sha256(path),
         training=json.loads(meta.get("edgenode.training", "{}")),
+        modalities=tuple(str(m).upper() for m in json.loads(meta.get(MODALITIES_KEY, "[]"))),
+        body_part=meta.get(BODY_PART_KEY, ""),
     )
 
 

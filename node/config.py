@@ -7,14 +7,16 @@ silently falls back to a default.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -129,6 +131,7 @@ class RoutingRule(Section):
 
 T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
 LAMBDA_DEFAULTS = {"CT": 6.0, "CR": 3.0, "DX": 3.0}
+MODEL_DEFAULTS = {"CT": "bundled", "CR": "bundled", "DX": "bundled"}  # the bundled model is trained for CT only
 SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.PipelineSettings.schedule_T
 
 
@@ -137,7 +140,11 @@ class InferenceSettings(Section):
     backend: Literal["auto", "torch", "onnxruntime", "openvino", "tensorrt", "triton"] = "auto"  # triton: see [triton]
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     ensemble: int = Field(7, ge=1, le=64)
-    model: str = "bundled"  # "bundled" or a path to a .safetensors file
+    # Per modality, like t_start: "bundled" or a path to a .safetensors file; a plain string means every modality.
+    # A model only ever analyses the modalities its metadata says it was trained for (node/models.py).
+    # NoDecode: EDGENODE_INFERENCE__MODEL=/path arrives as the plain string (not parsed as JSON); a table from the
+    # environment is JSON ({"CR": "/path"}) or one variable per key (EDGENODE_INFERENCE__MODEL__CR).
+    model: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(MODEL_DEFAULTS))
     steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
     t_start: dict[str, int] = Field(default_factory=lambda: dict(T_START_DEFAULTS))
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
@@ -146,14 +153,25 @@ class InferenceSettings(Section):
     min_ct_slices: int = Field(3, ge=1)  # fewer usable slices (damaged ones left out): the CT series is skipped
     workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
 
-    @field_validator("t_start", "threshold_lambda", mode="before")
+    @field_validator("t_start", "threshold_lambda", "model", mode="before")
     @classmethod
     def _per_modality(cls, value: object, info: ValidationInfo) -> object:
         """A partial table changes only the modalities it names (`t_start = {CR = 200}` keeps CT's and DX's
-        defaults); keys are case-insensitive (environment variables arrive lower-case) and must be CT/CR/DX."""
+        defaults); keys are case-insensitive (environment variables arrive lower-case) and must be CT/CR/DX.
+        `model` may also be a plain string: that model for every modality."""
+        if info.field_name == "model" and isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON table of modality -> model: {exc}") from exc
+        if info.field_name == "model" and isinstance(value, str | Path):
+            if not str(value).strip():
+                raise ValueError('empty: give "bundled" or a path to a .safetensors file')
+            return {m: str(value) for m in MODEL_DEFAULTS}
         if not isinstance(value, dict):
             return value  # pydantic names the type error
-        defaults = T_START_DEFAULTS if info.field_name == "t_start" else LAMBDA_DEFAULTS
+        per_field: dict[str, dict[str, Any]] = {"t_start": T_START_DEFAULTS, "threshold_lambda": LAMBDA_DEFAULTS}
+        defaults = per_field.get(str(info.field_name), MODEL_DEFAULTS)
         merged: dict[str, object] = dict(defaults)
         for key, item in value.items():
             modality = str(key).strip().upper()
@@ -166,7 +184,25 @@ class InferenceSettings(Section):
             }
             if outside:
                 raise ValueError(f"{outside}: t_start must be 0..{SCHEDULE_T - 1} (the schedule's T = {SCHEDULE_T})")
+        if info.field_name == "model":
+            empty = [m for m, v in merged.items() if not isinstance(v, str) or not v.strip()]
+            if empty:
+                raise ValueError(f'no model given for {", ".join(empty)}: "bundled" or a path to a .safetensors file')
         return merged
+
+    def model_for(self, modality: str) -> str:
+        """The configured model source ("bundled" or a path) for a modality."""
+        return self.model.get(modality.upper(), self.model["CT"])
+
+    @model_validator(mode="after")
+    def _one_model_on_triton(self) -> InferenceSettings:
+        # A Triton pool serves one model ([triton] model_name), so every modality must name the same one there.
+        if self.backend == "triton" and len(set(self.model.values())) > 1:
+            raise ValueError(
+                f"model: the triton backend serves one model ([triton] model_name), but the table names "
+                f"{len(set(self.model.values()))}: {self.model}; use one model or another backend"
+            )
+        return self
 
 
 class TritonSettings(Section):

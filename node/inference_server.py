@@ -61,7 +61,8 @@ class TritonMonitor:
                 from inference.unet import read_model_info
 
                 try:
-                    self._info = read_model_info(resolve_model_path(self._settings.inference.model))
+                    # On triton every modality names the one served model (InferenceSettings validates it).
+                    self._info = read_model_info(resolve_model_path(self._settings.inference.model_for("CT")))
                 except (FileNotFoundError, ValueError):
                     return None  # the workers report a missing model; the server's state is still worth knowing
             return self._info

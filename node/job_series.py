@@ -20,29 +20,27 @@ class SeriesFiles:
     series_instance_uid: str
     modality: str
     paths: list[Path]
-    part: str = ""  # set when a radiograph series is analysed in parts (images of different sizes)
+    part: str = ""  # set when a radiograph series is analysed in parts (one per image): the image's SOP UID
     sop_instance_uids: dict[Path, str] = field(default_factory=dict, compare=False)  # as indexed at receipt
 
 
-def split_radiographs_by_size(item: SeriesFiles) -> list[SeriesFiles]:
-    """A CR/DX series may hold views of different sizes (a PA and a lateral on other cassettes): each size is
-    analysed as its own part, since radiographs are independent images. A CT series is never split."""
+def split_radiographs(item: SeriesFiles) -> list[SeriesFiles]:
+    """A CR/DX series is analysed one image per part: radiographs are independent images (a PA and a lateral, or
+    repeated exposures), each gets its own SEG, heatmap and report. (A SEG without a Frame of Reference, which a
+    projection radiograph has none of, holds a single frame, so several same-size images cannot share one.) The
+    part is named by the image's SOP Instance UID as received, so a re-run derives the same result UIDs. A CT
+    series is never split."""
     if item.modality not in RADIOGRAPH_MODALITIES or len(item.paths) < 2:
         return [item]
-    import pydicom
-
-    by_size: dict[tuple[int, int], list[Path]] = defaultdict(list)
-    for path in item.paths:
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-            by_size[(int(header.Rows), int(header.Columns))].append(path)
-        except Exception:  # noqa: BLE001 - unreadable here: the loader says what is wrong with it
-            return [item]
-    if len(by_size) == 1:
-        return [item]
     return [
-        SeriesFiles(item.series_instance_uid, item.modality, paths, f"{r}x{c}", item.sop_instance_uids)
-        for (r, c), paths in by_size.items()
+        SeriesFiles(
+            item.series_instance_uid,
+            item.modality,
+            [path],
+            item.sop_instance_uids.get(path, path.stem),
+            {path: item.sop_instance_uids[path]} if path in item.sop_instance_uids else {},
+        )
+        for path in item.paths
     ]
 
 
@@ -65,7 +63,7 @@ def series_to_process(db: Database, spool: Spool, job: ClaimedJob, modalities: t
     found = [
         part
         for (uid, modality), paths in grouped.items()
-        for part in split_radiographs_by_size(
+        for part in split_radiographs(
             SeriesFiles(uid, modality, paths, sop_instance_uids={p: sop_uids[p] for p in paths})
         )
     ]

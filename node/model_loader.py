@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.config import InferenceSettings, Settings
-from node.inference_server import triton_endpoint
 
 if TYPE_CHECKING:
     from inference.anomaly_result import AnomalyResult
     from inference.denoiser import Denoiser
     from inference.pipeline import PipelineSettings
     from inference.unet import ModelInfo
+    from node.models import ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -53,50 +53,46 @@ def pin_worker_gpu(slot: int, device: str) -> int | None:
 
 
 class LoadedModel:
-    """The worker process's model and backend, loaded on first use (a worker's first job pays for it)."""
+    """The worker process's models, one per modality ([inference] model table), each loaded once on first use
+    (a worker's first job pays for it), and the modalities no configured model is trained for."""
 
     def __init__(self, settings: Settings) -> None:
+        from node.models import ModelSet
+
         self.settings = settings
-        self.denoiser: Denoiser | None = None
-        self.info: ModelInfo | None = None
+        self.models = ModelSet(settings)  # each model checked against its training before it serves
         self.max_batch = settings.inference.max_batch  # halved on each CUDA out-of-memory
 
     def load(self) -> tuple[Denoiser, ModelInfo]:
-        """The denoiser and the model's identity; refuses (ValueError) a model that does not fit [inference]."""
-        if self.denoiser is None or self.info is None:
-            from engines.select import resolve_model_path, select_denoiser
-            from inference.pipeline import model_fit_problems
-            from inference.unet import read_model_info
+        """Load every configured model that serves a modality; the first one is returned (the start-up log
+        line). Refuses (ValueError) a model that does not fit [inference], or no model serving any modality."""
+        from node.job_series import IMAGE_MODALITIES
 
-            inference = self.settings.inference
-            path = resolve_model_path(inference.model)
-            info = read_model_info(path)
-            problems = model_fit_problems(info.training, pipeline_settings(inference, 1))
-            if problems:  # it would run, and produce maps that mean nothing: refuse, saying why
-                raise ValueError(f"model {info.model_id} does not fit [inference]: {'; '.join(problems)}")
-            self.info = info
-            self.denoiser = select_denoiser(
-                path,
-                device=inference.device,
-                backend=inference.backend,
-                precision=inference.precision,
-                max_batch=inference.max_batch,
-                cache_dir=self.settings.data_dir / "engines",
-                triton=triton_endpoint(self.settings) if inference.backend == "triton" else None,
-            )
-        return self.denoiser, self.info
+        first = self.models.load_all()
+        if not first:
+            refusals = "; ".join(self.models.refusal(m) for m in IMAGE_MODALITIES)
+            raise ValueError(f"no configured model is trained for any modality: {refusals}")
+        return first[0].denoiser, first[0].info
 
-    def analyse(self, paths: Sequence[Path], check: Callable[[], None]) -> AnomalyResult:
-        """Run the pipeline on one series' files; on GPU out-of-memory halve the batch and try again."""
+    def for_modality(self, modality: str) -> ServingModel | None:
+        """The model that analyses this modality, or None (see `refusal`)."""
+        return self.models.for_modality(modality)
+
+    def refusal(self, modality: str) -> str:
+        """Why no configured model analyses this modality."""
+        return self.models.refusal(modality)
+
+    def analyse(self, paths: Sequence[Path], check: Callable[[], None], served: ServingModel) -> AnomalyResult:
+        """Run the pipeline on one series' files with its modality's model; on GPU out-of-memory halve the batch
+        and try again."""
         import torch
 
         from inference.pipeline import run_pipeline
 
-        denoiser, info = self.load()
         while True:
             settings = pipeline_settings(self.settings.inference, self.max_batch)
             try:
-                return run_pipeline(paths, denoiser, info, settings, progress=lambda *_: check())
+                return run_pipeline(paths, served.denoiser, served.info, settings, progress=lambda *_: check())
             except torch.cuda.OutOfMemoryError:
                 if self.max_batch <= 1:
                     raise

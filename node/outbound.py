@@ -108,13 +108,16 @@ def enqueue(
     destination: PeerSettings,
     now: datetime | None = None,
     still_ours: Callable[[Session], bool] | None = None,
+    source_series_uid: str = "",
+    model_id: str = "",
 ) -> list[int]:
     """Store the objects in the spool and queue each for `destination`; returns the outbound item ids.
 
     Enqueuing the same job's objects again (same SOP Instance UIDs) refreshes the files and adds a new
     pending item only where none is pending, so a re-run resends each object once. `still_ours(session)` runs
     first in the queueing transaction (a worker's conditional lease renewal): if it says the job is no longer
-    the caller's (superseded, re-queued), nothing is queued and `LeaseLost` is raised.
+    the caller's (superseded, re-queued), nothing is queued and `LeaseLost` is raised. `source_series_uid` and
+    `model_id` record which series the objects were made from and by which model (the study page shows them).
     """
     now = now or datetime.now(UTC)
     stored = [(obj, spool.write_atomic(result_relpath(obj.dataset), encode(obj.dataset))) for obj in objects]
@@ -136,6 +139,8 @@ def enqueue(
                 path=file.relpath,
                 size_bytes=file.size,
                 spool_id=spool.id,
+                source_series_instance_uid=source_series_uid,
+                model_id=model_id,
             )
             item = add_outbound(session, result, destination.ae_title, destination.host, destination.port, now)
             record_audit(

@@ -36,6 +36,7 @@ from node.spool import Spool
 if TYPE_CHECKING:
     from inference.anomaly_result import AnomalyResult
     from inference.unet import ModelInfo
+    from node.models import ServingModel
     from node.results import ResultObject
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,6 @@ class JobPlan:
     """What the load step found: the series to analyse, the model, where the results go."""
 
     series: list[SeriesFiles]
-    model_info: ModelInfo
     destination: PeerSettings
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds, as stored on the job
 
@@ -69,6 +69,8 @@ class JobOutcome:
     scores: list[float] = field(default_factory=list)
     uncertainties: list[float] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # series that could not be analysed, and why
+    unserved: list[str] = field(default_factory=list)  # series no configured model is trained for, and why
+    models_used: dict[str, None] = field(default_factory=dict)  # model ids, in first-use order
     produced: int = 0  # result objects queued
 
     def add(self, result: AnomalyResult, objects: int) -> None:
@@ -146,23 +148,30 @@ class JobRunner:
         outcome = JobOutcome()
         for item in plan.series:
             check()
+            served = self.model.for_modality(item.modality)
+            if served is None:  # never a model on a modality it was not trained for: nothing is sent for it
+                why = self.model.refusal(item.modality)
+                outcome.unserved.append(f"series {item.series_instance_uid}: {why}")
+                self._audit_skipped(job, item, why)
+                continue
             try:
-                result = self.analyse(item, plan, check)
+                result = self.analyse(item, plan, check, served)
             except SeriesError as exc:  # e.g. a scout or a dose report beside the image series: skip just that one
                 outcome.skipped.append(f"series {item.series_instance_uid}: {exc}")
                 self._audit_skipped(job, item, str(exc))
                 continue
             check()
-            objects = self.write(job, item, result, plan)
+            objects = self.write(job, item, result, plan, served.info)
             check()
-            self.queue(job, item, result, objects, plan)
+            self.queue(job, item, result, objects, plan, served.info.model_id)
             outcome.add(result, len(objects))
+            outcome.models_used[served.info.model_id] = None
         plan.timings["total"] = time.perf_counter() - job_started  # the worker's time on the job (not the queue)
         self.complete(job, plan, outcome)
 
     # ---- load -----------------------------------------------------------------------------------
     def load(self, job: ClaimedJob) -> JobPlan:
-        """The study's series to analyse, the model (loaded by a worker's first job), the destination."""
+        """The study's series to analyse, the models (loaded by a worker's first job), the destination."""
         from inference.volume import SeriesError
 
         queue_wait = max(0.0, time.time() - job.created_at.timestamp())
@@ -171,18 +180,20 @@ class JobRunner:
         if not series:
             raise SeriesError(f"study {job.study_instance_uid} has no CT/CR/DX image series to process")
         started = time.perf_counter()
-        _, model_info = self.model.load()
+        self.model.load()  # every configured model that serves a modality
         model_load = time.perf_counter() - started  # paid by a worker's first job only
         destination = self.settings.peer(job.destination_ae)
         if destination is None:
             raise UnroutableJob(f"results destination {job.destination_ae!r} is not in [[peers]]")
-        return JobPlan(series, model_info, destination, {"queue_wait": queue_wait, "load": model_load})
+        return JobPlan(series, destination, {"queue_wait": queue_wait, "load": model_load})
 
     # ---- analyse --------------------------------------------------------------------------------
-    def analyse(self, item: SeriesFiles, plan: JobPlan, check: Callable[[], None]) -> AnomalyResult:
-        """The pipeline on one series (retried with smaller batches on GPU out-of-memory)."""
+    def analyse(
+        self, item: SeriesFiles, plan: JobPlan, check: Callable[[], None], served: ServingModel
+    ) -> AnomalyResult:
+        """The pipeline on one series with the model for its modality (smaller batches on GPU out-of-memory)."""
         started = time.perf_counter()
-        result = self.model.analyse(item.paths, check)
+        result = self.model.analyse(item.paths, check, served)
         # "load" is reading the series; "infer" the rest of the pipeline (mask, model grid, U-Net, threshold)
         series_load = result.timings.get("load", 0.0)
         plan.add("load", series_load)
@@ -196,7 +207,9 @@ class JobRunner:
         return result
 
     # ---- write ----------------------------------------------------------------------------------
-    def write(self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult, plan: JobPlan) -> list[ResultObject]:
+    def write(
+        self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult, plan: JobPlan, model_info: ModelInfo
+    ) -> list[ResultObject]:
         """The result objects (SEG, heatmaps, SR) from the result and the source headers it carries."""
         from node.results import write_results
 
@@ -206,13 +219,19 @@ class JobRunner:
         sources = result.writer_sources(with_pixels=result.top_slices(self.settings.results.heatmap_slices))
         # A series analysed in parts needs distinct result UIDs per part (they derive from this key).
         job_key = f"job-{job.id}" + (f"-{item.part}" if item.part else "")
-        objects = write_results(result, sources, job_key, self.settings.results, plan.model_info)
+        objects = write_results(result, sources, job_key, self.settings.results, model_info)
         plan.add("encode", time.perf_counter() - started)
         return objects
 
     # ---- queue ----------------------------------------------------------------------------------
     def queue(
-        self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult, objects: list[ResultObject], plan: JobPlan
+        self,
+        job: ClaimedJob,
+        item: SeriesFiles,
+        result: AnomalyResult,
+        objects: list[ResultObject],
+        plan: JobPlan,
+        model_id: str,
     ) -> None:
         """Store the objects in the spool and queue them for the destination, if the job is still ours."""
         from node.outbound import enqueue
@@ -223,29 +242,42 @@ class JobRunner:
             return heartbeat(session, job.id, self.owner, lease)
 
         started = time.perf_counter()
-        enqueue(self.db, self.spool, job.id, objects, plan.destination, still_ours=still_ours)
+        enqueue(
+            self.db,
+            self.spool,
+            job.id,
+            objects,
+            plan.destination,
+            still_ours=still_ours,
+            source_series_uid=item.series_instance_uid,
+            model_id=model_id,
+        )
         self._audit_left_out(job, item, result)
         plan.add("enqueue", time.perf_counter() - started)
 
     # ---- complete -------------------------------------------------------------------------------
     def complete(self, job: ClaimedJob, plan: JobPlan, outcome: JobOutcome) -> None:
-        """Record the job done (if still ours) and wake the sender; no series analysed fails the job."""
+        """Record the job done (if still ours) and wake the sender. Series that failed and none analysed fail the
+        job; only series no configured model is trained for (a CR study, no radiograph model) complete it, with
+        nothing sent."""
         from inference.volume import SeriesError
 
-        if not outcome.scores:
-            raise SeriesError("no image series could be analysed: " + "; ".join(outcome.skipped))
+        if not outcome.scores and outcome.skipped:
+            raise SeriesError("no image series could be analysed: " + "; ".join(outcome.skipped + outcome.unserved))
         with self.db.session() as session:
             done = complete_job(
                 session,
                 job.id,
                 self.owner,
-                score=max(outcome.scores),
-                uncertainty=max(outcome.uncertainties),
-                model_id=plan.model_info.model_id,
+                score=max(outcome.scores) if outcome.scores else None,
+                uncertainty=max(outcome.uncertainties) if outcome.uncertainties else None,
+                model_id=",".join(outcome.models_used)[:80],
                 timings={k: round(v, 4) for k, v in plan.timings.items()},
             )
         self._server_down_streak = 0
-        if done:
+        if done and not outcome.scores:
+            log.info("job %s done: nothing analysed (%s)", job.id, "; ".join(outcome.unserved))
+        elif done:
             log.info("job %s done: %d object(s), score %.3f", job.id, outcome.produced, max(outcome.scores))
             if self.results_queued is not None:
                 self.results_queued.set()  # the serve process's sender delivers them now, not at its next pass
@@ -284,6 +316,7 @@ class JobRunner:
                 job_id=job.id,
                 study_instance_uid=job.study_instance_uid,
                 series_instance_uid=item.series_instance_uid,
+                sop_instance_uid=item.part if item.part and len(item.paths) == 1 else "",  # one radiograph
                 detail=f"not analysed ({item.modality}, {len(item.paths)} instance(s)): {why}"[:4000],
             )
 

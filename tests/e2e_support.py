@@ -25,6 +25,7 @@ from db.session import Database
 from node.config import load_settings, settings_to_toml
 from node.local_orthanc import Orthanc, free_port, peer_env, wait_for_port
 from tests.conftest import REPO_ROOT, edgenode_cmd, node_env
+from tests.radiograph_model import per_modality
 
 ROUTING_LUA = REPO_ROOT / "deploy" / "orthanc" / "edgenode-routing.lua"
 STORESCU = Path("/usr/bin/storescu")
@@ -98,6 +99,9 @@ class NodeProcess:
     pacs_port: int
     inference: dict[str, Any] = field(default_factory=dict)
     sections: dict[str, Any] = field(default_factory=dict)  # extra config sections, merged over the defaults
+    # `model` serves CT and the tiny trained radiograph model (tests/radiograph_model.py) CR and DX: the node runs a
+    # model only on the modalities its metadata names. False: `model` for every modality (so CR/DX are skipped).
+    radiograph_model: bool = True
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
@@ -129,7 +133,7 @@ class NodeProcess:
             "peers": [{"ae_title": PACS_AET, "host": "127.0.0.1", "port": self.pacs_port}],
             "stability": {"stable_seconds": 1.0, "scan_interval_seconds": 0.25},
             "inference": {
-                "model": str(self.model),
+                "model": per_modality(self.model) if self.radiograph_model else str(self.model),
                 "backend": "torch",
                 "device": "cpu",
                 "ensemble": 2,

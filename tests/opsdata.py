@@ -57,6 +57,7 @@ from tests.conftest import DCMTK, edgenode_cmd, free_port, node_env, peer_env
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.engine_models import saved_unet
 from tests.peers import StoreSCP
+from tests.radiograph_model import per_modality
 
 
 def heatmap_sc(study_uid: str, patient_id: str, size: int = 64, hot: tuple[int, int] = (20, 40)) -> Dataset:
@@ -419,7 +420,8 @@ def store(port: int, files: list[Path], *, calling_ae: str, called_ae: str = "ED
 
 
 def served_node(folder: Path, **sections: Any) -> ServedNode:
-    """A node on free ports that infers with a tiny random-weight U-Net and sends results back to the sender.
+    """A node on free ports that infers with tiny U-Nets (CT: random weights; CR/DX: tests/radiograph_model.py) and
+    sends results back to the sender.
 
     Allowed senders: STORESCU and ER_CT (a routing rule makes its studies STAT), each with a real dcmtk
     storescp receiving results, and OFFLINE, whose result port has no listener (3 tries, then dead letter).
@@ -430,7 +432,8 @@ def served_node(folder: Path, **sections: Any) -> ServedNode:
     _, _, model = saved_unet(folder)
     receivers = {ae: StoreSCP(folder / "received" / ae, aet=ae) for ae in ("STORESCU", "ER_CT")}
     sections.setdefault("web", {"port": free_port()})
-    sections.setdefault("inference", {**TINY_INFERENCE, "model": str(model)})
+    # The tiny CT model for CT, the tiny trained radiograph model for the DX studies (CR/DX need a CR/DX model).
+    sections.setdefault("inference", {**TINY_INFERENCE, "model": per_modality(model)})
     sections.setdefault(
         "send", {"interval_seconds": 0.5, "initial_backoff_seconds": 0.5, "max_backoff_seconds": 1, "max_attempts": 3}
     )

@@ -151,6 +151,40 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
         load_settings(path)
 
 
+def test_the_model_is_a_per_modality_table_or_one_string_for_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from node.config import Settings, settings_to_toml
+
+    assert Settings().inference.model == {"CT": "bundled", "CR": "bundled", "DX": "bundled"}
+    path = tmp_path / "edgenode.toml"
+    path.write_text('[inference]\nmodel = "/models/site-ct.safetensors"\n')  # a plain string: every modality
+    assert load_settings(path).inference.model == dict.fromkeys(("CT", "CR", "DX"), "/models/site-ct.safetensors")
+    path.write_text('[inference]\nmodel = { cr = "/models/rx.safetensors", DX = "/models/rx.safetensors" }\n')
+    s = load_settings(path)
+    assert s.inference.model == {"CT": "bundled", "CR": "/models/rx.safetensors", "DX": "/models/rx.safetensors"}
+    assert s.inference.model_for("CR") == "/models/rx.safetensors" and s.inference.model_for("ct") == "bundled"
+    assert load_settings(path).model_dump() == Settings.model_validate(s.model_dump()).model_dump()  # worker copy
+    assert 'model = { CT = "bundled", CR = "/models/rx.safetensors"' in settings_to_toml(s)
+    monkeypatch.setenv("EDGENODE_INFERENCE__MODEL__CT", "/models/ct2.safetensors")
+    assert load_settings(path).inference.model["CT"] == "/models/ct2.safetensors"  # merged with the file
+    monkeypatch.delenv("EDGENODE_INFERENCE__MODEL__CT")
+    monkeypatch.setenv("EDGENODE_INFERENCE__MODEL", "/models/all.safetensors")  # one variable, a plain path
+    assert load_settings().inference.model == dict.fromkeys(("CT", "CR", "DX"), "/models/all.safetensors")
+    monkeypatch.setenv("EDGENODE_INFERENCE__MODEL", '{"dx": "/models/rx.safetensors"}')  # or a JSON table
+    assert load_settings().inference.model == {"CT": "bundled", "CR": "bundled", "DX": "/models/rx.safetensors"}
+    monkeypatch.delenv("EDGENODE_INFERENCE__MODEL")
+    path.write_text('[inference]\nmodel = { MR = "/models/mr.safetensors" }\n')
+    with pytest.raises(ConfigError, match="inference.model: unknown modality 'MR'"):
+        load_settings(path)
+    path.write_text('[inference]\nmodel = { CR = "" }\n')
+    with pytest.raises(ConfigError, match="inference.model: no model given for CR"):
+        load_settings(path)
+    path.write_text('[inference]\nbackend = "triton"\nmodel = { CR = "/models/rx.safetensors" }\n')
+    with pytest.raises(ConfigError, match="inference: .*triton backend serves one model"):
+        load_settings(path)
+
+
 def test_the_database_password_is_never_printed(tmp_path: Path) -> None:
     url = "postgresql+psycopg://edgenode:S3cretPw@db.internal/edge"
     env = node_env(EDGENODE_DATABASE__URL=url, EDGENODE_NODE__DATA_DIR=str(tmp_path))

@@ -159,3 +159,38 @@ def test_an_undecodable_instance_is_left_out_and_the_report_in_the_pacs_names_it
             }
             assert referenced == {str(ds.SOPInstanceUID) for ds in ct} - {bad_uid}
         assert node.proc is not None and node.proc.returncode == 0
+
+
+def test_without_a_radiograph_model_the_dx_series_is_skipped_and_nothing_is_sent_for_it(tmp_path: Path) -> None:
+    """The node's default: one model (CT-only) for every modality. A study with a CT series and a DX image goes
+    through Orthanc and the node: the CT series' results reach the PACS; the DX image is audited as skipped ("no
+    model trained for DX") and no object made from it is created or sent."""
+    from sqlalchemy import select
+
+    from db.models import Result
+
+    model = make_model(tmp_path / "tiny.safetensors")
+    ct = make_ct_series(6, 64, 64, patient_id="E2E-MIX", accession="E2EMIX")
+    dx = make_dx(96, 96, study_uid=ct[0].StudyInstanceUID, patient_id="E2E-MIX", accession="E2EMIX")
+    files = write_datasets([*ct, dx], tmp_path / "study")
+    study_uid = ct[0].StudyInstanceUID
+
+    node = NodeProcess(tmp_path / "node", model, pacs_port=0, radiograph_model=False)
+    with routing_pacs(tmp_path / "pacs", node.port) as pacs:
+        node.pacs_port = pacs.dicom_port
+        with node:
+            storescu(pacs.dicom_port, files)
+            job = wait_for(lambda: delivered_job(node, study_uid), 150, "the study processed and delivered")
+            skipped = node.cli_json("audit", "--event-type", "series.skipped", "--limit", "0")
+            assert [e["series_instance_uid"] for e in skipped] == [dx.SeriesInstanceUID]
+            assert "no model trained for DX" in skipped[0]["detail"] and skipped[0]["job_id"] == job.id
+            db = node.database()
+            try:
+                with db.session() as session:
+                    sources = set(session.scalars(select(Result.source_series_instance_uid)).all())
+                    created = set(session.scalars(select(Result.sop_instance_uid)).all())
+            finally:
+                db.dispose()
+            assert sources == {ct[0].SeriesInstanceUID}
+            in_pacs = [uid for series in node_results_in_pacs(pacs, study_uid) for uid in series["sop_instance_uids"]]
+            assert created and sorted(in_pacs) == sorted(created)  # the CT series' results, and nothing else

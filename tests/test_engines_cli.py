@@ -65,3 +65,33 @@ def test_info_probes_on_request_and_then_shows_the_cached_table(tmp_path: Path) 
     assert shown.returncode == 0, shown.stderr
     table = [line for line in shown.stdout.splitlines() if "<- chosen" in line or "reference" in line]
     assert table and all(line in probed.stdout for line in table)
+
+
+def test_info_shows_which_model_serves_each_modality(tmp_path: Path) -> None:
+    """Default: the bundled CT model serves CT; CR and DX are received but not analysed (no radiograph model).
+    With the per-modality table naming a model trained for CR/DX, that one serves them."""
+    from inference.unet import read_model_info
+    from inference.weights import bundled_model_path
+    from tests.radiograph_model import trained_radiograph_model
+
+    bundled = read_model_info(bundled_model_path())
+    default = _edgenode(tmp_path / "a", "engine", "info")
+    assert default.returncode == 0, default.stderr
+    assert f"CT: {bundled.model_id} (trained for CT CHEST)" in default.stdout
+    for modality in ("CR", "DX"):
+        assert (
+            f"{modality}: not analysed (no model trained for {modality} (the configured model {bundled.model_id}"
+            in (default.stdout)
+        )
+    rx = trained_radiograph_model()
+    env = node_env(EDGENODE_NODE__DATA_DIR=str(tmp_path / "b"), EDGENODE_INFERENCE__MODEL__DX=str(rx))
+    config = tmp_path / "edgenode.toml"
+    config.write_text(f'[inference]\nmodel = {{ CR = "{rx}" }}\n')
+    table = subprocess.run(
+        edgenode_cmd("engine", "info", "--config", str(config)), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert table.returncode == 0, table.stderr
+    rx_id = read_model_info(rx).model_id
+    assert f"CT: {bundled.model_id} (trained for CT CHEST)" in table.stdout
+    assert f"CR: {rx_id} (trained for CR, DX CHEST)" in table.stdout
+    assert f"DX: {rx_id} (trained for CR, DX CHEST)" in table.stdout

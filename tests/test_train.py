@@ -94,3 +94,33 @@ def test_bf16_autocast_loss_tracks_fp32() -> None:
     rel = np.abs(b - a) / a
     assert rel.max() < 0.05, rel  # step by step, same data and noise: within 5 %
     assert abs(b.mean() - a.mean()) / a.mean() < 0.02, (a.mean(), b.mean())
+
+
+def test_a_radiograph_model_is_trained_on_phantom_radiographs_and_says_so_in_its_metadata(tmp_path) -> None:
+    """--modality CR,DX: the pool is phantom radiographs with the node's lung-field mask, and the shipped file's
+    metadata names CR, DX and the body part (the node runs it on nothing else); CT stays the default."""
+    from inference.train import radiograph_slices, training_pool
+    from inference.unet import read_model_info
+
+    pool = radiograph_slices(seed=1, subjects=2, size=64, grid=32)
+    assert pool.images.shape == (2, 32, 32) and pool.images.min() >= -1 and pool.images.max() <= 1
+    assert pool.masks.sum() > 0 and "radiograph" in pool.source
+    cfg = tiny_config(steps=2, modalities=("CR", "DX"), subjects=2, phantom_size=64)
+    result = train(cfg, progress=False)
+    assert "radiograph" in result.pool_source
+    ship(result, cfg, tmp_path / "rx.safetensors", "tiny-rx")
+    info = read_model_info(tmp_path / "rx.safetensors")
+    assert info.modalities == ("CR", "DX") and info.body_part == "CHEST"
+    assert TrainConfig().modalities == ("CT",)
+    with pytest.raises(ValueError, match="not both"):
+        training_pool(tiny_config(modalities=("CT", "DX")), 32)
+    with pytest.raises(ValueError, match="choose CT, or CR and/or DX"):
+        training_pool(tiny_config(modalities=("MR",)), 32)
+
+
+def test_the_bundled_model_is_a_chest_ct_model() -> None:
+    from inference.unet import read_model_info
+    from inference.weights import bundled_model_path
+
+    info = read_model_info(bundled_model_path())
+    assert info.modalities == ("CT",) and info.body_part == "CHEST"

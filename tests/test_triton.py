@@ -144,7 +144,8 @@ def _stop_on_call(denoiser: TritonDenoiser, server: TritonProcess, call: int) ->
 @pytest.mark.slow  # starts a Triton server
 def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, tmp_path: Path) -> None:
     settings, db = received_study(tmp_path, make_ct_series(3, 48, 48, seed=5))
-    weights = Path(settings.inference.model)
+    weights = Path(settings.inference.model_for("CT"))
+    settings.inference.model = {"CT": str(weights), "CR": str(weights), "DX": str(weights)}  # triton: one model
     settings.inference.backend = "triton"
     settings.inference.steps = 4
     settings.jobs.retry_backoff_seconds = 0.2
@@ -157,8 +158,10 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
     server.start()
     try:
         settings.triton.url = server.url
-        denoiser, _ = runner.model.load()
-        runner.model.denoiser = _stop_on_call(denoiser, server, call=2)
+        served = runner.model.for_modality("CT")  # loads it
+        assert served is not None
+        stopping = replace(served, denoiser=_stop_on_call(served.denoiser, server, call=2))
+        runner.model.models._loaded[served.source] = stopping  # the CT series is analysed with it
         monitor = TritonMonitor(settings)
         assert check_health(settings, db, triton=monitor).as_dict()["inference_server"] == "ok"
 
@@ -192,6 +195,8 @@ def test_triton_stopped_mid_study_defers_the_job_until_it_is_back(python: Path, 
 @pytest.mark.slow  # starts a Triton server
 def test_a_job_meeting_another_model_waits_without_using_an_attempt(served: Served, tmp_path: Path) -> None:
     settings, db = received_study(tmp_path, make_ct_series(2, 48, 48, seed=6))  # weights other than the served
+    ct_weights = settings.inference.model_for("CT")
+    settings.inference.model = {"CT": ct_weights, "CR": ct_weights, "DX": ct_weights}  # triton: one model
     settings.inference.backend = "triton"
     settings.triton.url = served.server.url
     runner = JobRunner(settings, "worker-1-0.1")

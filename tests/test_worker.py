@@ -20,12 +20,18 @@ from node.worker import JobRunner
 from tests.dicomgen import make_ct_series, make_undecodable
 from tests.engine_models import saved_unet
 from tests.ingest_support import node_settings
+from tests.radiograph_model import per_modality
 
 
-def received_study(tmp_path: Path, datasets: list[Dataset]) -> tuple[Settings, Database]:
-    """The datasets stored and indexed as the listener would, plus one queued job for the study."""
+def received_study(
+    tmp_path: Path, datasets: list[Dataset], *, radiograph_model: bool = True
+) -> tuple[Settings, Database]:
+    """The datasets stored and indexed as the listener would, plus one queued job for the study. The tiny CT
+    model serves CT and (with `radiograph_model`) the tiny trained radiograph model serves CR and DX; without
+    it the CT model is configured for every modality, as `model = "bundled"` does."""
     _, _, model_path = saved_unet(tmp_path / "weights", "tiny")
-    inference = {"model": str(model_path), "ensemble": 1, "steps": 1, "device": "cpu", "backend": "torch"}
+    model: str | dict[str, str] = per_modality(model_path) if radiograph_model else str(model_path)
+    inference = {"model": model, "ensemble": 1, "steps": 1, "device": "cpu", "backend": "torch"}
     peers = [{"ae_title": "PACS", "host": "127.0.0.1", "port": 1}]
     settings = node_settings(tmp_path / "var", inference=inference, peers=peers)
     db, spool = Database(settings.database_url), Spool(settings.spool_dir)
@@ -249,11 +255,14 @@ def test_a_ct_series_with_an_undecodable_instance_is_analysed_without_it(tmp_pat
 
 
 def test_a_radiograph_series_with_an_undecodable_image_is_analysed_without_it(tmp_path: Path) -> None:
+    """Radiographs are analysed one image per part: the undecodable one is skipped (its event names it) and the
+    other gets its own SEG and SR, which reference it alone."""
+    import pydicom
+
     from tests.dicomgen import make_dx
+    from tests.test_results import dciodvfy_errors
 
     study, series = generate_uid(), generate_uid()
-    # Two images (more of one size would need a SEG per image: highdicom takes one frame without a Frame of
-    # Reference, which is a separate matter).
     images = [make_dx(96, 96, study_uid=study, seed=k) for k in range(2)]
     for k, ds in enumerate(images):
         ds.SeriesInstanceUID, ds.InstanceNumber = series, k + 1
@@ -263,9 +272,163 @@ def test_a_radiograph_series_with_an_undecodable_image_is_analysed_without_it(tm
     run_one_job(settings)
     with db.session() as s:
         assert s.scalars(select(Job.status)).one() == JobStatus.DONE
-    assert [e.sop_instance_uid for e in left_out_events(db)] == [images[0].SOPInstanceUID]
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert skipped.sop_instance_uid == images[0].SOPInstanceUID and "cannot decode pixel data" in skipped.detail
     (sr_path,) = queued_results(db, settings, "sr")
-    check_report_names(sr_path, queued_results(db, settings, "seg"), images[1:], images[0])
+    (seg_path,) = queued_results(db, settings, "seg")
+    assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(seg_path) == []
+    seg = pydicom.dcmread(seg_path)
+    series_refs = seg.ReferencedSeriesSequence
+    referenced = {str(i.ReferencedSOPInstanceUID) for x in series_refs for i in x.ReferencedInstanceSequence}
+    assert referenced == {images[1].SOPInstanceUID}
+
+
+def test_a_dx_series_of_three_same_size_images_gets_a_valid_seg_per_image(tmp_path: Path) -> None:
+    """Was: one SEG for the three images, which highdicom refuses without a Frame of Reference ("Only a single
+    frame is supported..."), so the job failed and was retried. Now each image is its own part with its own SEG."""
+    import pydicom
+
+    from tests.dicomgen import make_dx
+    from tests.test_results import dciodvfy_errors
+
+    study, series = generate_uid(), generate_uid()
+    images = [make_dx(96, 96, study_uid=study, seed=k) for k in range(3)]
+    for k, ds in enumerate(images):
+        ds.SeriesInstanceUID, ds.InstanceNumber = series, k + 1
+    settings, db = received_study(tmp_path, images)
+    settings.results.empty_seg = True  # a SEG whatever the tiny model finds
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and job.attempts == 1, job.error
+    segs = queued_results(db, settings, "seg")
+    assert len(segs) == 3 and len(queued_results(db, settings, "sr")) == 3
+    referenced = []
+    for path in segs:
+        assert dciodvfy_errors(path) == []
+        seg = pydicom.dcmread(path)
+        assert int(seg.NumberOfFrames) == 1 and "FrameOfReferenceUID" not in seg
+        (item,) = [i for x in seg.ReferencedSeriesSequence for i in x.ReferencedInstanceSequence]
+        referenced.append(str(item.ReferencedSOPInstanceUID))
+    assert sorted(referenced) == sorted(str(ds.SOPInstanceUID) for ds in images)
+    assert len({str(pydicom.dcmread(p).SeriesInstanceUID) for p in segs}) == 3  # one result series per image part
+
+
+def source_series_results(db: Database) -> dict[str, set[str]]:
+    """Source series UID -> the model ids recorded on its queued results."""
+    with db.session() as s:
+        rows = s.execute(select(Result.source_series_instance_uid, Result.model_id).join(OutboundItem)).all()
+    found: dict[str, set[str]] = {}
+    for series_uid, model_id in rows:
+        found.setdefault(series_uid, set()).add(model_id)
+    return found
+
+
+def study_page_series(settings: Settings, db: Database, study_uid: str) -> dict[str, str]:
+    """Series UID -> the text of the study page's "Analysed by" cell (and the REST API agrees)."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from node.web.app import create_app
+
+    client = TestClient(create_app(settings, db, token="t"))
+    auth = {"Authorization": "Bearer t"}
+    page = client.get(f"/studies/{study_uid}", headers=auth)
+    assert page.status_code == 200
+    cells = re.findall(r'<tr data-series="([^"]+)">.*?<td class="served">(.*?)</td>', page.text, re.S)
+    api = client.get(f"/api/studies/{study_uid}", headers=auth).json()
+    for series in api["series"]:
+        cell = dict(cells)[series["series_instance_uid"]]
+        assert all(m in cell for m in series["model_ids"]) and all(w[:40] in cell for w in series["skipped"])
+    return {uid: re.sub(r"<[^>]+>", " ", cell) for uid, cell in cells}
+
+
+def test_a_cr_series_is_never_analysed_by_the_ct_model(tmp_path: Path) -> None:
+    """`model` names the CT model for every modality (as the default "bundled" does): the CT series is analysed,
+    the CR series is skipped with an audit event saying no model is trained for CR, and nothing is sent for it."""
+    from inference.unet import read_model_info
+    from tests.test_results import make_cr
+
+    study = generate_uid()
+    ct = make_ct_series(6, 64, 64, study_uid=study, series_number=2)
+    cr = make_cr(96, 96)
+    cr.StudyInstanceUID = study
+    settings, db = received_study(tmp_path, ct + [cr], radiograph_model=False)
+    run_one_job(settings)
+    ct_model = read_model_info(Path(settings.inference.model_for("CT")))
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and job.model_id == ct_model.model_id
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert skipped.series_instance_uid == cr.SeriesInstanceUID and skipped.outcome == "warning"
+    assert "no model trained for CR" in skipped.detail and ct_model.model_id in skipped.detail
+    assert source_series_results(db) == {ct[0].SeriesInstanceUID: {ct_model.model_id}}
+    every = [p for kind in ("seg", "sc", "sr") for p in queued_results(db, settings, kind)]
+    assert every and of_series(every, cr.SeriesInstanceUID) == []  # no object refers to the CR series
+    rows = study_page_series(settings, db, study)  # the study page says which model served which series
+    assert ct_model.model_id in rows[ct[0].SeriesInstanceUID]
+    assert "not analysed" in rows[cr.SeriesInstanceUID] and "no model trained for CR" in rows[cr.SeriesInstanceUID]
+    assert rows[cr.SeriesInstanceUID].split("not analysed")[0].strip() == ""  # no model named as serving it
+
+
+def test_a_radiograph_only_study_without_a_radiograph_model_is_done_with_nothing_sent(tmp_path: Path) -> None:
+    from tests.dicomgen import make_dx
+
+    dx = make_dx(96, 96)
+    settings, db = received_study(tmp_path, [dx], radiograph_model=False)
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and job.score is None and job.model_id == ""
+        assert s.scalars(select(Result)).all() == []
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert skipped.series_instance_uid == dx.SeriesInstanceUID and "no model trained for DX" in skipped.detail
+
+
+def test_a_cr_series_is_analysed_by_a_model_trained_for_cr(tmp_path: Path) -> None:
+    """With the per-modality table naming a model whose metadata says CR, the CR series is analysed by that
+    model (recorded per series), the CT series by the CT model."""
+    from inference.unet import read_model_info
+    from tests.test_results import make_cr
+
+    study = generate_uid()
+    ct = make_ct_series(6, 64, 64, study_uid=study, series_number=2)
+    cr = make_cr(96, 96)
+    cr.StudyInstanceUID = study
+    settings, db = received_study(tmp_path, ct + [cr])
+    run_one_job(settings)
+    ct_model = read_model_info(Path(settings.inference.model_for("CT")))
+    rx_model = read_model_info(Path(settings.inference.model_for("CR")))
+    assert rx_model.modalities == ("CR", "DX") and ct_model.modalities == ("CT",)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE
+        assert set(job.model_id.split(",")) == {ct_model.model_id, rx_model.model_id}
+        assert s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all() == []
+    assert source_series_results(db) == {
+        ct[0].SeriesInstanceUID: {ct_model.model_id},
+        cr.SeriesInstanceUID: {rx_model.model_id},
+    }
+    rows = study_page_series(settings, db, study)
+    assert rx_model.model_id in rows[cr.SeriesInstanceUID] and ct_model.model_id in rows[ct[0].SeriesInstanceUID]
+    (cr_report,) = of_series(queued_results(db, settings, "sr"), cr.SeriesInstanceUID)
+    import pydicom
+
+    equipment = pydicom.dcmread(cr_report).ContributingEquipmentSequence
+    assert any(e.get("SoftwareVersions") == rx_model.model_id for e in equipment)
+
+
+def test_a_model_without_modality_metadata_is_taken_as_ct_only() -> None:
+    """Files written before edgenode recorded modalities: CT-only (radiology IT keeps its CT model working after
+    an upgrade, and no radiograph is ever analysed with it)."""
+    from inference.unet import PRESETS, ModelInfo
+    from node.models import plan_modality
+
+    legacy = ModelInfo(name="old", config=PRESETS["tiny"], sha256="ab" * 32)
+    assert plan_modality("CT", "old.safetensors", legacy).refusal == ""
+    refusal = plan_modality("DX", "old.safetensors", legacy).refusal
+    assert refusal.startswith("no model trained for DX") and "no modality metadata" in refusal
 
 
 def test_a_file_damaged_in_the_spool_is_named_by_the_uid_it_was_received_as(tmp_path: Path) -> None:

@@ -79,7 +79,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from inference.phantoms import write_study
     from node.app import EdgeNode
     from node.local_orthanc import Orthanc
+    from node.models import modality_plans
 
+    modality = args.modality.upper()
+    plan = next(p for p in modality_plans(settings) if p.modality == modality)
+    if plan.refusal:  # the node would receive the study, skip it and send nothing: say so instead of waiting
+        print(
+            f"edgenode demo: a {modality} study would not be analysed: {plan.refusal}; configure a {modality} model "
+            f'in [inference] model (e.g. model = {{ {modality} = "/path/to/model.safetensors" }})'
+        )
+        return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="edgenode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"[1/5] generating a synthetic chest {args.modality.upper()} with a {args.lesions} in {workdir / 'study'}")

@@ -20,7 +20,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["info", "build"], help="info: backends and cache; build: export + build")
-    parser.add_argument("--model", default=None, help="weights file (default: [inference] model)")
+    parser.add_argument(
+        "--model", default=None, help="weights file (default: each model in [inference] model; info: CT's probe)"
+    )
     parser.add_argument(
         "--exporter",
         choices=["dynamo", "torchscript"],
@@ -90,7 +92,7 @@ def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[st
 
     inf = settings.inference
     try:
-        info = read_model_info(resolve_model_path(args.model or inf.model))
+        info = read_model_info(resolve_model_path(args.model or inf.model_for("CT")))
     except FileNotFoundError as exc:
         return [f"probe: none ({exc})"]
     key = probe_key(info, cpu_candidates(inf.backend, inf.precision), inf.max_batch, args.threads)
@@ -101,6 +103,13 @@ def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[st
             "(or `edgenode engine info --probe` now)"
         ]
     return [f"probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
+
+
+def _model_lines(settings: Settings) -> list[str]:
+    """Which model analyses which modality, and which modalities none does (their series are skipped)."""
+    from node.models import modality_plans
+
+    return [plan.line() for plan in modality_plans(settings)]
 
 
 def _info(args: argparse.Namespace, settings: Settings) -> int:
@@ -117,13 +126,16 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
     except BackendUnavailable as exc:
         print(f"chosen: none: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    print("models ([inference] model, checked against what each was trained for):")
+    for line in _model_lines(settings):
+        print(f"  {line}")
     print(f"chosen: {plan.backend} on {plan.device} ({plan.precision}{', CUDA graphs' if plan.cuda_graphs else ''})")
     print(f"  why: {plan.reason}")
     probes = plan.device == "cpu" and inf.backend == "auto"
     if args.probe:
         try:
             selection = select(
-                args.model or inf.model,
+                args.model or inf.model_for("CT"),
                 device=inf.device,
                 backend=inf.backend,
                 precision=inf.precision,
@@ -148,6 +160,16 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build(args: argparse.Namespace, settings: Settings) -> int:
+    """Build for --model, else for each distinct model the [inference] model table names."""
+    sources = [args.model] if args.model else list(dict.fromkeys(settings.inference.model.values()))
+    for source in sources:
+        code = _build_one(args, settings, source)
+        if code != EXIT_OK:
+            return code
+    return EXIT_OK
+
+
+def _build_one(args: argparse.Namespace, settings: Settings, source: str) -> int:
     import torch
 
     from engines.onnx_export import cached_onnx
@@ -167,8 +189,8 @@ def _build(args: argparse.Namespace, settings: Settings) -> int:
         print("edgenode: --triton-repo needs tritonclient: pip install edgenode[triton]", file=sys.stderr)
         return EXIT_USAGE
     total = (4 if trt_ok else 3) + (args.triton_repo is not None)
-    step(1, total, f"loading model {args.model or inf.model}")
-    model, info = load_source(args.model or inf.model)
+    step(1, total, f"loading model {source}")
+    model, info = load_source(source)
     step(2, total, f"exporting {info.model_id} to ONNX ({args.exporter}) into {cache}")
     onnx_model = cached_onnx(model, info, cache, exporter=args.exporter)
     print(f"  {onnx_model.path.name}: opset {onnx_model.opset}, sha256 {onnx_model.sha256[:16]}, checker OK")

@@ -13,6 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="chest-ct-small", help="model name stored in the weights")
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file: saved often, resumed from")
     parser.add_argument("--data", type=Path, default=None, help="folder of healthy DICOM series (default: phantoms)")
+    parser.add_argument(
+        "--modality",
+        default="CT",
+        help="what the model is for, written into its metadata (the node runs it on nothing else): CT, or CR,DX "
+        "(phantom radiographs); a --data folder must hold only these",
+    )
+    parser.add_argument("--body-part", default="CHEST", help="body part it is trained for (metadata)")
     parser.add_argument("--preset", default="small", help="U-Net preset: tiny, small, base")
     parser.add_argument("--image-size", type=int, default=None, help="model grid (overrides the preset)")
     parser.add_argument("--steps", type=int, default=2000)
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         phantom_size=args.phantom_size,
         phantom_slices=args.phantom_slices,
         data_dir=str(args.data or ""),
+        modalities=tuple(m.strip().upper() for m in args.modality.split(",") if m.strip()),
+        body_part=args.body_part,
         rotate_degrees=args.rotate,
         intensity_jitter=args.jitter,
         flip=args.flip,
