@@ -23,8 +23,6 @@ from db.models import (
     PRIORITY_STAT,
     AuditEventType,
     Instance,
-    Job,
-    JobStatus,
     Result,
     Series,
     Study,
@@ -323,11 +321,3 @@ def pending_studies(session: Session) -> list[PendingStudy]:
         facts = [SeriesFacts(s.modality, s.body_part, s.series_description, s.instance_count) for s in source]
         pending.append(PendingStudy(study, episode_start, source_count, facts))
     return pending
-
-
-def active_jobs(session: Session, study_id: int) -> list[Job]:
-    return list(
-        session.scalars(
-            select(Job).where(Job.study_id == study_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        ).all()
-    )
