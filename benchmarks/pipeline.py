@@ -2,16 +2,22 @@
 
 One phantom chest CT with nodules (80 x 512x512 by default) goes through `inference.pipeline.run_pipeline`
 as a worker runs it: the bundled model, `[inference]` defaults (ensemble 7, 10 steps, lambda 6), batches of
-`--max-batch` images per U-Net call. The table splits each study's seconds into the U-Net (reverse diffusion,
-noise, ensemble) and the rest (load, mask, model grid, threshold, map back), gives the U-Net images/s, and
-compares each backend's result with the first row's (the fp32 reference): the largest anomaly-map difference
-relative to that map's maximum, the Dice of the segmentations, and the study score.
+`--max-batch` images per U-Net call. With `--modality dx`, one phantom PA chest radiograph (2048 x 2048 by
+default, typical acquisition variation, nodules) instead, with a radiograph model: `--model`, or with
+`--grids 64 96 128` untrained models of `--preset` on those grids, one table each (the time does not depend on
+the weights), to choose the radiograph model's grid.
+
+The table splits each study's seconds into the U-Net (reverse diffusion, noise, ensemble) and the rest (load,
+mask, model grid, threshold, map back), gives the U-Net images/s, and compares each backend's result with the
+first row's (the fp32 reference): the largest anomaly-map difference relative to that map's maximum, the Dice
+of the segmentations, and the study score.
 
 On a CPU it runs every candidate of `engines.select`'s probe this CPU can run (torch fp32 first, the reference,
 then ONNX Runtime fp32, OpenVINO fp32, and torch/OpenVINO bf16 where the CPU has bf16 units), all in one run;
 on a GPU torch fp32, bf16/fp16 with CUDA graphs (what `select` picks without TensorRT), ONNX Runtime's CUDA
 provider and TensorRT when present. The CPU's model and flags are printed with the table.
 Run: PYTHONPATH=. python benchmarks/pipeline.py [--repeats 2] [--max-batch 28 560] [--slices 80]
+     PYTHONPATH=. python benchmarks/pipeline.py --modality dx --grids 64 96 128 [--size 2048]
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from engines.select import (  # noqa: E402
 )
 from inference.anomaly_result import AnomalyResult  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
-from inference.phantoms import ct_datasets, make_ct, synthetic_study  # noqa: E402
+from inference.phantoms import ct_datasets, make_ct, radiograph_dataset, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
+from inference.radiograph_phantoms import make_radiograph  # noqa: E402
+from inference.unet import PRESETS, ModelInfo, UNet, save_model  # noqa: E402
 
 
 @dataclass
@@ -104,68 +112,114 @@ def print_table(rows: list[Row]) -> None:
         print("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |")
 
 
+def phantom_files(folder: Path, modality: str, size: int, slices: int) -> list[Path]:
+    """The timed study: a CT series with nodules, or one PA radiograph with nodules."""
+    if modality == "ct":
+        phantom = make_ct(7, size, size, slices, "nodule")
+        datasets = ct_datasets(phantom, synthetic_study(0, 7))
+        print(f"phantom CT: {slices} x {size}x{size}, {int(phantom.lesion_mask.sum())} lesion voxels")
+    else:
+        rx = make_radiograph(7, size, size, "nodule")
+        datasets = [radiograph_dataset(rx, synthetic_study(0, 7), "DX")]
+        assert rx.acquisition is not None
+        print(f"phantom DX: {size}x{size} ({rx.acquisition.describe()}), {int(rx.lesion_mask.sum())} lesion pixels")
+    files = []
+    for i, ds in enumerate(datasets):
+        files.append(folder / f"{i:04d}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    return files
+
+
+def grid_models(folder: Path, preset: str, grids: list[int]) -> list[str]:
+    """Untrained CR/DX models of `preset` on each grid, for timing only."""
+    paths = []
+    for grid in grids:
+        torch.manual_seed(0)
+        path = folder / f"untrained-{preset}-{grid}.safetensors"
+        save_model(UNet(replace(PRESETS[preset], image_size=grid)), path, f"timing-{preset}-{grid}", {}, ("CR", "DX"))
+        paths.append(str(path))
+    return paths
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modality", choices=["ct", "dx"], default="ct")
     parser.add_argument("--model", default="bundled", help="weights file ([inference] model; default: bundled)")
+    parser.add_argument("--grids", type=int, nargs="*", default=None, help="untrained models on these grids instead")
+    parser.add_argument("--preset", default="small", help="the untrained models' preset (with --grids)")
     parser.add_argument("--max-batch", type=int, nargs="+", default=[DEFAULT_MAX_BATCH])
     parser.add_argument("--repeats", type=int, default=2, help="timed studies per backend, after one warm-up")
     parser.add_argument("--slices", type=int, default=80)
-    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--size", type=int, default=None, help="rows = columns (default: CT 512, DX 2048)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these backends (names in the table)")
     args = parser.parse_args()
 
     defaults = PipelineSettings()  # = the node's [inference] defaults (tests/test_config.py)
-    model, info = load_source(args.model)
+    modality = "CT" if args.modality == "ct" else "DX"
+    size = args.size or (512 if args.modality == "ct" else 2048)
     chosen = plans(args.device)
     if args.only:
         chosen = {k: v for k, v in chosen.items() if k in args.only}
-    print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, torch {torch.__version__}, model {info.model_id}")
+    print(f"load before: {os.getloadavg()}; {os.cpu_count()} CPUs, torch {torch.__version__}")
     if args.device == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(0)}")
     print(f"CPU: {cpu_info().describe()}")
     print(
         f"[inference] defaults: ensemble {defaults.ensemble}, steps {defaults.steps}, "
-        f"t_start {defaults.t_start_for('CT')}, lambda {defaults.lambda_for('CT')}",
+        f"t_start {defaults.t_start_for(modality)}, lambda {defaults.lambda_for(modality)}",
         flush=True,
     )
-    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="edgenode-bench-pipeline-") as tmp:
         folder = Path(tmp)
-        phantom = make_ct(7, args.size, args.size, args.slices, "nodule")
-        files = []
-        for i, ds in enumerate(ct_datasets(phantom, synthetic_study(0, 7))):
-            files.append(folder / f"{i:04d}.dcm")
-            ds.save_as(files[-1], enforce_file_format=True)
-        print(f"phantom CT: {args.slices} x {args.size}x{args.size}, {int(phantom.lesion_mask.sum())} lesion voxels")
-        runs = [(name, plan, b) for b in args.max_batch for name, plan in chosen.items()]
-        with tqdm(total=len(runs) * (args.repeats + 1), desc="studies", unit="study", file=sys.stderr) as bar:
-            for name, plan, max_batch in runs:
-                try:
-                    denoiser = build_denoiser(plan, model, info, max_batch, folder / "engines")
-                except BackendUnavailable as exc:
-                    print(f"{name}: skipped ({exc})", file=sys.stderr)
-                    bar.update(args.repeats + 1)
-                    continue
-                settings = replace(defaults, max_batch=max_batch)
-                run_pipeline(files, denoiser, info, settings)  # warm-up: export, graph capture, kernel choice
-                bar.update()
-                row = Row(name, max_batch, [], [], 0, None)  # type: ignore[arg-type]
-                for _ in range(args.repeats):
-                    start = time.perf_counter()
-                    result = run_pipeline(files, denoiser, info, settings)
-                    row.seconds.append(time.perf_counter() - start)
-                    row.unet.append(result.timings["reconstruct"])
-                    bar.update()
-                row.result = result
-                row.images = defaults.ensemble * defaults.steps * result.anatomy_mask.shape[0]  # every slice
-                rows.append(row)
-                del denoiser
-    print()
-    print_table(rows)
+        files = phantom_files(folder, args.modality, size, args.slices)
+        sources = grid_models(folder, args.preset, args.grids) if args.grids else [args.model]
+        for source in sources:
+            model, info = load_source(source)
+            print(f"\nmodel {info.model_id}: {info.config.image_size}x{info.config.image_size} grid", flush=True)
+            rows = time_backends(files, model, info, chosen, args.max_batch, args.repeats, defaults, folder)
+            print()
+            print_table(rows)
     print("\nmap diff: max |anomaly map - first row's| / max of the first row's; Dice and score against the first row")
     print(f"load after: {os.getloadavg()}")
     return 0
+
+
+def time_backends(
+    files: list[Path],
+    model: torch.nn.Module,
+    info: ModelInfo,
+    chosen: dict[str, Plan],
+    max_batches: list[int],
+    repeats: int,
+    defaults: PipelineSettings,
+    folder: Path,
+) -> list[Row]:
+    rows: list[Row] = []
+    runs = [(name, plan, b) for b in max_batches for name, plan in chosen.items()]
+    with tqdm(total=len(runs) * (repeats + 1), desc="studies", unit="study", file=sys.stderr) as bar:
+        for name, plan, max_batch in runs:
+            try:
+                denoiser = build_denoiser(plan, model, info, max_batch, folder / "engines")
+            except BackendUnavailable as exc:
+                print(f"{name}: skipped ({exc})", file=sys.stderr)
+                bar.update(repeats + 1)
+                continue
+            settings = replace(defaults, max_batch=max_batch)
+            run_pipeline(files, denoiser, info, settings)  # warm-up: export, graph capture, kernel choice
+            bar.update()
+            row = Row(name, max_batch, [], [], 0, None)  # type: ignore[arg-type]
+            for _ in range(repeats):
+                start = time.perf_counter()
+                result = run_pipeline(files, denoiser, info, settings)
+                row.seconds.append(time.perf_counter() - start)
+                row.unet.append(result.timings["reconstruct"])
+                bar.update()
+            row.result = result
+            row.images = defaults.ensemble * defaults.steps * result.anatomy_mask.shape[0]  # every slice
+            rows.append(row)
+            del denoiser
+    return rows
 
 
 if __name__ == "__main__":

@@ -12,11 +12,8 @@ Last, along the slice axis, gaps of up to Z_GAP_MM between lung voxels of one (y
 consolidation or a nodule against the chest wall is no hole in its own slice (it merges with the wall), but the
 same column is lung above and below it. Without this, most consolidations fall outside the mask.
 
-CR/DX (from [0, 1] intensity, bright = dense), a lung-field estimate: the body is the largest region brighter than
-an Otsu threshold of the whole image (holes filled); the lung fields are regions inside the body darker than an Otsu
-threshold computed within the body, not touching the image border, keeping the largest two with at least 2 % of
-the body's area, then closed and filled. When nothing qualifies the filled body is returned (and the limits in
-docs/method.md apply: effusions, white-out, lateral views, devices, collimation and post-processing all mislead it).
+CR/DX: the lung fields of a frontal radiograph, from inference/lung_fields.py (the same function for training and
+inference).
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 AIR_THRESHOLD_HU = -320.0
 SECOND_LUNG_FRACTION = 0.1
@@ -352,47 +348,6 @@ def ct_lung_mask(
     return out
 
 
-def radiograph_lung_mask(image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """Boolean lung-field estimate (Z, Y, X) for radiographs in [0, 1] (bright = dense), one image per slice."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 2:
-        image = image[None]
-    out = np.zeros(image.shape, dtype=bool)
-    radius = max(1, int(round(CLOSING_RADIUS_MM / max(min(pixel_spacing), 1e-3))))
-    for k in range(image.shape[0]):
-        out[k] = _radiograph_slice(image[k], radius)
-    return out
-
-
-def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
-    smooth = ndimage.uniform_filter(img, size=3)
-    if float(smooth.max() - smooth.min()) < 1e-6:
-        return np.zeros(img.shape, dtype=bool)
-    bright = smooth > threshold_otsu(smooth)
-    labels, n = ndimage.label(bright)
-    if n == 0:
-        return np.zeros(img.shape, dtype=bool)
-    sizes = np.bincount(labels.reshape(-1))
-    sizes[0] = 0
-    body = _fill_holes((labels == int(np.argmax(sizes)))[None])[0]
-    inside = smooth[body]
-    if inside.size < 2 or float(inside.max() - inside.min()) < 1e-6:
-        return body
-    dark = body & (smooth <= threshold_otsu(inside))
-    dark = _drop_border_components(dark[None])[0]
-    labels, n = ndimage.label(dark)
-    if n == 0:
-        return body
-    sizes = np.bincount(labels.reshape(-1))
-    sizes[0] = 0
-    order = np.argsort(-sizes)[:2]
-    keep = [i for i in order if sizes[i] >= 0.02 * body.sum()]
-    if not keep:
-        return body
-    lungs = _select_labels(labels, n, keep)
-    return _close_and_fill(lungs[None], radius)[0]
-
-
 def anatomy_mask(
     pixels: np.ndarray,
     modality: str,
@@ -407,4 +362,6 @@ def anatomy_mask(
     """
     if modality == "CT":
         return ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)
+    from inference.lung_fields import radiograph_lung_mask  # it builds on this module's helpers
+
     return radiograph_lung_mask(pixels, pixel_spacing)

@@ -5,7 +5,8 @@ this project, so both come from here. A subject is drawn from a seed (body size,
 lungs with a domed diaphragm, branching vessel and airway trees, ribs, spine, sternum, heart,
 mediastinum and aorta); lesions (solid nodules, ground-glass opacities, consolidation, reticular
 patterns) are painted into the lungs with their exact masks; a scanner model (blur, edge enhancement,
-correlated noise) renders it. Radiographs are Beer-Lambert line integrals through the same phantom.
+correlated noise) renders it. Radiographs are Beer-Lambert line integrals through the same subjects
+(inference/radiograph_phantoms.py).
 
 Ground truth is defined on the ideal (noise-free) phantom: a lesion case differs from its healthy
 counterpart only inside the lesion mask. Acquisition uses its own random stream, so healthy and lesion
@@ -18,10 +19,10 @@ posterior, z to the head. Volumes are indexed (z, y, x) with z increasing with t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -35,6 +36,9 @@ from pydicom.uid import (
     generate_uid,
 )
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from inference.radiograph_phantoms import Radiograph
 
 LESION_KINDS = ("nodule", "ggo", "consolidation", "reticular")
 LESION_CHOICES = ("none", *LESION_KINDS, "mixed")
@@ -135,22 +139,6 @@ class CTPhantom:
     @property
     def slice_labels(self) -> np.ndarray:
         return np.any(self.lesion_mask, axis=(1, 2))
-
-
-@dataclass
-class Radiograph:
-    """A PA chest radiograph: presentation values in [0, 1] (bright = attenuating) and its ground truth."""
-
-    image: np.ndarray  # float32 (rows, cols)
-    lesion_mask: np.ndarray  # bool (rows, cols)
-    lung_mask: np.ndarray  # bool (rows, cols)
-    pixel_spacing: tuple[float, float]
-    lesions: list[Lesion]
-    seed: int
-    healthy_image: np.ndarray | None = None
-    line_integral: np.ndarray | None = None  # noise-free attenuation line integral, when asked for
-    healthy_line_integral: np.ndarray | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def draw_subject(rng: np.random.Generator) -> Subject:
@@ -560,86 +548,6 @@ def make_ct(
     )
 
 
-def _project(hu: np.ndarray, spacing_y: float) -> np.ndarray:
-    """Beer-Lambert line integral of attenuation along y (anterior-posterior), (z, y, x) -> (z, x)."""
-    mu = np.clip(WATER_MU_PER_MM * (1.0 + hu / 1000.0), 0.0, None)
-    return mu.sum(axis=1, dtype=np.float64).astype(np.float32) * spacing_y
-
-
-def make_radiograph(
-    seed: int,
-    rows: int = 512,
-    cols: int = 512,
-    lesions: str = "none",
-    *,
-    keep_healthy: bool = False,
-    keep_line_integral: bool = False,
-    native: int = 256,
-) -> Radiograph:
-    """A PA chest radiograph of one subject: projection through the CT phantom, quantum noise, presentation.
-
-    The phantom is built at up to `native` pixels per side (the projection grid) and the image is
-    resampled to rows x cols; the lesion mask covers every output pixel the lesions can influence.
-    """
-    rng = np.random.default_rng(seed)
-    sub = draw_subject(rng)
-    n_z, n_x = min(rows, native), min(cols, native)
-    width = 2 * sub.body_ax + rng.uniform(30, 70)
-    height = width * rows / cols
-    spacing_x, spacing_z = width / n_x, height / n_z
-    z_center = (sub.lung_base + sub.lung_apex) / 2 + rng.uniform(-10, 20)
-    n_y = max(48, min(160, int(2 * sub.body_ay / 1.6)))
-    spacing_y = 2 * (sub.body_ay + 5) / n_y
-    # rows run from head to feet, so the grid's z axis is built upwards and flipped afterwards
-    grid = Grid(
-        (n_z, n_y, n_x),
-        (spacing_z, spacing_y, spacing_x),
-        (z_center - spacing_z * (n_z - 1) / 2, -spacing_y * (n_y - 1) / 2, -spacing_x * (n_x - 1) / 2),
-    )
-    anatomy_seed, lesion_seed, noise_seed = (int(s) for s in rng.integers(2**63, size=3))
-    anatomy_rng, lesion_rng = np.random.default_rng(anatomy_seed), np.random.default_rng(lesion_seed)
-    ideal_healthy, lung = render_anatomy(sub, grid, anatomy_rng)
-    ideal, mask3d, found = add_lesions(ideal_healthy, lung, grid, lesions, lesion_rng)
-    line = _project(ideal, spacing_y)[::-1]
-    line_healthy = _project(ideal_healthy, spacing_y)[::-1] if (keep_healthy or keep_line_integral) else None
-    lesion2d = np.any(mask3d, axis=1)[::-1]
-    lung2d = np.any(lung, axis=1)[::-1]
-    photons = rng.uniform(2e4, 8e4)
-    blur = rng.uniform(0.5, 1.1)
-
-    def render(integral: np.ndarray, noise_rng: np.random.Generator) -> np.ndarray:
-        counts = noise_rng.poisson(photons * np.exp(-integral.astype(np.float64)))
-        measured = -np.log(np.maximum(counts, 1) / photons).astype(np.float32)
-        measured = ndimage.gaussian_filter(measured, blur)
-        return _resize(np.clip(measured / 7.0, 0.0, 1.0) ** 0.8, rows, cols)
-
-    image = render(line, np.random.default_rng(noise_seed))
-    healthy = None
-    if keep_healthy and line_healthy is not None:
-        healthy = render(line_healthy, np.random.default_rng(noise_seed))
-    zoomed = (rows, cols) != (n_z, n_x)
-    out_lesion = _resize(lesion2d.astype(np.float32), rows, cols) > 0 if zoomed else lesion2d.copy()
-    out_lung = _resize(lung2d.astype(np.float32), rows, cols) >= 0.5 if zoomed else lung2d.copy()
-    return Radiograph(
-        image=image.astype(np.float32),
-        lesion_mask=out_lesion,
-        lung_mask=out_lung,
-        pixel_spacing=(height / rows, width / cols),
-        lesions=found,
-        seed=seed,
-        healthy_image=healthy,
-        line_integral=line if keep_line_integral else None,
-        healthy_line_integral=line_healthy if keep_line_integral else None,
-    )
-
-
-def _resize(img: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    if img.shape == (rows, cols):
-        return img.astype(np.float32)
-    out = ndimage.zoom(img, (rows / img.shape[0], cols / img.shape[1]), order=1, grid_mode=True, mode="nearest")
-    return out[:rows, :cols].astype(np.float32)
-
-
 # --- DICOM -----------------------------------------------------------------------------------------
 
 
@@ -734,14 +642,16 @@ def ct_datasets(ph: CTPhantom, study: dict[str, str]) -> list[Dataset]:
 
 
 def radiograph_dataset(rx: Radiograph, study: dict[str, str], modality: str = "DX") -> Dataset:
-    """A PA chest radiograph as DX (for presentation) or CR, 12-bit MONOCHROME2 (attenuation is bright)."""
+    """A chest radiograph as DX (for presentation) or CR, 12-bit MONOCHROME2 (attenuation is bright), with its view
+    (PA, or LL for a left lateral) and tube voltage."""
     modality = modality.upper()
     sop = DigitalXRayImageStorageForPresentation if modality == "DX" else ComputedRadiographyImageStorage
     ds = _base_dataset(sop, modality, study, generate_uid(), 1)
-    ds.SeriesDescription = f"CHEST PA {modality}"
+    lateral = rx.view != "PA"
+    ds.SeriesDescription = f"CHEST {'LAT' if lateral else 'PA'} {modality}"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.ViewPosition = "PA"
-    ds.PatientOrientation = ["L", "F"]
+    ds.ViewPosition = rx.view
+    ds.PatientOrientation = ["P", "F"] if lateral else ["L", "F"]
     spacing = [round(rx.pixel_spacing[0], 6), round(rx.pixel_spacing[1], 6)]
     ds.ImagerPixelSpacing = spacing
     if modality == "DX":
@@ -766,7 +676,7 @@ def radiograph_dataset(rx: Radiograph, study: dict[str, str], modality: str = "D
     ds.RescaleType = "US"
     ds.WindowCenter = 2048
     ds.WindowWidth = 4096
-    ds.KVP = 120
+    ds.KVP = round(rx.acquisition.kvp) if rx.acquisition is not None else 120
     ds.PixelData = pixels.tobytes()
     return ds
 
@@ -798,6 +708,8 @@ def write_study(
         }
         found = ph.lesions
     elif modality in ("dx", "cr"):
+        from inference.radiograph_phantoms import make_radiograph
+
         rx = make_radiograph(case_seed, size, size, lesions)
         datasets = [radiograph_dataset(rx, study, modality)]
         truth = {

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +31,7 @@ from inference.diffusion import LinearSchedule, q_sample
 from inference.hardware import cpu_info
 from inference.phantoms import make_ct
 from inference.simplex import NoiseSource, splitmix64
+from inference.training_report import ProgressLine, loss_curve_path, write_loss_curve
 from inference.unet import PRESETS, UNet, UNetConfig, save_model
 from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
@@ -66,7 +69,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where there are bf16 units: CUDA GPUs, CPUs with AVX512-BF16 or AMX
     time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     init_from: str = ""  # start from these weights (.safetensors: fine-tuning, e.g. on a site's healthy series)
-    checkpoint_every: int = 200
+    checkpoint_every: int = 200  # steps between checkpoints ...
+    checkpoint_minutes: float = 5.0  # ... or minutes, whichever comes first (0: steps only)
     extra: dict[str, object] = field(default_factory=dict)
 
     def unet_config(self) -> UNetConfig:
@@ -112,14 +116,15 @@ def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) 
 
 
 def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePool:
-    """Healthy phantom PA chest radiographs, one per subject, normalised and masked like inference does a CR/DX."""
+    """Healthy phantom PA chest radiographs with the typical acquisition variation, one per subject, stored as the
+    phantoms' DICOM stores them (12 bits), normalised and conditioned on the lung fields as inference does."""
     from inference.lungmask import anatomy_mask
-    from inference.phantoms import make_radiograph
+    from inference.radiograph_phantoms import make_radiograph
 
     images, masks = [], []
     for i in range(subjects):
         rx = make_radiograph(splitmix64(seed, i) % 2**31, size, size, "none", native=size)
-        pixels = rx.image[None]
+        pixels = (np.round(np.clip(rx.image, 0.0, 1.0) * 4095.0) / 4095.0).astype(np.float32)[None]
         mapping = GridMapping(rows=size, cols=size, size=grid)
         images.append(resample_to_grid(normalise(pixels, "DX"), mapping, fill=-1.0))
         lungs = anatomy_mask(pixels, "DX", rx.pixel_spacing)
@@ -127,7 +132,7 @@ def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePo
     return SlicePool(
         torch.from_numpy(np.concatenate(images)),
         torch.from_numpy(np.concatenate(masks)),
-        f"radiograph phantoms(seed={seed}, subjects={subjects}, {size}x{size})",
+        f"radiograph phantoms(seed={seed}, subjects={subjects}, {size}x{size}, typical acquisition variation)",
     )
 
 
@@ -243,6 +248,58 @@ class TrainResult:
     precision: str = "fp32"  # "bf16": autocast (weights, optimiser and loss stay fp32)
 
 
+# Settings a checkpoint may be resumed with when they differ: how long and where the run goes, not what it learns.
+RESUMABLE_CHANGES = frozenset({"steps", "time_limit_s", "checkpoint_every", "checkpoint_minutes", "device", "amp"})
+POOL_KEYS = ("seed", "subjects", "phantom_size", "phantom_slices", "data_dir", "modalities", "body_part")
+
+
+def pool_cache_path(checkpoint: Path) -> Path:
+    """The training images cached beside a checkpoint: a resumed run skips rendering them again."""
+    return checkpoint.with_name(checkpoint.name + ".pool.pt")
+
+
+def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> SlicePool:
+    """`training_pool`, read from `cache` when it holds this run's pool (same data settings and grid), else
+    built and written there. Rendering a few hundred radiographs takes minutes; reading them, a second."""
+    key = json.dumps({**{k: getattr(cfg, k) for k in POOL_KEYS}, "grid": grid}, sort_keys=True)
+    if cache is not None and cache.exists():
+        try:
+            saved = torch.load(cache, weights_only=True)
+            if saved["key"] == key:
+                log.info("training images from %s", cache)
+                return SlicePool(saved["images"], saved["masks"], saved["source"])
+            log.info("%s holds another run's images: building them", cache)
+        except (OSError, RuntimeError, KeyError, EOFError) as exc:  # a damaged cache is rebuilt, never trusted
+            log.warning("cannot read %s (%s): building the training images", cache, exc)
+    pool = training_pool(cfg, grid)
+    if cache is not None:
+        _save_atomically({"key": key, "images": pool.images, "masks": pool.masks, "source": pool.source}, cache)
+    return pool
+
+
+def _save_atomically(state: dict[str, object], path: Path) -> None:
+    """Write to a temporary file, flush it to disk, rename over `path`: a kill at any moment (kill -9 included)
+    leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _check_resumable(saved: dict[str, object], cfg: TrainConfig, checkpoint: Path) -> None:
+    """A checkpoint resumes only the run that wrote it (other data or another model would mix two runs)."""
+    current, before = json.loads(json.dumps(asdict(cfg))), json.loads(json.dumps(saved))
+    differ = sorted(k for k in current if k not in RESUMABLE_CHANGES and before.get(k, current[k]) != current[k])
+    if differ:
+        changes = ", ".join(f"{k}: {before.get(k)!r} -> {current[k]!r}" for k in differ)
+        raise ValueError(
+            f"checkpoint {checkpoint} belongs to a run with other settings ({changes}); "
+            "resume with the same settings or use another --checkpoint"
+        )
+
+
 def train(
     cfg: TrainConfig,
     checkpoint: Path | None = None,
@@ -251,14 +308,23 @@ def train(
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train (or resume from `checkpoint` when it exists) and return the EMA model; `stop_after` ends this run
-    early at that step (with a checkpoint), as an interruption would."""
+    early at that step (with a checkpoint), as an interruption would.
+
+    The checkpoint is written every `checkpoint_every` steps or `checkpoint_minutes` minutes, whichever comes
+    first, and at the end; with a checkpoint the training images are cached beside it (`pool_cache_path`).
+    Progress: a bar on a terminal, else a line every 30 s (training_report.ProgressLine).
+    """
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     unet_cfg = cfg.unet_config()
+    saved = None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location=device, weights_only=False)
+        _check_resumable(saved.get("config", {}), cfg, checkpoint)
     if pool is None:
-        pool = training_pool(cfg, unet_cfg.image_size)
+        pool = cached_training_pool(cfg, unet_cfg.image_size, pool_cache_path(checkpoint) if checkpoint else None)
     model = UNet(unet_cfg).to(device)
     if cfg.init_from:
         model = _initial_weights(Path(cfg.init_from), unet_cfg).to(device)
@@ -270,18 +336,17 @@ def train(
     noise = NoiseSource(kind=cfg.noise)  # type: ignore[arg-type]
     losses: list[float] = []
     step, wall_before = 0, 0.0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        step, losses, wall_before = state["step"], state["losses"], state["wall_s"]
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["opt"])
+        step, losses, wall_before = saved["step"], saved["losses"], saved["wall_s"]
         log.info("resumed from %s at step %d", checkpoint, step)
+        del saved
 
     def save_checkpoint() -> None:
         if checkpoint is None:
             return
-        tmp = checkpoint.with_suffix(".tmp")
         state = {
             "model": model.state_dict(),
             "ema": ema.state_dict(),
@@ -291,18 +356,22 @@ def train(
             "wall_s": wall_before + time.monotonic() - t0,
             "config": asdict(cfg),
         }
-        torch.save(state, tmp)
-        tmp.replace(checkpoint)
+        _save_atomically(state, checkpoint)
 
     use_amp = uses_bf16(cfg, device)
-    log.info("training on %s in %s", device, "bf16 autocast" if use_amp else "fp32")
+    label = f"{device}, {'bf16 autocast' if use_amp else 'fp32'}, {torch.get_num_threads()} threads"
+    log.info("training on %s", label)
     t0 = time.monotonic()
+    last_save = t0
     data = batches(pool, cfg, step)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    bar_wanted = progress and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not bar_wanted, unit="step", dynamic_ncols=True)
+    lines = ProgressLine(cfg.steps, cfg.batch_size, step, wall_before, label, enabled=progress and not bar_wanted)
     model.train()
     while step < min(cfg.steps, stop_after or cfg.steps):
         if cfg.time_limit_s and wall_before + time.monotonic() - t0 > cfg.time_limit_s:
             log.info("time limit reached at step %d", step)
+            lines.update(step, losses, "(time limit reached)", force=True)
             break
         x0, mask = next(data)
         x0, mask = x0.to(device), mask.to(device)
@@ -331,16 +400,22 @@ def train(
         elapsed = time.monotonic() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{n * bar.n / max(elapsed, 1e-9):.1f}")
-        if step % cfg.checkpoint_every == 0:
+        due = cfg.checkpoint_minutes > 0 and time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes
+        if step % cfg.checkpoint_every == 0 or due:
             save_checkpoint()
+            last_save = time.monotonic()
+            lines.update(step, losses, f"checkpoint {checkpoint}" if checkpoint else "", force=checkpoint is not None)
             log.info(
                 "step %d loss %.4f (mean of 50) %.1f img/s",
                 step,
                 float(np.mean(losses[-50:])),
                 cfg.batch_size * step / max(wall_before + elapsed, 1e-9),
             )
+        else:
+            lines.update(step, losses)
     bar.close()
     save_checkpoint()
+    lines.update(step, losses, "done" + (f", checkpoint {checkpoint}" if checkpoint else ""), force=True)
     ema.eval()
     precision = "bf16" if use_amp else "fp32"
     return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source, precision)
@@ -357,8 +432,11 @@ def _initial_weights(path: Path, unet_cfg: UNetConfig) -> UNet:
     return model.train()
 
 
-def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:
-    """Write the EMA weights with the training metadata the model card and the pipeline read."""
+def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> Path:
+    """Write the EMA weights with the training metadata the model card and the pipeline read, and the loss curve
+    beside them (`training_report.loss_curve_path`); returns the curve's path."""
+    threads = torch.get_num_threads()
+    device = f"cuda {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu x{threads}"
     metadata = {
         "t_start": 250,
         "t_max": cfg.t_max,
@@ -372,9 +450,14 @@ def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> None:
         "data_seed": cfg.seed,
         "wall_time_s": round(result.wall_s, 1),
         "precision": result.precision,
+        "threads": threads,
         "final_loss_mean50": round(float(np.mean(result.losses[-50:])), 5) if result.losses else None,
-        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else f'cpu x{torch.get_num_threads()}'}",
+        "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
         "config": json.dumps(asdict(cfg)),
     }
     save_model(result.model, path, name, metadata, modalities=cfg.modalities, body_part=cfg.body_part)
+    subtitle = (
+        f"{result.steps_done} steps of {cfg.batch_size}, {result.wall_s / 60:.0f} min, {result.precision}, "
+        f"{device}; {result.pool_source}"
+    )
+    return write_loss_curve(result.losses, loss_curve_path(path), f"{name}: training loss", subtitle[:150])

@@ -1,7 +1,8 @@
 """DICOM series -> volume + geometry, normalisation to [-1, 1], and the model grid and back.
 
 CT: slices sorted by position along the slice normal (never by Instance Number), rescale slope/intercept to HU.
-CR/DX: modality LUT, then the VOI LUT or window when present, to [0, 1] with bright = dense (MONOCHROME1 inverted).
+CR/DX: modality LUT, then the VOI LUT or window when present, to [0, 1] with bright = dense (MONOCHROME1 inverted);
+frontal views only (a lateral, oblique or decubitus view is left out, saying so: `check_view`).
 Compressed transfer syntaxes are decoded by pydicom's pixel handlers with permissively licensed plugins only
 (pylibjpeg-openjpeg: JPEG 2000, pylibjpeg-rle: RLE, pyjpegls: JPEG-LS, python-gdcm: JPEG baseline/extended/lossless;
 GPLv3 pylibjpeg-libjpeg is deliberately not used, see docs/method.md).
@@ -104,6 +105,12 @@ class InvalidWindowError(SeriesError):
     summary = "invalid VOI window"
 
 
+class UnsupportedViewError(SeriesError):
+    """A radiograph that is not a frontal (PA/AP) view: not analysed, by design (see `check_view`)."""
+
+    summary = "not a frontal (PA/AP) chest radiograph"
+
+
 # Errors that concern one instance only: it is left out and the rest of the series is loaded.
 INSTANCE_ERRORS: tuple[type[SeriesError], ...] = (
     NotDicomError,
@@ -112,6 +119,7 @@ INSTANCE_ERRORS: tuple[type[SeriesError], ...] = (
     MultiFrameError,
     PixelDecodeError,
     InvalidWindowError,
+    UnsupportedViewError,
 )
 
 
@@ -223,6 +231,31 @@ def _check_instance(ds: Dataset) -> str:
             f"SOP Instance {uid}: {ds.SamplesPerPixel} samples per pixel; only greyscale images are supported", uid
         )
     return SUPPORTED_SOP_CLASSES[sop_class]
+
+
+# ViewPosition values (and View Code Sequence meanings) of radiographs that are not frontal chest views
+NON_FRONTAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "RLD", "LLD", "RLO", "LLO", "OBL", "OBLIQUE"})
+NON_FRONTAL_WORDS = ("lateral", "oblique", "decubitus")
+
+
+def check_view(ds: Dataset) -> None:
+    """CR/DX: frontal views only; a lateral, oblique or decubitus view raises UnsupportedViewError.
+
+    Why: the radiograph models are trained on PA chest radiographs, and the lung-field condition looks for two
+    lung fields side by side; on a lateral view the lungs overlap and the heart and spine lie elsewhere, so a map
+    would mean nothing. ViewPosition (or, without one, the View Code Sequence) decides; an image that names no
+    view is taken as frontal (many CR images carry none).
+    """
+    view = str(ds.get("ViewPosition", "") or "").strip().upper()
+    meanings = [str(item.get("CodeMeaning", "")).lower() for item in ds.get("ViewCodeSequence", None) or []]
+    said = view or "; ".join(meanings)
+    if view in NON_FRONTAL_VIEWS or any(word in said.lower() for word in NON_FRONTAL_WORDS):
+        uid = _uid(ds)
+        raise UnsupportedViewError(
+            f"SOP Instance {uid}: {said} view; only frontal (PA/AP) chest radiographs are analysed "
+            f"(the radiograph models are trained on PA views)",
+            uid,
+        )
 
 
 def _decode(ds: Dataset) -> np.ndarray:
@@ -454,6 +487,8 @@ def load_series(files: Sequence[Path], *, min_ct_slices: int = 1) -> Volume:
         try:
             ds = _read(path)
             modality = _check_instance(ds)
+            if modality != "CT":
+                check_view(ds)
         except INSTANCE_ERRORS as exc:
             leave_out(path, exc)
             continue

@@ -69,7 +69,7 @@ class JobOutcome:
     scores: list[float] = field(default_factory=list)
     uncertainties: list[float] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # series that could not be analysed, and why
-    unserved: list[str] = field(default_factory=list)  # series no configured model is trained for, and why
+    unserved: list[str] = field(default_factory=list)  # not analysed by design (no model for it, a lateral view), why
     models_used: dict[str, None] = field(default_factory=dict)  # model ids, in first-use order
     produced: int = 0  # result objects queued
 
@@ -141,7 +141,7 @@ class JobRunner:
     def _process(self, job: ClaimedJob, check: Callable[[], None]) -> None:
         """The claimed job's steps: load, then per series analyse -> write -> queue, then complete. `check` raises
         JobAborted between steps (and inside the pipeline) once the job is no longer ours or the node stops."""
-        from inference.volume import SeriesError
+        from inference.volume import SeriesError, UnsupportedViewError
 
         job_started = time.perf_counter()
         plan = self.load(job)
@@ -156,6 +156,10 @@ class JobRunner:
                 continue
             try:
                 result = self.analyse(item, plan, check, served)
+            except UnsupportedViewError as exc:  # a lateral view: not analysed by design, as a modality without a model
+                outcome.unserved.append(f"series {item.series_instance_uid}: {exc}")
+                self._audit_skipped(job, item, str(exc))
+                continue
             except SeriesError as exc:  # e.g. a scout or a dose report beside the image series: skip just that one
                 outcome.skipped.append(f"series {item.series_instance_uid}: {exc}")
                 self._audit_skipped(job, item, str(exc))
@@ -258,8 +262,8 @@ class JobRunner:
     # ---- complete -------------------------------------------------------------------------------
     def complete(self, job: ClaimedJob, plan: JobPlan, outcome: JobOutcome) -> None:
         """Record the job done (if still ours) and wake the sender. Series that failed and none analysed fail the
-        job; only series no configured model is trained for (a CR study, no radiograph model) complete it, with
-        nothing sent."""
+        job; only series not analysed by design (a CR study and no radiograph model, a lateral view) complete it,
+        with nothing sent."""
         from inference.volume import SeriesError
 
         if not outcome.scores and outcome.skipped:

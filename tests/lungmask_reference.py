@@ -1,4 +1,6 @@
-"""The lung masks as first written (slice by slice, whole volume), kept as the reference the fast code must equal.
+"""The CT lung masks as first written (slice by slice, whole volume), kept as the reference the fast code must equal.
+(The radiograph lung fields, rewritten for collimation, markers and rotation, are tested against the phantoms'
+ground-truth lungs instead: tests/test_lung_fields.py.)
 
 inference/lungmask.py computes the same masks on bounding boxes with fewer scipy passes; the tests compare the
 two voxel for voxel. One documented difference: this fill_z_gaps also fills a run at the very start or end of
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 from inference.lungmask import (  # the same constants: the tests compare the algorithms
     AIR_THRESHOLD_HU,
@@ -170,47 +171,6 @@ def ct_lung_mask(
     return mask
 
 
-def radiograph_lung_mask(image: np.ndarray, pixel_spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """Boolean lung-field estimate (Z, Y, X) for radiographs in [0, 1] (bright = dense), one image per slice."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim == 2:
-        image = image[None]
-    out = np.zeros(image.shape, dtype=bool)
-    radius = max(1, int(round(CLOSING_RADIUS_MM / max(min(pixel_spacing), 1e-3))))
-    for k in range(image.shape[0]):
-        out[k] = _radiograph_slice(image[k], radius)
-    return out
-
-
-def _radiograph_slice(img: np.ndarray, radius: int) -> np.ndarray:
-    smooth = ndimage.uniform_filter(img, size=3)
-    if float(smooth.max() - smooth.min()) < 1e-6:
-        return np.zeros(img.shape, dtype=bool)
-    bright = smooth > threshold_otsu(smooth)
-    labels, n = ndimage.label(bright)
-    if n == 0:
-        return np.zeros(img.shape, dtype=bool)
-    sizes = np.bincount(labels.reshape(-1))
-    sizes[0] = 0
-    body = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
-    inside = smooth[body]
-    if inside.size < 2 or float(inside.max() - inside.min()) < 1e-6:
-        return body
-    dark = body & (smooth <= threshold_otsu(inside))
-    dark = _drop_border_components(dark[None])[0]
-    labels, n = ndimage.label(dark)
-    if n == 0:
-        return body
-    sizes = np.bincount(labels.reshape(-1))
-    sizes[0] = 0
-    order = np.argsort(-sizes)[:2]
-    keep = [i for i in order if sizes[i] >= 0.02 * body.sum()]
-    if not keep:
-        return body
-    lungs = _select_labels(labels, n, keep)
-    return _close_and_fill(lungs[None], radius)[0]
-
-
 def anatomy_mask(
     pixels: np.ndarray,
     modality: str,
@@ -223,6 +183,6 @@ def anatomy_mask(
     `normal`: the slice normal the volume is sorted along (None: orientation unknown); `slice_spacing_mm`: the
     distance between slices (None: a single slice, or unknown).
     """
-    if modality == "CT":
-        return ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)
-    return radiograph_lung_mask(pixels, pixel_spacing)
+    if modality != "CT":
+        raise ValueError("the reference covers CT only: inference/lung_fields.py is tested against phantom lungs")
+    return ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)

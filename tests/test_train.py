@@ -124,3 +124,95 @@ def test_the_bundled_model_is_a_chest_ct_model() -> None:
 
     info = read_model_info(bundled_model_path())
     assert info.modalities == ("CT",) and info.body_part == "CHEST"
+
+
+def test_the_loss_curve_is_written_beside_the_shipped_weights(tmp_path) -> None:
+    from PIL import Image
+
+    from inference.training_report import loss_curve_path
+
+    pool = phantom_slices(seed=2, subjects=1, size=48, slices=4, grid=32)
+    cfg = tiny_config(steps=6)
+    result = train(cfg, pool=pool, progress=False)
+    weights = tmp_path / "models" / "tiny-curve.safetensors"
+    curve = ship(result, cfg, weights, "tiny-curve")
+    assert curve == loss_curve_path(weights) == tmp_path / "models" / "tiny-curve.loss.png"
+    assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(curve) as image:
+        assert image.size[0] > 400 and image.size[1] > 250
+        assert len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+
+
+def test_a_checkpoint_resumes_only_its_own_run(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """Other training settings cannot resume a checkpoint (that would mix two runs); more steps can. The training
+    images are cached beside the checkpoint and read back by the resumed run."""
+    import logging
+
+    from inference.train import pool_cache_path
+
+    cfg = tiny_config(steps=3, modalities=("CR", "DX"), subjects=2, phantom_size=64)
+    ckpt = tmp_path / "run.ckpt"
+    train(cfg, checkpoint=ckpt, progress=False)
+    assert ckpt.exists() and pool_cache_path(ckpt).exists()
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0\.003 -> 0\.001\)"):
+        train(tiny_config(steps=3, lr=1e-3, modalities=("CR", "DX"), subjects=2, phantom_size=64), checkpoint=ckpt)
+    with caplog.at_level(logging.INFO, logger="inference.train"):
+        longer = train(tiny_config(steps=5, modalities=("CR", "DX"), subjects=2, phantom_size=64), checkpoint=ckpt)
+    assert longer.steps_done == 5 and len(longer.losses) == 5
+    assert any("training images from" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path) -> None:
+    """`edgenode train` killed with SIGKILL right after a checkpoint, then run again with the same command: it
+    resumes there (saying so), ends with all its steps, and its loss history continues the checkpoint's, equal
+    to an unbroken run's."""
+    import signal
+    import subprocess
+
+    from inference.train import cached_training_pool, pool_cache_path
+    from tests.conftest import edgenode_cmd, node_env
+
+    steps, every = 300, 5
+    out, ckpt = tmp_path / "rx.safetensors", tmp_path / "rx.ckpt"
+    command = edgenode_cmd(
+        "train", "--out", str(out), "--name", "tiny-rx", "--modality", "CR,DX", "--preset", "tiny",
+        "--steps", str(steps), "--batch-size", "4", "--lr", "3e-3", "--subjects", "2", "--phantom-size", "64",
+        "--seed", "3", "--threads", "1", "--checkpoint-every", str(every), "--device", "cpu",
+    )  # fmt: skip
+    proc = subprocess.Popen(command, env=node_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # the first checkpoint line: the checkpoint is on disk
+        seen.append(line)
+        if "checkpoint" in line and line.startswith("step "):
+            proc.send_signal(signal.SIGKILL)
+            break
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "".join(seen)
+    state = torch.load(ckpt, weights_only=False)
+    killed_at, killed_losses = state["step"], state["losses"]
+    assert every <= killed_at < steps and len(killed_losses) == killed_at and not out.exists()
+
+    done = subprocess.run(command, env=node_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed at step {killed_at}/{steps}" in done.stdout
+    assert "training images from" in done.stderr  # the cached pool, not rendered again
+    final = torch.load(ckpt, weights_only=False)
+    assert final["step"] == steps and len(final["losses"]) == steps
+    assert final["losses"][:killed_at] == killed_losses  # the history continues the checkpoint's
+    from inference.unet import read_model_info
+
+    assert read_model_info(out).training["steps"] == steps and (tmp_path / "rx.loss.png").exists()
+
+    cfg = TrainConfig(
+        preset="tiny", steps=steps, batch_size=4, lr=3e-3, subjects=2, phantom_size=64, seed=3,
+        modalities=("CR", "DX"), device="cpu", checkpoint_every=every,
+    )  # fmt: skip
+    pool = cached_training_pool(cfg, 32, pool_cache_path(ckpt))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the command ran
+    try:
+        unbroken = train(cfg, pool=pool, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(final["losses"], unbroken.losses, rtol=1e-4, atol=1e-6)

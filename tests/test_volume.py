@@ -26,6 +26,7 @@ from inference.volume import (
     SeriesError,
     TooFewInstancesError,
     UnsupportedSOPClassError,
+    UnsupportedViewError,
     fill_left_out_slices,
     from_model_grid,
     load_series,
@@ -281,6 +282,35 @@ def test_an_undecodable_radiograph_is_left_out_of_its_series(tmp_path: Path) -> 
     vol = load_series(write_datasets(images, tmp_path))
     assert vol.sop_instance_uids == [images[0].SOPInstanceUID, images[2].SOPInstanceUID] and vol.slots is None
     assert [left.sop_instance_uid for left in vol.left_out] == [images[1].SOPInstanceUID]
+
+
+@pytest.mark.parametrize("view", ["LL", "RL", "LATERAL", "RLO", "LLD"])
+def test_a_radiograph_that_is_no_frontal_view_is_refused_saying_so(tmp_path: Path, view: str) -> None:
+    """Radiographs are analysed as PA/AP views only: a lateral (or oblique, decubitus) image is left out of its
+    series with the reason, and alone it is a SeriesError naming its view."""
+    images = [make_dx(32, 32, seed=k) for k in range(3)]
+    for k, ds in enumerate(images):
+        ds.SeriesInstanceUID, ds.InstanceNumber = images[0].SeriesInstanceUID, k + 1
+    images[1].ViewPosition = view
+    del images[2].ViewPosition  # no view named: taken as frontal (many CR images carry none)
+    vol = load_series(write_datasets(images, tmp_path / "series"))
+    assert vol.sop_instance_uids == [images[0].SOPInstanceUID, images[2].SOPInstanceUID]
+    (left,) = vol.left_out
+    assert left.sop_instance_uid == images[1].SOPInstanceUID and left.summary == UnsupportedViewError.summary
+    with pytest.raises(UnsupportedViewError, match=f"{view} view; only frontal"):
+        load_series(write_datasets([images[1]], tmp_path / "alone"))
+
+
+def test_a_radiograph_without_view_position_is_judged_by_its_view_code(tmp_path: Path) -> None:
+    ds = make_dx(32, 32)
+    del ds.ViewPosition
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399173006", "SCT", "left lateral"
+    ds.ViewCodeSequence = [code]
+    with pytest.raises(UnsupportedViewError, match="left lateral view"):
+        load_series(write_datasets([ds], tmp_path))
+    code.CodeValue, code.CodeMeaning = "399348003", "postero-anterior"
+    assert load_series(write_datasets([ds], tmp_path / "pa")).pixels.shape == (1, 32, 32)
 
 
 def test_multi_frame_is_rejected(tmp_path: Path) -> None:

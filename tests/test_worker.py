@@ -465,3 +465,52 @@ def test_a_ct_series_with_too_few_decodable_slices_is_skipped_with_the_reasons(t
     assert left_out_events(db) == []  # the series was not analysed: its one event says why
     (report,) = queued_results(db, settings, "sr")
     assert of_series([report], ct[0].SeriesInstanceUID) == [report]
+
+
+def phantom_views(seed: int, views: tuple[str, ...]) -> list[Dataset]:
+    """Phantom DX radiographs of one subject, one per view, in one series (as a PA and a lateral are sent)."""
+    from inference.phantoms import radiograph_dataset, synthetic_study
+    from inference.radiograph_phantoms import make_radiograph
+
+    study = synthetic_study(seed, 0)
+    images = [radiograph_dataset(make_radiograph(seed, 96, 96, view=view), study, "DX") for view in views]
+    for k, ds in enumerate(images):
+        ds.SeriesInstanceUID, ds.InstanceNumber = images[0].SeriesInstanceUID, k + 1
+    return images
+
+
+def test_a_lateral_view_is_not_analysed_and_the_pa_beside_it_is(tmp_path: Path) -> None:
+    """Lateral views are refused by design (the radiograph model and its lung-field condition are for PA views):
+    the lateral image is audited as skipped with the reason, nothing sent refers to it, the PA is analysed."""
+    import pydicom
+
+    pa, lateral = phantom_views(9, ("PA", "LL"))
+    settings, db = received_study(tmp_path, [pa, lateral])
+    settings.results.empty_seg = True  # a SEG whatever the tiny model finds
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and job.attempts == 1, job.error
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert skipped.sop_instance_uid == lateral.SOPInstanceUID
+    assert "LL view" in skipped.detail and "only frontal (PA/AP)" in skipped.detail
+    (seg,) = queued_results(db, settings, "seg")
+    referenced = {
+        str(i.ReferencedSOPInstanceUID)
+        for x in pydicom.dcmread(seg).ReferencedSeriesSequence
+        for i in x.ReferencedInstanceSequence
+    }
+    assert referenced == {pa.SOPInstanceUID}
+    assert len(queued_results(db, settings, "sr")) == 1
+
+
+def test_a_study_of_only_a_lateral_view_is_done_with_nothing_sent(tmp_path: Path) -> None:
+    (lateral,) = phantom_views(10, ("LL",))
+    settings, db = received_study(tmp_path, [lateral])
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and job.score is None, job.error
+        assert s.scalars(select(Result)).all() == []
+        (skipped,) = s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all()
+    assert "LL view" in skipped.detail

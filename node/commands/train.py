@@ -1,4 +1,9 @@
-"""`edgenode train`: train the mask-conditioned U-Net on healthy images (phantoms or a DICOM folder)."""
+"""`edgenode train`: train the mask-conditioned U-Net on healthy images (phantoms or a DICOM folder).
+
+A run checkpoints every few minutes (beside the weights unless --checkpoint says where) and the same command
+resumes it after any interruption, kill -9 included; it prints a progress line every 30 s and writes the loss
+curve as <name>.loss.png beside the weights.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,13 @@ from node.config import Settings
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the EMA weights (.safetensors)")
     parser.add_argument("--name", default="chest-ct-small", help="model name stored in the weights")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint file: saved often, resumed from")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="checkpoint file, saved often and resumed from (default: <out>.ckpt; its training images are cached "
+        "in <checkpoint>.pool.pt)",
+    )
     parser.add_argument("--data", type=Path, default=None, help="folder of healthy DICOM series (default: phantoms)")
     parser.add_argument(
         "--modality",
@@ -40,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
-    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    parser.add_argument(
+        "--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (whichever comes first)"
+    )
     parser.add_argument(
         "--init", type=Path, default=None, help="start from these weights (fine-tune; same preset and grid)"
     )
@@ -82,6 +96,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         device=args.device,
         time_limit_s=args.time_limit,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         init_from=str(args.init or ""),
     )
     if args.init is not None and not args.init.is_file():
@@ -92,11 +107,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"edgenode train: {exc}")
         return 2
+    checkpoint = args.checkpoint or args.out.with_name(args.out.name.removesuffix(".safetensors") + ".ckpt")
+    if args.checkpoint_every < 1 or args.checkpoint_minutes < 0:
+        print("edgenode train: --checkpoint-every must be >= 1 and --checkpoint-minutes >= 0")
+        return 2
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint: {checkpoint} (the same command resumes from it)", flush=True)
     try:
-        result = train(cfg, args.checkpoint)
+        result = train(cfg, checkpoint)
     except ValueError as exc:
         print(f"edgenode train: {exc}")
         return 2
-    ship(result, cfg, args.out, args.name)
-    print(f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s, final loss {result.losses[-1]:.4f}")
+    curve = ship(result, cfg, args.out, args.name)
+    final = f"final loss {result.losses[-1]:.4f}" if result.losses else "no steps"
+    print(
+        f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s ({result.precision}), {final}; "
+        f"loss curve {curve}"
+    )
     return 0
