@@ -7,6 +7,7 @@ without bf16 units only the fp32 row is run (bf16 would be emulated there, and t
 
     PYTHONPATH=. python benchmarks/train.py                 # small preset, 30 steps of 16 images
     PYTHONPATH=. python benchmarks/train.py --preset tiny --steps 5 --batch-size 4
+    PYTHONPATH=. python benchmarks/train.py --image-size 96 --threads 2   # the radiograph model's grid
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ HEADER = ["precision", "steps", "batch", "images/s", "mean loss", "last-5 loss"]
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--image-size", type=int, default=None, help="model grid (overrides the preset's)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per precision (after 2 warm-up steps)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -38,7 +40,9 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    base = TrainConfig(preset=args.preset, steps=args.steps, batch_size=args.batch_size, device=str(device))
+    base = TrainConfig(
+        preset=args.preset, image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, device=str(device)
+    )
     grid = base.unet_config().image_size
     print(f"load before: {os.getloadavg()}; torch {torch.__version__}, {args.threads} threads, device {device}")
     print(f"CPU: {cpu_info().describe()}" + (f"; GPU: {torch.cuda.get_device_name()}" if device.type == "cuda" else ""))

@@ -154,7 +154,7 @@ def _dense_tissue(
     values = smooth[near & ~outside]
     otsu = float(threshold_otsu(values))
     level = otsu + DENSE_QUANTILE_SHARE * (float(np.percentile(values, 95)) - otsu)
-    has = cores.any(axis=0)
+    has = np.asarray(cores.any(axis=0))
     top = np.where(has, np.argmax(cores, axis=0), -1)
     row = np.arange(smooth.shape[0])[:, None]
     apex = has[None, :] & (row < top[None, :]) & (row >= top[None, :] - APEX_MM / spacing[0])

@@ -349,7 +349,7 @@ def _marker(
     left, right = int(cols[0]) + inset_c, int(cols[-1]) + 1 - inset_c - w
     corners = [right, left] if (acq.marker == "L") == (view == "PA") else [left, right]
     for c in corners:
-        if top < 0 or c < 0 or top + h > out.shape[0] or c + w > out.shape[1]:
+        if top < 0 or c < 0 or top + h > lungs.shape[0] or c + w > lungs.shape[-1]:
             continue
         box = (slice(top, top + h), slice(c, c + w))
         if keep_clear[box].any() or not exposed[box].all():
@@ -469,7 +469,7 @@ def make_radiograph(
     field = _field(lung_all, acq, spacing)  # collimated to the whole lungs, recesses included
     marker = _marker(lung_all, field, acq, spacing, view)
     noise_rng = np.random.default_rng(noise_seed)
-    normals, row_gain = noise_rng.standard_normal(line.shape), noise_rng.standard_normal(line.shape[0])
+    normals, row_gain = noise_rng.standard_normal(line.shape), noise_rng.standard_normal((line.shape[0],))
 
     def render(integral: np.ndarray) -> np.ndarray:
         return _resize(_expose(integral, acq, spacing, field, marker, normals, row_gain), rows, cols)

@@ -117,13 +117,17 @@ def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) 
 
 def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePool:
     """Healthy phantom PA chest radiographs with the typical acquisition variation, one per subject, stored as the
-    phantoms' DICOM stores them (12 bits), normalised and conditioned on the lung fields as inference does."""
+    phantoms' DICOM stores them (12 bits), normalised and conditioned on the lung fields as inference does.
+
+    The projection is rendered at twice the model grid (at least 128 pixels, at most `size`: what the model grid
+    resolves) and presented at `size` pixels, where the lung fields are computed as the node computes them."""
     from inference.lungmask import anatomy_mask
     from inference.radiograph_phantoms import make_radiograph
 
+    native = min(size, max(128, 2 * grid))
     images, masks = [], []
     for i in range(subjects):
-        rx = make_radiograph(splitmix64(seed, i) % 2**31, size, size, "none", native=size)
+        rx = make_radiograph(splitmix64(seed, i) % 2**31, size, size, "none", native=native)
         pixels = (np.round(np.clip(rx.image, 0.0, 1.0) * 4095.0) / 4095.0).astype(np.float32)[None]
         mapping = GridMapping(rows=size, cols=size, size=grid)
         images.append(resample_to_grid(normalise(pixels, "DX"), mapping, fill=-1.0))
@@ -271,7 +275,10 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
             log.info("%s holds another run's images: building them", cache)
         except (OSError, RuntimeError, KeyError, EOFError) as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("cannot read %s (%s): building the training images", cache, exc)
+    log.info("building the training images (%d subjects)%s", cfg.subjects, f", cached in {cache}" if cache else "")
+    started = time.monotonic()
     pool = training_pool(cfg, grid)
+    log.info("%d training images in %.0f s", len(pool), time.monotonic() - started)
     if cache is not None:
         _save_atomically({"key": key, "images": pool.images, "masks": pool.masks, "source": pool.source}, cache)
     return pool

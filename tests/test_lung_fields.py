@@ -99,7 +99,7 @@ def test_training_conditions_on_the_mask_the_node_computes(tmp_path: Path) -> No
 
     pool = radiograph_slices(seed=4, subjects=2, size=96, grid=32)
     for i in range(2):
-        rx = make_radiograph(splitmix64(4, i) % 2**31, 96, 96, "none", native=96)
+        rx = make_radiograph(splitmix64(4, i) % 2**31, 96, 96, "none", native=96)  # min(96, max(128, 2 x 32))
         path = tmp_path / f"{i}.dcm"
         radiograph_dataset(rx, synthetic_study(4, i), "DX").save_as(path, enforce_file_format=True)
         volume = load_series([path])

@@ -87,7 +87,8 @@ def test_radiograph_lung_field_estimate(monochrome_seed: int) -> None:
     size = 128
     hu = chest_slice_hu(size, size)
     image = np.clip((hu + 1000) / 1700, 0, 1) * 0.75 + 0.12 + rng.normal(0, 0.01, hu.shape)
-    mask = radiograph_lung_mask(image.astype(np.float32), (0.5, 0.5))
+    # 3 mm pixels: a 384 mm chest (the lung fields are estimated in millimetres; see also tests/test_lung_fields.py)
+    mask = radiograph_lung_mask(image.astype(np.float32), (3.0, 3.0))
     assert dice(mask[0], true_lungs(size, size, 0.0)) >= 0.9
 
 

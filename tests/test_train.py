@@ -140,7 +140,7 @@ def test_the_loss_curve_is_written_beside_the_shipped_weights(tmp_path) -> None:
     assert curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(curve) as image:
         assert image.size[0] > 400 and image.size[1] > 250
-        assert len(set(image.convert("L").getdata())) > 10  # drawn, not blank
+        assert len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
 
 
 def test_a_checkpoint_resumes_only_its_own_run(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
@@ -173,7 +173,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path) -> None
     from inference.train import cached_training_pool, pool_cache_path
     from tests.conftest import edgenode_cmd, node_env
 
-    steps, every = 300, 5
+    steps, every = 150, 5
     out, ckpt = tmp_path / "rx.safetensors", tmp_path / "rx.ckpt"
     command = edgenode_cmd(
         "train", "--out", str(out), "--name", "tiny-rx", "--modality", "CR,DX", "--preset", "tiny",
