@@ -42,6 +42,27 @@ def test_pipeline_benchmark_compares_the_cpu_backends() -> None:
     assert "CPU: " in out
 
 
+def test_pipeline_benchmark_times_a_radiograph_per_model_grid() -> None:
+    out = run_script(
+        "benchmarks/pipeline.py", "--modality", "dx", "--grids", "32", "48", "--preset", "tiny", "--size", "128",
+        "--repeats", "1", "--only", "torch-cpu-fp32",
+    ).stdout  # fmt: skip
+    assert "phantom DX: 128x128" in out and "32x32 grid" in out and "48x48 grid" in out
+    rows = table(out.split("48x48 grid")[1])
+    assert [r[0] for r in rows] == ["torch-cpu-fp32"] and float(rows[0][2]) >= float(rows[0][3]) > 0
+
+
+def test_radiograph_sanity_check_scores_lesion_and_healthy_radiographs() -> None:
+    from tests.radiograph_model import trained_radiograph_model
+
+    out = run_script(
+        "benchmarks/radiograph_sanity.py", "--model", str(trained_radiograph_model()), "--lesion-cases", "1",
+        "--healthy-cases", "1", "--size", "96", "--threads", "1",
+    ).stdout  # fmt: skip
+    kinds = [r[0] for r in table(out)]
+    assert kinds == ["none", "nodule"] and "image AUROC, lesion vs healthy: model study score" in out
+
+
 def test_engines_benchmark_reports_the_selected_cpu_backend() -> None:
     out = run_script(
         "benchmarks/engines.py",
