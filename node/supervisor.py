@@ -65,8 +65,14 @@ class WorkerSupervisor:
                 self._spawn(slot)
 
     def check(self) -> None:
-        """Restart dead workers (called periodically by the scheduler)."""
-        with self._lock:
+        """Restart dead workers (called periodically by the scheduler).
+
+        While start() or stop() holds the lock (a stop joins workers for up to its timeout) this check returns at
+        once: blocking would overlap its own next run, which APScheduler skips with a warning every interval.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self._stopping:
                 return
             now = time.monotonic()
@@ -87,6 +93,8 @@ class WorkerSupervisor:
                     del self._procs[owner], self._slots[owner]
                     del self._not_before[slot]
                     self._spawn(slot)
+        finally:
+            self._lock.release()
 
     def wake(self) -> None:
         """New jobs are queued: idle workers claim now instead of at their next poll (IDLE_POLL_SECONDS)."""
