@@ -58,7 +58,7 @@ def two_nodes(tmp_path: Path, model: Path, database_url: str, pacs_port: int) ->
             "network_timeout": 10.0,
         },
         "database": {"url": database_url},
-        "inference": {"ensemble": 3, "steps": 8},  # seconds of analysis per study: room to kill a worker mid-way
+        "inference": {"ensemble": 2, "steps": 6},  # seconds of analysis per study: room to kill a worker mid-way
         "results": {"heatmap_slices": 0, "empty_seg": True},
         "send": {"lease_seconds": SEND_LEASE},
         "jobs": {"heartbeat_seconds": 1.0, "lease_seconds": 10.0, "retry_backoff_seconds": 1.0},
@@ -195,7 +195,11 @@ def test_two_nodes_one_killed_mid_analysis_and_mid_send_every_study_once_every_r
             results = list(
                 s.execute(
                     select(
-                        Result.sop_instance_uid, Result.series_instance_uid, Result.kind, Job.id, Study.study_instance_uid
+                        Result.sop_instance_uid,
+                        Result.series_instance_uid,
+                        Result.kind,
+                        Job.id,
+                        Study.study_instance_uid,
                     )
                     .join(Job, Job.id == Result.job_id)
                     .join(Study, Study.id == Job.study_id)
@@ -203,7 +207,9 @@ def test_two_nodes_one_killed_mid_analysis_and_mid_send_every_study_once_every_r
             )
         db.dispose()
         at_pacs: list[dict[str, Any]] = pacs.get("/instances?expand")
-        series_of = {i: s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand") for i in s["Instances"]}
+        series_of = {
+            i: s["MainDicomTags"]["SeriesInstanceUID"] for s in pacs.get("/series?expand") for i in s["Instances"]
+        }
 
     # The kills happened in the intended states.
     killed_job = analysing[0]
