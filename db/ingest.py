@@ -112,6 +112,10 @@ class _IngestStatements:
     )
 
 
+# Tries of one instance's insert: a study row, then a series row, may each be created by another node at the same time.
+NEW_ROW_TRIES = 3
+
+
 class IngestIndex:
     """Instance indexing, duplicate and own-output checks, and audit events for the listener."""
 
@@ -138,18 +142,24 @@ class IngestIndex:
     def add_instance(self, rec: InstanceRecord) -> bool:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there.
 
-        Any other failure raises: an integrity error is only a duplicate when the row is really there (another
-        process indexed the same instance in between), not e.g. when retention removed the study meanwhile.
+        An integrity error is a duplicate only when the row is really there (another process indexed the same
+        instance in between). Otherwise another node (or process) sharing the database created the instance's new
+        study or series row between our look-up and our insert; PostgreSQL reports that only once the other
+        transaction committed, so the next try finds the row and adds to it (a try per new row at most). Any other
+        failure raises (e.g. retention removed the study meanwhile).
         """
         with self.write_lock:
-            try:
-                with self.db.engine.begin() as conn:
-                    _add_instance(conn, rec, self.spool_id)
-            except IntegrityError:
-                if self.lookup(rec.sop_instance_uid)[0]:
-                    return False
-                raise
-        return True
+            for attempt in range(1, NEW_ROW_TRIES + 1):
+                try:
+                    with self.db.engine.begin() as conn:
+                        _add_instance(conn, rec, self.spool_id)
+                    return True
+                except IntegrityError:
+                    if self.lookup(rec.sop_instance_uid)[0]:
+                        return False
+                    if attempt == NEW_ROW_TRIES:
+                        raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def add_instances(self, records: list[InstanceRecord]) -> list[bool | Exception]:
         """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
