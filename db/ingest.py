@@ -1,14 +1,13 @@
 """Database side of ingest and study completion: short transactions for received instances.
 
 The listener's group committer calls `IngestIndex.add_instances` (one transaction for the instances that
-arrived together) after their files are durably in the spool and before it answers Success. Writers in
-this process take `write_lock` so that SQLite never makes threads poll for its lock and so the stability
-scan sees a consistent picture (no commit lands mid-scan).
+arrived together) after their files are durably in the spool and before it answers Success. Writers take
+`write_lock` so that SQLite never makes threads (or, on one host, the node's listener processes: db/host_lock.py)
+poll for its lock and so the stability scan sees a consistent picture (no commit lands mid-scan).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.audit import insert_audit
+from db.host_lock import HostWriteLock, sqlite_write_lock_path
 from db.models import (
     PRIORITY_STAT,
     AuditEventType,
@@ -120,7 +120,7 @@ class IngestIndex:
         nodes then know where their files are)."""
         self.db = db
         self.spool_id = spool_id
-        self.write_lock = threading.Lock()
+        self.write_lock = HostWriteLock(sqlite_write_lock_path(db.url))
 
     def lookup(self, sop_instance_uid: str, series_instance_uid: str = "") -> Known:
         """What the index knows of an instance about to be stored, in one round trip."""

@@ -17,7 +17,6 @@ copy is kept either way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import ssl
@@ -53,10 +52,19 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from db.ingest import IngestIndex, InstanceRecord
 from db.models import AuditEventType
-from node.audit_limit import RateLimitedAudit
+from node.audit_limit import DETAILED_PER_INTERVAL, RateLimitedAudit
 from node.committer import GroupCommitter
 from node.config import Settings
-from node.gate import ConnectionGate, GatedAssociationServer, Refusal, normalise_ip, start_gated_server
+from node.gate import (
+    REJECT_LOCAL_LIMIT,
+    ConnectionGate,
+    GatedAssociationServer,
+    Refusal,
+    normalise_ip,
+    start_gated_server,
+)
+from node.instance_locks import InstanceLocks
+from node.listener_counts import AdmissionCounts
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
 from node.resend import Resend, compare_resend
 from node.spool import Spool
@@ -95,8 +103,8 @@ TRANSFER_SYNTAXES = [
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
+INSTANCE_LOCK_FILE = "instances.lock"
 MAX_PDU = 1 << 20  # receive PDUs up to 1 MiB: fewer round trips per image than the 16 KiB default
 
 
@@ -163,9 +171,21 @@ class StorageSCP:
         spool: Spool,
         index: IngestIndex,
         on_source_instance: Callable[[str], None] | None = None,
+        *,
+        listen_socket: socket.socket | None = None,
+        counts: AdmissionCounts | None = None,
+        listeners: int = 1,
+        slot: int = 0,
     ) -> None:
-        """`on_source_instance(study_uid)` is called after each source instance (not our own results) is committed."""
+        """`on_source_instance(study_uid)` is called after each source instance (not our own results) is committed.
+
+        In a listener process (node/listeners.py) `listen_socket` is the port's socket, shared with the node's other
+        `listeners`, and `counts` are the node's, shared with them too; this is listener `slot` (from 0)."""
         self.settings = settings
+        self.listen_socket = listen_socket
+        self.counts = counts
+        self.listeners = listeners
+        self.which = f" (listener {slot + 1} of {listeners})" if listeners > 1 else ""
         self.spool = spool
         self.index = index
         self.on_source_instance = on_source_instance
@@ -174,7 +194,8 @@ class StorageSCP:
         self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
         self.committer = GroupCommitter(index, spool)
         self._server: GatedAssociationServer | None = None
-        self._sop_locks = [threading.Lock() for _ in range(64)]
+        # Several listener processes: a store of one UID in one of them excludes the others' (a lock file).
+        self._instance_locks = InstanceLocks(settings.data_dir / INSTANCE_LOCK_FILE if listeners > 1 else None)
         self._inflight = 0
         self._draining = False
         self._cond = threading.Condition()
@@ -197,17 +218,28 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         node = self.settings.node
+        # Each listener process has a refusal audit limiter of its own: the detailed rows are divided among them.
+        detailed = max(1, DETAILED_PER_INTERVAL // self.listeners)
         gate = ConnectionGate(
             self._screen,
-            RateLimitedAudit(self._audit, node.refusal_audit_interval_seconds),
+            RateLimitedAudit(self._audit, node.refusal_audit_interval_seconds, detailed_per_interval=detailed),
             pending_timeout=node.pending_timeout_seconds,
             max_pending_per_address=node.max_pending_per_address,
+            max_associations=node.max_associations,
+            counts=self.counts,
             ssl_context=build_ssl_context(self.settings),
         )
         self.committer.start()
-        self._server = start_gated_server(self.ae, (node.host, node.port), gate, handlers)
+        self._server = start_gated_server(
+            self.ae, (node.host, node.port), gate, handlers, listen_socket=self.listen_socket
+        )
         log.info(
-            "listening as %s on %s:%d (%d peer(s) allowed)", node.ae_title, node.host, self.port, len(self.allowed)
+            "listening as %s on %s:%d (%d peer(s) allowed)%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            len(self.allowed),
+            self.which,
         )
 
     def stop(self, grace_seconds: float = 5.0) -> None:
@@ -276,7 +308,9 @@ class StorageSCP:
         tls = " (TLS)" if self.settings.node.tls_cert else ""
         accepted = len(event.assoc.accepted_contexts)
         self._audit_association(
-            event, AuditEventType.ASSOCIATION_ACCEPTED, detail=f"{accepted} presentation context(s) accepted{tls}"
+            event,
+            AuditEventType.ASSOCIATION_ACCEPTED,
+            detail=f"{accepted} presentation context(s) accepted{tls}{self.which}",
         )
 
     def _on_rejected(self, event: evt.Event) -> None:  # rejections made by pynetdicom itself (max associations)
@@ -360,8 +394,7 @@ class StorageSCP:
             "series_instance_uid": fields.series_instance_uid,
             "sop_instance_uid": sop,
         }
-        lock = self._sop_locks[int(hashlib.blake2s(sop.encode(), digest_size=2).hexdigest(), 16) % 64]
-        with lock:
+        with self._instance_locks.holding(sop):
             try:
                 stored_before, is_result, series_study = self.index.lookup(sop, fields.series_instance_uid)
                 if stored_before:

@@ -3,7 +3,8 @@
 Write order for every file: temp file in the destination folder, write, fsync, rename onto the
 final name, fsync the folder. A crash leaves either the old state or the complete new file, plus
 at worst a temp file, which `cleanup_temp()` removes at start. Temp files never have the `.dcm`
-suffix, so nothing that scans for instances can pick one up.
+suffix, so nothing that scans for instances can pick one up. A received instance takes its name
+before its fsync (`store_instance`: safe because no index row names it until the fsync returned).
 """
 
 from __future__ import annotations
@@ -121,10 +122,42 @@ class Spool:
     ) -> StoredFile:
         """Write a received instance to `<study>/<series>/<sop>.dcm` durably.
 
+        The file takes its name before its fsync: a hard link from the temp file (which never replaces a file),
+        then the fsync, which on journalling file systems (ext4, XFS) commits the new name with the data, so the
+        folder fsync that follows finds little left to do. A crash before the fsync may leave a torn file under
+        the name, but no index row names it (the listener commits the row after this returns, and answers after
+        that) and start-up recovery removes every file no row names. Where the name exists already (a store
+        interrupted before its row was committed) or the file system has no hard links, the temp file is fsynced
+        first and renamed over the name, as `write_atomic` does.
+
         `sync_dir=False` leaves the folder fsync to the caller (`sync_parent`), which the listener uses to
-        make one folder fsync cover every file renamed into it by concurrent associations.
+        make one folder fsync cover every file stored into it by concurrent associations.
         """
-        return self.write_atomic(self.instance_relpath(study_uid, series_uid, sop_uid), data, sync_dir=sync_dir)
+        relpath = self.instance_relpath(study_uid, series_uid, sop_uid)
+        final = self.path(relpath)
+        temp, fd = self._open_temp(final)
+        named = False
+        try:
+            _write_all(fd, data)
+            try:
+                os.link(temp, final)
+                named = True
+            except OSError:  # the name exists, or no hard links here: the write_atomic order
+                os.fsync(fd)
+                os.replace(temp, final)
+            else:
+                os.unlink(temp)
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            if named:
+                final.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        if sync_dir:
+            _fsync_dir(final.parent)
+        return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
     def sync_parent(self, relpath: str) -> None:
         """fsync the folder holding `relpath`, making renames into it durable."""
@@ -133,20 +166,9 @@ class Spool:
     def write_atomic(self, relpath: str, data: bytes, *, sync_dir: bool = True) -> StoredFile:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
         final = self.path(relpath)
-        self._ensure_dir(final.parent)
-        temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        temp, fd = self._open_temp(final)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
-            with self._dirs_lock:
-                self._known_dirs.pop(final.parent, None)
-            self._ensure_dir(final.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -161,6 +183,18 @@ class Spool:
         if sync_dir:
             _fsync_dir(final.parent)
         return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def _open_temp(self, final: Path) -> tuple[Path, int]:
+        """A new temp file beside `final` (its folder made if need be), open for writing."""
+        self._ensure_dir(final.parent)
+        temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
+            with self._dirs_lock:
+                self._known_dirs.pop(final.parent, None)
+            self._ensure_dir(final.parent)
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a spool-relative path; refuses paths that escape the spool (see contained_path)."""
@@ -229,6 +263,13 @@ class Spool:
             self._known_dirs[folder] = None
             while len(self._known_dirs) > KNOWN_DIRS_LIMIT:
                 self._known_dirs.popitem(last=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _fsync_dir(folder: Path) -> None:
