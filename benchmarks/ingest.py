@@ -8,7 +8,9 @@ and times from the first storescu start to the last exit. Durability differs and
 edgenode fsyncs file + folder and commits to SQLite (synchronous=FULL) before each Success; Orthanc
 with SyncStorageArea=true fsyncs each file and indexes it in SQLite; storescp writes without fsync.
 edgenode runs `[node] listeners` listener processes (the node's default, "auto", unless --listeners says
-otherwise); the table shows how many.
+otherwise; the table shows how many) and, like the other two, nothing else: no inference worker (its
+first start loads the model and probes the backends, seconds of CPU that would land in the timed window)
+and no dashboard.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def edgenode(workdir: Path, listeners: str = "auto") -> Iterator[tuple[str, int,
         f'[node]\nport = {port}\ndata_dir = "{workdir / "var"}"\nmin_free_disk_mb = 100\nlisteners = {setting}\n'
         f'[[peers]]\nae_title = "{CALLING_AE}"\nhost = "127.0.0.1"\nport = 104\n'
         "[stability]\nstable_seconds = 3600\nmax_wait_seconds = 7200\n"
+        "[inference]\nworkers = 0\n[web]\nenabled = false\n"
         '[logging]\nlevel = "WARNING"\n'
     )
     env = peer_env()

@@ -27,6 +27,7 @@ another lets that one accept first (ACCEPT_DEFERRAL_SECONDS), so associations sp
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import socket
@@ -55,6 +56,7 @@ PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length (PS3.8 9.3.1)
 A_ASSOCIATE_RQ_TYPE = 0x01
 A_ASSOCIATE_RJ_TYPE = 0x03
 MAX_REQUEST_BYTES = 1 << 20  # an A-ASSOCIATE-RQ with all 128 presentation contexts is a few tens of KiB
+GC_INTERVAL_SECONDS = 300.0  # the accept loop's garbage collection, when idle (see service_actions)
 STOP_POLL_SECONDS = 0.1  # the accept loop notices a stop this soon (and closes the port)
 ACCEPT_DEFERRAL_SECONDS = 0.002  # a busier listener process waits this long before it takes a new connection
 
@@ -281,6 +283,13 @@ class _PrimedRequestHandler(RequestHandler):
         return assoc
 
 
+class _SharedContexts(list[Any]):
+    """The server's supported presentation contexts, handed to each association as they are, not deep-copied."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class GatedAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded association server with the gate in front (and TLS moved out of the accept loop).
 
@@ -297,7 +306,16 @@ class GatedAssociationServer(ThreadedAssociationServer):
     ) -> None:
         self.gate = gate
         self._shared_socket = listen_socket
+        self._collected_at = time.monotonic()
         super().__init__(*args, **kwargs)
+        # Each association gets its own deep copy of the ~130 supported contexts from pynetdicom (tens of ms of
+        # CPU per association); negotiation only reads them (pynetdicom.presentation.negotiate_as_acceptor).
+        self.contexts = _SharedContexts(self.contexts)
+        # pynetdicom's logging handlers format every PDU and DIMSE message for its INFO and DEBUG log, which
+        # node.cli keeps at WARNING (data sets hold patient data): work per image for nothing.
+        for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
+            for handler, _ in list(self.get_handlers(event)):  # type: ignore[misc]
+                self.unbind(event, handler)
 
     def server_bind(self) -> None:
         if self._shared_socket is None:
@@ -350,8 +368,15 @@ class GatedAssociationServer(ThreadedAssociationServer):
                 self.gate.release_association()
 
     def service_actions(self) -> None:
-        super().service_actions()
+        """Called at every turn of the accept loop. Not pynetdicom's: it runs a full garbage collection every 60
+        turns (for association objects it found left over), tens of milliseconds with the GIL held, every few
+        seconds, in the middle of the stores of open associations. Here at most every GC_INTERVAL_SECONDS, and only
+        while no association is open."""
         self.gate.audit.flush()  # summaries of ended intervals, at most one per address and kind
+        now = time.monotonic()
+        if now - self._collected_at >= GC_INTERVAL_SECONDS and not self.active_associations:
+            self._collected_at = now
+            gc.collect()
 
     def shutdown(self) -> None:
         """Stop accepting and end the connections waiting at the gate. (pynetdicom's own shutdown also

@@ -31,6 +31,7 @@ graceful stop finish their open associations within `shutdown_grace_seconds`, li
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -51,7 +52,8 @@ from node.supervisor import SPAWN, RestartSchedule
 
 log = logging.getLogger(__name__)
 
-READY = b"R"  # a listener's first message: it accepts connections now
+READY = b"R"  # a listener's first message: set up, waiting for GO
+GO = b"G"  # the main process's answer: the socket listens now, serve it
 SOURCE_INSTANCE = b"S"  # followed by a Study Instance UID: a source instance of that study was committed
 START_TIMEOUT_SECONDS = 120.0  # a listener process must be up within this (imports on a busy machine take seconds)
 STOP_MARGIN_SECONDS = 10.0  # beyond shutdown_grace_seconds, for a listener to finish its last store and exit
@@ -67,14 +69,14 @@ def shared_listeners_supported() -> bool:
     return True
 
 
-def open_listening_socket(host: str, port: int) -> socket.socket:
-    """The DICOM port's socket, bound and listening, non-blocking (another process may take a connection first)."""
+def bind_port(host: str, port: int) -> socket.socket:
+    """The DICOM port's socket, bound (not listening yet), non-blocking (another process may take a connection
+    first)."""
     family = AddressInformation.from_tuple((host, port)).address_family
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -131,7 +133,7 @@ class ListenerPool:
 
     def start(self) -> None:
         node = self.settings.node
-        self._socket = open_listening_socket(node.host, node.port)
+        self._socket = bind_port(node.host, node.port)  # a port in use fails here, before any listener starts
         self._port = int(self._socket.getsockname()[1])
         self._counts = SharedCounts(self.count, self.settings.data_dir / COUNTS_LOCK_FILE)
         try:
@@ -139,6 +141,12 @@ class ListenerPool:
                 for slot in range(self.count):
                     self._spawn(slot)
             self._wait_until_ready()
+            # Listening only now: a sender that connects finds listeners that serve it at once (their start-up,
+            # seconds of imports on a busy machine, is over).
+            self._socket.listen(LISTEN_BACKLOG)
+            with self._lock:
+                for lst in self._listeners.values():
+                    self._go(lst)
         except BaseException:
             self.stop()
             raise
@@ -181,6 +189,12 @@ class ListenerPool:
             for lst in waiting:
                 self._read_inbox(lst)
 
+    def _go(self, lst: _Listener) -> None:
+        try:
+            lst.inbox.send(GO)
+        except OSError as exc:  # it died meanwhile: the watch restarts it
+            log.warning("listener process %d: cannot tell it to serve: %s", lst.slot, exc)
+
     def _read_inbox(self, lst: _Listener) -> None:
         while True:
             try:
@@ -189,11 +203,16 @@ class ListenerPool:
                 return
             if message == READY:
                 lst.ready = True
+                if self._listening():  # a restarted listener: the socket listens already
+                    self._go(lst)
             elif message.startswith(SOURCE_INSTANCE) and self.on_source_instance is not None:
                 try:
                     self.on_source_instance(message[1:].decode(errors="replace"))
                 except Exception:  # the periodic scan still completes the study
                     log.exception("listener %d: notifying the stability scan failed", lst.slot)
+
+    def _listening(self) -> bool:
+        return self._monitor is not None  # started once every listener of the start was ready
 
     def _watch(self) -> None:
         """Reads the listeners' notes, notices a listener's death at once, restarts it when due."""
@@ -292,7 +311,6 @@ def listener_main(
     ParentWatch(stop.set, grace_seconds=grace + STOP_MARGIN_SECONDS).start()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when listeners stop
-    outbox.setblocking(False)
 
     def note_source_instance(study_uid: str) -> None:
         with contextlib.suppress(OSError):  # full (the main process is busy) or gone: the periodic scan covers it
@@ -311,12 +329,27 @@ def listener_main(
         listeners=listeners,
         slot=slot,
     )
-    scp.start()
     outbox.send(READY)
-    log.info("listener process %d serving (pid %d)", slot, os.getpid())
-    stop.wait()
+    if _told_to_serve(outbox, stop):
+        scp.start()
+        gc.freeze()  # what start-up made lives as long as the process: later collections need not walk it
+        log.info("listener process %d serving (pid %d)", slot, os.getpid())
+        outbox.setblocking(False)
+        stop.wait()
     scp.stop(grace)
     db.dispose()
     outbox.close()
     logging.shutdown()
     os._exit(0)  # every store is committed or refused; pynetdicom's non-daemon threads must not hold up the exit
+
+
+def _told_to_serve(outbox: socket.socket, stop: threading.Event) -> bool:
+    """Wait for the main process's GO (True), or for a stop (False)."""
+    outbox.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            if outbox.recv(16) == GO:
+                return True
+        except TimeoutError:
+            continue
+    return False

@@ -1,9 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE from allowed peers, durably stored before Success.
 
 Per C-STORE: free-space check, completeness check and index parse of the encoded bytes (no pixel
-decode), duplicate/own-output lookup, file write + fsync + rename, then folder fsync and database
-commit with the audit event (group-committed with concurrent stores, node/committer.py), and only
-then the Success response. Anything that cannot be stored gets a failure
+decode), duplicate/own-output lookup, file write under its final name, then file and folder fsync (at
+the same time) and database commit with the audit event (group-committed with concurrent stores,
+node/committer.py), and only then the Success response. Anything that cannot be stored gets a failure
 status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
 
 Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
@@ -406,9 +406,7 @@ class StorageSCP:
                     )
                 own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
                 data = _meta_prefix(event.file_meta) + stream
-                stored = self.spool.store_instance(
-                    fields.study_instance_uid, fields.series_instance_uid, sop, data, sync_dir=False
-                )
+                placed = self.spool.place_instance(fields.study_instance_uid, fields.series_instance_uid, sop, data)
             except OSError as exc:
                 log.error("cannot write instance %s: %s", sop, exc)
                 return self._reject(
@@ -417,6 +415,7 @@ class StorageSCP:
             except Exception as exc:
                 log.exception("cannot store instance %s", sop)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", sop, who, ids)
+            stored = placed.stored
             record = InstanceRecord(
                 study_instance_uid=fields.study_instance_uid,
                 series_instance_uid=fields.series_instance_uid,
@@ -442,11 +441,19 @@ class StorageSCP:
                 stat=fields.stat or request.Priority == 1,  # C-STORE priority HIGH
             )
             try:
-                added = self.committer.submit(record)  # folder fsync + commit, shared with concurrent stores
+                added = self.committer.submit(record, placed)  # file and folder fsync, commit: shared with others
+            except OSError as exc:  # an fsync failed: the file may not be on disk
+                log.error("cannot write instance %s: %s", sop, exc)
+                self._remove_unindexed(sop, stored.relpath)
+                return self._reject(
+                    STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", sop, who, ids
+                )
             except Exception as exc:
                 log.exception("cannot index instance %s", sop)
                 self._remove_unindexed(sop, stored.relpath)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
+            finally:
+                placed.close()
             if not added:  # another process indexed the same SOP Instance UID in between: its row, this file
                 return STATUS_SUCCESS
         if self.on_source_instance is not None and not own:

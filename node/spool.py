@@ -4,7 +4,7 @@ Write order for every file: temp file in the destination folder, write, fsync, r
 final name, fsync the folder. A crash leaves either the old state or the complete new file, plus
 at worst a temp file, which `cleanup_temp()` removes at start. Temp files never have the `.dcm`
 suffix, so nothing that scans for instances can pick one up. A received instance takes its name
-before its fsync (`store_instance`: safe because no index row names it until the fsync returned).
+before its fsync (`place_instance`: safe because no index row names it until the fsync returned).
 """
 
 from __future__ import annotations
@@ -45,6 +45,25 @@ class StoredFile:
     relpath: str  # relative to the spool root, '/' separated
     size: int
     sha256: str
+
+
+@dataclass
+class PlacedFile:
+    """A received instance under its final name, its data not yet known to be on disk (`Spool.place_instance`)."""
+
+    stored: StoredFile
+    folder: Path  # absolute: the folder to fsync
+    fd: int | None  # open, to fsync and close; None when already fsynced
+
+    def settle(self) -> None:
+        """fsync the file's data (a no-op when it was fsynced before it got its name)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def contained_path(root: Path, relpath: str) -> Path:
@@ -117,21 +136,27 @@ class Spool:
             INSTANCE_SUFFIX
         )
 
-    def store_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sync_dir: bool = True
-    ) -> StoredFile:
-        """Write a received instance to `<study>/<series>/<sop>.dcm` durably.
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Write a received instance to `<study>/<series>/<sop>.dcm` durably (file and folder fsynced)."""
+        placed = self.place_instance(study_uid, series_uid, sop_uid, data)
+        try:
+            placed.settle()
+            _fsync_dir(placed.folder)
+        finally:
+            placed.close()
+        return placed.stored
 
-        The file takes its name before its fsync: a hard link from the temp file (which never replaces a file),
-        then the fsync, which on journalling file systems (ext4, XFS) commits the new name with the data, so the
-        folder fsync that follows finds little left to do. A crash before the fsync may leave a torn file under
-        the name, but no index row names it (the listener commits the row after this returns, and answers after
-        that) and start-up recovery removes every file no row names. Where the name exists already (a store
-        interrupted before its row was committed) or the file system has no hard links, the temp file is fsynced
-        first and renamed over the name, as `write_atomic` does.
+    def place_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> PlacedFile:
+        """Put a received instance under its name `<study>/<series>/<sop>.dcm`, not yet durable: the caller
+        `settle()`s it (fsync) and fsyncs its folder, at the same time (the listener's group committer does both for
+        every store of a batch at once, node/committer.py), and closes it.
 
-        `sync_dir=False` leaves the folder fsync to the caller (`sync_parent`), which the listener uses to
-        make one folder fsync cover every file stored into it by concurrent associations.
+        The name comes before the fsync: a hard link from the temp file (which never replaces a file), so the
+        fsyncs of file and folder can run together. A crash before they returned may leave a torn file under the
+        name, but no index row names it (the listener commits the row after they returned, and answers after that)
+        and start-up recovery removes every file no row names. Where the name exists already (a store interrupted
+        before its row was committed) or the file system has no hard links, the temp file is fsynced first and
+        renamed over the name, as `write_atomic` does; only the folder is left to fsync then.
         """
         relpath = self.instance_relpath(study_uid, series_uid, sop_uid)
         final = self.path(relpath)
@@ -145,23 +170,23 @@ class Spool:
             except OSError:  # the name exists, or no hard links here: the write_atomic order
                 os.fsync(fd)
                 os.replace(temp, final)
+                os.close(fd)
+                fd = -1
             else:
                 os.unlink(temp)
-                os.fsync(fd)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             temp.unlink(missing_ok=True)
             if named:
                 final.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        if sync_dir:
-            _fsync_dir(final.parent)
-        return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        stored = StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        return PlacedFile(stored, final.parent, fd if fd >= 0 else None)
 
-    def sync_parent(self, relpath: str) -> None:
-        """fsync the folder holding `relpath`, making renames into it durable."""
-        _fsync_dir(self.path(relpath).parent)
+    def sync_folder(self, folder: Path) -> None:
+        """fsync a folder of the spool, making names made in it durable."""
+        _fsync_dir(folder)
 
     def write_atomic(self, relpath: str, data: bytes, *, sync_dir: bool = True) -> StoredFile:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
