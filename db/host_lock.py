@@ -30,26 +30,38 @@ class HostWriteLock:
         self._thread_lock = threading.Lock()  # flock does not exclude this process's own threads
         self._fd: int | None = None
 
-    def __enter__(self) -> HostWriteLock:
-        self._thread_lock.acquire()
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock (False: `blocking` is off and another thread or process holds it)."""
+        if not self._thread_lock.acquire(blocking):
+            return False
         if self.path is not None:
             try:
                 if self._fd is None:
                     self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                fcntl.flock(self._fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._thread_lock.release()
+                return False
             except BaseException:
                 self._thread_lock.release()
                 raise
-        return self
+        return True
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def release(self) -> None:
         try:
             if self.path is not None and self._fd is not None:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
+
+    def __enter__(self) -> HostWriteLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
 
 
 def sqlite_write_lock_path(url: str) -> Path | None:

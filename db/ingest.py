@@ -8,7 +8,8 @@ poll for its lock and so the stability scan sees a consistent picture (no commit
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -71,6 +72,13 @@ class StoredCopy(NamedTuple):
     transfer_syntax_uid: str
 
 
+Ready = Callable[[], list[BaseException | None]]  # see IngestIndex.add_instances
+
+
+class _NotAllReady(Exception):
+    """A batch whose `ready` refused some records: rolled back, the others written again on their own."""
+
+
 class SeriesInOtherStudy(ValueError):
     """A Series Instance UID that is already indexed under another study (UIDs must be unique)."""
 
@@ -121,6 +129,7 @@ class IngestIndex:
         self.db = db
         self.spool_id = spool_id
         self.write_lock = HostWriteLock(sqlite_write_lock_path(db.url))
+        self._writer: Connection | None = None
 
     def lookup(self, sop_instance_uid: str, series_instance_uid: str = "") -> Known:
         """What the index knows of an instance about to be stored, in one round trip."""
@@ -151,19 +160,73 @@ class IngestIndex:
                 raise
         return True
 
-    def add_instances(self, records: list[InstanceRecord]) -> list[bool | Exception]:
+    def add_instances(self, records: list[InstanceRecord], ready: Ready | None = None) -> list[bool | BaseException]:
         """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
         when it was already there, or the exception that kept it out: after a failed batch each record is tried on
-        its own (and a single record once more), so one record's failure never decides another's."""
-        with self.write_lock:
+        its own (and a single record once more), so one record's failure never decides another's.
+
+        `ready()`, when given, blocks until the records may be committed (the listener: until their files are on
+        disk) and returns, per record, None or the exception that keeps it out; it must not raise, and is called
+        once, before anything is committed. Its wait is used: when the write
+        lock is free at once, the rows are written meanwhile and only the commit waits for `ready`; when another
+        writer holds the lock, `ready` is waited for first, so the lock is never held through that wait."""
+        outcomes: list[bool | BaseException | None] = [None] * len(records)
+        waited = ready is None
+        if ready is not None and not self.write_lock.acquire(blocking=False):
+            self._exclude(ready(), outcomes)
+            waited = True
+            self.write_lock.acquire()
+        elif ready is None:
+            self.write_lock.acquire()
+        try:
+            conn = self._connection()
             try:
-                with self.db.engine.begin() as conn:
-                    for rec in records:
-                        _add_instance(conn, rec, self.spool_id)
-                return [True] * len(records)
+                with conn.begin():
+                    for rec, outcome in zip(records, outcomes, strict=True):
+                        if outcome is None:
+                            _add_instance(conn, rec, self.spool_id)
+                    if ready is not None and not waited:
+                        waited = True
+                        if self._exclude(ready(), outcomes):
+                            raise _NotAllReady  # roll back: the ready ones are written again, alone
+                return [True if outcome is None else outcome for outcome in outcomes]
             except Exception:  # noqa: BLE001 - rare: find which record failed, and why, one at a time
-                pass
-        return [self._add_alone(rec) for rec in records]
+                self._drop_connection()
+        finally:
+            self.write_lock.release()
+        if ready is not None and not waited:  # nothing is committed before `ready` has returned
+            self._exclude(ready(), outcomes)
+        return [
+            self._add_alone(rec) if outcome is None else outcome for rec, outcome in zip(records, outcomes, strict=True)
+        ]
+
+    @staticmethod
+    def _exclude(verdicts: list[BaseException | None], outcomes: list[bool | BaseException | None]) -> bool:
+        """Record `ready`'s refusals in `outcomes`; True if there was any."""
+        refused = False
+        for position, verdict in enumerate(verdicts):
+            if verdict is not None and outcomes[position] is None:
+                outcomes[position] = verdict
+                refused = True
+        return refused
+
+    def _connection(self) -> Connection:
+        """The connection for group commits, kept open between them (checking one out of the pool and resetting
+        it on return cost more than the statements); used under `write_lock` only."""
+        if self._writer is None or self._writer.invalidated or self._writer.closed:
+            self._writer = self.db.engine.connect()
+        return self._writer
+
+    def _drop_connection(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        """Give back the kept connection (call once writing is over)."""
+        with self.write_lock:
+            self._drop_connection()
 
     def _add_alone(self, rec: InstanceRecord) -> bool | Exception:
         try:

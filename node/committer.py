@@ -1,11 +1,12 @@
 """Group commit for received instances: their files and folders fsynced together, then one database commit.
 
 Each C-STORE handler has written its file and given it its final name (`Spool.place_instance`); it then hands
-the file and the index record here and waits. The committer thread takes everything queued, fsyncs every file
-and each distinct folder at the same time (a thread each: the disk flushes them together, where one after the
-other would cost a flush each), commits the rows of the files that are now durable in one transaction, and
-wakes the handlers, which only then answer Success. With one association a batch is one instance; with several,
-concurrent stores share the fsyncs' flush and the commit.
+the file and the index record here and waits. The committer thread takes everything queued and starts the fsyncs
+of every file and each distinct folder at the same time (a thread each: the disk flushes them together, where one
+after the other would cost a flush each); meanwhile it writes the rows (when no other writer holds the lock), and
+commits them, in one transaction, only once their files and folders are durable; then it wakes the handlers,
+which only then answer Success. With one association a batch is one instance; with several, concurrent stores
+share the fsyncs' flush and the commit.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from db.ingest import IngestIndex, InstanceRecord
 from node.spool import PlacedFile, Spool
@@ -90,40 +91,38 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
+        settled = None
         try:
-            self._settle(batch)
-            durable = [p for p in batch if p.error is None]
-            if durable:
-                results = self.index.add_instances([p.record for p in durable])
-                for pending, outcome in zip(durable, results, strict=True):
-                    if isinstance(outcome, Exception):
-                        pending.error = outcome
-                    else:
-                        pending.added = outcome
+            settled = self._settle(batch)  # the fsyncs run while the rows are written (IngestIndex.add_instances)
+            results = self.index.add_instances([p.record for p in batch], ready=settled)
+            for pending, outcome in zip(batch, results, strict=True):
+                if isinstance(outcome, BaseException):
+                    pending.error = outcome
+                else:
+                    pending.added = outcome
         except BaseException as exc:  # every waiting handler gets the error and answers a failure
             log.exception("group commit of %d instance(s) failed", len(batch))
+            if settled is not None:
+                settled()  # the handlers close (and may remove) their files: not while an fsync runs on one
             for pending in batch:
                 pending.error = pending.error or exc
         finally:
             for pending in batch:
                 pending.done.set()
 
-    def _settle(self, batch: list[_Pending]) -> None:
-        """fsync every file and folder of the batch at once; a record whose file or folder failed gets the error."""
+    def _settle(self, batch: list[_Pending]) -> Callable[[], list[BaseException | None]]:
+        """Start the fsyncs of every file and folder of the batch at once; returns what waits for them and says,
+        per record, which error (of its file's or its folder's fsync) keeps it from being committed."""
         assert self._fsyncs is not None
-        files: list[tuple[_Pending, Future[None]]] = [
-            (p, self._fsyncs.submit(p.placed.settle)) for p in batch if p.placed.fd is not None
-        ]
-        folders: dict[Path, BaseException | None] = {p.placed.folder: None for p in batch}
-        inline, *others = folders  # one folder in this thread: a batch of one needs one hand-off, not two
-        futures = {folder: self._fsyncs.submit(self.spool.sync_folder, folder) for folder in others}
-        try:
-            self.spool.sync_folder(inline)
-        except OSError as exc:
-            folders[inline] = exc
-        for folder, future in futures.items():
-            folders[folder] = future.exception()
-        for pending, future in files:
-            pending.error = future.exception()
-        for pending in batch:
-            pending.error = pending.error or folders[pending.placed.folder]
+        pool = self._fsyncs
+        files = [pool.submit(p.placed.settle) if p.placed.fd is not None else None for p in batch]
+        folders = {p.placed.folder: pool.submit(self.spool.sync_folder, p.placed.folder) for p in batch}
+
+        def settled() -> list[BaseException | None]:
+            folder_errors = {folder: future.exception() for folder, future in folders.items()}
+            return [
+                (future.exception() if future is not None else None) or folder_errors[p.placed.folder]
+                for p, future in zip(batch, files, strict=True)
+            ]
+
+        return settled

@@ -265,6 +265,7 @@ class StorageSCP:
             if assoc.is_established:
                 assoc.abort()
         self.committer.stop()
+        self.index.close()
         log.info("listener stopped")
 
     def _acceptors(self) -> list[Association]:
