@@ -16,14 +16,14 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from db.ingest import IngestIndex, InstanceRecord
 from node.spool import PlacedFile, Spool
 
 log = logging.getLogger(__name__)
 
-FSYNC_THREADS = 8  # fsyncs in flight at once (files and folders of a batch)
+FSYNC_THREADS = 8  # fsyncs (files and folders of a batch) and hashes in flight at once
 
 
 @dataclass
@@ -60,7 +60,8 @@ class GroupCommitter:
             self._fsyncs = None
 
     def submit(self, record: InstanceRecord, placed: PlacedFile) -> bool:
-        """Make the record's file durable and index it; blocks until committed. False if a duplicate."""
+        """Make the record's file durable and index it (with the file's SHA-256, computed here: the record's own
+        `sha256` is not used); blocks until committed. False if a duplicate."""
         if self._thread is None:
             raise RuntimeError("committer not started")
         pending = _Pending(record, placed)
@@ -94,7 +95,11 @@ class GroupCommitter:
         settled = None
         try:
             settled = self._settle(batch)  # the fsyncs run while the rows are written (IngestIndex.add_instances)
-            results = self.index.add_instances([p.record for p in batch], ready=settled)
+            assert self._fsyncs is not None
+            # ... and while the files are hashed for the rows (in the pool too: hashlib runs without the GIL)
+            digests = [self._fsyncs.submit(p.placed.digest) for p in batch]
+            records = [replace(p.record, sha256=d.result()) for p, d in zip(batch, digests, strict=True)]
+            results = self.index.add_instances(records, ready=settled)
             for pending, outcome in zip(batch, results, strict=True):
                 if isinstance(outcome, BaseException):
                     pending.error = outcome

@@ -46,7 +46,6 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -65,6 +64,7 @@ from node.gate import (
 )
 from node.instance_locks import InstanceLocks
 from node.listener_counts import AdmissionCounts
+from node.part10 import part10_header
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
 from node.resend import Resend, compare_resend
 from node.spool import Spool
@@ -155,11 +155,6 @@ def build_ae(settings: Settings) -> AE:
     ae.maximum_pdu_size = MAX_PDU
     ae.require_called_aet = False  # checked by the gate (_screen), so the rejection is audited
     return ae
-
-
-def _meta_prefix(file_meta: Any) -> bytes:
-    """Preamble, 'DICM' and the File Meta Information pynetdicom built for the received data set."""
-    return b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
 
 
 class StorageSCP:
@@ -406,8 +401,10 @@ class StorageSCP:
                         STATUS_DOES_NOT_MATCH, "Series Instance UID already belongs to another study", sop, who, ids
                     )
                 own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
-                data = _meta_prefix(event.file_meta) + stream
-                placed = self.spool.place_instance(fields.study_instance_uid, fields.series_instance_uid, sop, data)
+                header = part10_header(fields.sop_class_uid, sop, transfer_syntax)
+                placed = self.spool.place_instance(
+                    fields.study_instance_uid, fields.series_instance_uid, sop, header, stream
+                )
             except OSError as exc:
                 log.error("cannot write instance %s: %s", sop, exc)
                 return self._reject(
@@ -416,16 +413,15 @@ class StorageSCP:
             except Exception as exc:
                 log.exception("cannot store instance %s", sop)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}", sop, who, ids)
-            stored = placed.stored
             record = InstanceRecord(
                 study_instance_uid=fields.study_instance_uid,
                 series_instance_uid=fields.series_instance_uid,
                 sop_instance_uid=sop,
                 sop_class_uid=fields.sop_class_uid,
                 transfer_syntax_uid=transfer_syntax,
-                path=stored.relpath,
-                size_bytes=stored.size,
-                sha256=stored.sha256,
+                path=placed.relpath,
+                size_bytes=placed.size,
+                sha256="",  # the committer hashes the file while its fsync runs
                 calling_ae=calling,
                 called_ae=called,
                 peer_address=address,
@@ -445,13 +441,13 @@ class StorageSCP:
                 added = self.committer.submit(record, placed)  # file and folder fsync, commit: shared with others
             except OSError as exc:  # an fsync failed: the file may not be on disk
                 log.error("cannot write instance %s: %s", sop, exc)
-                self._remove_unindexed(sop, stored.relpath)
+                self._remove_unindexed(sop, placed.relpath)
                 return self._reject(
                     STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", sop, who, ids
                 )
             except Exception as exc:
                 log.exception("cannot index instance %s", sop)
-                self._remove_unindexed(sop, stored.relpath)
+                self._remove_unindexed(sop, placed.relpath)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
             finally:
                 placed.close()
@@ -462,7 +458,7 @@ class StorageSCP:
                 self.on_source_instance(fields.study_instance_uid)
             except Exception:  # the periodic scan still completes the study
                 log.exception("instance %s stored; notifying the stability scan failed", sop)
-        log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
+        log.debug("stored %s (%d bytes) from %s", sop, placed.size, calling)
         return STATUS_SUCCESS
 
     def _answer_resend(

@@ -51,9 +51,21 @@ class StoredFile:
 class PlacedFile:
     """A received instance under its final name, its data not yet known to be on disk (`Spool.place_instance`)."""
 
-    stored: StoredFile
+    relpath: str  # relative to the spool root, '/' separated
+    chunks: tuple[bytes, ...]  # what was written, in order
     folder: Path  # absolute: the folder to fsync
     fd: int | None  # open, to fsync and close; None when already fsynced
+
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def digest(self) -> str:
+        """SHA-256 of the file's bytes (hashlib lets other threads run meanwhile: the fsyncs, the next image)."""
+        sha = hashlib.sha256()
+        for chunk in self.chunks:
+            sha.update(chunk)
+        return sha.hexdigest()
 
     def settle(self) -> None:
         """fsync the file's data (a no-op when it was fsynced before it got its name)."""
@@ -144,10 +156,11 @@ class Spool:
             _fsync_dir(placed.folder)
         finally:
             placed.close()
-        return placed.stored
+        return StoredFile(relpath=placed.relpath, size=placed.size, sha256=placed.digest())
 
-    def place_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> PlacedFile:
-        """Put a received instance under its name `<study>/<series>/<sop>.dcm`, not yet durable: the caller
+    def place_instance(self, study_uid: str, series_uid: str, sop_uid: str, *chunks: bytes) -> PlacedFile:
+        """Put a received instance (`chunks` one after the other: header, data set) under its name
+        `<study>/<series>/<sop>.dcm`, not yet durable: the caller
         `settle()`s it (fsync) and fsyncs its folder, at the same time (the listener's group committer does both for
         every store of a batch at once, node/committer.py), and closes it.
 
@@ -163,7 +176,8 @@ class Spool:
         temp, fd = self._open_temp(final)
         named = False
         try:
-            _write_all(fd, data)
+            for chunk in chunks:
+                _write_all(fd, chunk)
             try:
                 os.link(temp, final)
                 named = True
@@ -181,8 +195,7 @@ class Spool:
             if named:
                 final.unlink(missing_ok=True)
             raise
-        stored = StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
-        return PlacedFile(stored, final.parent, fd if fd >= 0 else None)
+        return PlacedFile(relpath, chunks, final.parent, fd if fd >= 0 else None)
 
     def sync_folder(self, folder: Path) -> None:
         """fsync a folder of the spool, making names made in it durable."""
