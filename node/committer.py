@@ -96,9 +96,11 @@ class GroupCommitter:
         try:
             settled = self._settle(batch)  # the fsyncs run while the rows are written (IngestIndex.add_instances)
             assert self._fsyncs is not None
-            # ... and while the files are hashed for the rows (in the pool too: hashlib runs without the GIL)
-            digests = [self._fsyncs.submit(p.placed.digest) for p in batch]
-            records = [replace(p.record, sha256=d.result()) for p, d in zip(batch, digests, strict=True)]
+            # ... and while the files are hashed for the rows: the first here, the others in the pool (hashlib runs
+            # without the GIL, so they hash at the same time)
+            digests = [self._fsyncs.submit(p.placed.digest) for p in batch[1:]]
+            sums = [batch[0].placed.digest(), *(d.result() for d in digests)]
+            records = [replace(p.record, sha256=digest) for p, digest in zip(batch, sums, strict=True)]
             results = self.index.add_instances(records, ready=settled)
             for pending, outcome in zip(batch, results, strict=True):
                 if isinstance(outcome, BaseException):
