@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
@@ -73,17 +74,21 @@ class _RingingQueue(queue.Queue[Any]):
 
 class _ReactorCheckpoint:
     """Stands in for `Association._reactor_checkpoint`, the event the reactor waits on at every loop (cleared to
-    pause it). Its `wait` returns at once while there is work, else when rung or after IDLE_SECONDS."""
+    pause it). Its `wait` returns at once while there is work, else when rung or after IDLE_SECONDS.
+
+    The bell is a lock used as a binary semaphore (held: not rung; `ring` releases it, `wait` takes it): ringing
+    costs no Python-level condition variable, and a ring that comes while the reactor is busy is kept."""
 
     def __init__(self, has_work: Callable[[], bool]) -> None:
         self._open = threading.Event()
         self._open.set()
-        self._rung = threading.Event()
+        self._bell = threading.Lock()
+        self._bell.acquire()
         self._has_work = has_work
 
     def set(self) -> None:
         self._open.set()
-        self._rung.set()
+        self.ring()
 
     def clear(self) -> None:
         self._open.clear()
@@ -92,14 +97,14 @@ class _ReactorCheckpoint:
         return self._open.is_set()
 
     def ring(self) -> None:
-        self._rung.set()
+        with contextlib.suppress(RuntimeError):  # rung already
+            self._bell.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         if not self._open.wait(timeout):
             return False
-        self._rung.clear()  # before looking: a put after the look rings again, so no wake-up is lost
         if not self._has_work():
-            self._rung.wait(IDLE_SECONDS)
+            self._bell.acquire(timeout=IDLE_SECONDS)  # a ring before the look is kept in the lock: not lost
         return True
 
 
@@ -209,6 +214,18 @@ def _fast_store_responses(assoc: Association) -> None:
 _STORE_RSP_OPTIONAL = ("OffendingElement", "ErrorComment")  # the C-STORE-RSP elements left out here
 
 
+LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+
+
+def unbind_logging(target: Any) -> None:
+    """Unbind pynetdicom's logging handlers from a server or an association (both bind them). They format every
+    PDU and DIMSE message for pynetdicom's INFO and DEBUG log, which node.cli keeps at WARNING (data sets hold
+    patient data): work per image for nothing."""
+    for event in LOGGING_EVENTS:
+        for handler, _ in list(target.get_handlers(event)):
+            target.unbind(event, handler)
+
+
 def wire(assoc: Association, first_pdu: bytes = b"") -> Callable[[], None]:
     """Make an acceptor association (created, not started) event-driven; returns what to call once it ended."""
     sock = assoc.dul.socket
@@ -248,6 +265,7 @@ def wire(assoc: Association, first_pdu: bytes = b"") -> Callable[[], None]:
     dul.stop_dul = stop_now  # type: ignore[method-assign]
     dul.kill_dul = kill_now  # type: ignore[method-assign]
     _fast_store_responses(assoc)
+    unbind_logging(assoc)
 
     def ended() -> None:
         """Close the bell once the DUL thread is gone (never while it may still select on it)."""

@@ -30,9 +30,12 @@ FSYNC_THREADS = 8  # fsyncs (files and folders of a batch) and hashes in flight 
 class _Pending:
     record: InstanceRecord
     placed: PlacedFile
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Lock = field(default_factory=threading.Lock)  # held until the outcome is in (then released)
     added: bool = False
     error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.done.acquire()
 
 
 class GroupCommitter:
@@ -40,7 +43,7 @@ class GroupCommitter:
         self.index = index
         self.spool = spool
         self.max_batch = max_batch
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._fsyncs: ThreadPoolExecutor | None = None
 
@@ -66,7 +69,7 @@ class GroupCommitter:
             raise RuntimeError("committer not started")
         pending = _Pending(record, placed)
         self._queue.put(pending)
-        pending.done.wait()
+        pending.done.acquire()  # until the committer releases it
         if pending.error is not None:
             raise pending.error
         return pending.added
@@ -115,7 +118,7 @@ class GroupCommitter:
                 pending.error = pending.error or exc
         finally:
             for pending in batch:
-                pending.done.set()
+                pending.done.release()
 
     def _settle(self, batch: list[_Pending]) -> Callable[[], list[BaseException | None]]:
         """Start the fsyncs of every file and folder of the batch at once; returns what waits for them and says,

@@ -45,7 +45,7 @@ from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from db.models import AuditEventType
-from node.association_io import wire
+from node.association_io import unbind_logging, wire
 from node.audit_limit import RateLimitedAudit
 from node.listener_counts import AdmissionCounts, LocalCounts
 
@@ -311,11 +311,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
         # Each association gets its own deep copy of the ~130 supported contexts from pynetdicom (tens of ms of
         # CPU per association); negotiation only reads them (pynetdicom.presentation.negotiate_as_acceptor).
         self.contexts = _SharedContexts(self.contexts)
-        # pynetdicom's logging handlers format every PDU and DIMSE message for its INFO and DEBUG log, which
-        # node.cli keeps at WARNING (data sets hold patient data): work per image for nothing.
-        for event in (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT):
-            for handler, _ in list(self.get_handlers(event)):  # type: ignore[misc]
-                self.unbind(event, handler)
+        unbind_logging(self)  # (and each association's, in wire())
 
     def server_bind(self) -> None:
         if self._shared_socket is None:

@@ -200,7 +200,8 @@ def test_listener_processes_end_with_serve(tmp_path: Path) -> None:
     assert serve.proc is not None
     children: list[psutil.Process] = []
     try:
-        assert poll(lambda: "listener processes (pids" in log.read_text(), 120), log.read_text()[-3000:]
+        serving = [f"listener process {slot} serving" for slot in range(LISTENERS)]
+        assert poll(lambda: all(line in log.read_text() for line in serving), 120), log.read_text()[-3000:]
         children = psutil.Process(serve.proc.pid).children(recursive=True)
         listeners = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
         assert len(listeners) == LISTENERS
