@@ -88,9 +88,13 @@ class _IngestStatements:
     (building them per call, or going through the ORM's unit of work, cost more than the statements)."""
 
     studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
-    study_id = select(studies.c.id).where(studies.c.study_instance_uid == bindparam("uid"))
-    series_row = select(series.c.id, series.c.study_id, series.c.is_own_output).where(
-        series.c.series_instance_uid == bindparam("uid")
+    # The study's id and the series' row, in one round trip (NULLs for what is not there yet).
+    _series_is = series.c.series_instance_uid == bindparam("series")
+    placement = select(
+        select(studies.c.id).where(studies.c.study_instance_uid == bindparam("study")).scalar_subquery(),
+        select(series.c.id).where(_series_is).scalar_subquery(),
+        select(series.c.study_id).where(_series_is).scalar_subquery(),
+        select(series.c.is_own_output).where(_series_is).scalar_subquery(),
     )
     lookup = select(
         exists().where(instances.c.sop_instance_uid == bindparam("uid")),
@@ -255,7 +259,9 @@ def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object])
 def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
     q = _IngestStatements
     now = utcnow()
-    study_id = conn.execute(q.study_id, {"uid": rec.study_instance_uid}).scalar_one_or_none()
+    study_id, series_id, series_study_id, series_is_own = conn.execute(
+        q.placement, {"study": rec.study_instance_uid, "series": rec.series_instance_uid}
+    ).one()
     if study_id is None:
         # A study known only through our own results is complete at once: nothing to wait for.
         completed = {"status": StudyStatus.COMPLETE, "completed_at": now} if rec.own_output else {}
@@ -277,8 +283,7 @@ def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = 
                 **completed,
             },
         )
-    found = conn.execute(q.series_row, {"uid": rec.series_instance_uid}).one_or_none()
-    if found is None:
+    if series_id is None:
         series_id = _inserted_id(
             conn,
             q.insert_series,
@@ -294,10 +299,9 @@ def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = 
             },
         )
     else:
-        if found.study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
+        if series_study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
             raise SeriesInOtherStudy(f"series {rec.series_instance_uid} belongs to another study")
-        series_id = found.id
-        if rec.own_output and not found.is_own_output:
+        if rec.own_output and not series_is_own:
             conn.execute(q.mark_series_own, {"key": series_id})
     conn.execute(
         q.insert_instance,

@@ -58,6 +58,7 @@ SOURCE_INSTANCE = b"S"  # followed by a Study Instance UID: a source instance of
 START_TIMEOUT_SECONDS = 120.0  # a listener process must be up within this (imports on a busy machine take seconds)
 STOP_MARGIN_SECONDS = 10.0  # beyond shutdown_grace_seconds, for a listener to finish its last store and exit
 COUNTS_LOCK_FILE = "listeners.lock"
+WATCH_SECONDS = 0.5  # the main process looks for listeners to restart at least this often
 
 
 def shared_listeners_supported() -> bool:
@@ -216,16 +217,20 @@ class ListenerPool:
 
     def _watch(self) -> None:
         """Reads the listeners' notes, notices a listener's death at once, restarts it when due."""
+        checked = 0.0
         while not self._stopping.is_set():
             with self._lock:
                 listeners = list(self._listeners.values())
             inboxes: list[Any] = [lst.inbox for lst in listeners]
             sentinels: list[Any] = [lst.proc.sentinel for lst in listeners if lst.proc.is_alive()]
             try:
-                multiprocessing.connection.wait(inboxes + sentinels, timeout=0.5)
+                ready = multiprocessing.connection.wait(inboxes + sentinels, timeout=WATCH_SECONDS)
                 for lst in listeners:
                     self._read_inbox(lst)
-                self.check()
+                # Not after every note (one per image): when a listener ended, or every WATCH_SECONDS.
+                if any(item in sentinels for item in ready) or time.monotonic() - checked >= WATCH_SECONDS:
+                    checked = time.monotonic()
+                    self.check()
             except Exception:  # keep watching: a restart that failed is tried again at the next look
                 log.exception("listener processes: check failed")
                 self._stopping.wait(1.0)
