@@ -301,6 +301,8 @@ def listener_main(
     outbox: socket.socket,
 ) -> None:
     """Entry point of a listener process: serve the shared socket until SIGTERM or the main process's death."""
+    from pydicom import config as pydicom_config
+
     from db.ingest import IngestIndex
     from db.session import Database
     from node.cli import configure_logging
@@ -310,6 +312,10 @@ def listener_main(
 
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.logging.level)
+    # pydicom validates every UID it makes (a regular expression each): pynetdicom makes tens of them per
+    # association and several per image. This process writes received bytes as they came and checks what it
+    # relies on itself (node/received.py: UIDs present, at most 64 characters, the request's): no validation here.
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     grace = settings.node.shutdown_grace_seconds
     stop = threading.Event()
     # Orphaned (the main process was killed): stop accepting, finish what is open, exit.
