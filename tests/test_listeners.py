@@ -18,7 +18,7 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import func, select
 
-from db.models import AuditEvent, Instance, Series
+from db.models import AuditEvent, Instance, Series, Study
 from node.app import EdgeNode
 from node.gate import REJECT_LOCAL_LIMIT
 from node.spool import SPOOL_ID_FILE, TEMP_SUFFIX
@@ -107,10 +107,13 @@ def poll(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> b
     return condition()
 
 
-def test_concurrent_associations_are_spread_over_the_listener_processes(tmp_path: Path, dcmtk) -> None:
+def test_concurrent_associations_are_spread_over_the_listener_processes(
+    tmp_path: Path, dcmtk, database_url: str
+) -> None:
     files = write_datasets(make_ct_series(48, 64, 64, patient_id="PAT-LISTEN"), tmp_path / "ct")
     chunks = [files[k::8] for k in range(8)]
-    with running_node(node_settings(tmp_path / "var", node={"listeners": LISTENERS})) as node:
+    settings = node_settings(tmp_path / "var", node={"listeners": LISTENERS}, database={"url": database_url})
+    with running_node(settings) as node:
         assert node.scp is None and node.listeners is not None
         assert len(node.listeners.pids()) == LISTENERS
         for code, output in send_all(node.port, chunks):
@@ -230,16 +233,21 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def test_instances_count_once_with_sqlite_shared_by_processes(tmp_path: Path, dcmtk) -> None:
-    """Two series into one study from eight associations at once: study and series counters are exact (the
-    listener processes' commits are serialised by the host write lock, not lost to SQLite's busy retries)."""
+def test_counts_are_exact_when_listener_processes_store_one_study_at_once(
+    tmp_path: Path, dcmtk, database_url: str
+) -> None:
+    """Two series of one study from eight associations at once: the processes race to create the study and the
+    series and all count into them; study and series counters come out exact (SQLite: one writer at a time under
+    the host lock; PostgreSQL: a lost race on a unique UID is retried alone)."""
     first = make_ct_series(20, 32, 32, patient_id="PAT-COUNT")
     second = make_ct_series(20, 32, 32, patient_id="PAT-COUNT", study_uid=str(first[0].StudyInstanceUID))
     files = write_datasets(first + second, tmp_path / "ct")
-    with running_node(node_settings(tmp_path / "var", node={"listeners": LISTENERS})) as node:
+    settings = node_settings(tmp_path / "var", node={"listeners": LISTENERS}, database={"url": database_url})
+    with running_node(settings) as node:
         for code, output in send_all(node.port, [files[k::8] for k in range(8)]):
             assert code == 0, output
         with node.db.session() as s:
             assert sorted(s.scalars(select(Series.instance_count))) == [20, 20]
             assert s.scalar(select(func.count()).select_from(Instance)) == 40
+            assert s.scalars(select(Study.instance_count)).one() == 40
         assert_stored_once(node, files)
