@@ -8,12 +8,13 @@ index commit before Success, exactly as a single listener does. Whichever proces
 association; a process that holds more connections than another lets that one accept first (node/gate.py), so
 associations spread evenly. The main process keeps the rest: scheduler and stability scan, sender, workers, web.
 
-One listening socket shared by the processes, not one socket each with SO_REUSEPORT: the kernel would spread
-connections over SO_REUSEPORT sockets by a hash of their addresses and ports, so four associations often land
-three or four on one process, and connections waiting in the queue of a listener that dies are reset; the shared
-socket stays open in the main process, so a listener's death loses no waiting connection, and the port's number
-(also port 0) and a bind error are known before any listener starts. It needs POSIX (file locks for the shared
-counts); elsewhere the node runs one listener and logs why.
+One listening socket shared by the processes, not one socket each with SO_REUSEPORT: the kernel spreads
+connections over SO_REUSEPORT sockets by a hash of their addresses and ports, a coin toss per connection, so four
+associations over two listeners land two and two only 3 times in 8 (one process then serves three or all four on
+one core); and connections waiting in the queue of a listener that dies are reset. The shared socket stays open
+in the main process, so a listener's death loses no waiting connection, and the port's number (also port 0) and
+a bind error are known before any listener starts. It needs POSIX (file locks for the shared counts); elsewhere
+the node runs one listener and logs why.
 
 Per node, as with one listener: `max_associations`, `max_pending_per_address` (node/listener_counts.py) and the
 SQLite write lock (db/host_lock.py) are shared by the processes. The refusal audit limit is divided: each
