@@ -73,6 +73,7 @@ class StoredCopy(NamedTuple):
 
 
 Ready = Callable[[], list[BaseException | None]]  # see IngestIndex.add_instances
+INDEX_ATTEMPTS = 3  # tries of one instance's rows when a concurrent writer's new study or series got in the way
 
 
 class _NotAllReady(Exception):
@@ -152,17 +153,23 @@ class IngestIndex:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there.
 
         Any other failure raises: an integrity error is only a duplicate when the row is really there (another
-        process indexed the same instance in between), not e.g. when retention removed the study meanwhile.
+        process indexed the same instance in between), not e.g. when retention removed the study meanwhile. An
+        integrity error that is no duplicate is tried again (up to INDEX_ATTEMPTS): another process may just have
+        created the study or series this instance goes into (listener processes on PostgreSQL store one study
+        from several associations at once), and the next try finds it.
         """
-        with self.write_lock:
-            try:
-                with self.db.engine.begin() as conn:
-                    _add_instance(conn, rec, self.spool_id)
-            except IntegrityError:
-                if self.lookup(rec.sop_instance_uid)[0]:
-                    return False
-                raise
-        return True
+        for attempt in range(1, INDEX_ATTEMPTS + 1):
+            with self.write_lock:
+                try:
+                    with self.db.engine.begin() as conn:
+                        _add_instance(conn, rec, self.spool_id)
+                    return True
+                except IntegrityError:
+                    if self.lookup(rec.sop_instance_uid)[0]:
+                        return False
+                    if attempt == INDEX_ATTEMPTS:
+                        raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def add_instances(self, records: list[InstanceRecord], ready: Ready | None = None) -> list[bool | BaseException]:
         """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
