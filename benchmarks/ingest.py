@@ -4,7 +4,8 @@
 
 Each run starts the receiver fresh (empty storage, so nothing is a duplicate), sends the series
 uncompressed (Explicit VR Little Endian) over 1 or 4 concurrent associations (the files split evenly),
-and times from the first storescu start to the last exit. Durability differs and is shown:
+and times from the first storescu start to the last exit. The receivers take turns (run 1 of each, then
+run 2 of each, ...); the best run per cell is reported. Durability differs and is shown:
 edgenode fsyncs file + folder and commits to SQLite (synchronous=FULL) before each Success; Orthanc
 with SyncStorageArea=true fsyncs each file and indexes it in SQLite; storescp writes without fsync.
 edgenode runs `[node] listeners` listener processes (the node's default, "auto", unless --listeners says
@@ -137,14 +138,17 @@ def main() -> int:
             f"series: {len(files)} CT images {args.size}x{args.size}, {megabytes:.1f} MB; storage under {root}",
             flush=True,
         )
-        results: dict[tuple[str, int], float] = {}
-        for target in args.targets:
-            factory, _ = TARGETS[target]
-            if target == "edgenode":
-                factory = functools.partial(edgenode, listeners=args.listeners)
+        # Run r of every cell before run r+1 of any: the receivers take turns, so a change in the machine's load
+        # (a shared machine) falls on all of them rather than on whichever ran last.
+        results: dict[tuple[str, int], float] = {
+            (target, associations): float("inf") for target in args.targets for associations in args.associations
+        }
+        for repeat in range(args.repeats):
             for associations in args.associations:
-                best = float("inf")
-                for repeat in range(args.repeats):
+                for target in args.targets:
+                    factory, _ = TARGETS[target]
+                    if target == "edgenode":
+                        factory = functools.partial(edgenode, listeners=args.listeners)
                     workdir = root / f"{target}-{associations}-{repeat}"
                     workdir.mkdir()
                     with factory(workdir) as (aet, port, count):
@@ -152,10 +156,9 @@ def main() -> int:
                         received = count()
                     if received != len(files):
                         raise RuntimeError(f"{target}: {received} of {len(files)} instances stored")
-                    best = min(best, seconds)
+                    results[(target, associations)] = min(results[(target, associations)], seconds)
                     print(f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s", flush=True)
                     shutil.rmtree(workdir, ignore_errors=True)
-                results[(target, associations)] = best
 
         header = "| receiver | durability | listener processes | assoc. | seconds | instances/s | MB/s | vs Orthanc |"
         print()
