@@ -195,6 +195,31 @@ def test_node_limits_hold_across_listener_processes(tmp_path: Path) -> None:
     assert any("local limit exceeded: 3 associations open (node.max_associations)" in d for d in rejected)
 
 
+def test_a_dead_listeners_associations_stop_counting(tmp_path: Path) -> None:
+    limits = {"listeners": LISTENERS, "max_associations": 2}
+    with running_node(node_settings(tmp_path / "var", node=limits)) as node:
+        assert node.listeners is not None
+        held = [sender_ae().associate("127.0.0.1", node.port, ae_title="EDGENODE") for _ in range(2)]
+        assert all(a.is_established for a in held)
+        assert sender_ae().associate("127.0.0.1", node.port, ae_title="EDGENODE").is_rejected  # full
+        served = {re.search(r"listener (\d) of", e.detail).group(1) for e in audit(node, "association.accepted")}  # type: ignore[union-attr]
+        assert served == {"1", "2"}  # one association each
+        victim = node.listeners.pids()[0]
+        psutil.Process(victim).kill()
+        assert poll(lambda: sum(a.is_established for a in held) == 1, 30)  # its association went with it
+
+        def admitted() -> bool:  # once the node has cleared the dead listener's count (within its 0.5 s watch)
+            assoc = sender_ae().associate("127.0.0.1", node.port, ae_title="EDGENODE")
+            if assoc.is_established:
+                held.append(assoc)
+            return assoc.is_established
+
+        assert poll(admitted, 30, every=0.5)
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+
+
 def test_listener_processes_end_with_serve(tmp_path: Path) -> None:
     settings = node_settings(tmp_path / "var", node={"listeners": LISTENERS})
     config = write_toml(settings, tmp_path / "edgenode.toml")
