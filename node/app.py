@@ -22,7 +22,7 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
 from node.identity import node_identity
-from node.listeners import ListenerPool, shared_listeners_supported
+from node.listeners import NOTE_INTERVAL_SECONDS, ListenerPool, shared_listeners_supported
 from node.outbound import release_own_claims
 from node.retention import run_retention
 from node.scheduler import (
@@ -88,9 +88,6 @@ class EdgeNode:
         if settings.inference.workers > 0:
             self.workers = WorkerSupervisor(settings, results_queued=self.sender.results_queued)
         register_stability_scan(self.scheduler, settings, self.scan_studies)
-        on_source_instance = None
-        if settings.stability.scan_at_quiet_end:
-            on_source_instance = QuietEndWaker(self.scheduler, settings, self.scan_studies).note_instance
         # One listener in this process, or several listener processes on the port (node/listeners.py).
         self.scp: StorageSCP | None = None
         self.listeners: ListenerPool | None = None
@@ -103,6 +100,12 @@ class EdgeNode:
                 settings.node.listeners,
             )
             count = 1
+        on_source_instance = None
+        if settings.stability.scan_at_quiet_end:
+            lag = NOTE_INTERVAL_SECONDS if count > 1 else 0.0
+            on_source_instance = QuietEndWaker(
+                self.scheduler, settings, self.scan_studies, lag_seconds=lag
+            ).note_instance
         if count > 1:
             self.listeners = listener = ListenerPool(settings, self.identity, on_source_instance=on_source_instance)
         else:

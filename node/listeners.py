@@ -19,9 +19,10 @@ the node runs one listener and logs why.
 Per node, as with one listener: `max_associations`, `max_pending_per_address` (node/listener_counts.py) and the
 SQLite write lock (db/host_lock.py) are shared by the processes. The refusal audit limit is divided: each
 listener writes up to DETAILED_PER_INTERVAL // listeners detailed rows per address, kind and interval (at least
-one) and its own "N more" summary. Each listener tells the main process about every committed source instance
-(its study's quiet-period wake-up, node/scheduler.py) through a datagram socket; a note that does not fit is
-dropped rather than waited for (the periodic stability scan completes the study all the same).
+one) and its own "N more" summary. Each listener tells the main process about committed source instances (their study's
+quiet-period wake-up, node/scheduler.py) through a datagram socket, at most one note per study every
+NOTE_INTERVAL_SECONDS; a note that does not fit is dropped rather than waited for (the periodic stability scan
+completes the study all the same).
 
 A listener that dies is started again (1 s, doubling while it keeps dying: node/supervisor.py's RestartSchedule);
 the associations it was serving end (their senders retry what was not acknowledged; what was acknowledged is
@@ -60,6 +61,9 @@ START_TIMEOUT_SECONDS = 120.0  # a listener process must be up within this (impo
 STOP_MARGIN_SECONDS = 10.0  # beyond shutdown_grace_seconds, for a listener to finish its last store and exit
 COUNTS_LOCK_FILE = "listeners.lock"
 WATCH_SECONDS = 0.5  # the main process looks for listeners to restart at least this often
+# A listener notes a study's newest instance to the main process at most this often (one note per image cost the
+# main process a wake-up per image); the quiet-end waker waits this much longer to make up for it.
+NOTE_INTERVAL_SECONDS = 0.2
 
 
 def shared_listeners_supported() -> bool:
@@ -324,7 +328,16 @@ def listener_main(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when listeners stop
 
+    noted: dict[str, float] = {}  # study -> when it was last noted to the main process
+
     def note_source_instance(study_uid: str) -> None:
+        """At most one note per study per NOTE_INTERVAL_SECONDS (the main process's waker allows for that lag)."""
+        now = time.monotonic()
+        if now - noted.get(study_uid, -NOTE_INTERVAL_SECONDS) < NOTE_INTERVAL_SECONDS:
+            return
+        if len(noted) > 1000:  # studies that stopped arriving long ago
+            noted.clear()
+        noted[study_uid] = now
         with contextlib.suppress(OSError):  # full (the main process is busy) or gone: the periodic scan covers it
             outbox.send(SOURCE_INSTANCE + study_uid.encode())
 

@@ -66,9 +66,12 @@ class QuietEndWaker:
         settings: Settings,
         scan: Callable[[], Any],
         clock: Callable[[], float] = time.monotonic,
+        lag_seconds: float = 0.0,
     ) -> None:
+        """`lag_seconds`: how much later than noted a study's newest instance may be (listener processes note a
+        study at most every so often): the scan waits that much longer, so it never comes early."""
         self.scheduler = scheduler
-        self.quiet = settings.stability.stable_seconds + QUIET_END_MARGIN_SECONDS
+        self.quiet = settings.stability.stable_seconds + QUIET_END_MARGIN_SECONDS + lag_seconds
         self.scan = scan
         self._clock = clock
         self._latest: dict[str, float] = {}  # study -> clock time of its latest instance, while a job is armed

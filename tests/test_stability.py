@@ -36,7 +36,7 @@ def send(node: EdgeNode, datasets: list[Dataset]) -> None:
     ae = sender_ae()
     for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="EDGENODE")
     assert assoc.is_established
     for ds in datasets:
         assert int(assoc.send_c_store(ds).Status) == 0
@@ -254,11 +254,15 @@ def test_scheduler_runs_the_scan(tmp_path: Path) -> None:
         assert len(jobs(node, str(series[0].StudyInstanceUID))) == 1
 
 
-def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path, listeners: int) -> None:
     """With the periodic scan an hour apart, the one-shot wake-up armed by the last instance completes the study
-    right after its quiet period (not before it, and not at the next periodic scan)."""
+    right after its quiet period (not before it, and not at the next periodic scan); with listener processes too,
+    whose notes reach the main process through a socket, at most one per study every fifth of a second."""
     settings = node_settings(
-        tmp_path / "var", stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600}
+        tmp_path / "var",
+        node={"listeners": listeners},
+        stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600},
     )
     with running_node(settings) as node:
         series = make_ct_series(3, 32, 32)
