@@ -8,14 +8,17 @@ with POSIX record locks (fcntl) that the kernel drops if the holding process die
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 STRIPES = 64
+DEADLOCK_RETRY_SECONDS = 0.001
 
 
 class InstanceLocks:
@@ -43,7 +46,17 @@ class InstanceLocks:
             import fcntl  # POSIX; the node runs one listener process where it is missing
 
             fd = self._file()
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, stripe)
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX, 1, stripe)
+                    break
+                except OSError as exc:
+                    # Record locks belong to the process: listener A holding stripe 3 waiting for 5 while listener
+                    # B holds 5 and waits for 3 looks like a deadlock to the kernel, though the holders and the
+                    # waiters are different threads and no holder waits for anything. Wait and try again.
+                    if exc.errno != errno.EDEADLK:
+                        raise
+                    time.sleep(DEADLOCK_RETRY_SECONDS)
             try:
                 yield
             finally:
