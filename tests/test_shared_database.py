@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.audit import record_audit
 from db.clock import db_utcnow
+from db.host_lock import HostWriteLock
 from db.ingest import IngestIndex, InstanceRecord
 from db.jobs import claim_next_job, requeue_expired, requeue_owned_by
 from db.models import AuditEvent, AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
@@ -257,7 +258,11 @@ def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: 
                 writing.set()
 
         event.listen(db.engine, "before_cursor_execute", note_write)
-        scanners.append(StabilityScanner(settings, db, IngestIndex(db)))
+        index = IngestIndex(db)
+        # Nodes on other machines: no write lock in common. (On one machine SQLite writers share a file lock,
+        # db/host_lock.py, which would keep the second scan from reading before the first has written.)
+        index.write_lock = HostWriteLock(None)
+        scanners.append(StabilityScanner(settings, db, index))
         about_to_write.append(writing)
     created: list[list[int]] = []
     with blocker.connect() as conn:
