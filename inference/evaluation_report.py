@@ -464,6 +464,10 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
 CT phantoms (`inference.phantoms.TRAINING` / `SHIFTED`; every set B range lies outside the training range):
 
 {ranges_table()}
+A phantom keeps a lesion only when it changes at least 8 voxels of the source volume (`phantoms.add_lesion`), so
+with thick slices the smallest lesions of a range are rarely or never drawn; each set's "Lesion sizes drawn" line
+says what was.
+
 Radiographs: `make_radiograph` renders every radiograph with its own (training) subject, lesion and acquisition
 draws; set B re-acquires that image outside its acquisition ranges (`inference.heldout.shift_radiograph`: every
 image gets the added noise and another presentation exponent, half more detector blur, half edge enhancement).
