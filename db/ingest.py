@@ -1,15 +1,15 @@
 """Database side of ingest and study completion: short transactions for received instances.
 
 The listener's group committer calls `IngestIndex.add_instances` (one transaction for the instances that
-arrived together) after their files are durably in the spool and before it answers Success. Writers in
-this process take `write_lock` so that SQLite never makes threads poll for its lock and so the stability
-scan sees a consistent picture (no commit lands mid-scan).
+arrived together) after their files are durably in the spool and before it answers Success. Writers take
+`write_lock` so that SQLite never makes threads (or, on one host, the node's listener processes: db/host_lock.py)
+poll for its lock and so the stability scan sees a consistent picture (no commit lands mid-scan).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.audit import insert_audit
+from db.host_lock import HostWriteLock, sqlite_write_lock_path
 from db.models import (
     PRIORITY_STAT,
     AuditEventType,
@@ -71,6 +72,14 @@ class StoredCopy(NamedTuple):
     transfer_syntax_uid: str
 
 
+Ready = Callable[[], list[BaseException | None]]  # see IngestIndex.add_instances
+INDEX_ATTEMPTS = 3  # tries of one instance's rows when a concurrent writer's new study or series got in the way
+
+
+class _NotAllReady(Exception):
+    """A batch whose `ready` refused some records: rolled back, the others written again on their own."""
+
+
 class SeriesInOtherStudy(ValueError):
     """A Series Instance UID that is already indexed under another study (UIDs must be unique)."""
 
@@ -80,9 +89,13 @@ class _IngestStatements:
     (building them per call, or going through the ORM's unit of work, cost more than the statements)."""
 
     studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
-    study_id = select(studies.c.id).where(studies.c.study_instance_uid == bindparam("uid"))
-    series_row = select(series.c.id, series.c.study_id, series.c.is_own_output).where(
-        series.c.series_instance_uid == bindparam("uid")
+    # The study's id and the series' row, in one round trip (NULLs for what is not there yet).
+    _series_is = series.c.series_instance_uid == bindparam("series")
+    placement = select(
+        select(studies.c.id).where(studies.c.study_instance_uid == bindparam("study")).scalar_subquery(),
+        select(series.c.id).where(_series_is).scalar_subquery(),
+        select(series.c.study_id).where(_series_is).scalar_subquery(),
+        select(series.c.is_own_output).where(_series_is).scalar_subquery(),
     )
     lookup = select(
         exists().where(instances.c.sop_instance_uid == bindparam("uid")),
@@ -120,7 +133,8 @@ class IngestIndex:
         nodes then know where their files are)."""
         self.db = db
         self.spool_id = spool_id
-        self.write_lock = threading.Lock()
+        self.write_lock = HostWriteLock(sqlite_write_lock_path(db.url))
+        self._writer: Connection | None = None
 
     def lookup(self, sop_instance_uid: str, series_instance_uid: str = "") -> Known:
         """What the index knows of an instance about to be stored, in one round trip."""
@@ -139,31 +153,91 @@ class IngestIndex:
         """Index a stored instance with its audit event; False if the SOP Instance UID was already there.
 
         Any other failure raises: an integrity error is only a duplicate when the row is really there (another
-        process indexed the same instance in between), not e.g. when retention removed the study meanwhile.
+        process indexed the same instance in between), not e.g. when retention removed the study meanwhile. An
+        integrity error that is no duplicate is tried again (up to INDEX_ATTEMPTS): another process may just have
+        created the study or series this instance goes into (listener processes on PostgreSQL store one study
+        from several associations at once), and the next try finds it.
         """
-        with self.write_lock:
-            try:
-                with self.db.engine.begin() as conn:
-                    _add_instance(conn, rec, self.spool_id)
-            except IntegrityError:
-                if self.lookup(rec.sop_instance_uid)[0]:
-                    return False
-                raise
-        return True
+        for attempt in range(1, INDEX_ATTEMPTS + 1):
+            with self.write_lock:
+                try:
+                    with self.db.engine.begin() as conn:
+                        _add_instance(conn, rec, self.spool_id)
+                    return True
+                except IntegrityError:
+                    if self.lookup(rec.sop_instance_uid)[0]:
+                        return False
+                    if attempt == INDEX_ATTEMPTS:
+                        raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
-    def add_instances(self, records: list[InstanceRecord]) -> list[bool | Exception]:
+    def add_instances(self, records: list[InstanceRecord], ready: Ready | None = None) -> list[bool | BaseException]:
         """Index several stored instances in ONE transaction (group commit). Per record: True when indexed, False
         when it was already there, or the exception that kept it out: after a failed batch each record is tried on
-        its own (and a single record once more), so one record's failure never decides another's."""
-        with self.write_lock:
+        its own (and a single record once more), so one record's failure never decides another's.
+
+        `ready()`, when given, blocks until the records may be committed (the listener: until their files are on
+        disk) and returns, per record, None or the exception that keeps it out; it must not raise, and is called
+        once, before anything is committed. Its wait is used: when the write
+        lock is free at once, the rows are written meanwhile and only the commit waits for `ready`; when another
+        writer holds the lock, `ready` is waited for first, so the lock is never held through that wait."""
+        outcomes: list[bool | BaseException | None] = [None] * len(records)
+        waited = ready is None
+        if ready is not None and not self.write_lock.acquire(blocking=False):
+            self._exclude(ready(), outcomes)
+            waited = True
+            self.write_lock.acquire()
+        elif ready is None:
+            self.write_lock.acquire()
+        try:
+            conn = self._connection()
             try:
-                with self.db.engine.begin() as conn:
-                    for rec in records:
-                        _add_instance(conn, rec, self.spool_id)
-                return [True] * len(records)
+                with conn.begin():
+                    for rec, outcome in zip(records, outcomes, strict=True):
+                        if outcome is None:
+                            _add_instance(conn, rec, self.spool_id)
+                    if ready is not None and not waited:
+                        waited = True
+                        if self._exclude(ready(), outcomes):
+                            raise _NotAllReady  # roll back: the ready ones are written again, alone
+                return [True if outcome is None else outcome for outcome in outcomes]
             except Exception:  # noqa: BLE001 - rare: find which record failed, and why, one at a time
-                pass
-        return [self._add_alone(rec) for rec in records]
+                self._drop_connection()
+        finally:
+            self.write_lock.release()
+        if ready is not None and not waited:  # nothing is committed before `ready` has returned
+            self._exclude(ready(), outcomes)
+        return [
+            self._add_alone(rec) if outcome is None else outcome for rec, outcome in zip(records, outcomes, strict=True)
+        ]
+
+    @staticmethod
+    def _exclude(verdicts: list[BaseException | None], outcomes: list[bool | BaseException | None]) -> bool:
+        """Record `ready`'s refusals in `outcomes`; True if there was any."""
+        refused = False
+        for position, verdict in enumerate(verdicts):
+            if verdict is not None and outcomes[position] is None:
+                outcomes[position] = verdict
+                refused = True
+        return refused
+
+    def _connection(self) -> Connection:
+        """The connection for group commits, kept open between them (checking one out of the pool and resetting
+        it on return cost more than the statements); used under `write_lock` only."""
+        if self._writer is None or self._writer.invalidated or self._writer.closed:
+            self._writer = self.db.engine.connect()
+        return self._writer
+
+    def _drop_connection(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._writer = None
+
+    def close(self) -> None:
+        """Give back the kept connection (call once writing is over)."""
+        with self.write_lock:
+            self._drop_connection()
 
     def _add_alone(self, rec: InstanceRecord) -> bool | Exception:
         try:
@@ -192,7 +266,9 @@ def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object])
 def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
     q = _IngestStatements
     now = utcnow()
-    study_id = conn.execute(q.study_id, {"uid": rec.study_instance_uid}).scalar_one_or_none()
+    study_id, series_id, series_study_id, series_is_own = conn.execute(
+        q.placement, {"study": rec.study_instance_uid, "series": rec.series_instance_uid}
+    ).one()
     if study_id is None:
         # A study known only through our own results is complete at once: nothing to wait for.
         completed = {"status": StudyStatus.COMPLETE, "completed_at": now} if rec.own_output else {}
@@ -214,8 +290,7 @@ def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = 
                 **completed,
             },
         )
-    found = conn.execute(q.series_row, {"uid": rec.series_instance_uid}).one_or_none()
-    if found is None:
+    if series_id is None:
         series_id = _inserted_id(
             conn,
             q.insert_series,
@@ -231,10 +306,9 @@ def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = 
             },
         )
     else:
-        if found.study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
+        if series_study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
             raise SeriesInOtherStudy(f"series {rec.series_instance_uid} belongs to another study")
-        series_id = found.id
-        if rec.own_output and not found.is_own_output:
+        if rec.own_output and not series_is_own:
             conn.execute(q.mark_series_own, {"key": series_id})
     conn.execute(
         q.insert_instance,

@@ -68,6 +68,101 @@ SCANNERS = (
 )
 
 
+# A range a phantom parameter is drawn from: one interval, or several disjoint ones (a shifted range that lies
+# on both sides of the training range). Drawn with `draw_in`.
+Span = tuple[tuple[float, float], ...]
+
+# Scanners and kernels no training phantom is rendered with: each has noise outside the training scanners'
+# 9-35 HU and a kernel outside their blur (0.45-1.2 mm) or edge enhancement (0-0.8) ranges.
+SHIFTED_SCANNERS = (
+    Scanner("Synthetic-D 320", "LD-SHARP", 0.35, 1.1, 55.0, 0.35, 100),  # low dose, very sharp kernel
+    Scanner("Synthetic-D 320", "LD-SOFT", 1.35, 0.0, 45.0, 1.2, 80),  # low dose at 80 kVp, soft kernel
+    Scanner("Synthetic-E 256", "SMOOTH", 1.6, 0.0, 5.0, 1.5, 140),  # high dose, very smooth iterative look
+    Scanner("Synthetic-E 256", "EDGE", 0.6, 1.4, 40.0, 0.5, 120),  # strong edge enhancement
+)
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Where a CT phantom's random draws fall: subjects, scanners, lesion sizes and densities.
+
+    Why: the model learns "healthy" from phantoms drawn in TRAINING; the evaluation's out-of-distribution set is
+    drawn in SHIFTED, outside every one of those ranges, to show how a model behaves on images unlike its training
+    data. TRAINING repeats the draws the phantoms always made, call for call, so a seed renders byte for byte the
+    same phantom as before these ranges existed (the shipped model's training data does not change).
+    """
+
+    name: str
+    body_scale: Span  # overall subject size (body, lungs, heart, z extent scale with it)
+    scanners: tuple[Scanner, ...]
+    nodule_mm: Span  # lesion diameter / extent per kind
+    ggo_mm: Span
+    consolidation_mm: Span
+    reticular_mm: Span
+    nodule_hu: Span  # solid nodule density
+    ggo_lift_hu: Span  # how much ground glass raises the lung's HU
+    consolidation_hu: Span
+    reticular_hu: Span  # density of the reticular lines
+
+    def size_mm(self, kind: str) -> Span:
+        return self._per_kind(kind, "mm")
+
+    def density_hu(self, kind: str) -> Span:
+        return self._per_kind(kind, "lift_hu" if kind == "ggo" else "hu")
+
+    def _per_kind(self, kind: str, suffix: str) -> Span:
+        if kind not in LESION_KINDS:
+            raise ValueError(f"unknown lesion kind {kind!r}; choose from {', '.join(LESION_KINDS)}")
+        span: Span = getattr(self, f"{kind}_{suffix}")
+        return span
+
+
+TRAINING = Ranges(
+    name="training",
+    body_scale=((0.88, 1.12),),
+    scanners=SCANNERS,
+    nodule_mm=((6.0, 28.0),),
+    ggo_mm=((15.0, 45.0),),
+    consolidation_mm=((30.0, 70.0),),
+    reticular_mm=((40.0, 80.0),),
+    nodule_hu=((15.0, 60.0),),
+    ggo_lift_hu=((200.0, 380.0),),
+    consolidation_hu=((20.0, 50.0),),
+    reticular_hu=((-250.0, -80.0),),
+)
+
+SHIFTED = Ranges(
+    name="shifted",
+    body_scale=((0.78, 0.86), (1.14, 1.3)),  # smaller and larger people than any training subject
+    scanners=SHIFTED_SCANNERS,
+    nodule_mm=((3.5, 5.5), (30.0, 40.0)),
+    ggo_mm=((8.0, 14.0), (48.0, 65.0)),
+    consolidation_mm=((15.0, 28.0), (75.0, 95.0)),
+    reticular_mm=((22.0, 38.0), (85.0, 110.0)),
+    nodule_hu=((-200.0, 0.0), (80.0, 200.0)),  # part-solid and calcified-dense nodules
+    ggo_lift_hu=((130.0, 190.0), (400.0, 520.0)),  # fainter and denser ground glass
+    consolidation_hu=((-80.0, 10.0), (60.0, 120.0)),
+    reticular_hu=((-420.0, -270.0), (-60.0, 20.0)),
+)
+
+RANGES = {r.name: r for r in (TRAINING, SHIFTED)}
+
+
+def draw_in(rng: np.random.Generator, span: Span) -> float:
+    """One uniform draw from a span. One interval: exactly `rng.uniform(lo, hi)` (the draws TRAINING repeats);
+    several: uniform over their union by length, still one draw from the stream."""
+    if len(span) == 1:
+        lo, hi = span[0]
+        return float(rng.uniform(lo, hi))
+    widths = [hi - lo for lo, hi in span]
+    u = float(rng.uniform(0.0, sum(widths)))
+    for (lo, _hi), width in zip(span, widths, strict=True):
+        if u <= width:
+            return lo + u
+        u -= width
+    return span[-1][1]
+
+
 @dataclass(frozen=True)
 class Grid:
     """A sampling grid: shape (z, y, x), spacing in mm, and the mm position of index 0 per axis."""
@@ -141,9 +236,9 @@ class CTPhantom:
         return np.any(self.lesion_mask, axis=(1, 2))
 
 
-def draw_subject(rng: np.random.Generator) -> Subject:
+def draw_subject(rng: np.random.Generator, ranges: Ranges = TRAINING) -> Subject:
     """Anatomical variation between people: size, habitus, lung and heart shape, ribs."""
-    s = rng.uniform(0.88, 1.12)  # overall size
+    s = draw_in(rng, ranges.body_scale)  # overall size
     body_ax = 165.0 * s * rng.uniform(0.92, 1.08)
     body_ay = body_ax * rng.uniform(0.62, 0.78)
     fat = rng.uniform(5.0, 28.0)
@@ -407,18 +502,19 @@ def _lesion_box(grid: Grid, center: np.ndarray, radius: float) -> tuple[slice, s
 
 
 def add_lesion(
-    hu: np.ndarray, lung: np.ndarray, grid: Grid, kind: str, rng: np.random.Generator, mask: np.ndarray
+    hu: np.ndarray,
+    lung: np.ndarray,
+    grid: Grid,
+    kind: str,
+    rng: np.random.Generator,
+    mask: np.ndarray,
+    ranges: Ranges = TRAINING,
 ) -> Lesion | None:
     """Paint one lesion of `kind` into `hu` (in place), inside the lungs; mark changed voxels in `mask`."""
+    if kind not in LESION_KINDS:
+        raise ValueError(f"unknown lesion kind {kind!r}; choose from {', '.join(LESION_KINDS)}")
     center = _random_lung_point(rng, lung, grid)
-    if kind == "nodule":
-        size = rng.uniform(6.0, 28.0)
-    elif kind == "ggo":
-        size = rng.uniform(15.0, 45.0)
-    elif kind == "consolidation":
-        size = rng.uniform(30.0, 70.0)
-    else:
-        size = rng.uniform(40.0, 80.0)
+    size = draw_in(rng, ranges.size_mm(kind))
     radius = size / 2
     box = _lesion_box(grid, center, radius * 1.4 + 2)
     if any(b.stop - b.start < 1 for b in box):
@@ -436,23 +532,23 @@ def add_lesion(
     if kind == "nodule":
         shape = (r + 0.12 * wobble) <= 1.0
         change = shape & lung_box
-        region[change] = rng.uniform(15, 60) + 8.0 * wobble[change]
+        region[change] = draw_in(rng, ranges.density_hu("nodule")) + 8.0 * wobble[change]
     elif kind == "ggo":
         shape = (r + 0.25 * wobble) <= 1.0
         change = shape & lung_box & (region < -300)  # vessels stay visible through ground glass
-        lift = rng.uniform(200, 380) * np.clip(1.2 - r, 0.4, 1.0) + 25.0 * wobble
+        lift = draw_in(rng, ranges.density_hu("ggo")) * np.clip(1.2 - r, 0.4, 1.0) + 25.0 * wobble
         region[change] = region[change] + np.maximum(lift[change], 120.0)
     elif kind == "consolidation":
         shape = (r + 0.3 * wobble) <= 1.0
         change = shape & lung_box
-        region[change] = rng.uniform(20, 50) + 10.0 * wobble[change]
+        region[change] = draw_in(rng, ranges.density_hu("consolidation")) + 10.0 * wobble[change]
     elif kind == "reticular":
         edge = ndimage.distance_transform_edt(lung_box, sampling=grid.spacing)
         fine = _smooth_noise(rng, local_shape, tuple(1.6 / s for s in grid.spacing))
         net = np.abs(fine) < 0.28  # the zero-set of a random field: a web of lines
         shape = (r + 0.2 * wobble <= 1.0) & (edge < rng.uniform(12, 22)) & net
         change = shape & lung_box & (region < -300)
-        region[change] = rng.uniform(-250, -80) + 30.0 * fine[change]
+        region[change] = draw_in(rng, ranges.density_hu("reticular")) + 30.0 * fine[change]
     else:
         raise ValueError(f"unknown lesion kind {kind!r}; choose from {', '.join(LESION_KINDS)}")
     n = int(change.sum())
@@ -463,7 +559,7 @@ def add_lesion(
 
 
 def add_lesions(
-    hu: np.ndarray, lung: np.ndarray, grid: Grid, lesions: str, rng: np.random.Generator
+    hu: np.ndarray, lung: np.ndarray, grid: Grid, lesions: str, rng: np.random.Generator, ranges: Ranges = TRAINING
 ) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
     """A lesion case from a healthy ideal volume: (new hu, exact mask, lesion list). `hu` is not changed."""
     if lesions not in LESION_CHOICES:
@@ -476,7 +572,7 @@ def add_lesions(
     count = int(rng.integers(1, 4))
     for _ in range(count * 4):  # retries when a lesion lands where it cannot be seen
         kind = str(rng.choice(LESION_KINDS)) if lesions == "mixed" else lesions
-        lesion = add_lesion(out, lung, grid, kind, rng, mask)
+        lesion = add_lesion(out, lung, grid, kind, rng, mask, ranges)
         if lesion is not None:
             found.append(lesion)
         if len(found) >= count:
@@ -522,16 +618,21 @@ def make_ct(
     keep_healthy: bool = False,
     keep_ideal: bool = False,
     scanner: Scanner | None = None,
+    ranges: Ranges = TRAINING,
 ) -> CTPhantom:
-    """One subject's chest CT (seeded): anatomy, lesions of type `lesions`, scanner from the seed."""
+    """One subject's chest CT (seeded): anatomy, lesions of type `lesions`, scanner from the seed.
+
+    `ranges`: where subject size, scanner and lesions are drawn from (TRAINING, or SHIFTED for images unlike the
+    training data).
+    """
     rng = np.random.default_rng(seed)
-    sub = draw_subject(rng)
+    sub = draw_subject(rng, ranges)
     grid = ct_grid(rows, cols, slices, rng, sub)
-    chosen = scanner or SCANNERS[int(rng.integers(len(SCANNERS)))]
+    chosen = scanner or ranges.scanners[int(rng.integers(len(ranges.scanners)))]
     anatomy_seed, lesion_seed, noise_seed = (int(s) for s in rng.integers(2**63, size=3))
     anatomy_rng, lesion_rng = np.random.default_rng(anatomy_seed), np.random.default_rng(lesion_seed)
     ideal_healthy, lung = render_anatomy(sub, grid, anatomy_rng)
-    ideal, mask, found = add_lesions(ideal_healthy, lung, grid, lesions, lesion_rng)
+    ideal, mask, found = add_lesions(ideal_healthy, lung, grid, lesions, lesion_rng, ranges)
     hu = acquire_ct(ideal, grid, chosen, np.random.default_rng(noise_seed))
     healthy = acquire_ct(ideal_healthy, grid, chosen, np.random.default_rng(noise_seed)) if keep_healthy else None
     return CTPhantom(

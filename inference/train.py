@@ -92,6 +92,31 @@ class SlicePool:
         return int(self.images.shape[0])
 
 
+def training_seeds(seed: int, subjects: int) -> list[int]:
+    """The phantom seeds a run with data seed `seed` draws its `subjects` from (CT slices and radiographs alike).
+
+    Why a function: a phantom's subject is fixed by its seed alone, so an evaluation set is held out exactly when
+    none of its seeds is here (`inference.heldout` checks that for every model it evaluates).
+    """
+    return [splitmix64(seed, i) % 2**31 for i in range(subjects)]
+
+
+def model_training_seeds(training: dict[str, object]) -> list[int]:
+    """The phantom seeds behind a shipped model, from its training metadata (`ship` writes the run's config).
+
+    A model trained on a DICOM folder has none; metadata without a config (older files) counts as the
+    TrainConfig defaults, the most likely run.
+    """
+    raw = training.get("config")
+    config = json.loads(raw) if isinstance(raw, str) else {}
+    if config.get("data_dir"):
+        return []
+    defaults = TrainConfig()
+    seed = config.get("seed", training.get("data_seed", defaults.seed))
+    subjects = config.get("subjects", defaults.subjects)
+    return training_seeds(int(seed), int(subjects))
+
+
 def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) -> SlicePool:
     """Healthy phantom CT subjects, normalised and resampled to the model grid like inference does.
 
@@ -101,8 +126,8 @@ def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) 
     from inference.lungmask import anatomy_mask
 
     images, masks = [], []
-    for i in range(subjects):
-        ph = make_ct(splitmix64(seed, i) % 2**31, size, size, slices, "none")
+    for case_seed in training_seeds(seed, subjects):
+        ph = make_ct(case_seed, size, size, slices, "none")
         mapping = GridMapping(rows=size, cols=size, size=grid)
         images.append(resample_to_grid(normalise(ph.hu, "CT"), mapping, fill=-1.0))
         sz, sy, sx = ph.grid.spacing  # phantom slices run feet to head: normal (0, 0, 1)

@@ -22,6 +22,7 @@ from db.models import AuditEventType
 from db.session import Database
 from node.config import Settings
 from node.identity import node_identity
+from node.listeners import NOTE_INTERVAL_SECONDS, ListenerPool, shared_listeners_supported
 from node.outbound import release_own_claims
 from node.retention import run_retention
 from node.scheduler import (
@@ -68,9 +69,9 @@ class ListenerComponent:
 
 
 class EdgeNode:
-    """One node process: listener, scheduler (stability scan, lease check, retention), the result sender,
-    inference worker processes and the web dashboard. Stopped listener first (its drain is what a short stop grace must
-    cover), then the others in reverse start order."""
+    """One node process: listener (or listener processes), scheduler (stability scan, lease check, retention), the
+    result sender, inference worker processes and the web dashboard. Stopped listener first (its drain is what a
+    short stop grace must cover), then the others in reverse start order."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -87,13 +88,32 @@ class EdgeNode:
         if settings.inference.workers > 0:
             self.workers = WorkerSupervisor(settings, results_queued=self.sender.results_queued)
         register_stability_scan(self.scheduler, settings, self.scan_studies)
+        # One listener in this process, or several listener processes on the port (node/listeners.py).
+        self.scp: StorageSCP | None = None
+        self.listeners: ListenerPool | None = None
+        listener: Component
+        count = settings.node.listener_count()
+        if count > 1 and not shared_listeners_supported():
+            log.warning(
+                "node.listeners = %s: several listener processes need POSIX file locks, which this platform lacks; "
+                "running one listener",
+                settings.node.listeners,
+            )
+            count = 1
         on_source_instance = None
         if settings.stability.scan_at_quiet_end:
-            on_source_instance = QuietEndWaker(self.scheduler, settings, self.scan_studies).note_instance
-        self.scp = StorageSCP(settings, self.spool, self.index, on_source_instance=on_source_instance)
+            lag = NOTE_INTERVAL_SECONDS if count > 1 else 0.0
+            on_source_instance = QuietEndWaker(
+                self.scheduler, settings, self.scan_studies, lag_seconds=lag
+            ).note_instance
+        if count > 1:
+            self.listeners = listener = ListenerPool(settings, self.identity, on_source_instance=on_source_instance)
+        else:
+            self.scp = StorageSCP(settings, self.spool, self.index, on_source_instance=on_source_instance)
+            listener = ListenerComponent(self.scp, settings.node.shutdown_grace_seconds)
         self.components: list[Component] = [
             SchedulerComponent(self.scheduler),
-            ListenerComponent(self.scp, settings.node.shutdown_grace_seconds),
+            listener,
             self.sender,  # stopped after the workers (reverse order): results they queued while stopping still go
         ]
         if self.workers is not None:
@@ -118,6 +138,14 @@ class EdgeNode:
         self._started: list[Component] = []
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        """The DICOM port the node listens on (the bound one when the configured port is 0)."""
+        if self.listeners is not None:
+            return self.listeners.port
+        assert self.scp is not None
+        return self.scp.port
 
     @property
     def marker(self) -> Path:
@@ -164,7 +192,7 @@ class EdgeNode:
             self.stop()
             raise
         self.index.record_event(
-            AuditEventType.NODE_STARTED, called_ae=self.settings.node.ae_title, detail=f"port {self.scp.port}"
+            AuditEventType.NODE_STARTED, called_ae=self.settings.node.ae_title, detail=f"port {self.port}"
         )
 
     def recover_spool(self) -> tuple[list[str], list[str]]:
@@ -207,6 +235,8 @@ class EdgeNode:
                     clean = False  # start-up recovery must then check the spool again
                     log.exception("stopping %s failed", component.name)
             self._started.clear()
+            if self.listeners is not None and self.listeners.crashed:
+                clean = False  # a listener process died: it may have left files renamed into place but never indexed
             try:
                 self.index.record_event(AuditEventType.NODE_STOPPED, called_ae=self.settings.node.ae_title)
             except Exception:

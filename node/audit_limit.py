@@ -31,14 +31,21 @@ class _Window:
 
 
 class RateLimitedAudit:
-    """Writes audit events through `write`, at most `DETAILED_PER_INTERVAL` + 1 per address, type and interval."""
+    """Writes audit events through `write`, at most `detailed_per_interval` + 1 per address, type and interval."""
 
     def __init__(
-        self, write: AuditWriter, interval_seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        write: AuditWriter,
+        interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        detailed_per_interval: int = DETAILED_PER_INTERVAL,
     ) -> None:
+        """`detailed_per_interval`: less than DETAILED_PER_INTERVAL where several listener processes share the
+        port, each with a limiter of its own (node/scp.py divides the number among them)."""
         self._write = write
         self._interval = interval_seconds
         self._clock = clock
+        self._detailed = detailed_per_interval
         self._windows: dict[tuple[str, AuditEventType], _Window] = {}
         self._lock = threading.Lock()
 
@@ -51,7 +58,7 @@ class RateLimitedAudit:
             ended = window if window is not None and now - window.started >= self._interval else None
             if window is None or ended is not None:
                 window = self._windows[key] = _Window(started=now)
-            detailed = window.written < DETAILED_PER_INTERVAL
+            detailed = window.written < self._detailed
             if detailed:
                 window.written += 1
             else:

@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import json
+import os
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -30,6 +31,18 @@ def _check_ae(value: str) -> str:
     if not stripped or not AE_TITLE_PATTERN.match(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return stripped
+
+
+MAX_LISTENERS = 64
+AUTO_LISTENERS_MAX = 4  # "auto": beyond four, the disk's fsyncs and the index commits limit ingest, not the CPU
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Section(BaseModel):
@@ -60,8 +73,32 @@ class NodeSettings(Section):
     pending_timeout_seconds: float = Field(5.0, gt=0)
     max_pending_per_address: int = Field(16, ge=1)
     refusal_audit_interval_seconds: float = Field(60.0, gt=0)
+    # Listener processes sharing the DICOM port (node/listeners.py): one interpreter receives at most one core's
+    # worth of associations. "auto" (or 0): one per CPU core, at most 4; 1: the listener runs in the main process.
+    listeners: int | Literal["auto"] = "auto"
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @field_validator("listeners", mode="before")
+    @classmethod
+    def _auto(cls, value: object) -> object:
+        if value == 0 or (isinstance(value, str) and value.strip().lower() in ("auto", "0")):
+            return "auto"
+        return value
+
+    @field_validator("listeners")
+    @classmethod
+    def _process_count(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_LISTENERS:
+            raise ValueError(f'a number of processes from 1 to {MAX_LISTENERS}, or "auto" (0)')
+        return value
+
+    def listener_count(self) -> int:
+        """The listener processes to run: the configured number, or for "auto" one per usable CPU core, at most
+        AUTO_LISTENERS_MAX (more interpreters than cores only add switching)."""
+        if isinstance(self.listeners, int):
+            return self.listeners
+        return max(1, min(usable_cpus(), AUTO_LISTENERS_MAX))
 
     @model_validator(mode="after")
     def _tls_pair(self) -> NodeSettings:

@@ -12,14 +12,22 @@ accepted connection first passes the gate, in a thread of its own:
 3. that PDU must be an A-ASSOCIATE-RQ; `screen` (the listener's AE title, address, disk and shutdown checks)
    may refuse it, answered here with an A-ASSOCIATE-RJ.
 
-Only then is the connection handed to pynetdicom, with the request already read (`_PrimedSocket`), so its
+4. an admitted request takes one of `max_associations` places (counted per node, node/listener_counts.py, also
+   when several listener processes share the port), or is rejected as "local limit exceeded".
+
+Only then is the connection handed to pynetdicom, with the request already read (node/association_io.py), so its
 association count only ever sees admitted associations. Refused, dropped and rejected connections are audited
 through `RateLimitedAudit`. Once an association runs the gate is out of the data path: no per-store cost.
+
+With several listener processes (node/listeners.py) each runs this server on the one listening socket the main
+process opened: whichever process accepts a connection serves it, and a process holding more connections than
+another lets that one accept first (ACCEPT_DEFERRAL_SECONDS), so associations spread evenly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import socket
@@ -33,22 +41,30 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import decode_bytes
 
 from db.models import AuditEventType
+from node.association_io import unbind_logging, wire
 from node.audit_limit import RateLimitedAudit
+from node.listener_counts import AdmissionCounts, LocalCounts
 
 log = logging.getLogger(__name__)
 
+LISTEN_BACKLOG = 128  # a burst of connections must not crowd out the PACS's SYN
 PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length (PS3.8 9.3.1)
 A_ASSOCIATE_RQ_TYPE = 0x01
 A_ASSOCIATE_RJ_TYPE = 0x03
+A_ASSOCIATE_RQ_FIXED = 6 + 68  # PDU header, then protocol version ... the 32 reserved bytes before the items
 MAX_REQUEST_BYTES = 1 << 20  # an A-ASSOCIATE-RQ with all 128 presentation contexts is a few tens of KiB
+GC_INTERVAL_SECONDS = 300.0  # the accept loop's garbage collection, when idle (see service_actions)
+STOP_POLL_SECONDS = 0.1  # the accept loop notices a stop this soon (and closes the port)
+ACCEPT_DEFERRAL_SECONDS = 0.002  # a busier listener process waits this long before it takes a new connection
 
 RejectReason = tuple[int, int, int]  # A-ASSOCIATE-RJ (result, source, reason/diagnostic), PS3.8 9.3.4
 Refusal = tuple[RejectReason, str]  # ... and why, for the log and the audit trail
 Screen = Callable[[str, str, str], Refusal | None]  # (calling AE, called AE, source address) -> refusal or None
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
 
 def normalise_ip(address: str) -> str:
@@ -75,7 +91,8 @@ class _NotAdmitted(Exception):
 
 
 class ConnectionGate:
-    """Admission of new connections: the per-address cap, the deadline, the first PDU and the screen."""
+    """Admission of new connections: the per-address cap, the deadline, the first PDU, the screen and the
+    association places."""
 
     def __init__(
         self,
@@ -84,26 +101,28 @@ class ConnectionGate:
         *,
         pending_timeout: float,
         max_pending_per_address: int,
+        max_associations: int,
+        counts: AdmissionCounts | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.screen = screen
         self.audit = audit
         self.pending_timeout = pending_timeout
         self.max_pending_per_address = max_pending_per_address
+        self.max_associations = max_associations
+        self.counts: AdmissionCounts = counts if counts is not None else LocalCounts()
         self.ssl_context = ssl_context
-        self._pending: dict[str, int] = {}  # source address -> connections waiting at the gate
         self._sockets: dict[int, socket.socket] = {}  # file descriptor -> the waiting connection's socket
         self._lock = threading.Lock()
         self._closed = False
 
     def reserve(self, address: str) -> bool:
         """Called in the accept loop: take a pending place for `address`, or refuse (the caller closes)."""
-        key = _address_key(address)
-        with self._lock:
-            waiting = self._pending.get(key, 0)
-            if not self._closed and waiting < self.max_pending_per_address:
-                self._pending[key] = waiting + 1
-                return True
+        if self._closed:
+            return False
+        taken, waiting = self.counts.take_waiting(_address_key(address), self.max_pending_per_address)
+        if taken:
+            return True
         if not self._closed:
             why = f"{waiting} connection(s) from {address} already waiting (node.max_pending_per_address)"
             if self.audit.record(AuditEventType.CONNECTION_REFUSED, address, outcome="failure", detail=why):
@@ -111,7 +130,8 @@ class ConnectionGate:
         return False
 
     def admit(self, sock: socket.socket, address: str) -> tuple[socket.socket, bytes] | None:
-        """Run the gate for a reserved connection: (socket, its A-ASSOCIATE-RQ) to hand on, or None (closed)."""
+        """Run the gate for a reserved connection: (socket, its A-ASSOCIATE-RQ) to hand on, or None (closed).
+        A connection handed on holds an association place until `release_association()`."""
         deadline = time.monotonic() + self.pending_timeout
         fd = sock.fileno()
         with self._lock:
@@ -129,6 +149,10 @@ class ConnectionGate:
                 self._reject(sock, address, calling, called, refusal)
                 return None
             sock.settimeout(None)  # pynetdicom expects the blocking socket accept() returned
+            if not self.counts.take_association(self.max_associations):  # the last step: nothing can fail after it
+                why = f"local limit exceeded: {self.max_associations} associations open (node.max_associations)"
+                self._reject(sock, address, calling, called, (REJECT_LOCAL_LIMIT, why))
+                return None
             admitted = True
             return sock, request
         except _NotAdmitted as exc:
@@ -140,12 +164,13 @@ class ConnectionGate:
         finally:
             with self._lock:
                 self._sockets.pop(fd, None)
-                key = _address_key(address)
-                self._pending[key] -= 1
-                if not self._pending[key]:
-                    del self._pending[key]
+            self.counts.end_waiting(_address_key(address))
             if not admitted:
                 _close(sock)
+
+    def release_association(self) -> None:
+        """An admitted connection's association has ended: its place is free."""
+        self.counts.end_association()
 
     def close(self) -> None:
         """Admit nobody any more and end the connections still waiting (they have nothing to finish)."""
@@ -227,12 +252,12 @@ class ConnectionGate:
 
 
 def _ae_titles(request: bytes) -> tuple[str, str]:
-    pdu = A_ASSOCIATE_RQ()
-    try:
-        pdu.decode(request)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure means the same: not a request we can read
-        raise _NotAdmitted(f"malformed A-ASSOCIATE-RQ: {type(exc).__name__}") from exc
-    return str(pdu.calling_ae_title or "").strip(), str(pdu.called_ae_title or "").strip()
+    """(calling, called) AE title from the A-ASSOCIATE-RQ's fixed part (PS3.8 9.3.2: called at bytes 10-25,
+    calling at 26-41). Read there, not by decoding the whole request: pynetdicom decodes it once more anyway, and
+    its presentation contexts (tens of UIDs, each validated) cost milliseconds per association."""
+    if len(request) < A_ASSOCIATE_RQ_FIXED:
+        raise _NotAdmitted(f"malformed A-ASSOCIATE-RQ: {len(request)} bytes, shorter than its fixed part")
+    return decode_bytes(request[26:42]).strip(), decode_bytes(request[10:26]).strip()
 
 
 def _close(sock: socket.socket) -> None:
@@ -241,27 +266,12 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-class _PrimedSocket(AssociationSocket):
-    """pynetdicom's connection wrapper, returning first the A-ASSOCIATE-RQ bytes the gate already read."""
-
-    primed: bytearray
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.primed) or super().ready
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if not self.primed:
-            return super().recv(nr_bytes)
-        data = self.primed[:nr_bytes]
-        del self.primed[:nr_bytes]
-        if len(data) < nr_bytes:
-            data += super().recv(nr_bytes - len(data))
-        return data
-
-
 class _PrimedRequestHandler(RequestHandler):
-    """pynetdicom's request handler for a connection whose A-ASSOCIATE-RQ the gate has read."""
+    """pynetdicom's request handler for a connection whose A-ASSOCIATE-RQ the gate has read; its association is
+    event-driven (node/association_io.py) and reads the gate's bytes first."""
+
+    assoc: Association | None = None
+    ended: Callable[[], None] | None = None
 
     def __init__(self, request: socket.socket, client_address: Any, server: Any, first_pdu: bytes) -> None:
         self.first_pdu = first_pdu
@@ -269,30 +279,66 @@ class _PrimedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        # Same object and state (pynetdicom has already queued its "connection open" event), reading the
-        # gate's bytes first.
-        sock = assoc.dul.socket
-        assert sock is not None  # the accepted connection, already wrapped by pynetdicom
-        sock.__class__ = _PrimedSocket
-        assert isinstance(sock, _PrimedSocket)
-        sock.primed = bytearray(self.first_pdu)
+        self.ended = wire(assoc, self.first_pdu)
+        self.assoc = assoc
         return assoc
 
 
+class _SharedContexts(list[Any]):
+    """The server's supported presentation contexts, handed to each association as they are, not deep-copied."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class GatedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server with the gate in front (and TLS moved out of the accept loop)."""
+    """pynetdicom's threaded association server with the gate in front (and TLS moved out of the accept loop).
+
+    With `listen_socket` it serves a socket the main process opened and shares with other listener processes
+    (non-blocking: another process may take a connection this one was woken for); closing it then only closes
+    this process's descriptor, never the socket the others still accept on."""
 
     daemon_threads = True  # a connection waiting at the gate must not hold up the process's exit
     block_on_close = False
-    request_queue_size = 128  # listen backlog: a burst of connections must not crowd out the PACS's SYN
+    request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, *args: Any, gate: ConnectionGate, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, gate: ConnectionGate, listen_socket: socket.socket | None = None, **kwargs: Any
+    ) -> None:
         self.gate = gate
+        self._shared_socket = listen_socket
+        self._collected_at = time.monotonic()
         super().__init__(*args, **kwargs)
+        # Each association gets its own deep copy of the ~130 supported contexts from pynetdicom (tens of ms of
+        # CPU per association); negotiation only reads them (pynetdicom.presentation.negotiate_as_acceptor).
+        self.contexts = _SharedContexts(self.contexts)
+        unbind_logging(self)  # (and each association's, in wire())
+
+    def server_bind(self) -> None:
+        if self._shared_socket is None:
+            super().server_bind()
+            return
+        made = self.socket
+        assert made is not None  # socketserver's __init__ made it just before calling this
+        made.close()  # the shared socket is bound and listening already
+        self.socket = self._shared_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._shared_socket is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._shared_socket is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()  # no shutdown(): that would stop the socket listening for every process
 
     def get_request(self) -> tuple[socket.socket, Any]:
         listener = self.socket
         assert listener is not None  # bound in __init__, closed only by server_close()
+        if self.gate.counts.busier_than_others():
+            time.sleep(ACCEPT_DEFERRAL_SECONDS)  # a less busy listener process takes it, if it is free to
         return listener.accept()  # TLS, if on, is the gate's first step, in the connection's own thread
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -300,18 +346,34 @@ class GatedAssociationServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         sock = request
+        admitted = None
+        handler = None
         try:
             admitted = self.gate.admit(request, str(client_address[0]))
             if admitted is not None:
                 sock, first_pdu = admitted
-                _PrimedRequestHandler(sock, client_address, self, first_pdu)
+                handler = _PrimedRequestHandler(sock, client_address, self, first_pdu)
+                if handler.assoc is not None:
+                    handler.assoc.join()  # the association has ended: its place is free again
         except Exception:
             self.handle_error(sock, client_address)
             _close(sock)
+        finally:
+            if handler is not None and handler.ended is not None:
+                handler.ended()
+            if admitted is not None:
+                self.gate.release_association()
 
     def service_actions(self) -> None:
-        super().service_actions()
+        """Called at every turn of the accept loop. Not pynetdicom's: it runs a full garbage collection every 60
+        turns (for association objects it found left over), tens of milliseconds with the GIL held, every few
+        seconds, in the middle of the stores of open associations. Here at most every GC_INTERVAL_SECONDS, and only
+        while no association is open."""
         self.gate.audit.flush()  # summaries of ended intervals, at most one per address and kind
+        now = time.monotonic()
+        if now - self._collected_at >= GC_INTERVAL_SECONDS and not self.active_associations:
+            self._collected_at = now
+            gc.collect()
 
     def shutdown(self) -> None:
         """Stop accepting and end the connections waiting at the gate. (pynetdicom's own shutdown also
@@ -327,10 +389,14 @@ def start_gated_server(
     address: tuple[str, int],
     gate: ConnectionGate,
     evt_handlers: list[evt.EventHandlerType],
+    listen_socket: socket.socket | None = None,
 ) -> GatedAssociationServer:
-    """Bind and serve in a daemon thread, like `AE.start_server(block=False)`, with the gate in front."""
+    """Bind and serve in a daemon thread, like `AE.start_server(block=False)`, with the gate in front; or serve
+    `listen_socket`, bound and listening already (several listener processes, node/listeners.py)."""
+    if listen_socket is not None:
+        address = listen_socket.getsockname()[:2]
     server = ae.make_server(
-        address, evt_handlers=evt_handlers, server_class=GatedAssociationServer, gate=gate
+        address, evt_handlers=evt_handlers, server_class=GatedAssociationServer, gate=gate, listen_socket=listen_socket
     )  # no ssl_context here: the gate does TLS
-    threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(STOP_POLL_SECONDS,), name="dicom-listener", daemon=True).start()
     return server  # type: ignore[return-value]

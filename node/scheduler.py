@@ -8,6 +8,8 @@ Every periodic job coalesces missed runs and never overlaps itself, so a slow sc
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,32 +52,63 @@ class QuietEndWaker:
     """Runs the stability scan once the moment a study's quiet period ends, instead of leaving the study to the
     next periodic scan (which adds up to `scan_interval_seconds` to every study's latency).
 
-    Every committed source instance re-arms its study's one-shot (an APScheduler date job per study, replaced
-    by the next instance; ~25 us). The periodic scan stays: it forces `max_wait_seconds` completions and covers
-    studies received before a restart. The scan decides; a wake-up that finds nothing due does nothing.
+    Every committed source instance notes its study's time (a dictionary entry: it comes for every image, from
+    the listener or its processes). The first arms a one-shot APScheduler job for `stable_seconds` later; when it
+    fires and the study has had an instance since, it is armed again for the rest of the quiet period, else it
+    scans. (Re-arming the job for every image cost the scheduler a job object and a wake-up per image.) The
+    periodic scan stays: it forces `max_wait_seconds` completions and covers studies received before a restart.
+    The scan decides; a wake-up that finds nothing due does nothing.
     """
 
-    def __init__(self, scheduler: BackgroundScheduler, settings: Settings, scan: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        scheduler: BackgroundScheduler,
+        settings: Settings,
+        scan: Callable[[], Any],
+        clock: Callable[[], float] = time.monotonic,
+        lag_seconds: float = 0.0,
+    ) -> None:
+        """`lag_seconds`: how much later than noted a study's newest instance may be (listener processes note a
+        study at most every so often): the scan waits that much longer, so it never comes early."""
         self.scheduler = scheduler
-        self.quiet = timedelta(seconds=settings.stability.stable_seconds + QUIET_END_MARGIN_SECONDS)
+        self.quiet = settings.stability.stable_seconds + QUIET_END_MARGIN_SECONDS + lag_seconds
         self.scan = scan
-
-    def _run(self) -> None:
-        try:
-            self.scan()
-        except Exception:
-            log.exception("stability scan at the end of a quiet period failed; the periodic scan will retry")
+        self._clock = clock
+        self._latest: dict[str, float] = {}  # study -> clock time of its latest instance, while a job is armed
+        self._lock = threading.Lock()
 
     def note_instance(self, study_instance_uid: str) -> None:
         """A source instance of the study was just committed: its quiet period ends `stable_seconds` from now."""
+        with self._lock:
+            armed = study_instance_uid in self._latest
+            self._latest[study_instance_uid] = self._clock()
+        if not armed:
+            self._arm(study_instance_uid, self.quiet)
+
+    def _arm(self, study_instance_uid: str, seconds: float) -> None:
         self.scheduler.add_job(
-            self._run,
+            self._quiet_end,
             "date",
-            run_date=datetime.now(UTC) + self.quiet,
+            run_date=datetime.now(UTC) + timedelta(seconds=seconds),
+            args=(study_instance_uid,),
             id=f"quiet-end:{study_instance_uid}",
             name="stability scan at quiet end",
             replace_existing=True,
         )
+
+    def _quiet_end(self, study_instance_uid: str) -> None:
+        with self._lock:
+            latest = self._latest.get(study_instance_uid, float("-inf"))
+            remaining = latest + self.quiet - self._clock()
+            if remaining <= 0:
+                self._latest.pop(study_instance_uid, None)
+        if remaining > 0:  # instances came meanwhile: the quiet period ends later
+            self._arm(study_instance_uid, remaining)
+            return
+        try:
+            self.scan()
+        except Exception:
+            log.exception("stability scan at the end of a quiet period failed; the periodic scan will retry")
 
 
 class SchedulerComponent:

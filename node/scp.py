@@ -1,9 +1,9 @@
 """The DICOM listener: C-ECHO and C-STORE from allowed peers, durably stored before Success.
 
 Per C-STORE: free-space check, completeness check and index parse of the encoded bytes (no pixel
-decode), duplicate/own-output lookup, file write + fsync + rename, then folder fsync and database
-commit with the audit event (group-committed with concurrent stores, node/committer.py), and only
-then the Success response. Anything that cannot be stored gets a failure
+decode), duplicate/own-output lookup, file write under its final name, then file and folder fsync (at
+the same time) and database commit with the audit event (group-committed with concurrent stores,
+node/committer.py), and only then the Success response. Anything that cannot be stored gets a failure
 status with an Error Comment and an `instance.rejected` audit event; nothing is half-kept.
 
 Statuses (PS3.4 B.2.3): 0xA700 out of resources (disk below `node.min_free_disk_mb`), 0xA900 data set
@@ -17,7 +17,6 @@ copy is kept either way.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import socket
 import ssl
@@ -47,16 +46,25 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from db.ingest import IngestIndex, InstanceRecord
 from db.models import AuditEventType
-from node.audit_limit import RateLimitedAudit
+from node.audit_limit import DETAILED_PER_INTERVAL, RateLimitedAudit
 from node.committer import GroupCommitter
 from node.config import Settings
-from node.gate import ConnectionGate, GatedAssociationServer, Refusal, normalise_ip, start_gated_server
+from node.gate import (
+    REJECT_LOCAL_LIMIT,
+    ConnectionGate,
+    GatedAssociationServer,
+    Refusal,
+    normalise_ip,
+    start_gated_server,
+)
+from node.instance_locks import InstanceLocks
+from node.listener_counts import AdmissionCounts
+from node.part10 import part10_header
 from node.received import OWN_MANUFACTURER, STATUS_DOES_NOT_MATCH, InvalidDataSet, parse_index_fields
 from node.resend import Resend, compare_resend
 from node.spool import Spool
@@ -95,8 +103,8 @@ TRANSFER_SYNTAXES = [
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, calling AE title not recognized
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # rejected-transient, service-provider (presentation), local limit exceeded
 
+INSTANCE_LOCK_FILE = "instances.lock"
 MAX_PDU = 1 << 20  # receive PDUs up to 1 MiB: fewer round trips per image than the 16 KiB default
 
 
@@ -149,11 +157,6 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def _meta_prefix(file_meta: Any) -> bytes:
-    """Preamble, 'DICM' and the File Meta Information pynetdicom built for the received data set."""
-    return b"\x00" * 128 + b"DICM" + encode_file_meta(file_meta)
-
-
 class StorageSCP:
     """A pynetdicom association server bound to the spool and the ingest index."""
 
@@ -163,9 +166,21 @@ class StorageSCP:
         spool: Spool,
         index: IngestIndex,
         on_source_instance: Callable[[str], None] | None = None,
+        *,
+        listen_socket: socket.socket | None = None,
+        counts: AdmissionCounts | None = None,
+        listeners: int = 1,
+        slot: int = 0,
     ) -> None:
-        """`on_source_instance(study_uid)` is called after each source instance (not our own results) is committed."""
+        """`on_source_instance(study_uid)` is called after each source instance (not our own results) is committed.
+
+        In a listener process (node/listeners.py) `listen_socket` is the port's socket, shared with the node's other
+        `listeners`, and `counts` are the node's, shared with them too; this is listener `slot` (from 0)."""
         self.settings = settings
+        self.listen_socket = listen_socket
+        self.counts = counts
+        self.listeners = listeners
+        self.which = f" (listener {slot + 1} of {listeners})" if listeners > 1 else ""
         self.spool = spool
         self.index = index
         self.on_source_instance = on_source_instance
@@ -174,7 +189,8 @@ class StorageSCP:
         self.min_free_bytes = settings.node.min_free_disk_mb * 1024 * 1024
         self.committer = GroupCommitter(index, spool)
         self._server: GatedAssociationServer | None = None
-        self._sop_locks = [threading.Lock() for _ in range(64)]
+        # Several listener processes: a store of one UID in one of them excludes the others' (a lock file).
+        self._instance_locks = InstanceLocks(settings.data_dir / INSTANCE_LOCK_FILE if listeners > 1 else None)
         self._inflight = 0
         self._draining = False
         self._cond = threading.Condition()
@@ -197,17 +213,28 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
         ]
         node = self.settings.node
+        # Each listener process has a refusal audit limiter of its own: the detailed rows are divided among them.
+        detailed = max(1, DETAILED_PER_INTERVAL // self.listeners)
         gate = ConnectionGate(
             self._screen,
-            RateLimitedAudit(self._audit, node.refusal_audit_interval_seconds),
+            RateLimitedAudit(self._audit, node.refusal_audit_interval_seconds, detailed_per_interval=detailed),
             pending_timeout=node.pending_timeout_seconds,
             max_pending_per_address=node.max_pending_per_address,
+            max_associations=node.max_associations,
+            counts=self.counts,
             ssl_context=build_ssl_context(self.settings),
         )
         self.committer.start()
-        self._server = start_gated_server(self.ae, (node.host, node.port), gate, handlers)
+        self._server = start_gated_server(
+            self.ae, (node.host, node.port), gate, handlers, listen_socket=self.listen_socket
+        )
         log.info(
-            "listening as %s on %s:%d (%d peer(s) allowed)", node.ae_title, node.host, self.port, len(self.allowed)
+            "listening as %s on %s:%d (%d peer(s) allowed)%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            len(self.allowed),
+            self.which,
         )
 
     def stop(self, grace_seconds: float = 5.0) -> None:
@@ -233,6 +260,7 @@ class StorageSCP:
             if assoc.is_established:
                 assoc.abort()
         self.committer.stop()
+        self.index.close()
         log.info("listener stopped")
 
     def _acceptors(self) -> list[Association]:
@@ -276,7 +304,9 @@ class StorageSCP:
         tls = " (TLS)" if self.settings.node.tls_cert else ""
         accepted = len(event.assoc.accepted_contexts)
         self._audit_association(
-            event, AuditEventType.ASSOCIATION_ACCEPTED, detail=f"{accepted} presentation context(s) accepted{tls}"
+            event,
+            AuditEventType.ASSOCIATION_ACCEPTED,
+            detail=f"{accepted} presentation context(s) accepted{tls}{self.which}",
         )
 
     def _on_rejected(self, event: evt.Event) -> None:  # rejections made by pynetdicom itself (max associations)
@@ -360,8 +390,7 @@ class StorageSCP:
             "series_instance_uid": fields.series_instance_uid,
             "sop_instance_uid": sop,
         }
-        lock = self._sop_locks[int(hashlib.blake2s(sop.encode(), digest_size=2).hexdigest(), 16) % 64]
-        with lock:
+        with self._instance_locks.holding(sop):
             try:
                 stored_before, is_result, series_study = self.index.lookup(sop, fields.series_instance_uid)
                 if stored_before:
@@ -372,9 +401,9 @@ class StorageSCP:
                         STATUS_DOES_NOT_MATCH, "Series Instance UID already belongs to another study", sop, who, ids
                     )
                 own = is_result or fields.manufacturer.lower() == OWN_MANUFACTURER
-                data = _meta_prefix(event.file_meta) + stream
-                stored = self.spool.store_instance(
-                    fields.study_instance_uid, fields.series_instance_uid, sop, data, sync_dir=False
+                header = part10_header(fields.sop_class_uid, sop, transfer_syntax)
+                placed = self.spool.place_instance(
+                    fields.study_instance_uid, fields.series_instance_uid, sop, header, stream
                 )
             except OSError as exc:
                 log.error("cannot write instance %s: %s", sop, exc)
@@ -390,9 +419,9 @@ class StorageSCP:
                 sop_instance_uid=sop,
                 sop_class_uid=fields.sop_class_uid,
                 transfer_syntax_uid=transfer_syntax,
-                path=stored.relpath,
-                size_bytes=stored.size,
-                sha256=stored.sha256,
+                path=placed.relpath,
+                size_bytes=placed.size,
+                sha256="",  # the committer hashes the file while its fsync runs
                 calling_ae=calling,
                 called_ae=called,
                 peer_address=address,
@@ -409,11 +438,19 @@ class StorageSCP:
                 stat=fields.stat or request.Priority == 1,  # C-STORE priority HIGH
             )
             try:
-                added = self.committer.submit(record)  # folder fsync + commit, shared with concurrent stores
+                added = self.committer.submit(record, placed)  # file and folder fsync, commit: shared with others
+            except OSError as exc:  # an fsync failed: the file may not be on disk
+                log.error("cannot write instance %s: %s", sop, exc)
+                self._remove_unindexed(sop, placed.relpath)
+                return self._reject(
+                    STATUS_OUT_OF_RESOURCES, f"cannot write to the spool: {exc.strerror}", sop, who, ids
+                )
             except Exception as exc:
                 log.exception("cannot index instance %s", sop)
-                self._remove_unindexed(sop, stored.relpath)
+                self._remove_unindexed(sop, placed.relpath)
                 return self._reject(STATUS_PROCESSING_FAILURE, f"database error: {type(exc).__name__}", sop, who, ids)
+            finally:
+                placed.close()
             if not added:  # another process indexed the same SOP Instance UID in between: its row, this file
                 return STATUS_SUCCESS
         if self.on_source_instance is not None and not own:
@@ -421,7 +458,7 @@ class StorageSCP:
                 self.on_source_instance(fields.study_instance_uid)
             except Exception:  # the periodic scan still completes the study
                 log.exception("instance %s stored; notifying the stability scan failed", sop)
-        log.debug("stored %s (%d bytes) from %s", sop, stored.size, calling)
+        log.debug("stored %s (%d bytes) from %s", sop, placed.size, calling)
         return STATUS_SUCCESS
 
     def _answer_resend(

@@ -3,7 +3,8 @@
 Write order for every file: temp file in the destination folder, write, fsync, rename onto the
 final name, fsync the folder. A crash leaves either the old state or the complete new file, plus
 at worst a temp file, which `cleanup_temp()` removes at start. Temp files never have the `.dcm`
-suffix, so nothing that scans for instances can pick one up.
+suffix, so nothing that scans for instances can pick one up. A received instance takes its name
+before its fsync (`place_instance`: safe because no index row names it until the fsync returned).
 """
 
 from __future__ import annotations
@@ -44,6 +45,37 @@ class StoredFile:
     relpath: str  # relative to the spool root, '/' separated
     size: int
     sha256: str
+
+
+@dataclass
+class PlacedFile:
+    """A received instance under its final name, its data not yet known to be on disk (`Spool.place_instance`)."""
+
+    relpath: str  # relative to the spool root, '/' separated
+    chunks: tuple[bytes, ...]  # what was written, in order
+    folder: Path  # absolute: the folder to fsync
+    fd: int | None  # open, to fsync and close; None when already fsynced
+
+    @property
+    def size(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+    def digest(self) -> str:
+        """SHA-256 of the file's bytes (hashlib lets other threads run meanwhile: the fsyncs, the next image)."""
+        sha = hashlib.sha256()
+        for chunk in self.chunks:
+            sha.update(chunk)
+        return sha.hexdigest()
+
+    def settle(self) -> None:
+        """fsync the file's data (a no-op when it was fsynced before it got its name)."""
+        if self.fd is not None:
+            os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def contained_path(root: Path, relpath: str) -> Path:
@@ -116,37 +148,65 @@ class Spool:
             INSTANCE_SUFFIX
         )
 
-    def store_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, data: bytes, *, sync_dir: bool = True
-    ) -> StoredFile:
-        """Write a received instance to `<study>/<series>/<sop>.dcm` durably.
+    def store_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        """Write a received instance to `<study>/<series>/<sop>.dcm` durably (file and folder fsynced)."""
+        placed = self.place_instance(study_uid, series_uid, sop_uid, data)
+        try:
+            placed.settle()
+            _fsync_dir(placed.folder)
+        finally:
+            placed.close()
+        return StoredFile(relpath=placed.relpath, size=placed.size, sha256=placed.digest())
 
-        `sync_dir=False` leaves the folder fsync to the caller (`sync_parent`), which the listener uses to
-        make one folder fsync cover every file renamed into it by concurrent associations.
+    def place_instance(self, study_uid: str, series_uid: str, sop_uid: str, *chunks: bytes) -> PlacedFile:
+        """Put a received instance (`chunks` one after the other: header, data set) under its name
+        `<study>/<series>/<sop>.dcm`, not yet durable: the caller
+        `settle()`s it (fsync) and fsyncs its folder, at the same time (the listener's group committer does both for
+        every store of a batch at once, node/committer.py), and closes it.
+
+        The name comes before the fsync: a hard link from the temp file (which never replaces a file), so the
+        fsyncs of file and folder can run together. A crash before they returned may leave a torn file under the
+        name, but no index row names it (the listener commits the row after they returned, and answers after that)
+        and start-up recovery removes every file no row names. Where the name exists already (a store interrupted
+        before its row was committed) or the file system has no hard links, the temp file is fsynced first and
+        renamed over the name, as `write_atomic` does; only the folder is left to fsync then.
         """
-        return self.write_atomic(self.instance_relpath(study_uid, series_uid, sop_uid), data, sync_dir=sync_dir)
+        relpath = self.instance_relpath(study_uid, series_uid, sop_uid)
+        final = self.path(relpath)
+        temp, fd = self._open_temp(final)
+        named = False
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            try:
+                os.link(temp, final)
+                named = True
+            except OSError:  # the name exists, or no hard links here: the write_atomic order
+                os.fsync(fd)
+                os.replace(temp, final)
+                os.close(fd)
+                fd = -1
+            else:
+                os.unlink(temp)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            temp.unlink(missing_ok=True)
+            if named:
+                final.unlink(missing_ok=True)
+            raise
+        return PlacedFile(relpath, chunks, final.parent, fd if fd >= 0 else None)
 
-    def sync_parent(self, relpath: str) -> None:
-        """fsync the folder holding `relpath`, making renames into it durable."""
-        _fsync_dir(self.path(relpath).parent)
+    def sync_folder(self, folder: Path) -> None:
+        """fsync a folder of the spool, making names made in it durable."""
+        _fsync_dir(folder)
 
     def write_atomic(self, relpath: str, data: bytes, *, sync_dir: bool = True) -> StoredFile:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
         final = self.path(relpath)
-        self._ensure_dir(final.parent)
-        temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        temp, fd = self._open_temp(final)
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
-            with self._dirs_lock:
-                self._known_dirs.pop(final.parent, None)
-            self._ensure_dir(final.parent)
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -161,6 +221,18 @@ class Spool:
         if sync_dir:
             _fsync_dir(final.parent)
         return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def _open_temp(self, final: Path) -> tuple[Path, int]:
+        """A new temp file beside `final` (its folder made if need be), open for writing."""
+        self._ensure_dir(final.parent)
+        temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        try:
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
+            with self._dirs_lock:
+                self._known_dirs.pop(final.parent, None)
+            self._ensure_dir(final.parent)
+            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a spool-relative path; refuses paths that escape the spool (see contained_path)."""
@@ -229,6 +301,13 @@ class Spool:
             self._known_dirs[folder] = None
             while len(self._known_dirs) > KNOWN_DIRS_LIMIT:
                 self._known_dirs.popitem(last=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
 
 
 def _fsync_dir(folder: Path) -> None:

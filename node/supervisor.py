@@ -17,7 +17,8 @@ from node.worker import worker_main
 
 log = logging.getLogger(__name__)
 
-RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a worker that keeps dying
+RESTART_BACKOFF_SECONDS = (1.0, 300.0)  # first and longest wait before restarting a process that keeps dying
+STABLE_RUN_SECONDS = 60.0  # a process that ran this long before it died is not crash-looping: back to the first wait
 
 SPAWN = multiprocessing.get_context("spawn")  # workers never fork the serve process's threads and sockets
 
@@ -25,6 +26,35 @@ SPAWN = multiprocessing.get_context("spawn")  # workers never fork the serve pro
 def shared_event() -> EventLike:
     """An event the serve process and its worker processes share (made in the context workers start in)."""
     return SPAWN.Event()
+
+
+class RestartSchedule:
+    """When a child process that died may start again, per slot: after 1 s, doubling up to 5 min while it keeps
+    dying within a minute of its start (the inference workers below, and node/listeners.py's listeners)."""
+
+    def __init__(self) -> None:
+        self._failures: dict[int, int] = {}  # slot -> consecutive early exits
+        self._not_before: dict[int, float] = {}  # slot -> monotonic time of the next allowed start
+
+    def note_exit(self, slot: int, started_at: float, now: float) -> float | None:
+        """The child in `slot` is found dead: the wait before its restart, or None if already scheduled."""
+        if slot in self._not_before:
+            return None
+        if now - started_at > STABLE_RUN_SECONDS:
+            self._failures[slot] = 0
+        failures = self._failures.get(slot, 0) + 1
+        self._failures[slot] = failures
+        first, longest = RESTART_BACKOFF_SECONDS
+        delay = min(first * 2 ** (failures - 1), longest)
+        self._not_before[slot] = now + delay
+        return delay
+
+    def due(self, slot: int, now: float) -> bool:
+        """Whether the restart of `slot` is due now (it is then no longer scheduled)."""
+        if now < self._not_before.get(slot, now):
+            return False
+        self._not_before.pop(slot, None)
+        return True
 
 
 class WorkerSupervisor:
@@ -36,8 +66,7 @@ class WorkerSupervisor:
         self.settings = settings
         self._procs: dict[str, multiprocessing.process.BaseProcess] = {}
         self._slots: dict[str, int] = {}  # owner -> slot
-        self._failures: dict[int, int] = {}  # slot -> consecutive early exits
-        self._not_before: dict[int, float] = {}  # slot -> monotonic time of the next allowed start
+        self._restarts = RestartSchedule()
         self._lock = threading.Lock()
         self._stopping = False
         self._generation = 0
@@ -65,8 +94,14 @@ class WorkerSupervisor:
                 self._spawn(slot)
 
     def check(self) -> None:
-        """Restart dead workers (called periodically by the scheduler)."""
-        with self._lock:
+        """Restart dead workers (called periodically by the scheduler).
+
+        While start() or stop() holds the lock (a stop joins workers for up to its timeout) this check returns at
+        once: blocking would overlap its own next run, which APScheduler skips with a warning every interval.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if self._stopping:
                 return
             now = time.monotonic()
@@ -74,19 +109,15 @@ class WorkerSupervisor:
                 if proc.is_alive():
                     continue
                 slot = self._slots[owner]
-                if slot not in self._not_before:
-                    if now - self._started_at.pop(owner, now) > 60:
-                        self._failures[slot] = 0  # it ran well for a while: not a crash loop
-                    failures = self._failures.get(slot, 0) + 1
-                    self._failures[slot] = failures
-                    first, longest = RESTART_BACKOFF_SECONDS
-                    delay = min(first * 2 ** (failures - 1), longest)
-                    self._not_before[slot] = now + delay
+                delay = self._restarts.note_exit(slot, self._started_at.get(owner, now), now)
+                if delay is not None:
                     log.error("worker %s exited with code %s; restarting in %.0f s", owner, proc.exitcode, delay)
-                if now >= self._not_before[slot]:
+                if self._restarts.due(slot, now):
                     del self._procs[owner], self._slots[owner]
-                    del self._not_before[slot]
+                    self._started_at.pop(owner, None)
                     self._spawn(slot)
+        finally:
+            self._lock.release()
 
     def wake(self) -> None:
         """New jobs are queued: idle workers claim now instead of at their next poll (IDLE_POLL_SECONDS)."""

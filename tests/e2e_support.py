@@ -158,6 +158,10 @@ class NodeProcess:
 
     def start(self, timeout: float = 120.0, wait_worker: bool = True) -> NodeProcess:
         """Start serve; return once the listener accepts and (by default) a worker has loaded the model."""
+        return self.wait_ready(self.launch(), timeout, wait_worker)
+
+    def launch(self) -> int:
+        """Start serve without waiting (several nodes start side by side); the log offset to pass to wait_ready."""
         self.write_config()
         mark = len(self.log_text())
         with self.log_path.open("ab") as log:
@@ -168,6 +172,10 @@ class NodeProcess:
                 env=node_env(),
                 start_new_session=True,  # serve and its workers form one process group: killpg takes all
             )
+        return mark
+
+    def wait_ready(self, mark: int, timeout: float = 120.0, wait_worker: bool = True) -> NodeProcess:
+        """Wait until the listener launched at log offset `mark` accepts and (by default) a worker loaded the model."""
         wait_for_port("127.0.0.1", self.port, timeout, self.proc)
         if wait_worker:
 
@@ -203,6 +211,18 @@ class NodeProcess:
         self.proc.wait(timeout=30)
         wait_for(lambda: not any(_alive(p) for p in pids), 30, "the node's processes to die")
 
+    def kill_serve(self) -> list[int]:
+        """SIGKILL the serve process alone, as `kill -9 <pid>` would; once it is dead, return the pids of the rest
+        of its group (its workers), which must notice and end on their own (node/parent_watch.py, `wait_gone`)."""
+        assert self.proc is not None
+        others = [p for p in self.group_pids() if p != self.proc.pid]
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        return others
+
+    def wait_gone(self, pids: list[int], timeout: float = 60.0) -> None:
+        wait_for(lambda: not any(_alive(p) for p in pids), timeout, f"processes {pids} to end after serve's death")
+
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (graceful); SIGKILL the group if it does not stop in time."""
         if self.proc is None or self.proc.poll() is not None:
@@ -217,8 +237,13 @@ class NodeProcess:
             with contextlib.suppress(ProcessLookupError):  # anything left in the group (a hung worker) goes too
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
+    @property
+    def database_url(self) -> str:
+        """The configured `[database] url` (a shared PostgreSQL), else the node's own SQLite file."""
+        return str(self.sections.get("database", {}).get("url", "")) or f"sqlite:///{self.data_dir / 'edgenode.db'}"
+
     def database(self) -> Database:
-        return Database(f"sqlite:///{self.data_dir / 'edgenode.db'}", run_migrations=False)
+        return Database(self.database_url, run_migrations=False)
 
     def jobs(self) -> list[Job]:
         db = self.database()

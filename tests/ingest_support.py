@@ -22,8 +22,17 @@ SENDER_AE = "SENDER"
 
 
 def node_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
-    """Settings for a test node on a free port that accepts SENDER (and STORESCU) from 127.0.0.1."""
-    node = {"port": free_port(), "data_dir": str(data_dir), "min_free_disk_mb": 1, "shutdown_grace_seconds": 1.0}
+    """Settings for a test node on a free port that accepts SENDER (and STORESCU) from 127.0.0.1.
+
+    One listener, in the node's own process (tests that reach into it use `node.scp`), unless `node` says otherwise
+    (`{"listeners": 2}`: listener processes, node/listeners.py)."""
+    node = {
+        "port": free_port(),
+        "data_dir": str(data_dir),
+        "min_free_disk_mb": 1,
+        "shutdown_grace_seconds": 1.0,
+        "listeners": 1,
+    }
     node.update(sections.pop("node", {}))
     peers = sections.pop(
         "peers",

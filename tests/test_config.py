@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from node.config import SCHEDULE_T, ConfigError, Priority, load_settings
+from node.config import AUTO_LISTENERS_MAX, SCHEDULE_T, ConfigError, Priority, load_settings
 from tests.conftest import edgenode_cmd, node_env
 
 TOML = """
@@ -84,6 +85,8 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("[node]\npending_timeout_seconds = 0\n", "node.pending_timeout_seconds"),
         ("[node]\nmax_pending_per_address = 0\n", "node.max_pending_per_address"),
         ("[node]\nrefusal_audit_interval_seconds = -1\n", "node.refusal_audit_interval_seconds"),
+        ("[node]\nlisteners = -2\n", "node.listeners"),
+        ("[node]\nlisteners = 'many'\n", "node.listeners"),
     ],
 )
 def test_invalid_values_are_named(tmp_path: Path, text: str, key: str) -> None:
@@ -91,6 +94,18 @@ def test_invalid_values_are_named(tmp_path: Path, text: str, key: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("(", r"\(").replace("[", r"\[")):
         load_settings(path)
+
+
+def test_listener_processes_auto_or_a_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    assert load_settings(None).node.listeners == "auto"
+    assert load_settings(None).node.listener_count() == min(cores, AUTO_LISTENERS_MAX)
+    path = tmp_path / "listeners.toml"
+    for text, count in [("0", min(cores, AUTO_LISTENERS_MAX)), ('"auto"', min(cores, AUTO_LISTENERS_MAX)), ("3", 3)]:
+        path.write_text(f"[node]\nlisteners = {text}\n")
+        assert load_settings(path).node.listener_count() == count
+    monkeypatch.setenv("EDGENODE_NODE__LISTENERS", "1")
+    assert load_settings(path).node.listener_count() == 1
 
 
 def test_config_check_cli_exit_codes(config: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
+import psutil
 import pynetdicom._config
 import pytest
 from pydicom import dcmread
@@ -84,9 +85,10 @@ def check_spool_against_index(data_dir: Path, acked: dict[str, Path]) -> None:
     assert files == {r.path for r in rows.values()}, "spool and index disagree"
 
 
-def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path, listeners: int) -> None:
     batches = make_batches(tmp_path)
-    settings = node_settings(tmp_path / "var")
+    settings = node_settings(tmp_path / "var", node={"listeners": listeners})
     config = write_toml(settings, tmp_path / "edgenode.toml")
     serve = ServeProcess(config, settings.node.port, tmp_path / "serve.log").start()
     acked: dict[str, Path] = {}
@@ -94,6 +96,10 @@ def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path) -> 
     try:
         threads = send_concurrently(settings.node.port, batches, acked, enough, threshold=SENDERS * PER_SENDER // 4)
         assert enough.wait(120), "the node acknowledged too little before the kill"
+        assert serve.proc is not None
+        listener_processes = psutil.Process(serve.proc.pid).children()  # (none with one listener)
+        for proc in listener_processes:  # a power cut: every process of the node at once
+            proc.kill()
         serve.signal(signal.SIGKILL)
         assert serve.wait() == -signal.SIGKILL
         for thread in threads:
@@ -112,9 +118,10 @@ def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path) -> 
     assert "Traceback" not in log
 
 
-def test_sigterm_finishes_in_flight_stores_and_exits_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_sigterm_finishes_in_flight_stores_and_exits_zero(tmp_path: Path, listeners: int) -> None:
     batches = make_batches(tmp_path)
-    settings = node_settings(tmp_path / "var")
+    settings = node_settings(tmp_path / "var", node={"listeners": listeners})
     config = write_toml(settings, tmp_path / "edgenode.toml")
     serve = ServeProcess(config, settings.node.port, tmp_path / "serve.log").start()
     acked: dict[str, Path] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -10,6 +11,7 @@ from sqlalchemy import select
 from db.ingest import IngestIndex, InstanceRecord
 from db.models import PRIORITY_ROUTINE, PRIORITY_STAT, AuditEvent, Instance, Series, Study, StudyStatus
 from db.session import Database
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture
@@ -125,3 +127,79 @@ def test_a_series_uid_already_filed_under_another_study_is_refused(index: Ingest
     assert isinstance(outcome, SeriesInOtherStudy)
     with index.db.session() as s:
         assert s.scalars(select(Series.instance_count)).one() == 1
+
+
+def indexed_sops(db: Database) -> set[str]:
+    """What another connection sees committed."""
+    with db.engine.connect() as conn:
+        return set(conn.scalars(select(Instance.sop_instance_uid)))
+
+
+def test_rows_are_committed_only_once_ready_and_never_for_a_record_it_refuses(index: IngestIndex) -> None:
+    seen_before: list[set[str]] = []
+    disk_full = OSError(28, "No space left on device")
+
+    def ready() -> list[BaseException | None]:  # the listener: its files' fsyncs
+        seen_before.append(indexed_sops(index.db))
+        return [None, disk_full, None]
+
+    outcomes = index.add_instances([record("9.1"), record("9.2"), record("9.3")], ready=ready)
+    assert outcomes == [True, disk_full, True]
+    assert seen_before == [set()]  # nothing committed while the files were not yet durable
+    assert indexed_sops(index.db) == {"9.1", "9.3"}
+    with index.db.session() as s:
+        assert s.scalars(select(Series.instance_count)).one() == 2
+
+
+def test_ready_is_awaited_before_the_write_lock_when_another_writer_holds_it(index: IngestIndex) -> None:
+    import threading
+
+    called = threading.Event()
+
+    def ready() -> list[BaseException | None]:
+        called.set()
+        return [None]
+
+    outcome: list[object] = []
+    with index.write_lock:  # another writer (the stability scan, another listener process)
+        writer = threading.Thread(target=lambda: outcome.append(index.add_instances([record("9.1")], ready=ready)))
+        writer.start()
+        assert called.wait(30), "ready() waited for the lock: the lock would be held through the fsyncs"
+        assert indexed_sops(index.db) == set()
+    writer.join(30)
+    assert outcome == [[True]] and indexed_sops(index.db) == {"9.1"}
+
+
+def test_the_write_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from db.host_lock import HostWriteLock, sqlite_write_lock_path
+
+    url = f"sqlite:///{tmp_path / 'edgenode.db'}"
+    path = sqlite_write_lock_path(url)
+    assert path == tmp_path / "edgenode.db.write-lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD.format(repo=str(REPO_ROOT), path=str(path))], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        lock = HostWriteLock(path)
+        assert not lock.acquire(blocking=False)
+        holder.kill()  # SIGKILL: the kernel releases its lock
+        holder.wait(30)
+        assert lock.acquire(blocking=True)
+        lock.release()
+    finally:
+        holder.kill()
+    assert sqlite_write_lock_path("postgresql+psycopg://u@h/db") is None
+
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from db.host_lock import HostWriteLock
+HostWriteLock(__import__("pathlib").Path({path!r})).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""

@@ -68,9 +68,12 @@ def ct_files(tmp_path: Path) -> list[Path]:
     return write_datasets(make_ct_series(100, 64, 64, patient_id="PAT-SCP", accession="ACC-SCP"), tmp_path / "ct")
 
 
-def test_ct_series_stored_byte_for_byte_and_resend_is_idempotent(tmp_path: Path, ct_files: list[Path], dcmtk) -> None:
-    with running_node(node_settings(tmp_path / "var")) as node:
-        done = storescu(node.scp.port, ct_files)
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_ct_series_stored_byte_for_byte_and_resend_is_idempotent(
+    tmp_path: Path, ct_files: list[Path], dcmtk, listeners: int
+) -> None:
+    with running_node(node_settings(tmp_path / "var", node={"listeners": listeners})) as node:
+        done = storescu(node.port, ct_files)
         assert done.returncode == 0, done.stderr
         assert instance_count(node) == 100
         assert_stored_identically(node, ct_files)
@@ -89,7 +92,7 @@ def test_ct_series_stored_byte_for_byte_and_resend_is_idempotent(tmp_path: Path,
             assert {i.transfer_syntax_uid for i in s.scalars(select(Instance))} == {"1.2.840.10008.1.2.1"}
         before = sorted(p for p in node.spool.root.rglob("*") if p.is_file())
 
-        again = storescu(node.scp.port, ct_files)
+        again = storescu(node.port, ct_files)
         assert again.returncode == 0, again.stderr
         assert instance_count(node) == 100
         assert sorted(p for p in node.spool.root.rglob("*") if p.is_file()) == before
@@ -252,10 +255,12 @@ def test_full_disk_answers_out_of_resources_and_refuses_associations(tmp_path: P
         assert instance_count(node) == 1
 
 
-def test_full_disk_threshold_from_configuration(tmp_path: Path, ct_files: list[Path], dcmtk) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_full_disk_threshold_from_configuration(tmp_path: Path, ct_files: list[Path], dcmtk, listeners: int) -> None:
     free_mb = shutil.disk_usage(tmp_path).free // 2**20
-    with running_node(node_settings(tmp_path / "var", node={"min_free_disk_mb": free_mb + 10240})) as node:
-        done = storescu(node.scp.port, ct_files[:2])
+    limits = {"min_free_disk_mb": free_mb + 10240, "listeners": listeners}
+    with running_node(node_settings(tmp_path / "var", node=limits)) as node:
+        done = storescu(node.port, ct_files[:2])
         assert done.returncode != 0
         assert instance_count(node) == 0
         assert "free disk space" in audit(node, "association.rejected")[0].detail

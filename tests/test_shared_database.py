@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.audit import record_audit
 from db.clock import db_utcnow
+from db.host_lock import HostWriteLock
 from db.ingest import IngestIndex, InstanceRecord
 from db.jobs import claim_next_job, requeue_expired, requeue_owned_by
 from db.models import AuditEvent, AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
@@ -256,7 +258,11 @@ def test_two_concurrent_scans_of_one_study_create_exactly_one_job(database_url: 
                 writing.set()
 
         event.listen(db.engine, "before_cursor_execute", note_write)
-        scanners.append(StabilityScanner(settings, db, IngestIndex(db)))
+        index = IngestIndex(db)
+        # Nodes on other machines: no write lock in common. (On one machine SQLite writers share a file lock,
+        # db/host_lock.py, which would keep the second scan from reading before the first has written.)
+        index.write_lock = HostWriteLock(None)
+        scanners.append(StabilityScanner(settings, db, index))
         about_to_write.append(writing)
     created: list[list[int]] = []
     with blocker.connect() as conn:
@@ -299,3 +305,69 @@ def test_without_a_shared_spool_a_studys_job_stays_with_the_node_that_received_i
         assert taken is not None and taken.id == theirs
     finally:
         db.dispose()
+
+
+def _instance(study_uid: str, n: int) -> InstanceRecord:
+    return InstanceRecord(
+        study_instance_uid=study_uid,
+        series_instance_uid=study_uid + ".1",
+        sop_instance_uid=f"{study_uid}.1.{n}",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"{study_uid}/{n}.dcm",
+        size_bytes=1,
+        sha256="0" * 64,
+        calling_ae="PACS",
+        modality="CT",
+    )
+
+
+def test_a_new_study_arriving_at_several_nodes_at_once_is_indexed_by_all(postgres_url: str) -> None:
+    """One node has created a new study's row (not yet committed) while two others index instances of the same study
+    and series: their inserts wait for its row, and once it commits they must add to it (and to each other's new
+    series row). Before, they failed with UniqueViolation and the PACS got a failure status for those instances.
+    PostgreSQL only: SQLite serves one node, whose ingest is serialised by its write lock."""
+    Database(postgres_url).dispose()  # the schema
+    first = make_engine(postgres_url)
+    watcher = make_engine(postgres_url)
+    nodes = [IngestIndex(Database(postgres_url, run_migrations=False), spool_id="shared") for _ in range(2)]
+    outcomes: list[bool | BaseException] = []
+
+    def index(node: IngestIndex, n: int) -> None:
+        try:
+            outcomes.append(node.add_instance(_instance("9.1", n)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            outcomes.append(exc)
+
+    def waiting_for_locks() -> int:
+        with watcher.connect() as conn:
+            return int(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
+            )
+
+    try:
+        with first.begin() as conn:  # the first node's transaction, holding the new study's row
+            conn.execute(Study.__table__.insert().values(study_instance_uid="9.1", patient_id="P", spool_id="shared"))
+            threads = [threading.Thread(target=index, args=(node, n)) for n, node in enumerate(nodes, start=1)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while waiting_for_locks() < len(nodes):  # both have looked the study up, found none, and now wait
+                assert time.monotonic() < deadline, "the other nodes never reached their insert of the study"
+                time.sleep(0.05)
+        for t in threads:
+            t.join(timeout=60)
+        assert outcomes == [True, True]
+        with nodes[0].db.session() as s:
+            study = s.scalars(select(Study).where(Study.study_instance_uid == "9.1")).one()
+            assert study.instance_count == 2 and [len(series.instances) for series in study.series] == [2]
+    finally:
+        for node in nodes:
+            node.db.dispose()
+        first.dispose()
+        watcher.dispose()

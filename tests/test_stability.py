@@ -36,7 +36,7 @@ def send(node: EdgeNode, datasets: list[Dataset]) -> None:
     ae = sender_ae()
     for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="EDGENODE")
     assert assoc.is_established
     for ds in datasets:
         assert int(assoc.send_c_store(ds).Status) == 0
@@ -254,11 +254,15 @@ def test_scheduler_runs_the_scan(tmp_path: Path) -> None:
         assert len(jobs(node, str(series[0].StudyInstanceUID))) == 1
 
 
-def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path, listeners: int) -> None:
     """With the periodic scan an hour apart, the one-shot wake-up armed by the last instance completes the study
-    right after its quiet period (not before it, and not at the next periodic scan)."""
+    right after its quiet period (not before it, and not at the next periodic scan); with listener processes too,
+    whose notes reach the main process through a socket, at most one per study every fifth of a second."""
     settings = node_settings(
-        tmp_path / "var", stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600}
+        tmp_path / "var",
+        node={"listeners": listeners},
+        stability={"stable_seconds": STABLE, "max_wait_seconds": 60, "scan_interval_seconds": 3600},
     )
     with running_node(settings) as node:
         series = make_ct_series(3, 32, 32)
@@ -277,7 +281,7 @@ def test_scan_runs_when_the_quiet_period_ends(tmp_path: Path) -> None:
 
 
 def test_quiet_end_waker_rearms_one_scan_per_study() -> None:
-    """Each instance moves its study's one-shot scan to stable_seconds from now; studies do not share one."""
+    """A study's one-shot scan runs stable_seconds after its LAST instance; studies do not share one."""
     from datetime import UTC, datetime
 
     from apscheduler.schedulers.background import BackgroundScheduler
@@ -285,19 +289,31 @@ def test_quiet_end_waker_rearms_one_scan_per_study() -> None:
     from node.config import load_settings
     from node.scheduler import QuietEndWaker
 
-    scheduler = BackgroundScheduler(timezone="UTC")  # not started: jobs stay pending, nothing runs
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.start(paused=True)  # jobs are stored (and replaced) but nothing runs by itself
     scans: list[int] = []
-    waker = QuietEndWaker(scheduler, load_settings(None, stability={"stable_seconds": 30.0}), lambda: scans.append(1))
+    now = [1000.0]
+    settings = load_settings(None, stability={"stable_seconds": 30.0})
+    waker = QuietEndWaker(scheduler, settings, lambda: scans.append(1), clock=lambda: now[0])
     waker.note_instance("1.2.3")
-    first = scheduler.get_job("quiet-end:1.2.3").trigger.run_date
-    time.sleep(0.02)
-    waker.note_instance("1.2.3")
+    now[0] += 10
+    waker.note_instance("1.2.3")  # 10 s later: the quiet period now ends at 40 s
     waker.note_instance("1.2.4")
-    jobs_now = {job.id: job.trigger.run_date for job in scheduler.get_jobs()}
-    assert set(jobs_now) == {"quiet-end:1.2.3", "quiet-end:1.2.4"}
-    assert jobs_now["quiet-end:1.2.3"] > first
-    assert timedelta(seconds=29) < jobs_now["quiet-end:1.2.4"] - datetime.now(UTC) <= timedelta(seconds=30.02)
+    jobs = {job.id: job for job in scheduler.get_jobs()}
+    assert set(jobs) == {"quiet-end:1.2.3", "quiet-end:1.2.4"}
+    assert timedelta(seconds=29) < jobs["quiet-end:1.2.4"].trigger.run_date - datetime.now(UTC) <= timedelta(seconds=31)
+
+    now[0] += 20  # the first job's time (30 s after the first instance): not quiet yet, armed again for 10 s
+    jobs["quiet-end:1.2.3"].func(*jobs["quiet-end:1.2.3"].args)
     assert scans == []
+    again = scheduler.get_job("quiet-end:1.2.3")
+    assert timedelta(seconds=9) < again.trigger.run_date - datetime.now(UTC) <= timedelta(seconds=11)
+    now[0] += 10.1  # 30 s (and the margin) after the last instance: the scan runs
+    again.func(*again.args)
+    assert scans == [1]
+    jobs["quiet-end:1.2.4"].func(*jobs["quiet-end:1.2.4"].args)  # the other study's, quiet too by now
+    assert scans == [1, 1]
+    scheduler.shutdown(wait=False)
 
 
 def test_sources_after_our_own_results_complete_the_study_as_new_not_grown(node: EdgeNode) -> None:

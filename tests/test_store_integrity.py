@@ -126,21 +126,22 @@ def test_short_pixel_slice_is_refused_and_the_good_series_then_stores_and_is_ana
         assert "Synthetic" not in node.log_text()
 
 
-def test_an_absurd_size_claim_is_refused_then_the_real_copy_stores(tmp_path: Path, dcmtk) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_an_absurd_size_claim_is_refused_then_the_real_copy_stores(tmp_path: Path, dcmtk, listeners: int) -> None:
     ds = make_ct_series(1, 32, 32)[0]
     real = save(ds, tmp_path / "real.dcm")
     claim = dcmread(real)
     claim.Rows = claim.Columns = 60000
     claim.PixelData = b"\0" * 8
     absurd = save(claim, tmp_path / "absurd.dcm")
-    with running_node(node_settings(tmp_path / "var")) as node:
-        out = storescu(node.scp.port, [absurd])
+    with running_node(node_settings(tmp_path / "var", node={"listeners": listeners})) as node:
+        out = storescu(node.port, [absurd])
         assert REFUSED_A900 in out, out
         assert indexed(node.db, sop_of(absurd)) is None and spool_files(node.spool.root) == []
         (rejected,) = events(node.db, "instance.rejected")
         assert rejected.dimse_status == 0xA900 and "60000 rows x 60000 columns" in rejected.detail
         assert rejected.sop_instance_uid == sop_of(absurd)
-        out = storescu(node.scp.port, [real])
+        out = storescu(node.port, [real])
         assert "Received Store Response (Success)" in out, out
         assert indexed(node.db, sop_of(real)) is not None
 
@@ -174,7 +175,10 @@ def test_encapsulated_data_missing_frames_is_refused(tmp_path: Path, dcmtk) -> N
 # --- item 5: same SOP Instance UID, other content -------------------------------------------------------
 
 
-def test_a_resend_with_other_content_is_a_conflict_answered_with_a_warning(tmp_path: Path, dcmtk) -> None:
+@pytest.mark.parametrize("listeners", [1, 2])
+def test_a_resend_with_other_content_is_a_conflict_answered_with_a_warning(
+    tmp_path: Path, dcmtk, listeners: int
+) -> None:
     series = make_ct_series(3, 32, 32, patient_id="PAT-CONFLICT", accession="ACC-CONFLICT")
     study_uid = str(series[0].StudyInstanceUID)
     originals = write_datasets(series, tmp_path / "first")
@@ -185,20 +189,20 @@ def test_a_resend_with_other_content_is_a_conflict_answered_with_a_warning(tmp_p
     sop = sop_of(other)
     first_hash = hashlib.sha256(dataset_bytes(originals[1])).hexdigest()
     other_hash = hashlib.sha256(dataset_bytes(other)).hexdigest()
-    settings = node_settings(tmp_path / "var", web={"enabled": False, "token": TOKEN})
+    settings = node_settings(tmp_path / "var", node={"listeners": listeners}, web={"enabled": False, "token": TOKEN})
     with running_node(settings) as node:
-        out = storescu(node.scp.port, originals)
+        out = storescu(node.port, originals)
         assert out.count("Received Store Response (Success)") == 3, out
         kept = node.spool.path(indexed(node.db, sop).path)
         kept_bytes = kept.read_bytes()
 
-        out = storescu(node.scp.port, originals)  # an identical resend: plain idempotent success
+        out = storescu(node.port, originals)  # an identical resend: plain idempotent success
         assert out.count("Received Store Response (Success)") == 3, out
         assert len(events(node.db, "instance.duplicate")) == 3 and events(node.db, "instance.conflict") == []
 
-        out = storescu(node.scp.port, [other])  # dcmtk shows the warning it received
+        out = storescu(node.port, [other])  # dcmtk shows the warning it received
         assert "Received Store Response (Warning: CoercionOfDataElements)" in out, out
-        assoc = sender_ae([other]).associate("127.0.0.1", node.scp.port, ae_title=NODE_AET)
+        assoc = sender_ae([other]).associate("127.0.0.1", node.port, ae_title=NODE_AET)
         status = assoc.send_c_store(other)  # and pynetdicom the exact status and comment
         assoc.release()
         assert int(status.Status) == 0xB000

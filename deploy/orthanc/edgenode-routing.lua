@@ -4,13 +4,20 @@
 -- Copy this file next to orthanc.json, list it under "LuaScripts", and declare the node under
 -- "DicomModalities" as "edgenode" (see orthanc.json in this folder).
 --
+-- Several nodes (operator guide, "More than one node"): declare each as "edgenode-<name>" instead
+-- ("edgenode-a", "edgenode-b", ...). Each study goes whole to one of them, always the same one for a
+-- study (chosen from Orthanc's study ID, a hash of the study's UIDs), so a study that grows later goes
+-- where the rest of it is. With "EdgenodeFailover": true in orthanc.json (only where the nodes share
+-- their spool), a study the chosen node does not take goes to the next node at once instead of waiting
+-- for a retry.
+--
 -- A forward the node refuses or cannot take (node down, low disk, restarting) is retried: after
 -- RETRY_FIRST_SECONDS, doubling up to RETRY_MAX_SECONDS, for RETRY_FOR_SECONDS, then given up (logged;
 -- resend by hand as the operator guide says). Retries run on Orthanc's Lua heartbeat (Orthanc >= 1.11:
 -- set "LuaHeartBeatPeriod", e.g. 30) and, on any version, whenever an instance arrives. The retry list
 -- lives in memory: after an Orthanc restart, resend what was pending by hand.
 
-local NODE = 'edgenode'                              -- name of the node in DicomModalities
+local NODE = 'edgenode'                              -- the node in DicomModalities, or the prefix of several
 local ROUTED_MODALITIES = { CT = true, CR = true, DX = true }
 local RETRY_FIRST_SECONDS = 30
 local RETRY_MAX_SECONDS = 600
@@ -18,18 +25,50 @@ local RETRY_FOR_SECONDS = 24 * 3600
 local routed = {}                                    -- series already sent (since Orthanc started)
 local retries = {}                                   -- study ID -> { resources, delay, next_at, since }
 
+-- The nodes declared in DicomModalities ("edgenode", or "edgenode-*"), sorted by name.
+local function Nodes()
+  local nodes = {}
+  for _, name in ipairs(ParseJson(RestApiGet('/modalities'))) do
+    if name == NODE or string.sub(name, 1, string.len(NODE) + 1) == NODE .. '-' then
+      table.insert(nodes, name)
+    end
+  end
+  table.sort(nodes)
+  return nodes
+end
+
+-- The nodes to try for a study: its own node first (the same one every time), then, with failover, the others.
+local function NodesFor(studyId)
+  local nodes = Nodes()
+  if #nodes == 0 then
+    print('edgenode routing: no node in DicomModalities (declare "' .. NODE .. '" or "' .. NODE .. '-<name>")')
+    return nodes
+  end
+  local first = tonumber(string.sub(studyId, 1, 8), 16) % #nodes
+  local config = GetOrthancConfiguration()
+  local count = (config['EdgenodeFailover'] == true) and #nodes or 1
+  local order = {}
+  for k = 0, count - 1 do
+    table.insert(order, nodes[(first + k) % #nodes + 1])
+  end
+  return order
+end
+
 -- One association for the whole study; the node treats a repeated instance as a no-op, so a resend
--- (a retry, or after an Orthanc restart) is harmless. True when the node took every instance.
+-- (a retry, or after an Orthanc restart) is harmless. True when a node took every instance.
 local function Forward(studyId, resources)
   local body = DumpJson({ Resources = resources, Synchronous = true })
-  local ok, answer = pcall(RestApiPost, '/modalities/' .. NODE .. '/store', body, false)
-  if ok and answer ~= nil then
-    for _, id in ipairs(resources) do
-      routed[id] = true
+  for _, node in ipairs(NodesFor(studyId)) do
+    local ok, answer = pcall(RestApiPost, '/modalities/' .. node .. '/store', body, false)
+    if ok and answer ~= nil then
+      for _, id in ipairs(resources) do
+        routed[id] = true
+      end
+      retries[studyId] = nil
+      print('edgenode routing: sent ' .. #resources .. ' series of study ' .. studyId .. ' to ' .. node)
+      return true
     end
-    retries[studyId] = nil
-    print('edgenode routing: sent ' .. #resources .. ' series of study ' .. studyId)
-    return true
+    print('edgenode routing: ' .. node .. ' did not take study ' .. studyId)
   end
   return false
 end

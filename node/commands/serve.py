@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         hint = "" if isinstance(exc, WebPortUnavailable) else f" (is DICOM port {settings.node.port} free?)"
         log.error("cannot start: %s%s", exc, hint)
         return 1
-    log.info("edgenode ready: AE %s port %d, data in %s", settings.node.ae_title, node.scp.port, settings.data_dir)
+    log.info("edgenode ready: AE %s port %d, data in %s", settings.node.ae_title, node.port, settings.data_dir)
     if not settings.peers:
         log.warning(NO_PEERS)
     while not stop_requested.wait(1.0):
