@@ -37,6 +37,7 @@ def test_build_exports_into_the_cache_and_info_lists_it(tmp_path: Path) -> None:
     assert exported[0].name in listed.stdout and "opset 17" in listed.stdout
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_unavailable_backend_and_missing_model_exit_2(tmp_path: Path) -> None:
     missing = _edgenode(tmp_path, "engine", "build", "--model", str(tmp_path / "none.safetensors"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -67,6 +68,7 @@ def test_info_probes_on_request_and_then_shows_the_cached_table(tmp_path: Path) 
     assert table and all(line in probed.stdout for line in table)
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_info_shows_which_model_serves_each_modality(tmp_path: Path) -> None:
     """Default: the bundled CT model serves CT; CR and DX are received but not analysed (no radiograph model).
     With the per-modality table naming a model trained for CR/DX, that one serves them."""

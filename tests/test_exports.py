@@ -81,6 +81,7 @@ def as_text(value: object) -> str:
     return "'" + text if isinstance(value, str) and text.startswith(FORMULA_STARTS) else text
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_worklist_csv_holds_the_received_values_as_text(hostile_node: ServedNode) -> None:
     as_json = json.loads(cli(hostile_node, "worklist", "--format", "json").stdout)
     assert len(as_json) == len(HOSTILE) and '=HYPERLINK("http://x")' in {r["accession_number"] for r in as_json}

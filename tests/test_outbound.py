@@ -246,6 +246,7 @@ def test_warning_accepted_failure_retried_and_only_needed_contexts(
     assert sorted(e.outcome for e in warning) == ["success", "warning"]
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_dead_letter_then_cli_list_and_retry(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     db, spool = node_db
     sources, objects = ct_objects(heatmaps=1)

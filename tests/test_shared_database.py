@@ -50,6 +50,7 @@ def _open(url: str, out: multiprocessing.Queue) -> None:
         out.put(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_processes_starting_together_on_an_empty_database_all_migrate(database_url: str) -> None:
     """Without the migration lock the second of two nodes on PostgreSQL died with UniqueViolation (3 of 3 tries)."""
     ctx = multiprocessing.get_context("spawn")

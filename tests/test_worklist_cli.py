@@ -83,6 +83,7 @@ def worklist_json(node: ServedNode, *args: str) -> list[dict]:
     return json.loads(cli(node, "worklist", "--format", "json", *args).stdout)
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_worklist_order_follows_the_real_scores(real_run: ServedNode) -> None:
     scores = db_scores(real_run)
     assert all(isinstance(scores[a], float) for a in (*SCORED, "ACC-STAT")) and scores["ACC-ABD"] is None
@@ -108,6 +109,7 @@ def test_worklist_order_follows_the_real_scores(real_run: ServedNode) -> None:
     assert abdomen["received_at"].endswith("Z") and abdomen["completed_at"] is not None
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_results_really_reached_the_receivers(real_run: ServedNode) -> None:
     """What the worklist calls `sent` is in the sender's storescp: SEG, SC and SR of each study it sent."""
     received: dict[str, dict[str, list[str]]] = {}
@@ -123,6 +125,7 @@ def test_results_really_reached_the_receivers(real_run: ServedNode) -> None:
     assert received["ACC-STAT"] == {"seg": ["ER_CT"], "sc": ["ER_CT"], "sr": ["ER_CT"]}
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_filters_and_formats(real_run: ServedNode) -> None:
     scores = db_scores(real_run)
     by_score = sorted(SCORED, key=lambda a: -scores[a])  # type: ignore[operator]
@@ -164,6 +167,7 @@ def audit_json(node: ServedNode, *args: str) -> list[dict]:
     return json.loads(cli(node, "audit", "--format", "json", *args).stdout)
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     a = real_run.studies["ACC-A"]
     events = audit_json(real_run, "--accession", "ACC-A")
@@ -208,6 +212,7 @@ def test_audit_trail_of_the_real_run(real_run: ServedNode) -> None:
     assert bad.returncode == 2 and "ISO date" in bad.stderr
 
 
+@pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
 def test_dead_letters_retried_once_the_destination_is_back(real_run: ServedNode) -> None:
     """The operator guide's fix for dead letters, for real: start a receiver on OFFLINE's port, then
     `edgenode outbound retry --all-dead` and `edgenode outbound send`. Runs last: it changes the delivery state."""
