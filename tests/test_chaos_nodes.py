@@ -47,6 +47,9 @@ class Claim:
     study_instance_uid: str
 
 
+LISTENERS = 2  # listener processes per node (fixed: `auto` depends on the machine's cores)
+
+
 def two_nodes(tmp_path: Path, model: Path, database_url: str, pacs_port: int) -> tuple[NodeProcess, NodeProcess]:
     """Nodes A and B: own data folders (fixed instance ids, so the test knows their identities), one database, one
     spool, results to the PACS through `pacs_port`."""
@@ -56,6 +59,7 @@ def two_nodes(tmp_path: Path, model: Path, database_url: str, pacs_port: int) ->
             "acse_timeout": 5.0,
             "dimse_timeout": 10.0,
             "network_timeout": 10.0,
+            "listeners": LISTENERS,
         },
         "database": {"url": database_url},
         "inference": {"ensemble": 2, "steps": 6},  # seconds of analysis per study: room to kill a worker mid-way
@@ -165,7 +169,9 @@ def test_two_nodes_one_killed_mid_analysis_and_mid_send_every_study_once_every_r
             send_wave(waves[0])
             analysing = wait_for(lambda: running_without_results(db, a_id), 120, "node A analysing a study", 0.05)
             a.wait_gone(a.kill_serve())
-            assert a.log_text().count("is gone: stopping") == 1, "A's worker did not end through the parent watch"
+            # The parent watch ends A's worker and each of its listener processes, one log line each.
+            gone = a.log_text().count("is gone: stopping")
+            assert gone == 1 + LISTENERS, f"A's worker and listeners did not all end through the parent watch ({gone})"
 
             # 2. Restarted, A gets the second half; killed while its sender holds claims on unsent results.
             a.start(timeout=180)
@@ -180,7 +186,10 @@ def test_two_nodes_one_killed_mid_analysis_and_mid_send_every_study_once_every_r
             held_at_kill = pending_claimed_by(db, a_sender)
             assert held_at_kill, f"A's sender had finished its claims {sending_claims} before the kill"
             a.wait_gone(workers)
-            assert a.log_text().count("is gone: stopping") == 2, "A's worker did not end through the parent watch"
+            gone = a.log_text().count("is gone: stopping")
+            assert gone == 2 * (1 + LISTENERS), (
+                f"A's worker and listeners did not all end through the parent watch ({gone})"
+            )
 
             # 3. Restarted again: everything is analysed and delivered.
             a.start(timeout=180)
