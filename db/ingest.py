@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import NamedTuple
 
 from sqlalchemy import Connection, Insert, bindparam, case, exists, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.audit import insert_audit
@@ -156,18 +156,22 @@ class IngestIndex:
         process indexed the same instance in between), not e.g. when retention removed the study meanwhile. An
         integrity error that is no duplicate is tried again (up to INDEX_ATTEMPTS): another process may just have
         created the study or series this instance goes into (listener processes on PostgreSQL store one study
-        from several associations at once), and the next try finds it.
+        from several associations at once), and the next try finds it. So is a deadlock PostgreSQL broke by
+        aborting this transaction (rows are locked in one order, so only other writers' orders can cause one).
         """
         for attempt in range(1, INDEX_ATTEMPTS + 1):
             with self.write_lock:
                 try:
                     with self.db.engine.begin() as conn:
-                        _add_instance(conn, rec, self.spool_id)
+                        add_instance_rows(conn, rec, self.spool_id)
                     return True
                 except IntegrityError:
                     if self.lookup(rec.sop_instance_uid)[0]:
                         return False
                     if attempt == INDEX_ATTEMPTS:
+                        raise
+                except OperationalError as exc:
+                    if not _is_deadlock(exc) or attempt == INDEX_ATTEMPTS:
                         raise
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -193,9 +197,9 @@ class IngestIndex:
             conn = self._connection()
             try:
                 with conn.begin():
-                    for rec, outcome in zip(records, outcomes, strict=True):
-                        if outcome is None:
-                            _add_instance(conn, rec, self.spool_id)
+                    for position in _lock_order(records):
+                        if outcomes[position] is None:
+                            add_instance_rows(conn, records[position], self.spool_id)
                     if ready is not None and not waited:
                         waited = True
                         if self._exclude(ready(), outcomes):
@@ -255,6 +259,16 @@ class IngestIndex:
             yield from session.scalars(select(Instance.path).execution_options(yield_per=5000))
 
 
+def _is_deadlock(exc: OperationalError) -> bool:
+    """PostgreSQL chose this transaction as a deadlock's victim (SQLSTATE 40P01): safe to run again."""
+    return getattr(exc.orig, "sqlstate", None) == "40P01"
+
+
+def _lock_order(records: list[InstanceRecord]) -> list[int]:
+    """Positions of `records` in (study, series) order: the order in which `add_instance_rows` locks rows."""
+    return sorted(range(len(records)), key=lambda k: (records[k].study_instance_uid, records[k].series_instance_uid))
+
+
 def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object]) -> int:
     """The primary key of the one row a single-row INSERT added."""
     key = conn.execute(statement, params).inserted_primary_key
@@ -263,7 +277,9 @@ def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object])
     return int(key[0])
 
 
-def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
+def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
+    """Write one instance's rows (study and series created or counted, the instance, its audit event) in the
+    caller's transaction; `IngestIndex` wraps it with the write lock, retries and group commit."""
     q = _IngestStatements
     now = utcnow()
     study_id, series_id, series_study_id, series_is_own = conn.execute(
@@ -325,11 +341,13 @@ def _add_instance(conn: Connection, rec: InstanceRecord, spool_id: str | None = 
             "received_at": now,
         },
     )
-    conn.execute(q.count_series, {"key": series_id})
+    # Study row before series row, and a batch in (study, series) order: every transaction takes these row locks
+    # in one global order, so listener processes storing one study's series at once never deadlock (PostgreSQL).
     if rec.own_output:
         conn.execute(q.count_study, {"key": study_id})
     else:
         conn.execute(q.count_study_stat if rec.stat else q.count_study_source, {"key": study_id, "now": now})
+    conn.execute(q.count_series, {"key": series_id})
     insert_audit(
         conn,
         AuditEventType.INSTANCE_STORED,

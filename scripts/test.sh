@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the machine (scripts/setup.sh), runs the static checks (lint, format, types, import layering),
-# then the whole test suite. Arguments go to pytest (e.g. `-m "not slow"` for the fast tier).
+# then the tests: the fast tier (not marked slow) on every core with pytest-xdist, then the slow tier one test
+# at a time (whole nodes, chaos, benchmarks: they time real processes and would starve each other).
+# `--fast` stops after the fast tier. Other arguments go to pytest (e.g. -q, -x, -k pattern).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -21,4 +23,14 @@ if [ ${#failed[@]} -gt 0 ]; then
   printf 'test: static check failed: %s\n' "${failed[@]}" >&2
   exit 1
 fi
-exec .venv/bin/python -m pytest "$@"
+fast_only=false
+if [ "${1:-}" = "--fast" ]; then
+  fast_only=true
+  shift
+fi
+echo "test: fast tier (pytest -m 'not slow' -n auto)"
+.venv/bin/python -m pytest -m "not slow" -n auto "$@"
+if [ "$fast_only" = false ]; then
+  echo "test: slow tier (pytest -m slow)"
+  .venv/bin/python -m pytest -m slow "$@"
+fi

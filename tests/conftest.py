@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# One copy of each, shared with `edgenode demo` (TCP_NODELAY=1 for dcmtk and Orthanc); re-exported for the tests.
-from node.local_orthanc import free_port as free_port
+# The peers' environment is shared with `edgenode demo` (TCP_NODELAY=1 for dcmtk and Orthanc); re-exported here.
 from node.local_orthanc import peer_env as peer_env
+from tests.ports import free_port as free_port  # race-free under pytest-xdist
 
 # The throwaway PostgreSQL server and the `database_url` fixture (SQLite and PostgreSQL).
 pytest_plugins = ["tests.postgres"]

@@ -23,8 +23,9 @@ from sqlalchemy import select
 from db.models import AuditEvent, Job, Study
 from db.session import Database
 from node.config import load_settings, settings_to_toml
-from node.local_orthanc import Orthanc, free_port, peer_env, wait_for_port
+from node.local_orthanc import Orthanc, peer_env, wait_for_port
 from tests.conftest import REPO_ROOT, edgenode_cmd, node_env
+from tests.ports import free_port
 from tests.radiograph_model import per_modality
 
 ROUTING_LUA = REPO_ROOT / "deploy" / "orthanc" / "edgenode-routing.lua"
@@ -53,6 +54,8 @@ def routing_pacs(workdir: Path, node_port: int, stable_age: int = 1) -> Orthanc:
     """Orthanc as the site's PACS: routes stable original studies to the node with the deploy Lua script."""
     return Orthanc(
         workdir,
+        dicom_port=free_port(),
+        http_port=free_port(),
         aet=PACS_AET,
         modalities={"edgenode": (NODE_AET, "127.0.0.1", node_port)},
         lua_scripts=[ROUTING_LUA],

@@ -12,7 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from node.local_orthanc import free_port, peer_env, stop_process, wait_for_port
+from node.local_orthanc import peer_env, stop_process, wait_for_port
+from tests.ports import free_port
 
 STORESCP_BIN = Path("/usr/bin/storescp")
 

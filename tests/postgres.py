@@ -15,7 +15,6 @@ import itertools
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,14 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 SUPERUSER = "postgres"
 ENGINES = ("sqlite", "postgresql")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_bin_dir() -> Path | None:
@@ -115,7 +110,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if user is not None:
         entry = pwd.getpwnam(user)
         os.chown(root, entry.pw_uid, entry.pw_gid)
-    server = PostgresServer(bin_dir, root, _free_port(), user)
+    server = PostgresServer(bin_dir, root, free_port(), user)
     server.start()
     try:
         yield server

@@ -27,6 +27,7 @@ from node.identity import boot_id, node_identity
 from node.local_orthanc import Orthanc
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.e2e_support import NODE_AET, PACS_AET, NodeProcess, make_model, storescu, wait_for
+from tests.ports import free_port
 from tests.slow_link import SlowLink
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]  # two real nodes, one killed twice during a real run
@@ -151,7 +152,10 @@ def test_two_nodes_one_killed_mid_analysis_and_mid_send_every_study_once_every_r
     study_uids = {str(ct[0].StudyInstanceUID) for ct in studies}
     waves = [files[: STUDIES // 2], files[STUDIES // 2 :]]  # half before the first kill, half after the restart
 
-    with Orthanc(tmp_path / "pacs", aet=PACS_AET) as pacs, SlowLink(pacs.dicom_port, LINK_DELAY) as link:
+    with (
+        Orthanc(tmp_path / "pacs", aet=PACS_AET, dicom_port=free_port(), http_port=free_port()) as pacs,
+        SlowLink(pacs.dicom_port, LINK_DELAY) as link,
+    ):
         a, b = two_nodes(tmp_path, model, postgres_url, link.port)
         a_id, b_id = node_identity(a.data_dir), node_identity(b.data_dir)
         db: Database | None = None

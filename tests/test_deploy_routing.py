@@ -19,6 +19,7 @@ from node.local_orthanc import Orthanc, peer_env
 from tests.conftest import REPO_ROOT
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.peers import StoreSCP
+from tests.ports import free_port
 
 LUA = REPO_ROOT / "deploy" / "orthanc" / "edgenode-routing.lua"
 
@@ -56,6 +57,8 @@ def test_orthanc_routes_originals_but_not_node_results(tmp_path: Path) -> None:
         StoreSCP(tmp_path / "node-inbox", aet="EDGENODE") as node,
         Orthanc(
             tmp_path / "orthanc",
+            dicom_port=free_port(),
+            http_port=free_port(),
             aet="PACS",
             modalities={"edgenode": ("EDGENODE", "127.0.0.1", node.port)},
             lua_scripts=[LUA],
@@ -87,6 +90,8 @@ def test_a_refused_forward_is_retried_once_the_node_is_back(tmp_path: Path) -> N
     node = StoreSCP(tmp_path / "node-inbox", aet="EDGENODE")  # not started: the node is down
     with Orthanc(
         tmp_path / "orthanc",
+        dicom_port=free_port(),
+        http_port=free_port(),
         aet="PACS",
         modalities={"edgenode": ("EDGENODE", "127.0.0.1", node.port)},
         lua_scripts=[fast],
@@ -139,6 +144,8 @@ def sop_uids(scp: StoreSCP) -> set[str]:
 def routing_to_nodes(tmp_path: Path, nodes: dict[str, StoreSCP], failover: bool = False) -> Orthanc:
     return Orthanc(
         tmp_path / "orthanc",
+        dicom_port=free_port(),
+        http_port=free_port(),
         aet="PACS",
         modalities={name: ("EDGENODE", "127.0.0.1", scp.port) for name, scp in nodes.items()},
         lua_scripts=[LUA],

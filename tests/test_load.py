@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import select
 
 from db.models import Job, JobStatus, OutboundItem, OutboundStatus, Result, Study
-from node.local_orthanc import Orthanc, free_port
+from node.local_orthanc import Orthanc
 from tests.dicomgen import make_ct_series, make_dx, write_datasets
 from tests.e2e_support import PACS_AET, NodeProcess, make_model, node_results_in_pacs, storescu, wait_for
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # 8 studies through a real node and Orthanc
 
@@ -71,7 +72,7 @@ def test_concurrent_senders_every_study_processed_once(tmp_path: Path) -> None:
             except BaseException as exc:  # noqa: BLE001 - asserted below
                 errors.append(exc)
 
-    with Orthanc(tmp_path / "pacs", aet=PACS_AET) as pacs:
+    with Orthanc(tmp_path / "pacs", aet=PACS_AET, dicom_port=free_port(), http_port=free_port()) as pacs:
         node.sections["peers"] = [
             {"ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs.dicom_port},
             *({"ae_title": ae, "host": "127.0.0.1", "port": free_port()} for ae in senders),

@@ -19,13 +19,14 @@ from db.models import AuditEvent, Job, OutboundItem, OutboundStatus, Study
 from db.outbound import Backoff, list_items
 from db.session import Database
 from node.config import NodeSettings, PeerSettings, ResultsSettings, SendSettings, Settings, settings_to_toml
-from node.local_orthanc import Orthanc, free_port
+from node.local_orthanc import Orthanc
 from node.outbound import enqueue, retry_dead, send_due
 from node.results import ResultObject, write_results
 from node.spool import Spool
 from tests.conftest import edgenode_cmd, node_env
 from tests.dicomgen import make_ct_series
 from tests.peers import StoreSCP
+from tests.ports import free_port
 from tests.test_results import MODEL, ct_result
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -115,7 +116,7 @@ def orthanc_sop_classes(orthanc: Orthanc, study_uid: str) -> dict[str, str]:
 def test_orthanc_files_seg_sc_and_sr_under_the_source_study(tmp_path: Path, node_db: tuple[Database, Spool]) -> None:
     db, spool = node_db
     sources, objects = ct_objects()
-    with Orthanc(tmp_path / "orthanc") as orthanc:
+    with Orthanc(tmp_path / "orthanc", dicom_port=free_port(), http_port=free_port()) as orthanc:
         for ds in sources:  # the PACS already holds the study the node analysed
             path = tmp_path / "src.dcm"
             ds.save_as(path, enforce_file_format=True)
@@ -167,7 +168,7 @@ def test_dead_pacs_backoff_then_restart_delivers_each_object_once(
     db2 = Database(db.url)
     spool2 = Spool(spool.root)
     try:
-        with Orthanc(tmp_path / "orthanc", dicom_port=port) as orthanc:
+        with Orthanc(tmp_path / "orthanc", dicom_port=port, http_port=free_port()) as orthanc:
             report = send_due(settings, db2, spool2, now=now)
             assert len(report.sent) == len(objects)
             assert send_due(settings, db2, spool2, now=now + timedelta(hours=1)).attempted == 0

@@ -20,12 +20,12 @@ from db.outbound import claim_due_items, mark_sent, renew_leases
 from db.session import Database
 from node.config import PeerSettings, RetentionSettings
 from node.identity import node_identity, sender_owner
-from node.local_orthanc import free_port
 from node.outbound import enqueue, release_own_claims
 from node.retention import run_retention
 from node.spool import TEMP_SUFFIX, Spool
 from tests.conftest import edgenode_cmd, node_env
 from tests.peers import StoreSCP
+from tests.ports import free_port
 from tests.test_outbound import audit_count, ct_objects, items, make_job, make_settings
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from node.part10 import part10_header
@@ -16,7 +16,11 @@ from node.part10 import part10_header
     [
         ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", ExplicitVRLittleEndian),  # even and odd lengths
         ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.45", ImplicitVRLittleEndian),
-        ("1.2.840.10008.5.1.4.1.1.66.4", generate_uid(), JPEG2000Lossless),
+        (
+            "1.2.840.10008.5.1.4.1.1.66.4",
+            "1.2.826.0.1.3680043.8.498.58435788208496103570932843075096646687",
+            JPEG2000Lossless,
+        ),
         ("1.2.840.10008.5.1.4.1.1.88.34", "1." + "2" * 62, ExplicitVRLittleEndian),  # 64 characters
     ],
 )

@@ -8,18 +8,19 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import event, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.audit import record_audit
 from db.clock import db_utcnow
 from db.host_lock import HostWriteLock
-from db.ingest import IngestIndex, InstanceRecord
+from db.ingest import IngestIndex, InstanceRecord, add_instance_rows
 from db.jobs import claim_next_job, requeue_expired, requeue_owned_by
 from db.models import AuditEvent, AuditEventType, Job, JobStatus, Study, StudyStatus, utcnow
 from db.session import Database, alembic_config, make_engine
@@ -308,6 +309,19 @@ def test_without_a_shared_spool_a_studys_job_stays_with_the_node_that_received_i
         db.dispose()
 
 
+def _waiting_for_locks(watcher: Engine) -> int:
+    """How many sessions of the test database wait for a lock (PostgreSQL)."""
+    with watcher.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
 def _instance(study_uid: str, n: int) -> InstanceRecord:
     return InstanceRecord(
         study_instance_uid=study_uid,
@@ -340,17 +354,6 @@ def test_a_new_study_arriving_at_several_nodes_at_once_is_indexed_by_all(postgre
         except BaseException as exc:  # noqa: BLE001 - reported below
             outcomes.append(exc)
 
-    def waiting_for_locks() -> int:
-        with watcher.connect() as conn:
-            return int(
-                conn.execute(
-                    text(
-                        "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                    )
-                ).scalar_one()
-            )
-
     try:
         with first.begin() as conn:  # the first node's transaction, holding the new study's row
             conn.execute(Study.__table__.insert().values(study_instance_uid="9.1", patient_id="P", spool_id="shared"))
@@ -358,7 +361,7 @@ def test_a_new_study_arriving_at_several_nodes_at_once_is_indexed_by_all(postgre
             for t in threads:
                 t.start()
             deadline = time.monotonic() + 60
-            while waiting_for_locks() < len(nodes):  # both have looked the study up, found none, and now wait
+            while _waiting_for_locks(watcher) < len(nodes):  # both have looked the study up, found none, and now wait
                 assert time.monotonic() < deadline, "the other nodes never reached their insert of the study"
                 time.sleep(0.05)
         for t in threads:
@@ -371,4 +374,53 @@ def test_a_new_study_arriving_at_several_nodes_at_once_is_indexed_by_all(postgre
         for node in nodes:
             node.db.dispose()
         first.dispose()
+        watcher.dispose()
+
+
+def test_two_series_of_one_study_indexed_at_once_never_deadlock(postgres_url: str) -> None:
+    """Listener A has indexed an instance of series 1 and, before it commits, indexes one of series 2, while
+    listener B indexes another of series 2. Rows are locked study first, so B waits for A's study row without
+    holding series 2. Before, B held series 2 and waited for the study while A waited for series 2: PostgreSQL
+    aborted one as a deadlock (seen as status 0x0110 from listener processes storing one study's two series)."""
+    index = IngestIndex(Database(postgres_url))
+    for series, n in (("10.1.1", 0), ("10.1.2", 0)):  # the study and both series exist
+        assert index.add_instance(
+            replace(_instance("10.1", n), series_instance_uid=series, sop_instance_uid=f"{series}.{n}")
+        )
+    index.db.dispose()
+    listener_a = make_engine(postgres_url)
+    listener_b = IngestIndex(Database(postgres_url, run_migrations=False))
+    watcher = make_engine(postgres_url)
+    errors: list[BaseException] = []
+    for engine in (listener_a, listener_b.db.engine):
+        event.listen(engine, "handle_error", lambda context: errors.append(context.original_exception))
+
+    def record(series: str, n: int) -> InstanceRecord:
+        return replace(_instance("10.1", n), series_instance_uid=series, sop_instance_uid=f"{series}.{n}")
+
+    def index_b() -> None:
+        try:
+            listener_b.add_instance(record("10.1.2", 1))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        with listener_a.begin() as conn:
+            add_instance_rows(conn, record("10.1.1", 1))
+            b = threading.Thread(target=index_b)
+            b.start()
+            deadline = time.monotonic() + 60
+            while _waiting_for_locks(watcher) < 1:  # B waits for a row A holds
+                assert time.monotonic() < deadline, "listener B never waited for listener A"
+                time.sleep(0.05)
+            add_instance_rows(conn, record("10.1.2", 2))
+        b.join(timeout=60)
+        assert errors == []
+        with listener_b.db.session() as s:
+            study = s.scalars(select(Study).where(Study.study_instance_uid == "10.1")).one()
+            assert study.instance_count == 5
+            assert sorted(series.instance_count for series in study.series) == [2, 3]
+    finally:
+        listener_b.db.dispose()
+        listener_a.dispose()
         watcher.dispose()

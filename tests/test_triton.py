@@ -43,12 +43,12 @@ from node.worker import JobRunner
 from tests.conftest import edgenode_cmd, node_env
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.engine_models import random_batch, saved_unet
+from tests.ports import free_port
 from tests.test_scp_tls import make_pki
 from tests.test_worker import received_study
 from tests.triton_support import (
     TritonProcess,
     bundled_backends,
-    free_port,
     pytriton_python,
     pytriton_server,
     raw_tritonserver,

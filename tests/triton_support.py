@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.ports import free_port
 
 VENV = REPO_ROOT / ".cache" / "pytriton-venv"
 REQUIREMENTS = ("nvidia-pytriton==0.7.0", "onnxruntime")
@@ -85,12 +86,6 @@ def server_env(python: Path, extra_paths: list[str] | None = None) -> dict[str, 
     env["LD_LIBRARY_PATH"] = ":".join(libs)
     env.pop("PYTHONPATH", None)  # the server venv must not see the project's packages
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class TritonProcess:
