@@ -3,6 +3,10 @@
 Each member sees the same slice with different noise (its own seed), so the spread of the reconstructions says
 how sure the model is; the mean reconstruction is what detection uses (the error against it is the anomaly map).
 Seeds are per (member, slice) item, so results do not depend on the chunk size.
+
+A mixed-depth ensemble gives members different timestep schedules (member k runs schedule k mod n): shallow
+members keep fine anatomy, deep ones (SAC-Diff's T_s = 550 of 1000) can heal large diffuse findings that a
+shallow start leaves in place.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def ensemble_reconstruct(
     seed: int = 0,
     clip: bool = True,
     progress: Callable[[float], None] | None = None,
+    deeper: Sequence[Sequence[int]] = (),
 ) -> EnsembleOutput:
     """Diffuse each slice to timesteps[0] and reconstruct it `members` times.
 
@@ -51,22 +56,29 @@ def ensemble_reconstruct(
     up to denoiser.max_batch items runs the whole reverse process before the next chunk starts, so memory is
     bounded by the chunk. Sums of the differences to member 0's reconstruction (always computed first) are
     accumulated: shifting by a member avoids the float32 cancellation of sum(x^2) - sum(x)^2 when members agree.
+    `deeper`: further schedules for a mixed-depth ensemble; member k runs ([timesteps, *deeper])[k % n], and
+    each schedule's members are chunked on their own (one reverse process per chunk).
     """
     if members < 1:
         raise ValueError(f"ensemble members must be >= 1, got {members}")
+    schedules = [list(timesteps), *(list(d) for d in deeper)]
+    if len(schedules) > members:
+        raise ValueError(f"{len(schedules)} depths need at least as many ensemble members, got {members}")
     noise = noise or NoiseSource()
     device = denoiser.device
     z, h, w = x0.shape
     x0 = x0.to(device=device, dtype=torch.float32)
     cond = cond.to(device=device, dtype=torch.float32)
     seeds = member_seeds(seed, members, z)
-    total = members * z
     chunk = max(1, int(denoiser.max_batch))
     reference = torch.zeros((z, h, w), dtype=torch.float32, device=device)
     sum_d = torch.zeros((z, h, w), dtype=torch.float32, device=device)
     sum_d2 = torch.zeros((z, h, w), dtype=torch.float32, device=device)
-    n_chunks = (total + chunk - 1) // chunk
-    total_steps = n_chunks * len(timesteps)
+    # Items of each schedule, member-major, with member 0 (the reference) in the first chunk of schedule 0.
+    groups = [
+        [k * z + s for k in range(members) if k % len(schedules) == g for s in range(z)] for g in range(len(schedules))
+    ]
+    total_steps = sum(((len(items) + chunk - 1) // chunk) * len(schedules[g]) for g, items in enumerate(groups))
     steps_done = 0
 
     def on_step(_t: int, _x: torch.Tensor) -> None:
@@ -75,17 +87,15 @@ def ensemble_reconstruct(
         if progress is not None:
             progress(steps_done / total_steps)
 
-    for start in range(0, total, chunk):
-        idx = torch.arange(start, min(start + chunk, total), device=device)
+    def reconstruct_chunk(idx: torch.Tensor, item_seeds: list[int], steps: Sequence[int]) -> None:
         slices = idx % z
-        item_seeds = seeds[start : start + len(idx)]
         xc = x0[slices].unsqueeze(1)
         cc = cond[slices].unsqueeze(1)
         start_noise = noise((len(idx), h, w), item_seeds, device).unsqueeze(1)
-        x_t = q_sample(schedule, xc, int(timesteps[0]), start_noise)
+        x_t = q_sample(schedule, xc, int(steps[0]), start_noise)
 
         rec = reverse_process(
-            x_t, cc, denoiser, schedule, timesteps, sampler, noise, item_seeds, clip=clip, on_step=on_step
+            x_t, cc, denoiser, schedule, steps, sampler, noise, item_seeds, clip=clip, on_step=on_step
         )
         rec = rec[:, 0].float()
         first = idx < z  # member 0
@@ -93,6 +103,12 @@ def ensemble_reconstruct(
         d = rec - reference[slices]
         sum_d.index_add_(0, slices, d)
         sum_d2.index_add_(0, slices, d * d)
+
+    for steps, items in zip(schedules, groups, strict=True):
+        for start in range(0, len(items), chunk):
+            chunk_items = items[start : start + chunk]
+            idx = torch.tensor(chunk_items, dtype=torch.long, device=device)
+            reconstruct_chunk(idx, [seeds[i] for i in chunk_items], steps)
     mean_d = sum_d / members
     var = (sum_d2 / members - mean_d * mean_d).clamp(min=0.0)
     mean = reference + mean_d

@@ -136,6 +136,7 @@ class Row:
     key: str = ""  # names the row for the findings (see evaluation_tables.COMPARISONS)
     threshold: float = CT_THRESHOLD_HU  # intensity rows: the value above which a pixel inside the mask is abnormal
     t_start: int | None = None  # diffusion depth (None: the pipeline's default for the modality)
+    deep_t_start: int | None = None  # a mixed-depth ensemble: every other member starts this deep
 
     @property
     def whole_studies(self) -> bool:
@@ -256,6 +257,7 @@ def evaluate_row(
             defaults = PipelineSettings()
             settings = PipelineSettings(
                 t_start={case.modality: row.t_start or defaults.t_start_for(case.modality)},
+                deep_t_start={case.modality: row.deep_t_start} if row.deep_t_start else {},
                 steps=row.steps or 10,
                 stride=1 if row.steps is None else None,
                 ensemble=row.ensemble,
@@ -318,10 +320,19 @@ def triage(
     return overall, by_kind
 
 
+DEEP_T_START = 550  # SAC-Diff's T_s (of T = 1000): deep enough to heal large diffuse findings
+
+
 def default_rows(
-    ensemble: int, subset_cases: int, subset_slices: int, every_step_cases: int, every_step_slices: int
+    ensemble: int,
+    subset_cases: int,
+    subset_slices: int,
+    every_step_cases: int,
+    every_step_slices: int,
+    trained_t_max: int | None = None,
 ) -> list[Row]:
-    """The ablation ladder of docs/EVALUATION.md; the costly rows (25, 50, every step) run on subsets."""
+    """The ablation ladder of docs/EVALUATION.md; the costly rows (25, 50, every step) run on subsets. The deep and
+    mixed-depth rows are added for a model trained on timesteps up to DEEP_T_START (`trained_t_max`)."""
     k = ensemble
     where = "centred on the lesion; controls: central lung slices"
     subset = f"subset: {subset_cases} lesion + {subset_cases} healthy cases, {subset_slices} slices each ({where})"
@@ -381,13 +392,35 @@ def default_rows(
             median=False,
             key="no-median",
         ),
+        *(deep_rows(k) if trained_t_max is not None and trained_t_max >= DEEP_T_START else []),
     ]
 
 
-def triage_rows(ensemble: int) -> list[Row]:
-    """The CT rows of the out-of-distribution set: the threshold baseline and the full method."""
-    rows = default_rows(ensemble, 1, 1, 1, 1)
-    return [r for r in rows if r.key in ("baseline", "full")]
+def deep_rows(ensemble: int) -> list[Row]:
+    """Item 4 of the models issue: every member from DEEP_T_START, and members alternating 250 / DEEP_T_START."""
+    k = ensemble
+    return [
+        Row(
+            f"Full method, K={k}, 10 steps, all members from t_start {DEEP_T_START}",
+            ensemble=k,
+            steps=10,
+            t_start=DEEP_T_START,
+            key="deep",
+        ),
+        Row(
+            f"Full method, K={k}, 10 steps, mixed depth: members alternate t_start 250 / {DEEP_T_START}",
+            ensemble=k,
+            steps=10,
+            deep_t_start=DEEP_T_START,
+            key="mixed",
+        ),
+    ]
+
+
+def triage_rows(ensemble: int, trained_t_max: int | None = None) -> list[Row]:
+    """The CT rows of the out-of-distribution set: the threshold baseline, the full method and its deeper starts."""
+    rows = default_rows(ensemble, 1, 1, 1, 1, trained_t_max)
+    return [r for r in rows if r.key in ("baseline", "full", "deep", "mixed")]
 
 
 def radiograph_rows(ensemble: int, brightness_threshold: float, with_model: bool) -> list[Row]:

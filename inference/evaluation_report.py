@@ -359,10 +359,13 @@ def write_report(
     calibration = (rx_training or training_seeds(TrainConfig().seed, TrainConfig().subjects))[:calibration_subjects]
     excluded |= set(calibration)
 
-    ladder = default_rows(ensemble, subset_cases, subset_slices, every_step_cases, every_step_slices)
+    t_max = info.training.get("t_max")
+    trained_t_max = int(t_max) if isinstance(t_max, int | float) else None
+    ladder = default_rows(ensemble, subset_cases, subset_slices, every_step_cases, every_step_slices, trained_t_max)
     numbered = [(i + 1, r) for i, r in enumerate(ladder) if only_rows is None or (i + 1) in only_rows]
     chosen_keys = {r.key for _, r in numbered}
-    ood_rows = [(n, r) for n, r in numbered if r.key in {x.key for x in triage_rows(ensemble)} & chosen_keys]
+    ood_keys = {x.key for x in triage_rows(ensemble, trained_t_max)} & chosen_keys
+    ood_rows = [(n, r) for n, r in numbered if r.key in ood_keys]
 
     results: list[SetResult] = []
     t0 = time.perf_counter()

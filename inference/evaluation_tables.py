@@ -131,6 +131,8 @@ COMPARISONS = (
     ("full", "steps-5", "10 instead of 5 reverse steps"),
     ("subset-25", "subset-10", "25 instead of 10 reverse steps (subset)"),
     ("subset-50", "subset-10", "50 instead of 10 reverse steps (subset)"),
+    ("deep", "full", "All members from t_start 550 instead of 250"),
+    ("mixed", "full", "Mixed depth (members alternate 250 / 550) instead of all from 250"),
     ("full", "baseline", "The full method instead of the threshold baseline"),
 )
 NO_CHANGE = 0.01  # a metric moving by less than this counts as unchanged

@@ -40,6 +40,8 @@ class PipelineSettings:
     """Everything that changes what the pipeline computes (node config maps onto it; evaluation ablates it)."""
 
     t_start: dict[str, int] = field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
+    # A mixed-depth ensemble for these modalities: every other member (1, 3, ...) starts this deep instead.
+    deep_t_start: dict[str, int] = field(default_factory=dict)
     steps: int = 10  # visited timesteps = U-Net calls per member (ignored when stride is set)
     stride: int | None = None  # visit every stride-th timestep instead
     ensemble: int = 7
@@ -82,6 +84,15 @@ class PipelineSettings:
         if t_start >= self.schedule_T:
             raise ValueError(f"t_start {t_start} for {modality} must be below the schedule's T = {self.schedule_T}")
         return strided_timesteps(t_start, steps=self.steps, stride=self.stride)
+
+    def deeper_timesteps(self, modality: str) -> list[list[int]]:
+        """The mixed-depth ensemble's second schedule, or none ([]) when the modality has no deep start."""
+        deep = self.deep_t_start.get(modality)
+        if deep is None:
+            return []
+        if not self.t_start_for(modality) < deep < self.schedule_T:
+            raise ValueError(f"deep t_start {deep} for {modality} must lie between t_start and T = {self.schedule_T}")
+        return [strided_timesteps(deep, steps=self.steps, stride=self.stride)]
 
 
 @dataclass
@@ -126,7 +137,7 @@ def model_fit_problems(training: dict[str, object], settings: PipelineSettings) 
         problems.append(f"it was trained {trained} the anatomy-mask condition, the settings run it {used}")
     t_max = training.get("t_max")
     if isinstance(t_max, int | float):
-        deep = {m: t for m, t in settings.t_start.items() if t > t_max}
+        deep = {m: t for m, t in (settings.t_start | settings.deep_t_start).items() if t > t_max}
         if deep:
             problems.append(f"it was trained on timesteps up to {int(t_max)}, t_start asks for {deep}")
     return problems
@@ -163,6 +174,7 @@ def detect(
         seed=settings.seed,
         clip=settings.clip,
         progress=(lambda f: progress("reconstruct", f)) if progress else None,
+        deeper=settings.deeper_timesteps(modality),
     )
     timings["reconstruct"] = time.perf_counter() - start
 
@@ -255,6 +267,7 @@ def run_pipeline(
     recorded = {
         **asdict(settings),
         "t_start": settings.t_start_for(modality),
+        "deep_t_start": settings.deep_t_start.get(modality),
         "threshold_lambda": settings.lambda_for(modality),
         "timesteps": settings.timesteps(modality),
         "engine": denoiser.name,

@@ -89,3 +89,40 @@ def test_member_seeds_are_distinct() -> None:
     seeds = member_seeds(0, 7, 30)
     assert len(set(seeds)) == 210
     assert member_seeds(0, 2, 3) == seeds[:3] + seeds[30:33]
+
+
+def test_mixed_depth_members_alternate_between_schedules_and_match_members_run_one_by_one() -> None:
+    """Member k runs schedule k mod 2 (250 or 550 here) with its own seed; mean, std and map are those of the members
+    reconstructed one by one, whatever the chunk size, and the denoiser sees the deep start exactly for odd members."""
+    schedule = LinearSchedule()
+    x0, cond = volume(z=2, size=16)
+    members, shallow, deep = 3, strided_timesteps(250, steps=3), strided_timesteps(550, steps=4)
+    noise = NoiseSource()
+    starts: list[int] = []
+
+    class Recording(TinyUNetDenoiser):
+        def __call__(self, x_t: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            starts.extend(int(v) for v in t if int(v) in (shallow[0], deep[0]))
+            return super().__call__(x_t, c, t)
+
+    out = ensemble_reconstruct(
+        x0, cond, Recording(max_batch=3), schedule, shallow, members, "ddim", noise, 7, deeper=[deep]
+    )
+    small = ensemble_reconstruct(
+        x0, cond, TinyUNetDenoiser(max_batch=1), schedule, shallow, members, "ddim", noise, 7, deeper=[deep]
+    )
+    seeds = member_seeds(7, members, 2)
+    recs = []
+    for k in range(members):
+        ts = (shallow, deep)[k % 2]
+        x_t = q_sample(schedule, x0[:, None], ts[0], noise((2, 16, 16), seeds[k * 2 : (k + 1) * 2]).unsqueeze(1))
+        recs.append(reverse_process(x_t, cond[:, None], TinyUNetDenoiser(), schedule, ts, "ddim")[:, 0])
+    stack = torch.stack(recs)
+    for result in (out, small):
+        np.testing.assert_allclose(result.mean, stack.mean(0), atol=1e-5)
+        np.testing.assert_allclose(result.std, stack.std(0, unbiased=False), atol=1e-4)
+        np.testing.assert_allclose(result.anomaly_map, (x0 - stack.mean(0)) ** 2, atol=1e-5)
+    assert sorted(starts) == [shallow[0]] * 4 + [deep[0]] * 2  # 2 shallow members x 2 slices, 1 deep member x 2
+    assert out.denoiser_calls == 2 * 3 + 1 * 4  # shallow items 4 = 2 chunks of 3 steps; deep items 2 = 1 chunk of 4
+    with pytest.raises(ValueError, match="depths need"):
+        ensemble_reconstruct(x0, cond, TinyUNetDenoiser(), schedule, shallow, members=1, deeper=[deep])

@@ -15,6 +15,7 @@ from inference.evaluate import (
     auprc,
     auroc,
     confusion,
+    default_rows,
     dice,
     evaluate_row,
     f1,
@@ -23,6 +24,7 @@ from inference.evaluate import (
     precision,
     recall,
     triage,
+    triage_rows,
 )
 from inference.evaluation_tables import findings, goals, kind_table, markdown_table, triage_table, verdict
 from inference.heldout import make_ct_cases
@@ -154,3 +156,13 @@ def test_goals_say_met_or_by_how_much() -> None:
     assert "on every metric: no; not better on pixel AUROC 0.500 vs 0.500." in text
     worse = goals([_row_result("baseline", [0.3], 0.9), _row_result("full", [0.1], 0.5)], "DX")
     assert "Dice 0.100 (goal >= 0.4: not met, short by 0.300)" in worse and "study AUROC n/a" in worse
+
+
+def test_deep_and_mixed_depth_rows_only_for_a_model_trained_that_deep() -> None:
+    """A model trained on timesteps below 550 would be run outside its training: no deep rows for it."""
+    deep_keys = {"deep", "mixed"}
+    assert not deep_keys & {r.key for r in default_rows(3, 1, 1, 1, 1, trained_t_max=300)}
+    rows = {r.key: r for r in default_rows(3, 1, 1, 1, 1, trained_t_max=600)}
+    assert rows["deep"].t_start == 550 and rows["deep"].deep_t_start is None
+    assert rows["mixed"].t_start is None and rows["mixed"].deep_t_start == 550
+    assert {r.key for r in triage_rows(3, 600)} == {"baseline", "full", "deep", "mixed"}

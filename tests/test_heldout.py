@@ -156,6 +156,7 @@ def _report(tmp_path: Path, **kwargs: object) -> str:
     return out.read_text()
 
 
+@pytest.mark.slow  # the whole report, both sets and both modalities (40 s); the baseline-only report stays fast
 def test_report_has_ct_and_radiograph_sections_for_both_sets(tmp_path: Path) -> None:
     rx = _tiny_model(tmp_path / "rx.safetensors", ("CR", "DX"))
     text = _report(tmp_path, radiograph_model=rx, only_rows=[1, 7])

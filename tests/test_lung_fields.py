@@ -24,6 +24,7 @@ def fields_dice(rx: Radiograph) -> float:
     return dice(radiograph_lung_mask(rx.image, rx.pixel_spacing)[0], rx.lung_mask)
 
 
+@pytest.mark.slow  # eight full-size radiographs rendered (40 s); the hard cases below stay in the fast tier
 def test_lung_fields_match_the_phantom_lungs_under_typical_variation() -> None:
     """On radiographs with the typical acquisition variation (seeds the estimator was not tuned on): Dice about 0.9
     on average (0.898 on these eight, 0.910 on seeds 400-431); the faint apices of low-contrast images and a leak

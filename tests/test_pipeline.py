@@ -77,6 +77,7 @@ def test_nodule_is_found_on_its_source_slice(tmp_path: Path) -> None:
     assert result.anomalous_volume_mm3 == pytest.approx(seg.sum() * 0.7 * 0.7 * 2.5)
     assert result.model_id == TINY_INFO.model_id and result.modality == "CT"
     assert result.settings["t_start"] == 200 and result.settings["timesteps"] == [200, 100, 0]
+    assert result.settings["deep_t_start"] is None  # one depth unless a mixed-depth ensemble is configured
     assert {"load", "mask", "resample", "reconstruct", "postprocess", "map_back"} <= set(result.timings)
     assert stages[0] == "load" and "reconstruct" in stages and stages[-1] == "done"
     assert 0 < result.anomalous_fraction < 0.2
@@ -176,3 +177,10 @@ def test_max_batch_setting_caps_the_denoiser() -> None:
 
     detect(x0, mask, Spy(), fast_settings(max_batch=4, ensemble=2, steps=2), "CT")
     assert max(seen) == 4 and sum(seen) == 6 * 2
+
+
+def test_mixed_depth_settings_give_a_second_schedule_between_t_start_and_T() -> None:
+    settings = PipelineSettings(t_start={"CT": 250}, deep_t_start={"CT": 550}, steps=3)
+    assert settings.deeper_timesteps("CT") == [[550, 275, 0]] and settings.deeper_timesteps("DX") == []
+    with pytest.raises(ValueError, match="between t_start and T"):
+        PipelineSettings(t_start={"CT": 250}, deep_t_start={"CT": 200}).deeper_timesteps("CT")

@@ -192,6 +192,8 @@ def test_a_model_trained_for_other_settings_is_refused_at_load(tmp_path: Path) -
     assert model_fit_problems(trained, PipelineSettings()) == []
     deep = model_fit_problems(trained, PipelineSettings(t_start={"CT": 400}))
     assert deep == ["it was trained on timesteps up to 300, t_start asks for {'CT': 400}"]
+    mixed = model_fit_problems(trained, PipelineSettings(deep_t_start={"CT": 550}))  # a mixed-depth ensemble
+    assert mixed == ["it was trained on timesteps up to 300, t_start asks for {'CT': 550}"]
 
 
 def of_series(paths: list[Path], source_series_uid: str) -> list[Path]:
