@@ -64,6 +64,9 @@ if TYPE_CHECKING:  # results pulls in highdicom and matplotlib; the queue itself
 log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 50  # items claimed at a time: several senders share a backlog instead of one taking it all
+# Items one pass tries at most: the ids it tried are left out of its later claims (NOT IN), which must stay well
+# below SQLite's bound-parameter limit (32766); a longer backlog is the next pass's.
+PASS_ITEMS = 5000
 
 
 @dataclass
@@ -75,7 +78,6 @@ class SendReport:
     dead: list[int] = field(default_factory=list)
     untried: list[int] = field(default_factory=list)  # due, but the association was lost before their turn
     taken_over: list[int] = field(default_factory=list)  # our claim ran out mid-pass; another sender has them
-    busy: bool = False  # kept for callers: claims replaced the pass lock, so a pass is never refused now
 
     @property
     def attempted(self) -> int:
@@ -170,7 +172,7 @@ def backoff_of(settings: Settings) -> Backoff:
 
 def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | None = None) -> SendReport:
     """One pass: claim due items a batch at a time and send them, one association per destination per batch, each
-    outcome committed at once, until nothing due is left that this pass has not tried.
+    outcome committed at once, until nothing due is left that this pass has not tried (or it tried PASS_ITEMS).
 
     Claims are this process's (`sender_owner`), on the database's clock; with `now` (a caller's simulated time)
     they are set on that clock instead.
@@ -180,7 +182,7 @@ def send_due(settings: Settings, db: Database, spool: Spool, now: datetime | Non
     report = SendReport()
     clock = pass_clock(now) if now is not None else None
     seen: list[int] = []
-    while True:
+    while len(seen) < PASS_ITEMS:
         with db.session() as session:
             batch = claim_due_items(
                 session,

@@ -312,17 +312,10 @@ class JobRunner:
     # ---- audit ----------------------------------------------------------------------------------
     def _audit_skipped(self, job: ClaimedJob, item: SeriesFiles, why: str) -> None:
         log.warning("job %s: series %s skipped: %s", job.id, item.series_instance_uid, why)
+        one_radiograph = item.part if item.part and len(item.paths) == 1 else ""
+        detail = f"not analysed ({item.modality}, {len(item.paths)} instance(s)): {why}"
         with self.db.session() as session:
-            record_audit(
-                session,
-                AuditEventType.SERIES_SKIPPED,
-                outcome="warning",
-                job_id=job.id,
-                study_instance_uid=job.study_instance_uid,
-                series_instance_uid=item.series_instance_uid,
-                sop_instance_uid=item.part if item.part and len(item.paths) == 1 else "",  # one radiograph
-                detail=f"not analysed ({item.modality}, {len(item.paths)} instance(s)): {why}"[:4000],
-            )
+            _audit_series_warning(session, AuditEventType.SERIES_SKIPPED, job, item, one_radiograph, detail)
 
     def _audit_left_out(self, job: ClaimedJob, item: SeriesFiles, result: AnomalyResult) -> None:
         """One `instance.skipped` event per instance the loader left out of the series whose results were just
@@ -332,17 +325,28 @@ class JobRunner:
         with self.db.session() as session:
             for left in result.left_out:
                 log.warning("job %s: instance left out of series %s: %s", job.id, item.series_instance_uid, left.reason)
-                record_audit(
-                    session,
-                    AuditEventType.INSTANCE_SKIPPED,
-                    outcome="warning",
-                    job_id=job.id,
-                    study_instance_uid=job.study_instance_uid,
-                    series_instance_uid=item.series_instance_uid,
-                    sop_instance_uid=left.sop_instance_uid or "",
-                    detail=f"left out of the analysis of its {item.modality} series, which went ahead without it: "
-                    f"{left.summary} ({left.reason})"[:4000],
+                detail = (
+                    f"left out of the analysis of its {item.modality} series, which went ahead without it: "
+                    f"{left.summary} ({left.reason})"
                 )
+                sop = left.sop_instance_uid or ""
+                _audit_series_warning(session, AuditEventType.INSTANCE_SKIPPED, job, item, sop, detail)
+
+
+def _audit_series_warning(
+    session: Session, event: AuditEventType, job: ClaimedJob, item: SeriesFiles, sop_instance_uid: str, detail: str
+) -> None:
+    """A warning-level audit event about one series of a job (or one instance of it)."""
+    record_audit(
+        session,
+        event,
+        outcome="warning",
+        job_id=job.id,
+        study_instance_uid=job.study_instance_uid,
+        series_instance_uid=item.series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        detail=detail[:4000],
+    )
 
 
 def serve_jobs(

@@ -512,3 +512,26 @@ def test_retry_all_sends_everything_now_once_the_pacs_is_back(tmp_path: Path, no
     assert received == sorted(str(o.dataset.SOPInstanceUID) for o in [*objects, *later])
     assert {i.status for i in items(db)} == {OutboundStatus.SENT}
     assert audit_count(db, "send.requeued") == len(objects) + len(later)
+
+
+def test_a_pass_stops_after_pass_items_and_the_next_pass_sends_the_rest(
+    tmp_path: Path, node_db: tuple[Database, Spool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids a pass has tried are left out of its later claims (NOT IN): a pass is bounded so that list never
+    nears SQLite's parameter limit; what it leaves is due for the next pass, nothing is lost or sent twice."""
+    import node.outbound
+
+    db, spool = node_db
+    sources, objects = ct_objects(heatmaps=2)  # SEG, 2 heatmaps, SR
+    monkeypatch.setattr(node.outbound, "CLAIM_BATCH", 2)
+    monkeypatch.setattr(node.outbound, "PASS_ITEMS", 1)
+    with StoreSCP(tmp_path / "storescp") as scp:
+        peer = PeerSettings(ae_title="STORESCP", port=scp.port)
+        settings = make_settings(tmp_path, [peer])
+        ids = enqueue(db, spool, make_job(db, sources, "STORESCP"), objects, peer)
+        first = send_due(settings, db, spool)
+        second = send_due(settings, db, spool)
+        assert len(first.sent) == 2 and len(second.sent) == 2  # one batch of CLAIM_BATCH per pass
+        assert sorted(first.sent + second.sent) == sorted(ids)
+        assert send_due(settings, db, spool).attempted == 0
+        assert len(scp.received()) == len(objects)
