@@ -34,16 +34,14 @@ from inference.evaluate import (
 from inference.evaluation_tables import findings, goals, kind_table, markdown_table, triage_table
 from inference.heldout import (
     GT_FRACTION,
-    RADIOGRAPH_SHIFT,
-    RADIOGRAPH_TRAINING,
     Case,
-    RadiographAcquisition,
     assert_held_out,
     lung_field_brightness_threshold,
     make_ct_cases,
     make_radiograph_cases,
 )
 from inference.phantoms import SHIFTED, TRAINING, Ranges, Span
+from inference.radiograph_phantoms import SHIFTED_FIELDS, SHIFTED_RADIOGRAPHS, TYPICAL_RADIOGRAPHS
 from inference.study_metrics import BOOTSTRAP_RESAMPLES, SPECIFICITY
 from inference.unet import ModelInfo
 
@@ -191,15 +189,25 @@ def ranges_table(train: Ranges = TRAINING, shifted: Ranges = SHIFTED) -> str:
     return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
 
 
-def radiograph_ranges_table(train: RadiographAcquisition, shifted: RadiographAcquisition) -> str:
-    rows = [
-        ("Detected photons per pixel (quantum noise)", _span(train.photons), _span(shifted.photons)),
-        ("Detector blur sigma (px), the soft half of set B", _span(train.blur_px), _span(shifted.blur_px)),
-        ("Edge-enhancement gain, the processed half of set B", _span(train.edge_gain), _span(shifted.edge_gain)),
-        ("Presentation exponent", _span(train.gamma), _span(shifted.gamma)),
-    ]
+def radiograph_ranges_table() -> str:
+    """The radiograph acquisition ranges set B moves outside the typical (training and set A) ones."""
+    labels = {
+        "kvp": "Tube voltage (kVp)",
+        "fluence": "Fluence without the patient (photons / mm^2)",
+        "read_noise": "Detector read noise (photons / pixel)",
+        "scatter": "Scatter fraction per interaction (no grid)",
+        "blur_mm": "Detector blur (mm)",
+        "line_gain": "Detector line-gain noise (std)",
+        "gamma": "Presentation exponent",
+        "window": "Line integral shown white",
+    }
     head = "| Radiograph acquisition | training data and set A | set B (shifted) |\n|---|---|---|\n"
-    return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows) + "\n"
+    rows = [
+        f"| {labels[name]} | {_span((getattr(TYPICAL_RADIOGRAPHS, name),))} "
+        f"| {_span((getattr(SHIFTED_RADIOGRAPHS, name),))} |"
+        for name in SHIFTED_FIELDS
+    ]
+    return head + "\n".join(rows) + "\n"
 
 
 def _set_description(s: SetResult) -> str:
@@ -471,12 +479,11 @@ A phantom keeps a lesion only when it changes at least 8 voxels of the source vo
 with thick slices the smallest lesions of a range are rarely or never drawn; each set's "Lesion sizes drawn" line
 says what was.
 
-Radiographs: `make_radiograph` renders every radiograph with its own (training) subject, lesion and acquisition
-draws; set B re-acquires that image outside its acquisition ranges (`inference.heldout.shift_radiograph`: every
-image gets the added noise and another presentation exponent, half more detector blur, half edge enhancement).
-Subject and lesion ranges of radiographs are the training ones in both sets.
+Radiographs: `make_radiograph` draws each radiograph's acquisition from `radiograph_phantoms.TYPICAL_RADIOGRAPHS`
+(training and set A) or `SHIFTED_RADIOGRAPHS` (set B), whose ranges below lie outside the typical ones; geometry,
+collimation, grid, markers, subjects and lesions are drawn as in training in both sets.
 
-{radiograph_ranges_table(RADIOGRAPH_TRAINING, RADIOGRAPH_SHIFT)}
+{radiograph_ranges_table()}
 Radiograph baseline threshold {threshold:.4f}: the 99th percentile of presentation values in the node's lung-field
 mask over {len(calibration)} healthy training-seed radiographs.
 

@@ -4,8 +4,8 @@ Two sets per modality, each drawn from its own seed stream:
 - "training ranges" (set A): phantoms drawn like the training data (`phantoms.TRAINING`), other subjects;
 - "shifted ranges" (set B, out of distribution): CT drawn from `phantoms.SHIFTED` (other scanners, noise and
   kernels, smaller and larger bodies, lesions smaller / larger, fainter / denser than any training draw);
-  radiographs re-acquired after `make_radiograph` with `RADIOGRAPH_SHIFT` (lower dose, other detector blur or
-  edge processing, other presentation curve).
+  radiographs acquired with `radiograph_phantoms.SHIFTED_RADIOGRAPHS` (harder beams, lower dose, more read noise,
+  scatter, blur and detector line noise, another presentation curve and window).
 
 A phantom's subject is fixed by its seed alone, so a set is held out exactly when none of its seeds is a training
 seed of the models evaluated on it: `assert_held_out` checks that before anything runs.
@@ -17,17 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from inference.phantoms import (
     LESION_KINDS,
     TRAINING,
     Ranges,
-    Span,
-    draw_in,
     make_ct,
 )
-from inference.radiograph_phantoms import make_radiograph
+from inference.radiograph_phantoms import SHIFTED_RADIOGRAPHS, TYPICAL_RADIOGRAPHS, make_radiograph
 from inference.simplex import splitmix64
 
 GT_FRACTION = 0.25  # a model-grid pixel is a lesion pixel when >= this fraction of its area is lesion
@@ -134,74 +131,7 @@ def make_ct_cases(
     return _draw_cases("CT", ranges.name, seed, plan(lesion_cases, healthy_cases), render)
 
 
-# --- radiographs: acquisition shift applied after make_radiograph ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class RadiographAcquisition:
-    """Acquisition ranges of a radiograph set.
-
-    `make_radiograph` (its body belongs to the radiograph phantoms) renders with its own training draws; the shifted
-    set re-acquires its image: extra quantum noise as if fewer photons reached the detector, either more detector
-    blur or edge-enhancing processing, and another presentation curve. Subject and lesion ranges stay
-    make_radiograph's own.
-    """
-
-    name: str
-    photons: Span  # effective detected photons per pixel (make_radiograph's own draw and the added noise together)
-    blur_px: Span  # detector blur sigma, pixels of the native grid (the "soft" half of the set)
-    edge_gain: Span  # unsharp-mask gain of edge-enhancing processing (the "processed" half)
-    gamma: Span  # presentation exponent: value = (line integral / 7) ** gamma
-
-
-# make_radiograph's own draws (photons 2e4-8e4, blur 0.5-1.1 px, exponent 0.8, no edge processing).
-RADIOGRAPH_TRAINING = RadiographAcquisition(
-    name="training", photons=((2e4, 8e4),), blur_px=((0.5, 1.1),), edge_gain=((0.0, 0.0),), gamma=((0.8, 0.8),)
-)
-# What shift_radiograph adds on top of make_radiograph's own acquisition.
-ADDED_PHOTONS: Span = ((4e3, 1.2e4),)  # noise as if only this many photons had been detected
-ADDED_BLUR_PX: Span = ((1.2, 1.8),)
-_PRESENTATION_SCALE = 7.0  # make_radiograph presents clip(line integral / 7, 0, 1) ** 0.8
-
-
-def _combined(added: Span, own: Span, combine: Callable[[float, float], float]) -> Span:
-    """The span of combine(added, own) over both spans (monotone in each argument)."""
-    (a_lo, a_hi), (o_lo, o_hi) = added[0], own[0]
-    return ((combine(a_lo, o_lo), combine(a_hi, o_hi)),)
-
-
-RADIOGRAPH_SHIFT = RadiographAcquisition(
-    name="shifted",
-    # two independent noise sources add variances: 1 / photons add
-    photons=_combined(ADDED_PHOTONS, RADIOGRAPH_TRAINING.photons, lambda a, b: 1.0 / (1.0 / a + 1.0 / b)),
-    # two Gaussian blurs add in quadrature
-    blur_px=_combined(ADDED_BLUR_PX, RADIOGRAPH_TRAINING.blur_px, lambda a, b: float(np.hypot(a, b))),
-    edge_gain=((0.6, 1.2),),
-    gamma=((0.6, 0.7), (0.9, 1.0)),
-)
-
-
-def shift_radiograph(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """Re-acquire a make_radiograph image outside its training acquisition (RADIOGRAPH_SHIFT); (image, summary).
-
-    Every image gets the added noise and another presentation exponent; half get more detector blur, the other
-    half edge-enhancing processing (unsharp mask, 3 px).
-    """
-    line = _PRESENTATION_SCALE * np.clip(image, 0.0, 1.0).astype(np.float64) ** (1.0 / 0.8)
-    photons = draw_in(rng, ADDED_PHOTONS)
-    # Poisson noise in the log domain: variance exp(line) / photons
-    line = line + rng.standard_normal(line.shape) * np.sqrt(np.exp(line) / photons)
-    if rng.uniform() < 0.5:
-        sigma = draw_in(rng, ADDED_BLUR_PX)
-        line = ndimage.gaussian_filter(line, sigma)
-        processing = f"blur {sigma:.2f} px"
-    else:
-        gain = draw_in(rng, RADIOGRAPH_SHIFT.edge_gain)
-        line = line + gain * (line - ndimage.gaussian_filter(line, 3.0))
-        processing = f"edge gain {gain:.2f}"
-    gamma = draw_in(rng, RADIOGRAPH_SHIFT.gamma)
-    out = np.clip(line / _PRESENTATION_SCALE, 0.0, 1.0) ** gamma
-    return out.astype(np.float32), f"+noise {photons:.0f} photons, {processing}, gamma {gamma:.2f}"
+# --- radiographs ----------------------------------------------------------------------------------------------
 
 
 def make_radiograph_cases(
@@ -212,21 +142,20 @@ def make_radiograph_cases(
     size: int = 256,
     shifted: bool = False,
 ) -> list[Case]:
-    """Held-out PA chest radiographs (make_radiograph at native size, as training renders them), optionally
-    re-acquired with RADIOGRAPH_SHIFT, on the model grid with the node's own lung-field mask."""
+    """Held-out PA chest radiographs (make_radiograph at native size, as training renders them), acquired within the
+    typical ranges (set A) or SHIFTED_RADIOGRAPHS (set B), on the model grid with the node's own lung-field mask."""
     from inference.lungmask import anatomy_mask
     from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
     ranges = "shifted" if shifted else "training"
 
     def render(case_seed: int, kind: str) -> Case | None:
-        rx = make_radiograph(case_seed, size, size, kind, native=size)
+        acquired = SHIFTED_RADIOGRAPHS if shifted else TYPICAL_RADIOGRAPHS
+        rx = make_radiograph(case_seed, size, size, kind, native=size, ranges=acquired)
         if kind != "none" and not rx.lesion_mask.any():
             return None
-        image, acquisition = rx.image, "make_radiograph"
-        if shifted:
-            image, acquisition = shift_radiograph(image, np.random.default_rng([case_seed, 17]))
-        pixels = image[None]
+        acquisition = rx.acquisition.describe() if rx.acquisition is not None else ""
+        pixels = rx.image[None]
         mapping = GridMapping(rows=size, cols=size, size=grid)
         anatomy = anatomy_mask(pixels, "DX", rx.pixel_spacing)
         return Case(

@@ -94,6 +94,20 @@ class RadiographRanges:
 
 
 TYPICAL_RADIOGRAPHS = RadiographRanges()
+# Set B of the held-out radiographs (inference.heldout): every range in SHIFTED_FIELDS lies outside the typical
+# one (harder beams, lower dose, more read noise, scatter, blur and line noise, another presentation); geometry,
+# collimation, grid, markers, subjects and lesions are drawn as in training.
+SHIFTED_RADIOGRAPHS = RadiographRanges(
+    kvp=(130.0, 150.0),
+    fluence=(1.5e3, 4.5e3),
+    read_noise=(9.0, 14.0),
+    scatter=(0.12, 0.18),
+    blur_mm=(1.8, 2.6),
+    line_gain=(0.008, 0.015),
+    gamma=(0.5, 0.6),
+    window=(7.8, 8.6),
+)
+SHIFTED_FIELDS = ("kvp", "fluence", "read_noise", "scatter", "blur_mm", "line_gain", "gamma", "window")
 PLAIN_RADIOGRAPHS = RadiographRanges(
     kvp=(REFERENCE_KVP, REFERENCE_KVP),
     fluence=(2e4, 2e4),

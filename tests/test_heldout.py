@@ -13,15 +13,13 @@ import torch
 
 from inference.evaluation_report import write_report
 from inference.heldout import (
-    RADIOGRAPH_SHIFT,
-    RADIOGRAPH_TRAINING,
     assert_held_out,
     heldout_seed,
     make_ct_cases,
     make_radiograph_cases,
-    shift_radiograph,
 )
 from inference.phantoms import SCANNERS, SHIFTED, SHIFTED_SCANNERS, TRAINING, Span, draw_in, make_ct
+from inference.radiograph_phantoms import SHIFTED_FIELDS, SHIFTED_RADIOGRAPHS, TYPICAL_RADIOGRAPHS
 from inference.train import model_training_seeds, phantom_slices, training_seeds
 from inference.unet import PRESETS, UNet, save_model
 from inference.volume import GridMapping, normalise, resample_to_grid
@@ -101,9 +99,12 @@ def test_shifted_ranges_lie_outside_the_training_ranges() -> None:
     for s in SHIFTED_SCANNERS:
         assert not noise[0] <= s.noise_hu <= noise[1], s
         assert not blur[0] <= s.blur_mm <= blur[1] or not sharpen[0] <= s.sharpen <= sharpen[1], s
-    for f in fields(RADIOGRAPH_TRAINING):
-        if f.name != "name":
-            assert not _overlaps(getattr(RADIOGRAPH_TRAINING, f.name), getattr(RADIOGRAPH_SHIFT, f.name)), f.name
+    for name in SHIFTED_FIELDS:
+        typical, shifted = getattr(TYPICAL_RADIOGRAPHS, name), getattr(SHIFTED_RADIOGRAPHS, name)
+        assert not _overlaps((typical,), (shifted,)), name
+    for f in fields(TYPICAL_RADIOGRAPHS):  # everything else is drawn as in training
+        if f.name not in SHIFTED_FIELDS:
+            assert getattr(TYPICAL_RADIOGRAPHS, f.name) == getattr(SHIFTED_RADIOGRAPHS, f.name), f.name
 
 
 def test_shifted_phantoms_are_rendered_outside_the_training_ranges() -> None:
@@ -128,10 +129,10 @@ def test_held_out_sets_have_their_lesions_and_shifted_radiographs_differ() -> No
     shifted = make_radiograph_cases(0, 1, 1, 16, 48, shifted=True)
     assert plain[0].lesion.any() and not plain[1].lesion.any()
     assert {c.seed for c in plain}.isdisjoint(c.seed for c in shifted)
-    image = np.linspace(0.0, 1.0, 48 * 48, dtype=np.float32).reshape(48, 48)
-    out, summary = shift_radiograph(image, np.random.default_rng(0))
-    assert out.shape == image.shape and out.min() >= 0.0 and out.max() <= 1.0
-    assert np.abs(out - image).mean() > 0.01 and "gamma" in summary
+    for case in shifted:  # acquired outside the typical ranges, and the case says how
+        kvp = float(case.acquisition.split(" kVp")[0])
+        assert SHIFTED_RADIOGRAPHS.kvp[0] <= kvp <= SHIFTED_RADIOGRAPHS.kvp[1], case.acquisition
+    assert all(" kVp" in c.acquisition for c in plain)
 
 
 def _report(tmp_path: Path, **kwargs: object) -> str:
