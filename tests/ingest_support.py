@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from pydicom import dcmread
 from pynetdicom import AE
 
@@ -93,6 +95,18 @@ class ServeProcess:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout)
 
+    def spawned(self) -> list[psutil.Process]:
+        """The processes serve started through multiprocessing (workers, listener processes)."""
+        assert self.proc is not None
+        children = psutil.Process(self.proc.pid).children(recursive=True)
+        return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+
+    def kill_and_expect_descendants_to_end(self, descendants: list[psutil.Process], timeout: float) -> None:
+        """SIGKILL serve (no clean stop): every process it started must notice and end within `timeout`."""
+        self.signal(signal.SIGKILL)
+        assert self.wait() == -signal.SIGKILL
+        assert poll(lambda: not any(alive(p) for p in descendants), timeout), [p.pid for p in descendants if alive(p)]
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -125,3 +139,27 @@ def dataset_bytes(path: Path) -> bytes:
     ds = dcmread(path, stop_before_pixels=True)
     # File meta group length + its 12-byte element + 132 bytes of preamble and 'DICM'
     return raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]
+
+
+def poll(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
+    """Wait until `condition()` holds (True) or `timeout` seconds pass (its last value)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_orphans(procs: list[psutil.Process]) -> None:
+    """Never leave a test's processes behind, also when it fails."""
+    for proc in procs:
+        if alive(proc):
+            proc.kill()

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -24,7 +21,16 @@ from node.gate import REJECT_LOCAL_LIMIT
 from node.spool import SPOOL_ID_FILE, TEMP_SUFFIX
 from tests.conftest import DCMTK, peer_env
 from tests.dicomgen import make_ct_series, write_datasets
-from tests.ingest_support import ServeProcess, dataset_bytes, node_settings, running_node, sender_ae, write_toml
+from tests.ingest_support import (
+    ServeProcess,
+    dataset_bytes,
+    kill_orphans,
+    node_settings,
+    poll,
+    running_node,
+    sender_ae,
+    write_toml,
+)
 
 LISTENERS = 2
 
@@ -96,15 +102,6 @@ def assert_stored_once(node: EdgeNode, files: list[Path]) -> None:
     on_disk -= {SPOOL_ID_FILE}
     assert not [f for f in on_disk if f.endswith(TEMP_SUFFIX)]
     assert on_disk == {r.path for r in rows.values()}
-
-
-def poll(condition: Callable[[], bool], timeout: float, every: float = 0.1) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(every)
-    return condition()
 
 
 def test_concurrent_associations_are_spread_over_the_listener_processes(
@@ -230,32 +227,20 @@ def test_listener_processes_end_with_serve(tmp_path: Path) -> None:
     try:
         serving = [f"listener process {slot} serving" for slot in range(LISTENERS)]
         assert poll(lambda: all(line in log.read_text() for line in serving), 120), log.read_text()[-3000:]
-        children = psutil.Process(serve.proc.pid).children(recursive=True)
-        listeners = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        listeners = serve.spawned()
         assert len(listeners) == LISTENERS
 
         listeners[0].kill()  # a crashed listener is restarted by serve
         assert poll(lambda: "exited with code -9; restarting in 1 s" in log.read_text(), 30), log.read_text()[-3000:]
         assert poll(lambda: log.read_text().count("listener process 0 serving") == 2, 120), log.read_text()[-3000:]
+        assert len(serve.spawned()) == LISTENERS
         children = psutil.Process(serve.proc.pid).children(recursive=True)
-        assert len([p for p in children if "spawn_main" in " ".join(p.cmdline())]) == LISTENERS
 
-        serve.signal(signal.SIGKILL)
-        assert serve.wait() == -signal.SIGKILL
-        assert poll(lambda: not any(_alive(p) for p in children), 60), [p.pid for p in children if _alive(p)]
+        serve.kill_and_expect_descendants_to_end(children, 60)
         assert log.read_text().count("is gone: stopping") == LISTENERS
     finally:
         serve.stop()
-        for proc in children:  # never leave orphans behind, also when the test fails
-            if _alive(proc):
-                proc.kill()
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        kill_orphans(children)
 
 
 def test_counts_are_exact_when_listener_processes_store_one_study_at_once(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from db.session import Database, alembic_config, make_engine
 from node.config import load_settings
 from node.identity import node_identity, worker_owner
 from node.stability import StabilityScanner
+from tests.test_ingest_index import record
 
 
 def _add_job(db: Database, uid: str) -> int:
@@ -226,20 +226,7 @@ def test_start_up_recovery_requeues_only_this_nodes_jobs(database_url: str, tmp_
 def _receive_study(db: Database, uid: str, received_hours_ago: float) -> None:
     index = IngestIndex(db)
     for n in range(3):
-        index.add_instance(
-            InstanceRecord(
-                study_instance_uid=uid,
-                series_instance_uid=uid + ".1",
-                sop_instance_uid=f"{uid}.1.{n}",
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax_uid="1.2.840.10008.1.2.1",
-                path=f"{uid}/{n}.dcm",
-                size_bytes=1,
-                sha256="0" * 64,
-                calling_ae="PACS",
-                modality="CT",
-            )
-        )
+        index.add_instance(_instance(uid, n))
     with db.session() as s:
         s.execute(Study.__table__.update().values(last_received_at=utcnow() - timedelta(hours=received_hours_ago)))
 
@@ -323,18 +310,7 @@ def _waiting_for_locks(watcher: Engine) -> int:
 
 
 def _instance(study_uid: str, n: int) -> InstanceRecord:
-    return InstanceRecord(
-        study_instance_uid=study_uid,
-        series_instance_uid=study_uid + ".1",
-        sop_instance_uid=f"{study_uid}.1.{n}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
-        path=f"{study_uid}/{n}.dcm",
-        size_bytes=1,
-        sha256="0" * 64,
-        calling_ae="PACS",
-        modality="CT",
-    )
+    return record(f"{study_uid}.1.{n}", series=study_uid + ".1", study=study_uid, calling_ae="PACS")
 
 
 def test_a_new_study_arriving_at_several_nodes_at_once_is_indexed_by_all(postgres_url: str) -> None:
@@ -384,9 +360,7 @@ def test_two_series_of_one_study_indexed_at_once_never_deadlock(postgres_url: st
     aborted one as a deadlock (seen as status 0x0110 from listener processes storing one study's two series)."""
     index = IngestIndex(Database(postgres_url))
     for series, n in (("10.1.1", 0), ("10.1.2", 0)):  # the study and both series exist
-        assert index.add_instance(
-            replace(_instance("10.1", n), series_instance_uid=series, sop_instance_uid=f"{series}.{n}")
-        )
+        assert index.add_instance(record(f"{series}.{n}", series=series, study="10.1"))
     index.db.dispose()
     listener_a = make_engine(postgres_url)
     listener_b = IngestIndex(Database(postgres_url, run_migrations=False))
@@ -395,25 +369,22 @@ def test_two_series_of_one_study_indexed_at_once_never_deadlock(postgres_url: st
     for engine in (listener_a, listener_b.db.engine):
         event.listen(engine, "handle_error", lambda context: errors.append(context.original_exception))
 
-    def record(series: str, n: int) -> InstanceRecord:
-        return replace(_instance("10.1", n), series_instance_uid=series, sop_instance_uid=f"{series}.{n}")
-
     def index_b() -> None:
         try:
-            listener_b.add_instance(record("10.1.2", 1))
+            listener_b.add_instance(record("10.1.2.1", series="10.1.2", study="10.1"))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     try:
         with listener_a.begin() as conn:
-            add_instance_rows(conn, record("10.1.1", 1))
+            add_instance_rows(conn, record("10.1.1.1", series="10.1.1", study="10.1"))
             b = threading.Thread(target=index_b)
             b.start()
             deadline = time.monotonic() + 60
             while _waiting_for_locks(watcher) < 1:  # B waits for a row A holds
                 assert time.monotonic() < deadline, "listener B never waited for listener A"
                 time.sleep(0.05)
-            add_instance_rows(conn, record("10.1.2", 2))
+            add_instance_rows(conn, record("10.1.2.2", series="10.1.2", study="10.1"))
         b.join(timeout=60)
         assert errors == []
         with listener_b.db.session() as s:

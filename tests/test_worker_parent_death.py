@@ -3,32 +3,14 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.ingest_support import ServeProcess, node_settings, write_toml
+from tests.ingest_support import ServeProcess, kill_orphans, node_settings, poll, write_toml
 
 WORKERS = 2
-
-
-def alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def poll(condition, timeout: float, every: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(every)
-    return bool(condition())
 
 
 @pytest.mark.slow
@@ -42,17 +24,11 @@ def test_workers_exit_when_serve_is_killed(tmp_path: Path) -> None:
     try:
         # Idle workers waiting for jobs, as the node leaves them when nothing arrives.
         assert poll(lambda: log.read_text().count("started (pid") >= WORKERS, 300), log.read_text()[-3000:]
+        assert len(serve.spawned()) == WORKERS
         descendants = psutil.Process(serve.proc.pid).children(recursive=True)
-        workers = [p for p in descendants if "spawn_main" in " ".join(p.cmdline())]
-        assert len(workers) == WORKERS
-
-        serve.signal(signal.SIGKILL)
-        assert serve.wait() == -signal.SIGKILL
         # Everything the node started ends (workers first; multiprocessing's resource tracker follows them).
-        assert poll(lambda: not any(alive(p) for p in descendants), 120), [p.pid for p in descendants if alive(p)]
+        serve.kill_and_expect_descendants_to_end(descendants, 120)
         assert log.read_text().count("is gone: stopping") == WORKERS
     finally:
         serve.stop()
-        for proc in descendants:  # never leave orphans behind, also when the test fails
-            if alive(proc):
-                proc.kill()
+        kill_orphans(descendants)
