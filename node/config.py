@@ -184,6 +184,9 @@ class InferenceSettings(Section):
     model: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(MODEL_DEFAULTS))
     steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
     t_start: dict[str, int] = Field(default_factory=lambda: dict(T_START_DEFAULTS))
+    # A mixed-depth ensemble for the modalities named (docs/method.md): every other member starts this deep, between
+    # t_start and T, e.g. {CT = 550}; the model must have been trained that deep. Empty: every member from t_start.
+    deep_t_start: dict[str, int] = Field(default_factory=dict)
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
@@ -226,6 +229,27 @@ class InferenceSettings(Section):
             if empty:
                 raise ValueError(f'no model given for {", ".join(empty)}: "bundled" or a path to a .safetensors file')
         return merged
+
+    @field_validator("deep_t_start", mode="before")
+    @classmethod
+    def _deep_per_modality(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value  # pydantic names the type error
+        table = {str(key).strip().upper(): depth for key, depth in value.items()}
+        unknown = sorted(set(table) - set(T_START_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown modality {unknown[0]!r}: the keys are CT, CR and DX")
+        return table
+
+    @model_validator(mode="after")
+    def _deep_between_t_start_and_schedule(self) -> InferenceSettings:
+        wrong = {m: d for m, d in self.deep_t_start.items() if not self.t_start[m] < d < SCHEDULE_T}
+        if wrong:
+            raise ValueError(
+                f"deep_t_start {wrong}: each must lie above that modality's t_start ({self.t_start}) and below "
+                f"the schedule's T = {SCHEDULE_T}"
+            )
+        return self
 
     def model_for(self, modality: str) -> str:
         """The configured model source ("bundled" or a path) for a modality."""

@@ -29,6 +29,7 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
 
     return PipelineSettings(
         t_start=dict(inference.t_start),
+        deep_t_start=dict(inference.deep_t_start),
         steps=inference.steps,
         ensemble=inference.ensemble,
         threshold_lambda=dict(inference.threshold_lambda),

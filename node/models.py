@@ -150,7 +150,11 @@ class ModelSet:
         inference = self.settings.inference
         served = [m for m, p in self.plans().items() if p.source == plan.source and not p.refusal]
         ps = pipeline_settings(inference, 1)
-        ps = replace(ps, t_start={m: t for m, t in ps.t_start.items() if m in served})
+        ps = replace(
+            ps,
+            t_start={m: t for m, t in ps.t_start.items() if m in served},
+            deep_t_start={m: t for m, t in ps.deep_t_start.items() if m in served},
+        )
         problems = model_fit_problems(info.training, ps)
         if problems:  # it would run, and produce maps that mean nothing: refuse, saying why
             raise ValueError(f"model {info.model_id} does not fit [inference]: {'; '.join(problems)}")

@@ -166,6 +166,23 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
         load_settings(path)
 
 
+def test_a_mixed_depth_ensemble_is_configured_per_modality_between_t_start_and_t(tmp_path: Path) -> None:
+    from node.model_loader import pipeline_settings
+
+    path = tmp_path / "edgenode.toml"
+    assert load_settings(None).inference.deep_t_start == {}  # one depth unless asked
+    path.write_text("[inference]\ndeep_t_start = { ct = 550 }\n")
+    s = load_settings(path)
+    assert s.inference.deep_t_start == {"CT": 550}
+    assert pipeline_settings(s.inference, 4).deeper_timesteps("CT")[0][0] == 550
+    path.write_text("[inference]\ndeep_t_start = { CT = 200 }\n")  # not deeper than CT's t_start 250
+    with pytest.raises(ConfigError, match="deep_t_start .'CT': 200.: each must lie above"):
+        load_settings(path)
+    path.write_text("[inference]\ndeep_t_start = { MR = 550 }\n")
+    with pytest.raises(ConfigError, match="unknown modality 'MR'"):
+        load_settings(path)
+
+
 def test_the_model_is_a_per_modality_table_or_one_string_for_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
