@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import node_env
-from tests.test_worker_parent_death import alive, poll
+from tests.ingest_support import alive, poll
 
 
 def start_parent(marker: Path, delay: float, how: str) -> tuple[subprocess.Popen[str], psutil.Process]:
