@@ -109,3 +109,10 @@ def test_train_benchmark_times_each_precision_the_hardware_runs() -> None:
     rows = table(out)
     assert [r[0] for r in rows] == (["fp32", "bf16"] if cpu_info().bf16_units else ["fp32"])
     assert all(float(r[3]) > 0 for r in rows) and "CPU: " in out
+
+
+def test_flushes_benchmark_times_each_flush_an_image_waits_for(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = run_script("benchmarks/flushes.py", "--images", "5", "--repeats", "1", "--folder", str(tmp_path)).stdout
+    rows = {row[0]: float(row[1]) for row in table(out)}
+    assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
+    assert not list(tmp_path.iterdir())  # its files are gone
