@@ -103,7 +103,7 @@ def test_after_a_failed_batch_each_record_gets_its_own_outcome(
     import db.ingest
 
     index.add_instances([record("9.9")])
-    real = db.ingest._add_instance
+    real = db.ingest.add_instance_rows
 
     def flaky(conn, rec, *more):  # type: ignore[no-untyped-def]
         if rec.sop_instance_uid == "9.3":
@@ -112,7 +112,7 @@ def test_after_a_failed_batch_each_record_gets_its_own_outcome(
             raise IntegrityError("INSERT", {}, Exception("FOREIGN KEY constraint failed"))
         return real(conn, rec, *more)
 
-    monkeypatch.setattr(db.ingest, "_add_instance", flaky)
+    monkeypatch.setattr(db.ingest, "add_instance_rows", flaky)
     outcomes = index.add_instances([record("9.1"), record("9.9"), record("9.3"), record("9.4")])
     assert outcomes[:2] == [True, False]  # indexed; already there (a true duplicate)
     assert isinstance(outcomes[2], OperationalError) and isinstance(outcomes[3], IntegrityError)
