@@ -28,8 +28,8 @@ if [ "${1:-}" = "--fast" ]; then
   fast_only=true
   shift
 fi
-echo "test: fast tier (pytest -m 'not slow' -n auto)"
-.venv/bin/python -m pytest -m "not slow" -n auto "$@"
+echo "test: fast tier (pytest -m 'not slow' -n auto --dist worksteal)"
+.venv/bin/python -m pytest -m "not slow" -n auto --dist worksteal "$@"
 if [ "$fast_only" = false ]; then
   echo "test: slow tier (pytest -m slow)"
   .venv/bin/python -m pytest -m slow "$@"

@@ -85,7 +85,8 @@ def check_spool_against_index(data_dir: Path, acked: dict[str, Path]) -> None:
     assert files == {r.path for r in rows.values()}, "spool and index disagree"
 
 
-@pytest.mark.parametrize("listeners", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: listener processes
+@pytest.mark.slow  # `edgenode serve` processes killed and restarted
+@pytest.mark.parametrize("listeners", [1, 2])
 def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path, listeners: int) -> None:
     batches = make_batches(tmp_path)
     settings = node_settings(tmp_path / "var", node={"listeners": listeners})
@@ -118,7 +119,8 @@ def test_sigkill_during_transfers_loses_nothing_acknowledged(tmp_path: Path, lis
     assert "Traceback" not in log
 
 
-@pytest.mark.parametrize("listeners", [1, pytest.param(2, marks=pytest.mark.slow)])  # 2: listener processes
+@pytest.mark.slow  # `edgenode serve` processes killed and restarted
+@pytest.mark.parametrize("listeners", [1, 2])
 def test_sigterm_finishes_in_flight_stores_and_exits_zero(tmp_path: Path, listeners: int) -> None:
     batches = make_batches(tmp_path)
     settings = node_settings(tmp_path / "var", node={"listeners": listeners})

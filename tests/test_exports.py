@@ -82,6 +82,7 @@ def as_text(value: object) -> str:
 
 
 @pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier
+@pytest.mark.slow  # a served node (module fixture)
 def test_worklist_csv_holds_the_received_values_as_text(hostile_node: ServedNode) -> None:
     as_json = json.loads(cli(hostile_node, "worklist", "--format", "json").stdout)
     assert len(as_json) == len(HOSTILE) and '=HYPERLINK("http://x")' in {r["accession_number"] for r in as_json}
@@ -97,6 +98,7 @@ def test_worklist_csv_holds_the_received_values_as_text(hostile_node: ServedNode
     )
 
 
+@pytest.mark.slow  # a served node (module fixture)
 def test_audit_csv_holds_the_received_values_as_text(hostile_node: ServedNode) -> None:
     args = ("--event-type", "instance.stored", "--limit", "0")
     as_json = json.loads(cli(hostile_node, "audit", "--format", "json", *args).stdout)
@@ -111,6 +113,7 @@ def test_audit_csv_holds_the_received_values_as_text(hostile_node: ServedNode) -
     )
 
 
+@pytest.mark.slow  # a served node (module fixture)
 def test_read_commands_stop_quietly_when_the_reader_leaves(hostile_node: ServedNode) -> None:
     """`edgenode audit --format json | head -1` through a real shell pipe: head exits after one line while the
     node still has ~150 KB to write; no traceback, and the exit status a shell gives a SIGPIPE'd process."""

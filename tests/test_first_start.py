@@ -7,9 +7,13 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from node.commands.serve import NO_PEERS
 from node.local_orthanc import wait_for_port
 from tests.conftest import REPO_ROOT, edgenode_cmd, free_port, node_env
+
+pytestmark = pytest.mark.slow  # starts `edgenode serve` processes
 
 
 def serve_log(tmp_path: Path, **env: str) -> str:

@@ -217,6 +217,7 @@ def test_a_dead_listeners_associations_stop_counting(tmp_path: Path) -> None:
                 assoc.release()
 
 
+@pytest.mark.slow  # an `edgenode serve` with listener processes, one killed, then serve killed
 def test_listener_processes_end_with_serve(tmp_path: Path) -> None:
     settings = node_settings(tmp_path / "var", node={"listeners": LISTENERS})
     config = write_toml(settings, tmp_path / "edgenode.toml")
