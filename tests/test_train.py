@@ -96,6 +96,7 @@ def test_bf16_autocast_loss_tracks_fp32() -> None:
     assert abs(b.mean() - a.mean()) / a.mean() < 0.02, (a.mean(), b.mean())
 
 
+@pytest.mark.slow  # a training run
 def test_a_radiograph_model_is_trained_on_phantom_radiographs_and_says_so_in_its_metadata(tmp_path) -> None:
     """--modality CR,DX: the pool is phantom radiographs with the node's lung-field mask, and the shipped file's
     metadata names CR, DX and the body part (the node runs it on nothing else); CT stays the default."""
@@ -126,6 +127,7 @@ def test_the_bundled_model_is_a_chest_ct_model() -> None:
     assert info.modalities == ("CT",) and info.body_part == "CHEST"
 
 
+@pytest.mark.slow  # a training run
 def test_the_loss_curve_is_written_beside_the_shipped_weights(tmp_path) -> None:
     from PIL import Image
 
@@ -143,6 +145,7 @@ def test_the_loss_curve_is_written_beside_the_shipped_weights(tmp_path) -> None:
         assert len(np.unique(np.asarray(image.convert("L")))) > 10  # drawn, not blank
 
 
+@pytest.mark.slow  # a training run
 def test_a_checkpoint_resumes_only_its_own_run(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     """Other training settings cannot resume a checkpoint (that would mix two runs); more steps can. The training
     images are cached beside the checkpoint and read back by the resumed run."""
