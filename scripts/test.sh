@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the machine (scripts/setup.sh), runs the static checks (lint, format, types, import layering),
-# then the tests: the fast tier (not marked slow) on every core with pytest-xdist, then the slow tier one test
-# at a time (whole nodes, chaos, benchmarks: they time real processes and would starve each other).
-# `--fast` stops after the fast tier. Other arguments go to pytest (e.g. -q, -x, -k pattern).
+# then the tests: the fast tier (not marked slow) on pytest-xdist workers, then the slow tier one test at a time
+# (whole nodes, chaos, benchmarks: they time real processes and would starve each other); the slow tier runs
+# even when the fast one failed, so one run reports both. `--fast` stops after the fast tier. Other arguments go
+# to pytest (e.g. -q, -x, -k pattern).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -31,8 +32,15 @@ fi
 # One worker more than cores: the fast tests wait on real peers (dcmtk, Orthanc, PostgreSQL) part of the time.
 workers=$(( $(nproc) + 1 ))
 echo "test: fast tier (pytest -m 'not slow' -n $workers --dist worksteal)"
-.venv/bin/python -m pytest -m "not slow" -n "$workers" --dist worksteal "$@"
-if [ "$fast_only" = false ]; then
-  echo "test: slow tier (pytest -m slow)"
-  .venv/bin/python -m pytest -m slow "$@"
+fast_status=0
+.venv/bin/python -m pytest -m "not slow" -n "$workers" --dist worksteal "$@" || fast_status=$?
+if [ "$fast_only" = true ]; then
+  exit "$fast_status"
+fi
+echo "test: slow tier (pytest -m slow)"
+slow_status=0
+.venv/bin/python -m pytest -m slow "$@" || slow_status=$?
+if [ "$fast_status" -ne 0 ] || [ "$slow_status" -ne 0 ]; then
+  echo "test: fast tier exit $fast_status, slow tier exit $slow_status" >&2
+  exit 1
 fi
