@@ -40,6 +40,13 @@ fi
 echo "test: slow tier (pytest -m slow)"
 slow_status=0
 .venv/bin/python -m pytest -m slow "$@" || slow_status=$?
+# pytest's 5 is "no tests selected": fine for one tier (e.g. -k matching only fast tests), not for both.
+if [ "$fast_status" -eq 5 ] && [ "$slow_status" -eq 5 ]; then
+  echo "test: no tests selected" >&2
+  exit 5
+fi
+[ "$fast_status" -eq 5 ] && fast_status=0
+[ "$slow_status" -eq 5 ] && slow_status=0
 if [ "$fast_status" -ne 0 ] || [ "$slow_status" -ne 0 ]; then
   echo "test: fast tier exit $fast_status, slow tier exit $slow_status" >&2
   exit 1
