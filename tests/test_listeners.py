@@ -178,18 +178,21 @@ def test_node_limits_hold_across_listener_processes(tmp_path: Path) -> None:
         assert (rsp.result, rsp.result_source, rsp.diagnostic) == REJECT_LOCAL_LIMIT
         held.pop().release()
 
-        def one_more() -> bool:  # the place is free once the listener has seen the release through
-            assoc = sender_ae().associate("127.0.0.1", node.port, ae_title="EDGENODE")
-            if assoc.is_established:
-                held.append(assoc)
-            return assoc.is_established
-
-        assert poll(one_more, 10, every=0.2)
+        # the place is free once the listener has seen the release through
+        assert poll(lambda: _associate_and_hold(node.port, held), 10, every=0.2)
         for assoc in held:
             assert int(assoc.send_c_echo().Status) == 0
             assoc.release()
     rejected = [e.detail for e in audit(node, "association.rejected")]
     assert any("local limit exceeded: 3 associations open (node.max_associations)" in d for d in rejected)
+
+
+def _associate_and_hold(port: int, held: list) -> bool:  # type: ignore[type-arg]
+    """Try one more association; an accepted one joins `held` (released by the test)."""
+    assoc = sender_ae().associate("127.0.0.1", port, ae_title="EDGENODE")
+    if assoc.is_established:
+        held.append(assoc)
+    return bool(assoc.is_established)
 
 
 def test_a_dead_listeners_associations_stop_counting(tmp_path: Path) -> None:
@@ -205,13 +208,8 @@ def test_a_dead_listeners_associations_stop_counting(tmp_path: Path) -> None:
         psutil.Process(victim).kill()
         assert poll(lambda: sum(a.is_established for a in held) == 1, 30)  # its association went with it
 
-        def admitted() -> bool:  # once the node has cleared the dead listener's count (within its 0.5 s watch)
-            assoc = sender_ae().associate("127.0.0.1", node.port, ae_title="EDGENODE")
-            if assoc.is_established:
-                held.append(assoc)
-            return assoc.is_established
-
-        assert poll(admitted, 30, every=0.5)
+        # once the node has cleared the dead listener's count (within its 0.5 s watch)
+        assert poll(lambda: _associate_and_hold(node.port, held), 30, every=0.5)
         for assoc in held:
             if assoc.is_established:
                 assoc.release()

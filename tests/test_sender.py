@@ -4,7 +4,6 @@ to a real dcmtk storescp."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,9 @@ from node.sender import ResultSender
 from node.spool import Spool
 from node.supervisor import WorkerSupervisor, shared_event
 from tests.dicomgen import make_ct_series
+from tests.ingest_support import poll
 from tests.peers import StoreSCP
 from tests.test_worker import received_study
-
-
-def poll(condition, timeout: float, every: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(every)
-    return bool(condition())
 
 
 @pytest.mark.slow  # a worker process loads torch and the model
