@@ -243,6 +243,8 @@ class InferenceSettings(Section):
 
     @model_validator(mode="after")
     def _deep_between_t_start_and_schedule(self) -> InferenceSettings:
+        if self.deep_t_start and self.ensemble < 2:
+            raise ValueError(f"deep_t_start {self.deep_t_start} needs ensemble >= 2 (members alternate depths)")
         wrong = {m: d for m, d in self.deep_t_start.items() if not self.t_start[m] < d < SCHEDULE_T}
         if wrong:
             raise ValueError(

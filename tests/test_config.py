@@ -178,6 +178,9 @@ def test_a_mixed_depth_ensemble_is_configured_per_modality_between_t_start_and_t
     path.write_text("[inference]\ndeep_t_start = { CT = 200 }\n")  # not deeper than CT's t_start 250
     with pytest.raises(ConfigError, match="deep_t_start .'CT': 200.: each must lie above"):
         load_settings(path)
+    path.write_text("[inference]\nensemble = 1\ndeep_t_start = { CT = 550 }\n")  # nothing to alternate
+    with pytest.raises(ConfigError, match="needs ensemble >= 2"):
+        load_settings(path)
     path.write_text("[inference]\ndeep_t_start = { MR = 550 }\n")
     with pytest.raises(ConfigError, match="unknown modality 'MR'"):
         load_settings(path)

@@ -421,6 +421,25 @@ def test_a_cr_series_is_analysed_by_a_model_trained_for_cr(tmp_path: Path) -> No
     assert any(e.get("SoftwareVersions") == rx_model.model_id for e in equipment)
 
 
+def test_a_mixed_depth_ensemble_for_ct_does_not_refuse_the_radiograph_model(tmp_path: Path) -> None:
+    """`deep_t_start = {CT = 550}` is checked against the model serving CT only: the radiograph model, trained to
+    t = 300, still serves CR, and the CT series is analysed with members at both depths."""
+    from tests.test_results import make_cr
+
+    study = generate_uid()
+    ct = make_ct_series(6, 64, 64, study_uid=study, series_number=2)
+    cr = make_cr(96, 96)
+    cr.StudyInstanceUID = study
+    settings, db = received_study(tmp_path, ct + [cr])
+    settings.inference.ensemble = 2
+    settings.inference.deep_t_start = {"CT": 550}
+    run_one_job(settings)
+    with db.session() as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status == JobStatus.DONE and len(job.model_id.split(",")) == 2
+        assert s.scalars(select(AuditEvent).where(AuditEvent.event_type == "series.skipped")).all() == []
+
+
 def test_a_model_without_modality_metadata_is_taken_as_ct_only() -> None:
     """Files written before edgenode recorded modalities: CT-only (radiology IT keeps its CT model working after
     an upgrade, and no radiograph is ever analysed with it)."""
