@@ -8,7 +8,16 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference.phantoms import LESION_KINDS, make_ct, radiograph_dataset, synthetic_study, write_study
+from inference.phantoms import (
+    LESION_KINDS,
+    _lung_contains_point,
+    draw_subject,
+    lung_contains,
+    make_ct,
+    radiograph_dataset,
+    synthetic_study,
+    write_study,
+)
 from inference.radiograph_phantoms import make_radiograph
 from tests.conftest import DCIODVFY, edgenode_cmd, node_env, require
 
@@ -23,6 +32,17 @@ def test_ct_lesion_changes_voxels_only_inside_its_mask(kind: str) -> None:
     assert diff[ph.lesion_mask].all()  # every mask voxel changed
     assert not (ph.lesion_mask & ~ph.lung_mask).any()  # lesions are in the lungs
     assert sum(les.voxels for les in ph.lesions) >= ph.lesion_mask.sum()
+
+
+def test_the_trees_point_test_answers_as_the_lung_mask_does() -> None:
+    """The branching trees use a scalar copy of `lung_contains` for speed; both must agree everywhere."""
+    for seed in range(5):
+        sub = draw_subject(np.random.default_rng(seed))
+        pts = np.random.default_rng(100 + seed).uniform(-220, 320, size=(3000, 3))
+        grid_answer = lung_contains(sub, pts[:, 0], pts[:, 1], pts[:, 2])
+        point_answers = [_lung_contains_point(sub, float(x), float(y), float(z)) for x, y, z in pts]
+        assert grid_answer.any() and not grid_answer.all()
+        np.testing.assert_array_equal(grid_answer, point_answers)
 
 
 def test_healthy_case_has_empty_mask_and_lungs() -> None:
