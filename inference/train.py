@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from inference.diffusion import LinearSchedule, q_sample
 from inference.hardware import cpu_info
 from inference.phantoms import make_ct
 from inference.simplex import NoiseSource, splitmix64
-from inference.training_report import ProgressLine, loss_curve_path, write_loss_curve
+from inference.training_report import PROGRESS_EVERY_S, ProgressLine, loss_curve_path, write_loss_curve
 from inference.unet import PRESETS, UNet, UNetConfig, save_model
 from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
@@ -117,50 +119,85 @@ def model_training_seeds(training: dict[str, object]) -> list[int]:
     return training_seeds(int(seed), int(subjects))
 
 
-def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int) -> SlicePool:
+def _ct_subject(case_seed: int, size: int, slices: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """One healthy phantom CT subject's slices and lung masks on the model grid."""
+    from inference.lungmask import anatomy_mask
+
+    ph = make_ct(case_seed, size, size, slices, "none")
+    mapping = GridMapping(rows=size, cols=size, size=grid)
+    image = resample_to_grid(normalise(ph.hu, "CT"), mapping, fill=-1.0)
+    sz, sy, sx = ph.grid.spacing  # phantom slices run feet to head: normal (0, 0, 1)
+    lungs = anatomy_mask(ph.hu, "CT", (sy, sx), np.array([0.0, 0.0, 1.0]), sz)
+    return image, mask_to_grid(lungs, mapping).astype(np.float32)
+
+
+def _radiograph_subject(case_seed: int, size: int, native: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """One healthy phantom PA radiograph and its lung fields on the model grid."""
+    from inference.lungmask import anatomy_mask
+    from inference.radiograph_phantoms import make_radiograph
+
+    rx = make_radiograph(case_seed, size, size, "none", native=native)
+    pixels = (np.round(np.clip(rx.image, 0.0, 1.0) * 4095.0) / 4095.0).astype(np.float32)[None]
+    mapping = GridMapping(rows=size, cols=size, size=grid)
+    image = resample_to_grid(normalise(pixels, "DX"), mapping, fill=-1.0)
+    lungs = anatomy_mask(pixels, "DX", rx.pixel_spacing)
+    return image, mask_to_grid(lungs, mapping).astype(np.float32)
+
+
+def _render_subjects(
+    render: Callable[..., tuple[np.ndarray, np.ndarray]], seeds: list[int], args: tuple[int, ...], workers: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`render(seed, *args)` for every seed, in seed order, on `workers` processes, with a progress line.
+
+    Why processes: each subject is independent numpy and scipy work under the GIL; rendering a few hundred
+    radiographs on one core took 25 minutes. The order, and so the pool, is the same for any number of workers.
+    """
+    images, masks = [], []
+    started = last = time.monotonic()
+
+    def keep(image: np.ndarray, mask: np.ndarray) -> None:
+        nonlocal last
+        images.append(image)
+        masks.append(mask)
+        now, done = time.monotonic(), len(images)
+        if now - last >= PROGRESS_EVERY_S or done == len(seeds):
+            last, each = now, (now - started) / done
+            log.info(
+                "rendered %d/%d subjects (%.1f s each, %.0f s left)", done, len(seeds), each, each * (len(seeds) - done)
+            )
+
+    if workers <= 1 or len(seeds) < 2:
+        for seed in seeds:
+            keep(*render(seed, *args))
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+        with ProcessPoolExecutor(max_workers=min(workers, len(seeds)), mp_context=context) as pool:
+            for image, mask in pool.map(render, seeds, *[[a] * len(seeds) for a in args]):
+                keep(image, mask)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(masks))
+
+
+def phantom_slices(seed: int, subjects: int, size: int, slices: int, grid: int, workers: int = 1) -> SlicePool:
     """Healthy phantom CT subjects, normalised and resampled to the model grid like inference does.
 
     The condition is the mask the node computes (`anatomy_mask`), not the phantom's exact lungs: the model then
     learns the condition it will be given, quirks included.
     """
-    from inference.lungmask import anatomy_mask
-
-    images, masks = [], []
-    for case_seed in training_seeds(seed, subjects):
-        ph = make_ct(case_seed, size, size, slices, "none")
-        mapping = GridMapping(rows=size, cols=size, size=grid)
-        images.append(resample_to_grid(normalise(ph.hu, "CT"), mapping, fill=-1.0))
-        sz, sy, sx = ph.grid.spacing  # phantom slices run feet to head: normal (0, 0, 1)
-        lungs = anatomy_mask(ph.hu, "CT", (sy, sx), np.array([0.0, 0.0, 1.0]), sz)
-        masks.append(mask_to_grid(lungs, mapping).astype(np.float32))
-    return SlicePool(
-        torch.from_numpy(np.concatenate(images)),
-        torch.from_numpy(np.concatenate(masks)),
-        f"phantoms(seed={seed}, subjects={subjects}, {size}x{size}x{slices})",
-    )
+    images, masks = _render_subjects(_ct_subject, training_seeds(seed, subjects), (size, slices, grid), workers)
+    return SlicePool(images, masks, f"phantoms(seed={seed}, subjects={subjects}, {size}x{size}x{slices})")
 
 
-def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePool:
+def radiograph_slices(seed: int, subjects: int, size: int, grid: int, workers: int = 1) -> SlicePool:
     """Healthy phantom PA chest radiographs with the typical acquisition variation, one per subject, stored as the
     phantoms' DICOM stores them (12 bits), normalised and conditioned on the lung fields as inference does.
 
     The projection is rendered at twice the model grid (at least 128 pixels, at most `size`: what the model grid
     resolves) and presented at `size` pixels, where the lung fields are computed as the node computes them."""
-    from inference.lungmask import anatomy_mask
-    from inference.radiograph_phantoms import make_radiograph
-
     native = min(size, max(128, 2 * grid))
-    images, masks = [], []
-    for i in range(subjects):
-        rx = make_radiograph(splitmix64(seed, i) % 2**31, size, size, "none", native=native)
-        pixels = (np.round(np.clip(rx.image, 0.0, 1.0) * 4095.0) / 4095.0).astype(np.float32)[None]
-        mapping = GridMapping(rows=size, cols=size, size=grid)
-        images.append(resample_to_grid(normalise(pixels, "DX"), mapping, fill=-1.0))
-        lungs = anatomy_mask(pixels, "DX", rx.pixel_spacing)
-        masks.append(mask_to_grid(lungs, mapping).astype(np.float32))
+    images, masks = _render_subjects(_radiograph_subject, training_seeds(seed, subjects), (size, native, grid), workers)
     return SlicePool(
-        torch.from_numpy(np.concatenate(images)),
-        torch.from_numpy(np.concatenate(masks)),
+        images,
+        masks,
         f"radiograph phantoms(seed={seed}, subjects={subjects}, {size}x{size}, typical acquisition variation)",
     )
 
@@ -168,7 +205,7 @@ def radiograph_slices(seed: int, subjects: int, size: int, grid: int) -> SlicePo
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 
 
-def training_pool(cfg: TrainConfig, grid: int) -> SlicePool:
+def training_pool(cfg: TrainConfig, grid: int, workers: int = 1) -> SlicePool:
     """The run's healthy images: a DICOM folder (its modalities must be the run's), else phantoms of the run's
     kind (CT slices, or radiographs for a CR/DX model; a model for both kinds at once is refused)."""
     wanted = {m.upper() for m in cfg.modalities}
@@ -177,9 +214,9 @@ def training_pool(cfg: TrainConfig, grid: int) -> SlicePool:
     if cfg.data_dir:
         return dicom_slices(Path(cfg.data_dir), grid, wanted)
     if wanted == {"CT"}:
-        return phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, grid)
+        return phantom_slices(cfg.seed, cfg.subjects, cfg.phantom_size, cfg.phantom_slices, grid, workers)
     if wanted <= set(RADIOGRAPH_MODALITIES):
-        return radiograph_slices(cfg.seed, cfg.subjects, cfg.phantom_size, grid)
+        return radiograph_slices(cfg.seed, cfg.subjects, cfg.phantom_size, grid, workers)
     raise ValueError(f"modalities {sorted(wanted)}: one model is for CT or for radiographs (CR/DX), not both")
 
 
@@ -302,7 +339,7 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
             log.warning("cannot read %s (%s): building the training images", cache, exc)
     log.info("building the training images (%d subjects)%s", cfg.subjects, f", cached in {cache}" if cache else "")
     started = time.monotonic()
-    pool = training_pool(cfg, grid)
+    pool = training_pool(cfg, grid, workers=torch.get_num_threads())  # the cores the run was given
     log.info("%d training images in %.0f s", len(pool), time.monotonic() - started)
     if cache is not None:
         _save_atomically({"key": key, "images": pool.images, "masks": pool.masks, "source": pool.source}, cache)

@@ -219,3 +219,11 @@ def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path) -> None
     finally:
         torch.set_num_threads(threads)
     np.testing.assert_allclose(final["losses"], unbroken.losses, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow  # starts worker processes that import torch (10 s)
+def test_training_images_are_the_same_rendered_on_one_process_or_two() -> None:
+    from inference.train import radiograph_slices
+
+    one, two = radiograph_slices(3, 3, 48, 16), radiograph_slices(3, 3, 48, 16, workers=2)
+    assert torch.equal(one.images, two.images) and torch.equal(one.masks, two.masks)
