@@ -18,6 +18,16 @@ pytest_plugins = ["tests.postgres"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the fast tier runs cores + 1 workers) each worker computes on one thread: torch's
+    default of one thread per core in every worker oversubscribes the CPU, and idle OpenMP threads spin."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 # dcmtk's tools by absolute path: pynetdicom installs same-named scripts into the venv's bin.
 DCMTK = {
     name: Path("/usr/bin") / name

@@ -5,18 +5,45 @@ modalities its metadata names, so a test that expects radiograph results configu
 
 from __future__ import annotations
 
-import atexit
-import shutil
+import hashlib
+import os
 import tempfile
 from functools import cache
 from pathlib import Path
 
+from filelock import FileLock
+
 RADIOGRAPH_MODALITIES = ("CR", "DX")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _code_key() -> str:
+    """A digest of the code the model is made by (inference/): a change there trains a new one."""
+    digest = hashlib.sha256()
+    for source in sorted((REPO_ROOT / "inference").glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @cache
 def trained_radiograph_model() -> Path:
-    """The tiny CR/DX model, trained once per test process (its metadata: modalities CR, DX; body part CHEST)."""
+    """The tiny CR/DX model (its metadata: modalities CR, DX; body part CHEST), trained once per version of the
+    inference code and shared by the test processes (pytest-xdist workers) through a locked cache folder."""
+    folder = Path(tempfile.gettempdir()) / f"edgenode-test-rx-model-{_code_key()}"
+    folder.mkdir(exist_ok=True)
+    path = folder / "tiny-chest-rx.safetensors"
+    with FileLock(str(folder / "lock")):  # one process trains it, the others wait and read it
+        if not path.exists():
+            partial = folder / f"partial-{os.getpid()}"  # a process killed mid-training leaves no half file
+            partial.mkdir(exist_ok=True)
+            _train(partial / path.name)
+            for made in sorted(partial.iterdir(), key=lambda p: p == partial / path.name):  # the weights last
+                made.replace(folder / made.name)
+            partial.rmdir()
+    return path
+
+
+def _train(path: Path) -> None:
     import torch
 
     from inference.train import TrainConfig, ship, train
@@ -34,17 +61,13 @@ def trained_radiograph_model() -> Path:
         device="cpu",
         checkpoint_every=10_000,
     )
-    directory = Path(tempfile.mkdtemp(prefix="edgenode-rx-model-"))
-    atexit.register(shutil.rmtree, directory, True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few tiny steps: one thread is quickest on a busy machine
     try:
         result = train(cfg, progress=False)
     finally:
         torch.set_num_threads(threads)
-    path = directory / "tiny-chest-rx.safetensors"
     ship(result, cfg, path, "tiny-chest-rx")
-    return path
 
 
 def per_modality(ct_model: Path | str) -> dict[str, str]:
