@@ -11,7 +11,8 @@ with SyncStorageArea=true fsyncs each file and indexes it in SQLite; storescp wr
 edgenode runs `[node] listeners` listener processes (the node's default, "auto", unless --listeners says
 otherwise; the table shows how many) and, like the other two, nothing else: no inference worker (its
 first start loads the model and probes the backends, seconds of CPU that would land in the timed window)
-and no dashboard.
+and no dashboard. The last column is the CPU (user + system) the receiver's processes spent during the send, per
+instance (median over the runs): where the machine's cores are the limit, it says whose work they were doing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -38,6 +42,8 @@ from tests.dicomgen import make_ct_series, write_datasets  # noqa: E402
 from tests.peers import StoreSCP  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
+# What a receiver's context manager yields: its AE title, port, a count of what it stored, and its process id.
+Receiver = tuple[str, int, Callable[[], int], int]
 CALLING_AE = "STORESCU"
 
 
@@ -49,7 +55,7 @@ def listener_processes(listeners: str) -> int:
 
 
 @contextmanager
-def edgenode(workdir: Path, listeners: str = "auto") -> Iterator[tuple[str, int, Callable[[], int]]]:
+def edgenode(workdir: Path, listeners: str = "auto") -> Iterator[Receiver]:
     port = free_port()
     config = workdir / "edgenode.toml"
     setting = f'"{listeners}"' if listeners == "auto" else str(int(listeners))
@@ -73,25 +79,41 @@ def edgenode(workdir: Path, listeners: str = "auto") -> Iterator[tuple[str, int,
             with sqlite3.connect(workdir / "var" / "edgenode.db") as db:
                 return int(db.execute("select count(*) from instances").fetchone()[0])
 
-        yield "EDGENODE", port, count
+        yield "EDGENODE", port, count, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
 
 @contextmanager
-def storescp(workdir: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+def storescp(workdir: Path) -> Iterator[Receiver]:
     with StoreSCP(workdir / "out") as scp:
-        yield scp.aet, scp.port, lambda: len(scp.received())
+        assert scp.proc is not None
+        yield scp.aet, scp.port, lambda: len(scp.received()), scp.proc.pid
 
 
 @contextmanager
-def orthanc(workdir: Path) -> Iterator[tuple[str, int, Callable[[], int]]]:
+def orthanc(workdir: Path) -> Iterator[Receiver]:
     with Orthanc(workdir, sync_storage=True) as server:
-        yield server.aet, server.dicom_port, lambda: int(server.get("/statistics")["CountInstances"])
+        assert server.proc is not None
+        count = lambda: int(server.get("/statistics")["CountInstances"])  # noqa: E731
+        yield server.aet, server.dicom_port, count, server.proc.pid
 
 
-TARGETS: dict[str, tuple[Callable[[Path], AbstractContextManager[tuple[str, int, Callable[[], int]]]], str]] = {
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a receiver: the process and every process under it (edgenode's listeners)."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+TARGETS: dict[str, tuple[Callable[[Path], AbstractContextManager[Receiver]], str]] = {
     "edgenode": (edgenode, "fsync file+dir, SQLite FULL commit"),
     "storescp": (storescp, "no fsync, no index"),
     "orthanc": (orthanc, "SyncStorageArea fsync, SQLite index"),
@@ -143,6 +165,7 @@ def main() -> int:
         results: dict[tuple[str, int], float] = {
             (target, associations): float("inf") for target in args.targets for associations in args.associations
         }
+        cpu: dict[tuple[str, int], list[float]] = {cell: [] for cell in results}
         for repeat in range(args.repeats):
             for associations in args.associations:
                 for target in args.targets:
@@ -151,19 +174,29 @@ def main() -> int:
                         factory = functools.partial(edgenode, listeners=args.listeners)
                     workdir = root / f"{target}-{associations}-{repeat}"
                     workdir.mkdir()
-                    with factory(workdir) as (aet, port, count):
+                    with factory(workdir) as (aet, port, count, pid):
+                        before = cpu_seconds(pid)
                         seconds = send(aet, port, files, associations)
                         received = count()
+                        cpu_ms = 1000 * (cpu_seconds(pid) - before) / len(files)
                     if received != len(files):
                         raise RuntimeError(f"{target}: {received} of {len(files)} instances stored")
                     results[(target, associations)] = min(results[(target, associations)], seconds)
-                    print(f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s", flush=True)
+                    cpu[(target, associations)].append(cpu_ms)
+                    print(
+                        f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s, "
+                        f"receiver CPU {cpu_ms:.2f} ms per instance",
+                        flush=True,
+                    )
                     shutil.rmtree(workdir, ignore_errors=True)
 
-        header = "| receiver | durability | listener processes | assoc. | seconds | instances/s | MB/s | vs Orthanc |"
+        header = (
+            "| receiver | durability | listener processes | assoc. | seconds | instances/s | MB/s | vs Orthanc "
+            "| receiver CPU ms/instance |"
+        )
         print()
         print(header)
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         rows = []
         for (target, associations), seconds in results.items():
             reference = results.get(("orthanc", associations))
@@ -172,7 +205,7 @@ def main() -> int:
             listeners = str(processes) if target == "edgenode" else "-"
             print(
                 f"| {target} | {TARGETS[target][1]} | {listeners} | {associations} | {seconds:.2f} | {rate:.1f} | "
-                f"{megabytes / seconds:.1f} | {ratio} |"
+                f"{megabytes / seconds:.1f} | {ratio} | {statistics.median(cpu[(target, associations)]):.2f} |"
             )
             rows.append(
                 {
@@ -182,6 +215,7 @@ def main() -> int:
                     "seconds": seconds,
                     "instances_per_s": rate,
                     "mb_per_s": megabytes / seconds,
+                    "receiver_cpu_ms_per_instance": statistics.median(cpu[(target, associations)]),
                 }
             )
         if args.json:
