@@ -144,6 +144,9 @@ def _radiograph_subject(case_seed: int, size: int, native: int, grid: int) -> tu
     return image, mask_to_grid(lungs, mapping).astype(np.float32)
 
 
+SUBJECTS_PER_RENDER_PROCESS = 8
+
+
 def _render_subjects(
     render: Callable[..., tuple[np.ndarray, np.ndarray]], seeds: list[int], args: tuple[int, ...], workers: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +342,9 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
             log.warning("cannot read %s (%s): building the training images", cache, exc)
     log.info("building the training images (%d subjects)%s", cfg.subjects, f", cached in {cache}" if cache else "")
     started = time.monotonic()
-    pool = training_pool(cfg, grid, workers=torch.get_num_threads())  # the cores the run was given
+    # the cores the run was given, where each process has enough subjects to repay starting it (~3 s)
+    workers = min(torch.get_num_threads(), max(1, cfg.subjects // SUBJECTS_PER_RENDER_PROCESS))
+    pool = training_pool(cfg, grid, workers)
     log.info("%d training images in %.0f s", len(pool), time.monotonic() - started)
     if cache is not None:
         _save_atomically({"key": key, "images": pool.images, "masks": pool.masks, "source": pool.source}, cache)
