@@ -49,6 +49,7 @@ Log = Callable[[str], None]
 MIN_LESION_STUDIES, MIN_HEALTHY_STUDIES = 30, 15  # per modality and set, so that the spread means something
 CALIBRATION_SUBJECTS = 12  # healthy training-seed radiographs the brightness threshold is taken from
 SETS = ("training", "shifted")
+KIND_ROWS = ("baseline", "full", "deep", "mixed")  # the CT rows of the by-kind table: deeper starts beside full
 
 
 def log_stderr(line: str) -> None:
@@ -247,7 +248,8 @@ def _ct_section(s: SetResult, models: Models, full_ladder: bool, resamples: int,
         )
         text += f"Weights per row:\n\n{models_used}\n\n"
     text += f"### What the rows say (computed from the tables)\n\n{findings(s.results, resamples, seed)}\n"
-    text += f"### By lesion kind\n\n{kind_table([r for r in s.results if r.row.key in ('baseline', 'full')])}\n"
+    by_kind = [r for r in s.results if r.row.key in KIND_ROWS]
+    text += f"### By lesion kind\n\n{kind_table(by_kind)}\n"
     return text
 
 
