@@ -203,9 +203,10 @@ def main() -> int:
             ratio = f"{reference / seconds:.2f}x" if reference else "-"
             rate = len(files) / seconds
             listeners = str(processes) if target == "edgenode" else "-"
+            cpu_ms = statistics.median(cpu[(target, associations)])
             print(
                 f"| {target} | {TARGETS[target][1]} | {listeners} | {associations} | {seconds:.2f} | {rate:.1f} | "
-                f"{megabytes / seconds:.1f} | {ratio} | {statistics.median(cpu[(target, associations)]):.2f} |"
+                f"{megabytes / seconds:.1f} | {ratio} | {cpu_ms:.2f} |"
             )
             rows.append(
                 {
@@ -215,7 +216,7 @@ def main() -> int:
                     "seconds": seconds,
                     "instances_per_s": rate,
                     "mb_per_s": megabytes / seconds,
-                    "receiver_cpu_ms_per_instance": statistics.median(cpu[(target, associations)]),
+                    "receiver_cpu_ms_per_instance": cpu_ms,
                 }
             )
         if args.json:

@@ -116,3 +116,28 @@ def test_flushes_benchmark_times_each_flush_an_image_waits_for(tmp_path) -> None
     rows = {row[0]: float(row[1]) for row in table(out)}
     assert len(rows) == 4 and all(ms > 0 for ms in rows.values())
     assert not list(tmp_path.iterdir())  # its files are gone
+
+
+def test_ingest_benchmark_compares_receivers_and_their_cpu_per_instance() -> None:
+    out = run_script(
+        "benchmarks/ingest.py",
+        "--slices",
+        "8",
+        "--size",
+        "64",
+        "--repeats",
+        "1",
+        "--associations",
+        "1",
+        "2",
+        "--targets",
+        "edgenode",
+        "storescp",
+    ).stdout
+    rows = {(row[0], int(row[3])): row for row in table(out)}
+    assert set(rows) == {("edgenode", 1), ("edgenode", 2), ("storescp", 1), ("storescp", 2)}
+    for row in rows.values():
+        assert float(row[5]) > 0  # instances/s
+        assert row[7] == "-"  # no Orthanc in this run to compare with
+        assert float(row[8]) >= 0  # the receiver's CPU per instance (10 ms ticks: storescp may show none)
+    assert all(float(rows[("edgenode", n)][8]) > 0 for n in (1, 2))  # a Python listener always spends some
