@@ -12,6 +12,7 @@ Checkpoints hold model, EMA, optimiser and data position, so a run resumes where
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -175,7 +176,7 @@ def _render_subjects(
     else:
         context = multiprocessing.get_context("spawn")  # no forked torch thread pools
         with ProcessPoolExecutor(max_workers=min(workers, len(seeds)), mp_context=context) as pool:
-            for image, mask in pool.map(render, seeds, *[[a] * len(seeds) for a in args]):
+            for image, mask in pool.map(render, seeds, *(itertools.repeat(a) for a in args)):
                 keep(image, mask)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(masks))
 
