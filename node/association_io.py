@@ -12,7 +12,7 @@ and the queues' `put`): the DUL thread blocks in `select` on its socket and on a
 whenever another thread hands it something (a response to send, a closed connection), the reactor blocks on an
 event set whenever a DIMSE message or an ACSE primitive arrives, and `recv` fills one buffer with as few calls
 as the kernel allows. Both threads still look around every IDLE_SECONDS (timers, kill flags), as before.
-Nothing about what is received, checked or answered changes, only when the threads notice it.
+Given a store handler, `wire()` also has the DUL thread serve C-STOREs itself (node/direct_store.py).
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
+
+from node.direct_store import DirectStore, StoreHandler
 
 IDLE_SECONDS = 0.02  # longest sleep of either thread with nothing to do (they then check timers and kill flags)
 
@@ -153,67 +152,6 @@ class EventSocket(AssociationSocket):
         return data
 
 
-def store_response_pdv(message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
-    """A C-STORE-RSP without error elements as the one presentation data value pynetdicom makes of it: the message
-    control header (command, last fragment) and the command set, Implicit VR Little Endian (PS3.7 9.3.1.2).
-    tests/test_association_io.py compares it with pynetdicom's encoding."""
-    body = (
-        _element(0x0002, _uid(sop_class))
-        + _element(0x0100, _US.pack(0x8001))  # C-STORE-RSP
-        + _element(0x0120, _US.pack(message_id))
-        + _element(0x0800, _US.pack(0x0101))  # no data set
-        + _element(0x0900, _US.pack(status))
-        + _element(0x1000, _uid(sop_instance))
-    )
-    return b"\x03" + _element(0x0000, _UL.pack(len(body))) + body
-
-
-_US, _UL, _TAG = struct.Struct("<H"), struct.Struct("<L"), struct.Struct("<HHL")
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _TAG.pack(0x0000, element, len(value)) + value
-
-
-def _uid(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
-def _fast_store_responses(assoc: Association) -> None:
-    """Send plain C-STORE-RSPs (a status, no error elements: every Success) from a prepared encoding, others as
-    pynetdicom does. pynetdicom builds a pydicom data set for each response and encodes it twice (for its group
-    length, then to send): a few tenths of a millisecond of every image's round trip."""
-    dimse = assoc.dimse
-    send_msg = dimse.send_msg
-
-    def send(primitive: Any, context_id: int) -> None:
-        if (
-            isinstance(primitive, C_STORE)
-            and primitive.MessageIDBeingRespondedTo is not None
-            and primitive.AffectedSOPClassUID
-            and primitive.AffectedSOPInstanceUID
-            and primitive.Status is not None
-            and all(getattr(primitive, name, None) is None for name in _STORE_RSP_OPTIONAL)
-        ):
-            pdv = store_response_pdv(
-                int(primitive.MessageIDBeingRespondedTo),
-                str(primitive.AffectedSOPClassUID),
-                str(primitive.AffectedSOPInstanceUID),
-                int(primitive.Status),
-            )
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, pdv))
-            dimse.dul.send_pdu(pdata)
-        else:
-            send_msg(primitive, context_id)
-
-    dimse.send_msg = send  # type: ignore[method-assign]
-
-
-_STORE_RSP_OPTIONAL = ("OffendingElement", "ErrorComment")  # the C-STORE-RSP elements left out here
-
-
 LOGGING_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 
 
@@ -226,8 +164,9 @@ def unbind_logging(target: Any) -> None:
             target.unbind(event, handler)
 
 
-def wire(assoc: Association, first_pdu: bytes = b"") -> Callable[[], None]:
-    """Make an acceptor association (created, not started) event-driven; returns what to call once it ended."""
+def wire(assoc: Association, first_pdu: bytes = b"", store: StoreHandler | None = None) -> Callable[[], None]:
+    """Make an acceptor association (created, not started) event-driven, its C-STOREs served by `store` in the DUL
+    thread (node/direct_store.py) when given; returns what to call once it ended."""
     sock = assoc.dul.socket
     assert sock is not None  # the accepted connection, already wrapped by pynetdicom
     bell = _Bell()
@@ -264,7 +203,8 @@ def wire(assoc: Association, first_pdu: bytes = b"") -> Callable[[], None]:
 
     dul.stop_dul = stop_now  # type: ignore[method-assign]
     dul.kill_dul = kill_now  # type: ignore[method-assign]
-    _fast_store_responses(assoc)
+    if store is not None:
+        dul._read_pdu_data = DirectStore(assoc, store).read_pdu  # type: ignore[method-assign]
     unbind_logging(assoc)
 
     def ended() -> None:

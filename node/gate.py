@@ -47,6 +47,7 @@ from pynetdicom.utils import decode_bytes
 from db.models import AuditEventType
 from node.association_io import unbind_logging, wire
 from node.audit_limit import RateLimitedAudit
+from node.direct_store import StoreHandler
 from node.listener_counts import AdmissionCounts, LocalCounts
 
 log = logging.getLogger(__name__)
@@ -273,13 +274,16 @@ class _PrimedRequestHandler(RequestHandler):
     assoc: Association | None = None
     ended: Callable[[], None] | None = None
 
-    def __init__(self, request: socket.socket, client_address: Any, server: Any, first_pdu: bytes) -> None:
+    def __init__(
+        self, request: socket.socket, client_address: Any, server: GatedAssociationServer, first_pdu: bytes
+    ) -> None:
         self.first_pdu = first_pdu
+        self.store = server.store
         super().__init__(request, client_address, server)  # handles the request: starts the association
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        self.ended = wire(assoc, self.first_pdu)
+        self.ended = wire(assoc, self.first_pdu, self.store)
         self.assoc = assoc
         return assoc
 
@@ -303,9 +307,15 @@ class GatedAssociationServer(ThreadedAssociationServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(
-        self, *args: Any, gate: ConnectionGate, listen_socket: socket.socket | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        gate: ConnectionGate,
+        listen_socket: socket.socket | None = None,
+        store: StoreHandler | None = None,
+        **kwargs: Any,
     ) -> None:
         self.gate = gate
+        self.store = store
         self._shared_socket = listen_socket
         self._collected_at = time.monotonic()
         super().__init__(*args, **kwargs)
@@ -390,13 +400,20 @@ def start_gated_server(
     gate: ConnectionGate,
     evt_handlers: list[evt.EventHandlerType],
     listen_socket: socket.socket | None = None,
+    store: StoreHandler | None = None,
 ) -> GatedAssociationServer:
     """Bind and serve in a daemon thread, like `AE.start_server(block=False)`, with the gate in front; or serve
-    `listen_socket`, bound and listening already (several listener processes, node/listeners.py)."""
+    `listen_socket`, bound and listening already (several listener processes, node/listeners.py). `store` serves
+    C-STOREs in each association's DUL thread (node/direct_store.py)."""
     if listen_socket is not None:
         address = listen_socket.getsockname()[:2]
     server = ae.make_server(
-        address, evt_handlers=evt_handlers, server_class=GatedAssociationServer, gate=gate, listen_socket=listen_socket
+        address,
+        evt_handlers=evt_handlers,
+        server_class=GatedAssociationServer,
+        gate=gate,
+        listen_socket=listen_socket,
+        store=store,
     )  # no ssl_context here: the gate does TLS
     threading.Thread(target=server.serve_forever, args=(STOP_POLL_SECONDS,), name="dicom-listener", daemon=True).start()
     return server  # type: ignore[return-value]

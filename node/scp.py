@@ -54,6 +54,7 @@ from db.models import AuditEventType
 from node.audit_limit import DETAILED_PER_INTERVAL, RateLimitedAudit
 from node.committer import GroupCommitter
 from node.config import Settings
+from node.direct_store import StoreRequest
 from node.gate import (
     REJECT_LOCAL_LIMIT,
     ConnectionGate,
@@ -77,6 +78,9 @@ STATUS_PROCESSING_FAILURE = 0x0110
 # PS3.4 B.2.3 Warning "Coercion of Data Elements": the instance the node holds under this UID is not
 # what was just sent (the first copy was kept). A warning, not a failure: the sender must not retry.
 STATUS_CONFLICT_KEPT_FIRST = 0xB000
+
+Answer = tuple[int, str]  # a C-STORE's answer: its status and Error Comment ("" for none)
+SUCCESS: Answer = (STATUS_SUCCESS, "")
 
 # Everything pydicom can hold. pynetdicom accepts the first syntax in THIS order that the sender
 # proposes, so: lossless compressed first (the sender keeps its native encoding, nothing is lost), then
@@ -226,7 +230,7 @@ class StorageSCP:
         )
         self.committer.start()
         self._server = start_gated_server(
-            self.ae, (node.host, node.port), gate, handlers, listen_socket=self.listen_socket
+            self.ae, (node.host, node.port), gate, handlers, listen_socket=self.listen_socket, store=self.receive
         )
         log.info(
             "listening as %s on %s:%d (%d peer(s) allowed)%s",
@@ -337,37 +341,52 @@ class StorageSCP:
     # --- C-STORE ---------------------------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
+        """A C-STORE that pynetdicom served (the DUL thread hands it those it does not take: node/direct_store.py)."""
+        request = _store_request(event)
+        context = event.context
+        store = StoreRequest(
+            message_id=int(request.MessageID or 0),
+            sop_class_uid=str(request.AffectedSOPClassUID or "").strip(),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID or "").strip(),
+            priority=int(request.Priority or 0),
+            context_id=int(context.context_id),
+            transfer_syntax=str(context.transfer_syntax),
+        )
+        status, comment = self.receive(event.assoc, store, event.encoded_dataset(include_meta=False))
+        return _status(status, comment) if comment else status
+
+    def receive(self, assoc: Association, request: StoreRequest, stream: bytes) -> Answer:
+        """Store one C-STORE's data set (`stream`, as sent) and say what to answer: (status, error comment)."""
         with self._cond:
             draining = self._draining
             if not draining:
                 self._inflight += 1
         if draining:  # answered and audited outside the lock: the sender keeps the instance and retries
-            return self._refuse_unread(event, STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later")
+            return self._refuse_unread(assoc, request, STATUS_OUT_OF_RESOURCES, "node is shutting down; retry later")
         try:
-            return self._store(event)
+            return self._store(assoc, request, stream)
         except Exception as exc:  # an unforeseen failure still gets a DIMSE answer and an audit event
             log.exception("C-STORE handling failed")
-            return self._refuse_unread(event, STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+            return self._refuse_unread(
+                assoc, request, STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+            )
         finally:
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
 
-    def _refuse_unread(self, event: evt.Event, status: int, reason: str) -> Dataset:
+    def _refuse_unread(self, assoc: Association, request: StoreRequest, status: int, reason: str) -> Answer:
         """Refuse a C-STORE whose data set was not (or could not be) looked at: named by the request's UID."""
-        calling, called, address = self._peer(event.assoc)
+        calling, called, address = self._peer(assoc)
         who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
-        requested_sop = str(_store_request(event).AffectedSOPInstanceUID or "").strip()
-        return self._reject(status, reason, requested_sop, who)
+        return self._reject(status, reason, request.sop_instance_uid, who)
 
-    def _store(self, event: evt.Event) -> int | Dataset:
-        calling, called, address = self._peer(event.assoc)
-        request = _store_request(event)
-        requested_sop = str(request.AffectedSOPInstanceUID or "").strip()
-        requested_class = str(request.AffectedSOPClassUID or "").strip()
+    def _store(self, assoc: Association, request: StoreRequest, stream: bytes) -> Answer:
+        calling, called, address = self._peer(assoc)
+        requested_sop = request.sop_instance_uid
+        requested_class = request.sop_class_uid
         who = {"calling_ae": calling, "called_ae": called, "peer_address": address}
-        stream = event.encoded_dataset(include_meta=False)
-        transfer_syntax = str(event.context.transfer_syntax)
+        transfer_syntax = request.transfer_syntax
 
         if self.spool.free_bytes() - len(stream) < self.min_free_bytes:
             return self._reject(
@@ -435,7 +454,7 @@ class StorageSCP:
                 series_number=fields.series_number,
                 instance_number=fields.instance_number,
                 own_output=own,
-                stat=fields.stat or request.Priority == 1,  # C-STORE priority HIGH
+                stat=fields.stat or request.priority == 1,  # C-STORE priority HIGH
             )
             try:
                 added = self.committer.submit(record, placed)  # file and folder fsync, commit: shared with others
@@ -452,18 +471,18 @@ class StorageSCP:
             finally:
                 placed.close()
             if not added:  # another process indexed the same SOP Instance UID in between: its row, this file
-                return STATUS_SUCCESS
+                return SUCCESS
         if self.on_source_instance is not None and not own:
             try:
                 self.on_source_instance(fields.study_instance_uid)
             except Exception:  # the periodic scan still completes the study
                 log.exception("instance %s stored; notifying the stability scan failed", sop)
         log.debug("stored %s (%d bytes) from %s", sop, placed.size, calling)
-        return STATUS_SUCCESS
+        return SUCCESS
 
     def _answer_resend(
         self, sop: str, stream: bytes, transfer_syntax: str, who: dict[str, str], ids: dict[str, str]
-    ) -> int | Dataset:
+    ) -> Answer:
         """An already stored SOP Instance UID: the first copy stays. Identical bytes are a plain success;
         different content is audited as a conflict with both hashes and answered with a warning."""
         first = self.index.stored_copy(sop)
@@ -482,11 +501,11 @@ class StorageSCP:
                 detail=f"different content under a stored SOP Instance UID; kept the first copy "
                 f"(sha256 {resend.first_sha256}), discarded this one (sha256 {resend.this_sha256})",
             )
-            return _status(STATUS_CONFLICT_KEPT_FIRST, "SOP Instance UID stored with other content; first copy kept")
+            return STATUS_CONFLICT_KEPT_FIRST, "SOP Instance UID stored with other content; first copy kept"
         log.info("duplicate instance %s from %s: already stored", sop, who["calling_ae"])
         detail = "already stored; kept the first copy" + (f" ({resend.note})" if resend.note else "")
         self._audit(AuditEventType.INSTANCE_DUPLICATE, **who, **ids, dimse_status=STATUS_SUCCESS, detail=detail)
-        return STATUS_SUCCESS
+        return SUCCESS
 
     def _remove_unindexed(self, sop: str, relpath: str) -> None:
         """After a failed index write: remove the file so a retry starts clean, unless a row for the instance
@@ -502,13 +521,13 @@ class StorageSCP:
 
     def _reject(
         self, status: int, reason: str, sop: str, who: dict[str, str], ids: dict[str, str] | None = None
-    ) -> Dataset:
+    ) -> Answer:
         log.warning("refused instance %s from %s: %s (status 0x%04X)", sop, who.get("calling_ae"), reason, status)
         fields = dict(ids or {"sop_instance_uid": sop})
         self._audit(
             AuditEventType.INSTANCE_REJECTED, outcome="failure", **who, **fields, dimse_status=status, detail=reason
         )
-        return _status(status, reason)
+        return status, reason[:64]
 
 
 def _status(status: int, comment: str) -> Dataset:
