@@ -3,8 +3,8 @@
 Write order for every file: temp file in the destination folder, write, fsync, rename onto the
 final name, fsync the folder. A crash leaves either the old state or the complete new file, plus
 at worst a temp file, which `cleanup_temp()` removes at start. Temp files never have the `.dcm`
-suffix, so nothing that scans for instances can pick one up. A received instance takes its name
-before its fsync (`place_instance`: safe because no index row names it until the fsync returned).
+suffix, so nothing that scans for instances can pick one up. A received instance is written under its
+name and fsynced after (`place_instance`: safe because no index row names it until the fsync returned).
 """
 
 from __future__ import annotations
@@ -164,38 +164,38 @@ class Spool:
         `settle()`s it (fsync) and fsyncs its folder, at the same time (the listener's group committer does both for
         every store of a batch at once, node/committer.py), and closes it.
 
-        The name comes before the fsync: a hard link from the temp file (which never replaces a file), so the
-        fsyncs of file and folder can run together. A crash before they returned may leave a torn file under the
-        name, but no index row names it (the listener commits the row after they returned, and answers after that)
-        and start-up recovery removes every file no row names. Where the name exists already (a store interrupted
-        before its row was committed) or the file system has no hard links, the temp file is fsynced first and
-        renamed over the name, as `write_atomic` does; only the folder is left to fsync then.
+        The file is made under its name (O_EXCL: never over another file) and written there, so the fsyncs of file
+        and folder can run together, and no temp file is made, linked and unlinked per image. A crash before they
+        returned may leave a torn file under the name, but no index row names it (the listener commits the row after
+        they returned, and answers after that) and start-up recovery removes every file no row names. Where the
+        name exists already (a store interrupted before its row was committed), a temp file is written, fsynced and
+        renamed over it, as `write_atomic` does; only the folder is left to fsync then.
         """
         relpath = self.instance_relpath(study_uid, series_uid, sop_uid)
         final = self.path(relpath)
-        temp, fd = self._open_temp(final)
-        named = False
+        try:
+            fd = self._create(final)
+        except FileExistsError:
+            temp, fd = self._open_temp(final)
+            try:
+                for chunk in chunks:
+                    _write_all(fd, chunk)
+                os.fsync(fd)
+                os.replace(temp, final)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+            finally:
+                os.close(fd)
+            return PlacedFile(relpath, chunks, final.parent, None)
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
-            try:
-                os.link(temp, final)
-                named = True
-            except OSError:  # the name exists, or no hard links here: the write_atomic order
-                os.fsync(fd)
-                os.replace(temp, final)
-                os.close(fd)
-                fd = -1
-            else:
-                os.unlink(temp)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            temp.unlink(missing_ok=True)
-            if named:
-                final.unlink(missing_ok=True)
+            os.close(fd)
+            final.unlink(missing_ok=True)
             raise
-        return PlacedFile(relpath, chunks, final.parent, fd if fd >= 0 else None)
+        return PlacedFile(relpath, chunks, final.parent, fd)
 
     def sync_folder(self, folder: Path) -> None:
         """fsync a folder of the spool, making names made in it durable."""
@@ -224,15 +224,19 @@ class Spool:
 
     def _open_temp(self, final: Path) -> tuple[Path, int]:
         """A new temp file beside `final` (its folder made if need be), open for writing."""
-        self._ensure_dir(final.parent)
         temp = final.parent / f".{final.name}.{self._temp_tag()}{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        return temp, self._create(temp)
+
+    def _create(self, path: Path) -> int:
+        """Make a new file (its folder too, if need be), open for writing; FileExistsError if the name is taken."""
+        self._ensure_dir(path.parent)
         try:
-            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except FileNotFoundError:  # the folder was removed (delete() of its last file) since we cached it
             with self._dirs_lock:
-                self._known_dirs.pop(final.parent, None)
-            self._ensure_dir(final.parent)
-            return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                self._known_dirs.pop(path.parent, None)
+            self._ensure_dir(path.parent)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
     def path(self, relpath: str) -> Path:
         """Absolute path of a spool-relative path; refuses paths that escape the spool (see contained_path)."""

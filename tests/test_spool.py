@@ -85,3 +85,22 @@ def test_a_spool_folder_that_is_a_symlink_to_another_disk_is_still_the_spool(tmp
 
 def test_free_disk_of_a_folder_not_made_yet_is_read_on_its_nearest_parent(tmp_path: Path) -> None:
     assert free_disk_bytes(tmp_path / "not" / "made" / "yet") > 0  # data_dir before the first start: no error
+
+
+def test_placing_over_a_leftover_file_replaces_it_and_leaves_it_durable(tmp_path: Path) -> None:
+    """A torn file under the name (a store interrupted before its row) is replaced whole, already fsynced."""
+    spool = Spool(tmp_path / "spool")
+    first = spool.place_instance("1.2", "1.2.3", "1.2.3.4", b"torn")
+    first.close()
+    placed = spool.place_instance("1.2", "1.2.3", "1.2.3.4", b"header", b"data set")
+    assert placed.fd is None  # fsynced before it took the name: only the folder is left
+    assert spool.path(placed.relpath).read_bytes() == b"headerdata set"
+    assert placed.size == 14 and placed.digest() == hashlib.sha256(b"headerdata set").hexdigest()
+    assert not list(spool.root.rglob(f"*{TEMP_SUFFIX}"))
+
+
+def test_a_failed_write_leaves_no_file_under_the_name(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(TypeError):
+        spool.place_instance("1.2", "1.2.3", "1.2.3.4", b"header", "not bytes")  # type: ignore[arg-type]
+    assert not list(spool.root.rglob("*.dcm"))
