@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import Connection, Insert, bindparam, case, exists, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.audit import insert_audit
+from db.driver_statements import DriverStatement
 from db.host_lock import HostWriteLock, sqlite_write_lock_path
 from db.models import (
     PRIORITY_STAT,
+    AuditEvent,
     AuditEventType,
     Instance,
     Result,
@@ -85,43 +87,52 @@ class SeriesInOtherStudy(ValueError):
 
 
 class _IngestStatements:
-    """The listener's per-instance statements, built once: SQLAlchemy then only binds parameters per image
-    (building them per call, or going through the ORM's unit of work, cost more than the statements)."""
+    """The listener's per-instance statements, built once and run on the driver's cursor (db/driver_statements.py):
+    SQLAlchemy's execution machinery cost more than the statements themselves."""
 
     studies, series, instances = Study.__table__, Series.__table__, Instance.__table__
     # The study's id and the series' row, in one round trip (NULLs for what is not there yet).
     _series_is = series.c.series_instance_uid == bindparam("series")
-    placement = select(
-        select(studies.c.id).where(studies.c.study_instance_uid == bindparam("study")).scalar_subquery(),
-        select(series.c.id).where(_series_is).scalar_subquery(),
-        select(series.c.study_id).where(_series_is).scalar_subquery(),
-        select(series.c.is_own_output).where(_series_is).scalar_subquery(),
+    placement = DriverStatement(
+        select(
+            select(studies.c.id).where(studies.c.study_instance_uid == bindparam("study")).scalar_subquery(),
+            select(series.c.id).where(_series_is).scalar_subquery(),
+            select(series.c.study_id).where(_series_is).scalar_subquery(),
+            select(series.c.is_own_output).where(_series_is).scalar_subquery(),
+        )
     )
-    lookup = select(
-        exists().where(instances.c.sop_instance_uid == bindparam("uid")),
-        exists().where(Result.__table__.c.sop_instance_uid == bindparam("uid")),
-        select(studies.c.study_instance_uid)
-        .join(series, series.c.study_id == studies.c.id)
-        .where(series.c.series_instance_uid == bindparam("series"))
-        .scalar_subquery(),
+    lookup = DriverStatement(
+        select(
+            exists().where(instances.c.sop_instance_uid == bindparam("uid")),
+            exists().where(Result.__table__.c.sop_instance_uid == bindparam("uid")),
+            select(studies.c.study_instance_uid)
+            .join(series, series.c.study_id == studies.c.id)
+            .where(series.c.series_instance_uid == bindparam("series"))
+            .scalar_subquery(),
+        )
     )
     stored_copy = select(instances.c.path, instances.c.transfer_syntax_uid).where(
         instances.c.sop_instance_uid == bindparam("uid")
     )
-    insert_study = insert(studies)
-    insert_series = insert(series)
-    insert_instance = insert(instances)
-    count_series = (
+    insert_study = DriverStatement(insert(studies).returning(studies.c.id))
+    insert_series = DriverStatement(insert(series).returning(series.c.id))
+    insert_instance = DriverStatement(insert(instances))
+    insert_audit = DriverStatement(insert(AuditEvent.__table__))
+    count_series = DriverStatement(
         update(series).where(series.c.id == bindparam("key")).values(instance_count=series.c.instance_count + 1)
     )
-    mark_series_own = update(series).where(series.c.id == bindparam("key")).values(is_own_output=True)
-    count_study = (
+    mark_series_own = DriverStatement(update(series).where(series.c.id == bindparam("key")).values(is_own_output=True))
+    _count_study = (
         update(studies).where(studies.c.id == bindparam("key")).values(instance_count=studies.c.instance_count + 1)
     )
+    count_study = DriverStatement(_count_study)
     # A source image restarts the study's quiet period; our own results never make a study "grow".
-    count_study_source = count_study.values(last_received_at=bindparam("now"), status=StudyStatus.RECEIVING)
-    count_study_stat = count_study_source.values(
-        priority=case((studies.c.priority < PRIORITY_STAT, PRIORITY_STAT), else_=studies.c.priority)
+    _count_study_source = _count_study.values(last_received_at=bindparam("now"), status=StudyStatus.RECEIVING)
+    count_study_source = DriverStatement(_count_study_source)
+    count_study_stat = DriverStatement(
+        _count_study_source.values(
+            priority=case((studies.c.priority < PRIORITY_STAT, PRIORITY_STAT), else_=studies.c.priority)
+        )
     )
 
 
@@ -140,7 +151,7 @@ class IngestIndex:
         """What the index knows of an instance about to be stored, in one round trip."""
         params = {"uid": sop_instance_uid, "series": series_instance_uid}
         with self.db.engine.connect() as conn:
-            stored, own, series_study = conn.execute(_IngestStatements.lookup, params).one()
+            stored, own, series_study = _IngestStatements.lookup.one(conn, params)
         return Known(bool(stored), bool(own), series_study)
 
     def stored_copy(self, sop_instance_uid: str) -> StoredCopy | None:
@@ -269,28 +280,19 @@ def _lock_order(records: list[InstanceRecord]) -> list[int]:
     return sorted(range(len(records)), key=lambda k: (records[k].study_instance_uid, records[k].series_instance_uid))
 
 
-def _inserted_id(conn: Connection, statement: Insert, params: dict[str, object]) -> int:
-    """The primary key of the one row a single-row INSERT added."""
-    key = conn.execute(statement, params).inserted_primary_key
-    if key is None:  # only for executemany or an INSERT ... FROM SELECT, which this never is
-        raise RuntimeError("the INSERT reported no primary key")
-    return int(key[0])
-
-
 def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | None = None) -> None:
     """Write one instance's rows (study and series created or counted, the instance, its audit event) in the
     caller's transaction; `IngestIndex` wraps it with the write lock, retries and group commit."""
     q = _IngestStatements
     now = utcnow()
-    study_id, series_id, series_study_id, series_is_own = conn.execute(
-        q.placement, {"study": rec.study_instance_uid, "series": rec.series_instance_uid}
-    ).one()
+    study_id, series_id, series_study_id, series_is_own = q.placement.one(
+        conn, {"study": rec.study_instance_uid, "series": rec.series_instance_uid}
+    )
     if study_id is None:
         # A study known only through our own results is complete at once: nothing to wait for.
         completed = {"status": StudyStatus.COMPLETE, "completed_at": now} if rec.own_output else {}
-        study_id = _inserted_id(
+        (study_id,) = q.insert_study.one(
             conn,
-            q.insert_study,
             {
                 "study_instance_uid": rec.study_instance_uid,
                 "patient_id": rec.patient_id,
@@ -307,9 +309,8 @@ def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | Non
             },
         )
     if series_id is None:
-        series_id = _inserted_id(
+        (series_id,) = q.insert_series.one(
             conn,
-            q.insert_series,
             {
                 "study_id": study_id,
                 "series_instance_uid": rec.series_instance_uid,
@@ -325,9 +326,9 @@ def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | Non
         if series_study_id != study_id:  # the listener refuses these first; this guards a concurrent first store
             raise SeriesInOtherStudy(f"series {rec.series_instance_uid} belongs to another study")
         if rec.own_output and not series_is_own:
-            conn.execute(q.mark_series_own, {"key": series_id})
-    conn.execute(
-        q.insert_instance,
+            q.mark_series_own.run(conn, {"key": series_id})
+    q.insert_instance.run(
+        conn,
         {
             "series_id": series_id,
             "sop_instance_uid": rec.sop_instance_uid,
@@ -344,24 +345,24 @@ def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | Non
     # Study row before series row, and a batch in (study, series) order: every transaction takes these row locks
     # in one global order, so listener processes storing one study's series at once never deadlock (PostgreSQL).
     if rec.own_output:
-        conn.execute(q.count_study, {"key": study_id})
+        q.count_study.run(conn, {"key": study_id})
     else:
-        conn.execute(q.count_study_stat if rec.stat else q.count_study_source, {"key": study_id, "now": now})
-    conn.execute(q.count_series, {"key": series_id})
-    insert_audit(
-        conn,
-        AuditEventType.INSTANCE_STORED,
-        calling_ae=rec.calling_ae,
-        called_ae=rec.called_ae,
-        peer_address=rec.peer_address,
-        patient_id=rec.patient_id,
-        accession_number=rec.accession_number,
-        study_instance_uid=rec.study_instance_uid,
-        series_instance_uid=rec.series_instance_uid,
-        sop_instance_uid=rec.sop_instance_uid,
-        dimse_status=0,
-        detail=f"{rec.size_bytes} bytes{' (own output)' if rec.own_output else ''}",
-    )
+        (q.count_study_stat if rec.stat else q.count_study_source).run(conn, {"key": study_id, "now": now})
+    q.count_series.run(conn, {"key": series_id})
+    audit = {
+        "event_type": str(AuditEventType.INSTANCE_STORED),
+        "calling_ae": rec.calling_ae,
+        "called_ae": rec.called_ae,
+        "peer_address": rec.peer_address,
+        "patient_id": rec.patient_id,
+        "accession_number": rec.accession_number,
+        "study_instance_uid": rec.study_instance_uid,
+        "series_instance_uid": rec.series_instance_uid,
+        "sop_instance_uid": rec.sop_instance_uid,
+        "dimse_status": 0,
+        "detail": f"{rec.size_bytes} bytes{' (own output)' if rec.own_output else ''}",
+    }
+    q.insert_audit.run(conn, audit)
 
 
 # --- study completion -------------------------------------------------------------------------
