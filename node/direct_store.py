@@ -3,7 +3,8 @@
 pynetdicom's own path decodes each PDU into PDU and PDV objects, hands them through two queues to a second
 thread (the association reactor), decodes them once more as a DIMSE message (the command set through pydicom,
 each UID checked by regular expression), raises an event, and hands the response back through a queue: about a
-third of a listener's interpreter time per image, measured with py-spy (benchmarks/RESULTS.md, "Ingest").
+third of a listener's interpreter time per image, measured with py-spy (benchmarks/RESULTS.md, "Ingest: the
+interpreter's share cut").
 
 Here the DUL thread reads each P-DATA-TF PDU itself and walks its PDVs (PS3.8 9.3.5, E.2). A command set that is
 a C-STORE-RQ with a data set, under an accepted presentation context, for a storage SOP class, is kept: its data
