@@ -20,6 +20,8 @@ cannot decode.
 from __future__ import annotations
 
 import logging
+import select
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -168,17 +170,24 @@ class DirectStore:
         self._transfer_syntaxes: dict[int, str] | None = None
 
     def read_pdu(self) -> None:
+        """Read a PDU; while a kept data set is arriving, also the PDUs after it that are there already (a data set
+        comes in several: dcmtk sends at most 128 KiB per PDU), without a turn of pynetdicom's loop between them."""
+        while self._read_one() and self._request is not None and self._more_now():
+            pass
+
+    def _read_one(self) -> bool:
+        """Read and take one PDU; False when it went to pynetdicom or ended the association."""
         sock = self.dul.socket
         assert sock is not None
         try:
             header = sock.recv(6)
         except (OSError, TimeoutError):  # as pynetdicom: the transport connection is closed
             self.dul.event_queue.put("Evt17")
-            return
+            return False
         if len(header) != 6 or header[0] != P_DATA_TF or self.dul.state_machine.current_state != "Sta6":
             self._forget()  # a partial message kept here ends with the association (release, abort) or as pynetdicom's
             self._to_pynetdicom(header)
-            return
+            return False
         length = _BE_UL.unpack_from(header, 2)[0]
         try:
             body: bytearray | None = sock.recv(length)
@@ -186,13 +195,30 @@ class DirectStore:
             body = None
         if body is None or len(body) != length:  # the peer closed the connection mid-PDU
             self.dul.event_queue.put("Evt17")
-            return
+            return False
         try:
             self._take(body)
         except InvalidCommandSet as exc:
             log.warning("invalid P-DATA-TF from %s: %s; aborting the association", self._peer(), exc)
             self._forget()
             self.dul.event_queue.put("Evt19")
+            return False
+        return True
+
+    def _more_now(self) -> bool:
+        """Whether the next PDU's bytes can be read at once (never wait here: pynetdicom's loop does that, and
+        checks its timers and kill flag meanwhile)."""
+        if self.dul._kill_thread:
+            return False
+        raw = self.dul.socket.socket if self.dul.socket is not None else None
+        if raw is None:
+            return False
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return True
+        try:
+            return bool(select.select([raw], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def _take(self, body: bytearray) -> None:
         """Walk the PDVs of one P-DATA-TF PDU: keep what is this class's, hand the rest to pynetdicom in order."""
