@@ -23,6 +23,7 @@ import logging
 import select
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -38,6 +39,7 @@ COMMAND, LAST_FRAGMENT = 0x01, 0x02  # the message control header's bits (PS3.8 
 C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 STATUS_HANDLER_FAILED = 0xC211  # what pynetdicom answers when a C-STORE handler raises
+ESTABLISHED_POLL_SECONDS = 0.001  # a first request's wait for pynetdicom to finish accepting the association
 
 _BE_UL = struct.Struct(">L")
 _US, _UL, _TAG = struct.Struct("<H"), struct.Struct("<L"), struct.Struct("<HHL")
@@ -277,6 +279,8 @@ class DirectStore:
     def _store(self, request: StoreRequest) -> None:
         stream = b"".join(self._fragments)
         self._request, self._fragments = None, []
+        if not self._established():
+            return  # the association ended meanwhile: nothing to store it for, nor to answer on
         try:
             status, comment = self.handler(self.assoc, request, stream)
         except Exception:  # the handler answers its own failures; this is a bug in it, answered as pynetdicom does
@@ -288,6 +292,19 @@ class DirectStore:
         sock = self.dul.socket
         assert sock is not None
         sock.send(p_data_pdu(request.context_id, pdv))  # DT-1: the state stays Sta6
+
+    def _established(self) -> bool:
+        """Wait until pynetdicom has marked the association established; False if it ended instead.
+
+        pynetdicom's reactor thread marks it only after sending the A-ASSOCIATE-AC and running the EVT_ACCEPTED
+        handlers (the node audits the accept there), and this thread may have the sender's first request before
+        that: serving it then would answer nothing (pynetdicom answers only on an established association) and
+        record the store before the accept. pynetdicom's own path served nothing before either."""
+        while not self.assoc.is_established:
+            if self.dul._kill_thread or self.dul.state_machine.current_state != "Sta6":
+                return False
+            time.sleep(ESTABLISHED_POLL_SECONDS)
+        return True
 
     def _hand_over(self, passed: list[memoryview]) -> None:
         """Hand PDV items to pynetdicom as one P-DATA-TF PDU, read by its own reader next."""

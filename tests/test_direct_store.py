@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -17,7 +18,9 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import PresentationContext
+from sqlalchemy import select
 
+from db.models import AuditEvent
 from node.app import EdgeNode
 from node.direct_store import (
     COMMAND,
@@ -28,6 +31,7 @@ from node.direct_store import (
     store_request,
     store_response_pdv,
 )
+from node.scp import StorageSCP
 from tests.dicomgen import make_ct_series
 from tests.ingest_support import SENDER_AE, dataset_bytes, node_settings, running_node
 
@@ -247,3 +251,27 @@ def test_a_broken_c_store_aborts_the_association_and_stores_nothing(
     assert raw.read_pdu()[0] == 0x07  # A-ABORT
     raw.sock.close()
     assert _stored(node, ds.SOPInstanceUID) is None
+
+
+def test_a_first_request_that_comes_before_the_accept_is_done_waits_for_it(
+    tmp_path: Path, slices: list[Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pynetdicom finishes accepting (EVT_ACCEPTED handlers: the node's audit event) after the A-ASSOCIATE-AC went
+    out; a sender's first store can arrive before. It is answered, and recorded after the accept."""
+    accept = StorageSCP._on_accepted
+
+    def slow_accept(scp: StorageSCP, event: object) -> None:
+        time.sleep(0.5)  # an audit write waiting on a busy database
+        accept(scp, event)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StorageSCP, "_on_accepted", slow_accept)
+    with running_node(node_settings(tmp_path / "var")) as node:
+        raw = RawAssociation(node.port, {1: (CT, EXPLICIT)})
+        ds = slices[0]
+        command = _command_set(_store_primitive(CT, ds.SOPInstanceUID))
+        raw.send_pdu((1, COMMAND | LAST_FRAGMENT, command), (1, LAST_FRAGMENT, _encoded(ds)))
+        assert raw.response().Status == 0
+        raw.release()
+        with node.db.session() as session:
+            kinds = session.scalars(select(AuditEvent.event_type).order_by(AuditEvent.id)).all()
+        assert kinds.index("association.accepted") < kinds.index("instance.stored")
