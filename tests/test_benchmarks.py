@@ -141,3 +141,12 @@ def test_ingest_benchmark_compares_receivers_and_their_cpu_per_instance() -> Non
         assert row[7] == "-"  # no Orthanc in this run to compare with
         assert float(row[8]) >= 0  # the receiver's CPU per instance (10 ms ticks: storescp may show none)
     assert all(float(rows[("edgenode", n)][8]) > 0 for n in (1, 2))  # a Python listener always spends some
+
+
+def test_association_benchmark_reports_what_an_association_costs_each_receiver() -> None:
+    args = ("--images", "6", "--repeats", "1", "--targets", "edgenode", "storescp")
+    out = run_script("benchmarks/associations.py", *args).stdout
+    rows = {row[0]: row for row in table(out)}
+    assert set(rows) == {"edgenode", "storescp"}
+    assert float(rows["edgenode"][1]) > 0  # five more associations cost a Python listener more than one
+    assert all(float(row[2]) >= 0 for row in rows.values())
