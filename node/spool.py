@@ -176,17 +176,7 @@ class Spool:
         try:
             fd = self._create(final)
         except FileExistsError:
-            temp, fd = self._open_temp(final)
-            try:
-                for chunk in chunks:
-                    _write_all(fd, chunk)
-                os.fsync(fd)
-                os.replace(temp, final)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-            finally:
-                os.close(fd)
+            self._replace(final, chunks)
             return PlacedFile(relpath, chunks, final.parent, None)
         try:
             for chunk in chunks:
@@ -204,23 +194,27 @@ class Spool:
     def write_atomic(self, relpath: str, data: bytes, *, sync_dir: bool = True) -> StoredFile:
         """Write `data` to `relpath`: temp file, fsync, rename, fsync folder. Replaces an existing file."""
         final = self.path(relpath)
-        temp, fd = self._open_temp(final)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            temp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        try:
-            os.replace(temp, final)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        self._replace(final, (data,))
         if sync_dir:
             _fsync_dir(final.parent)
         return StoredFile(relpath=relpath, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def _replace(self, final: Path, chunks: tuple[bytes, ...]) -> None:
+        """Put `chunks` under `final` whole or not at all: a temp file beside it, written, fsynced, renamed over it
+        (the folder is the caller's to fsync)."""
+        temp, fd = self._open_temp(final)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(temp, final)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
 
     def _open_temp(self, final: Path) -> tuple[Path, int]:
         """A new temp file beside `final` (its folder made if need be), open for writing."""
