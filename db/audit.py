@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
+from db.driver_statements import DriverStatement
 from db.models import AuditEvent, AuditEventType, Job
 
 
@@ -17,13 +18,14 @@ def record_audit(session: Session, event_type: AuditEventType | str, **fields: A
     return event
 
 
-_INSERT_AUDIT = insert(AuditEvent.__table__)
+_INSERT_AUDIT = DriverStatement(insert(AuditEvent.__table__))
 
 
 def insert_audit(conn: Connection, event_type: AuditEventType | str, **fields: Any) -> None:
-    """The same event through SQLAlchemy Core, for hot paths that run without an ORM session."""
+    """The same event without an ORM session, on the driver's cursor (db/driver_statements.py), in `conn`'s
+    transaction (begun with `begin()`): the listener's path, an event per stored image and per association."""
     values = {k: v for k, v in fields.items() if v is not None}
-    conn.execute(_INSERT_AUDIT, {"event_type": str(event_type), **values})
+    _INSERT_AUDIT.run(conn, {"event_type": str(event_type), **values})
 
 
 def job_fields(job: Job) -> dict[str, Any]:

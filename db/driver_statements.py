@@ -33,8 +33,8 @@ class _Compiled:
     sql: str
     names: tuple[str, ...]  # bind names, in the order a positional driver takes them (named: each once)
     positional: bool
-    fixed: dict[str, Any]  # values the statement carries itself (literals turned into binds)
-    defaults: dict[str, Callable[[], Any]]  # an INSERT's Python-side column defaults for columns not given
+    fixed: dict[str, Any]  # values the statement carries itself (literals, an INSERT's scalar column defaults)
+    defaults: dict[str, Callable[[], Any]]  # an INSERT's callable column defaults (per call) for columns not given
     processors: dict[str, Callable[[Any], Any]]
 
 
@@ -82,6 +82,8 @@ class DriverStatement:
     def _compile(self, dialect: Dialect, params: Mapping[str, Any]) -> _Compiled:
         column_keys = sorted(params) if isinstance(self.statement, Insert) else None
         compiled = cast(SQLCompiler, self.statement.compile(dialect=dialect, column_keys=column_keys))
+        unset = dict(compiled.construct_params(_check=False) or {})  # every bind, None where not set
+        fixed = {name: value for name, value in unset.items() if name not in params}
         defaults: dict[str, Callable[[], Any]] = {}
         for column in compiled.insert_prefetch:  # Python-side defaults, as SQLAlchemy fills them
             default = column.default
@@ -89,12 +91,11 @@ class DriverStatement:
                 continue
             if not isinstance(default, ColumnDefault):
                 raise ValueError(f"column {column.key}: a default of a kind not run here ({default!r})")
-            if default.is_callable:
-                defaults[column.key] = partial(default.arg, None)  # SQLAlchemy wraps it to take a context
+            if default.is_callable:  # made per call; SQLAlchemy wraps the callable to take a context
+                defaults[column.key] = partial(default.arg, None)
+                fixed.pop(column.key, None)
             else:
-                defaults[column.key] = partial(_same, default.arg)
-        unset = dict(compiled.construct_params(_check=False) or {})  # every bind, None where not set
-        fixed = {name: value for name, value in unset.items() if name not in params and name not in defaults}
+                fixed[column.key] = default.arg
         missing = [name for name, value in fixed.items() if value is None and not _has_value(compiled.binds, name)]
         if missing:
             raise ValueError(f"parameters not given: {', '.join(sorted(missing))}")
@@ -106,10 +107,6 @@ class DriverStatement:
         positional = bool(compiled.positional)
         names = tuple(compiled.positiontup or ()) if positional else tuple(unset)
         return _Compiled(compiled.string, names, positional, fixed, defaults, processors)
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 def _has_value(binds: Mapping[str, Any], name: str) -> bool:

@@ -23,7 +23,6 @@ from db.driver_statements import DriverStatement
 from db.host_lock import HostWriteLock, sqlite_write_lock_path
 from db.models import (
     PRIORITY_STAT,
-    AuditEvent,
     AuditEventType,
     Instance,
     Result,
@@ -117,7 +116,6 @@ class _IngestStatements:
     insert_study = DriverStatement(insert(studies).returning(studies.c.id))
     insert_series = DriverStatement(insert(series).returning(series.c.id))
     insert_instance = DriverStatement(insert(instances))
-    insert_audit = DriverStatement(insert(AuditEvent.__table__))
     count_series = DriverStatement(
         update(series).where(series.c.id == bindparam("key")).values(instance_count=series.c.instance_count + 1)
     )
@@ -349,20 +347,20 @@ def add_instance_rows(conn: Connection, rec: InstanceRecord, spool_id: str | Non
     else:
         (q.count_study_stat if rec.stat else q.count_study_source).run(conn, {"key": study_id, "now": now})
     q.count_series.run(conn, {"key": series_id})
-    audit = {
-        "event_type": str(AuditEventType.INSTANCE_STORED),
-        "calling_ae": rec.calling_ae,
-        "called_ae": rec.called_ae,
-        "peer_address": rec.peer_address,
-        "patient_id": rec.patient_id,
-        "accession_number": rec.accession_number,
-        "study_instance_uid": rec.study_instance_uid,
-        "series_instance_uid": rec.series_instance_uid,
-        "sop_instance_uid": rec.sop_instance_uid,
-        "dimse_status": 0,
-        "detail": f"{rec.size_bytes} bytes{' (own output)' if rec.own_output else ''}",
-    }
-    q.insert_audit.run(conn, audit)
+    insert_audit(
+        conn,
+        AuditEventType.INSTANCE_STORED,
+        calling_ae=rec.calling_ae,
+        called_ae=rec.called_ae,
+        peer_address=rec.peer_address,
+        patient_id=rec.patient_id,
+        accession_number=rec.accession_number,
+        study_instance_uid=rec.study_instance_uid,
+        series_instance_uid=rec.series_instance_uid,
+        sop_instance_uid=rec.sop_instance_uid,
+        dimse_status=0,
+        detail=f"{rec.size_bytes} bytes{' (own output)' if rec.own_output else ''}",
+    )
 
 
 # --- study completion -------------------------------------------------------------------------
