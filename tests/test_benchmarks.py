@@ -150,3 +150,16 @@ def test_association_benchmark_reports_what_an_association_costs_each_receiver()
     assert set(rows) == {"edgenode", "storescp"}
     assert float(rows["edgenode"][1]) > 0  # five more associations cost a Python listener more than one
     assert all(float(row[2]) >= 0 for row in rows.values())
+
+
+def test_index_benchmark_times_both_ways_of_running_the_listeners_statements() -> None:
+    out = run_script("benchmarks/ingest_index.py", "--calls", "50").stdout
+    rows = [row for row in table(out) if not row[1].startswith("-") and "us" not in row[1]]  # the second header
+    statements, calls = rows[:5], rows[5:]
+    assert statements[0][0] == "lookup (SELECT)" and [row[0].split()[0] for row in calls] == [
+        "IngestIndex.add_instances",
+        "IngestIndex.lookup",
+        "IngestIndex.record_event",
+    ]
+    assert all(float(row[1]) > 0 and float(row[2]) > 0 for row in statements)
+    assert all(float(row[1]) > 0 for row in calls)
