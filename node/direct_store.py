@@ -136,8 +136,12 @@ def store_response_pdv(message_id: int, sop_class: str, sop_instance: str, statu
 
 def p_data_pdu(context_id: int, pdv: bytes) -> bytes:
     """One P-DATA-TF PDU holding one presentation data value (`pdv`: control header and fragment)."""
-    item = _BE_UL.pack(len(pdv) + 1) + bytes((context_id,)) + pdv
-    return bytes((P_DATA_TF, 0)) + _BE_UL.pack(len(item)) + item
+    return _p_data_pdu(_BE_UL.pack(len(pdv) + 1) + bytes((context_id,)) + pdv)
+
+
+def _p_data_pdu(items: bytes) -> bytes:
+    """A P-DATA-TF PDU of presentation data value items, each already framed (length, context id, value)."""
+    return bytes((P_DATA_TF, 0)) + _BE_UL.pack(len(items)) + items
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -312,7 +316,7 @@ class DirectStore:
             return
         items = b"".join(passed)
         passed.clear()
-        self._to_pynetdicom(bytes((P_DATA_TF, 0)) + _BE_UL.pack(len(items)) + items)
+        self._to_pynetdicom(_p_data_pdu(items))
 
     def _to_pynetdicom(self, pdu: bytes | bytearray) -> None:
         sock = self.dul.socket
