@@ -12,7 +12,8 @@ and the queues' `put`): the DUL thread blocks in `select` on its socket and on a
 whenever another thread hands it something (a response to send, a closed connection), the reactor blocks on an
 event set whenever a DIMSE message or an ACSE primitive arrives, and `recv` fills one buffer with as few calls
 as the kernel allows. Both threads still look around every IDLE_SECONDS (timers, kill flags), as before.
-Given a store handler, `wire()` also has the DUL thread serve C-STOREs itself (node/direct_store.py).
+Given a store handler, `wire()` also has the DUL thread serve C-STOREs itself (node/direct_store.py), and given a
+negotiation memo, a request seen before is negotiated from what the first one made (node/negotiation_memo.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
 from node.direct_store import DirectStore, StoreHandler
+from node.negotiation_memo import NegotiationMemo
 
 IDLE_SECONDS = 0.02  # longest sleep of either thread with nothing to do (they then check timers and kill flags)
 
@@ -164,9 +166,15 @@ def unbind_logging(target: Any) -> None:
             target.unbind(event, handler)
 
 
-def wire(assoc: Association, first_pdu: bytes = b"", store: StoreHandler | None = None) -> Callable[[], None]:
+def wire(
+    assoc: Association,
+    first_pdu: bytes = b"",
+    store: StoreHandler | None = None,
+    negotiations: NegotiationMemo | None = None,
+) -> Callable[[], None]:
     """Make an acceptor association (created, not started) event-driven, its C-STOREs served by `store` in the DUL
-    thread (node/direct_store.py) when given; returns what to call once it ended."""
+    thread (node/direct_store.py) and its request negotiated through `negotiations` (node/negotiation_memo.py) when
+    given; returns what to call once it ended."""
     sock = assoc.dul.socket
     assert sock is not None  # the accepted connection, already wrapped by pynetdicom
     bell = _Bell()
@@ -205,6 +213,8 @@ def wire(assoc: Association, first_pdu: bytes = b"", store: StoreHandler | None 
     dul.kill_dul = kill_now  # type: ignore[method-assign]
     if store is not None:
         dul._read_pdu_data = DirectStore(assoc, store).read_pdu  # type: ignore[method-assign]
+    if negotiations is not None:
+        dul._decode_pdu = negotiations.decode_pdu(dul)  # type: ignore[method-assign,assignment]
     unbind_logging(assoc)
 
     def ended() -> None:

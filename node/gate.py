@@ -49,6 +49,7 @@ from node.association_io import unbind_logging, wire
 from node.audit_limit import RateLimitedAudit
 from node.direct_store import StoreHandler
 from node.listener_counts import AdmissionCounts, LocalCounts
+from node.negotiation_memo import NegotiationMemo, install
 
 log = logging.getLogger(__name__)
 
@@ -279,11 +280,12 @@ class _PrimedRequestHandler(RequestHandler):
     ) -> None:
         self.first_pdu = first_pdu
         self.store = server.store
+        self.negotiations = server.negotiations
         super().__init__(request, client_address, server)  # handles the request: starts the association
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        self.ended = wire(assoc, self.first_pdu, self.store)
+        self.ended = wire(assoc, self.first_pdu, self.store, self.negotiations)
         self.assoc = assoc
         return assoc
 
@@ -316,6 +318,7 @@ class GatedAssociationServer(ThreadedAssociationServer):
     ) -> None:
         self.gate = gate
         self.store = store
+        self.negotiations = NegotiationMemo()  # requests seen before, answered from their first negotiation
         self._shared_socket = listen_socket
         self._collected_at = time.monotonic()
         super().__init__(*args, **kwargs)
@@ -407,6 +410,7 @@ def start_gated_server(
     C-STOREs in each association's DUL thread (node/direct_store.py)."""
     if listen_socket is not None:
         address = listen_socket.getsockname()[:2]
+    install()  # pynetdicom negotiates remembered requests through the server's memo (node/negotiation_memo.py)
     server = ae.make_server(
         address,
         evt_handlers=evt_handlers,
