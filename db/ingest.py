@@ -259,9 +259,15 @@ class IngestIndex:
             return exc
 
     def record_event(self, event_type: AuditEventType | str, **fields: object) -> None:
-        """Append one audit event in its own short transaction."""
-        with self.write_lock, self.db.engine.begin() as conn:
-            insert_audit(conn, event_type, **fields)
+        """Append one audit event in its own short transaction, on the connection kept for group commits."""
+        with self.write_lock:
+            conn = self._connection()
+            try:
+                with conn.begin():
+                    insert_audit(conn, event_type, **fields)
+            except Exception:
+                self._drop_connection()
+                raise
 
     def iter_instance_paths(self) -> Iterator[str]:
         with self.db.session() as session:

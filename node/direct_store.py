@@ -24,11 +24,12 @@ import select
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
@@ -100,8 +101,40 @@ def _is_storage(sop_class_uid: str) -> bool:
     return issubclass(uid_to_service_class(sop_class_uid), StorageServiceClass)
 
 
+class AcceptedTransferSyntaxes(Mapping[int, str]):
+    """The transfer syntax of each accepted presentation context, by context ID, read from pynetdicom's accepted
+    contexts (`Association._accepted_cx`) as requests name them: a sender proposing 128 contexts uses a few, and
+    `Association.accepted_contexts` sorts them all on every call."""
+
+    def __init__(self, accepted: dict[int, PresentationContext]) -> None:
+        self._accepted = accepted
+        self._read: dict[int, str] = {}
+
+    def __getitem__(self, context_id: int) -> str:
+        known = self._read.get(context_id)
+        if known is None:
+            context = self._accepted[context_id]  # KeyError: not an accepted context
+            if not context.transfer_syntax:
+                raise KeyError(context_id)
+            known = self._read[context_id] = str(context.transfer_syntax[0])
+        return known
+
+    def __iter__(self) -> Iterator[int]:
+        return (context_id for context_id in self._accepted if context_id in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, context_id: object) -> bool:
+        try:
+            self[context_id]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+
 def store_request(
-    elements: dict[int, bytes], context_id: int, transfer_syntaxes: dict[int, str]
+    elements: dict[int, bytes], context_id: int, transfer_syntaxes: Mapping[int, str]
 ) -> StoreRequest | None:
     """The C-STORE-RQ these command elements make, or None when they are anything else (pynetdicom's to serve):
     another command, no data set, a presentation context not accepted, a SOP class of another service."""
@@ -173,7 +206,7 @@ class DirectStore:
         self._command = bytearray()
         self._request: StoreRequest | None = None  # the C-STORE kept here, while its data set arrives
         self._fragments: list[memoryview] = []
-        self._transfer_syntaxes: dict[int, str] | None = None
+        self._transfer_syntaxes: AcceptedTransferSyntaxes | None = None
 
     def read_pdu(self) -> None:
         """Read a PDU; while a kept data set is arriving, also the PDUs after it that are there already (a data set
@@ -271,13 +304,9 @@ class DirectStore:
         self._request = request
         self._held, self._command = [], bytearray()
 
-    def _contexts(self) -> dict[int, str]:
+    def _contexts(self) -> Mapping[int, str]:
         if self._transfer_syntaxes is None:  # fixed once the association is established (Sta6)
-            self._transfer_syntaxes = {
-                int(cx.context_id): str(cx.transfer_syntax[0])
-                for cx in self.assoc.accepted_contexts
-                if cx.context_id is not None and cx.transfer_syntax
-            }
+            self._transfer_syntaxes = AcceptedTransferSyntaxes(self.assoc._accepted_cx)
         return self._transfer_syntaxes
 
     def _store(self, request: StoreRequest) -> None:
