@@ -1,12 +1,12 @@
 """Group commit for received instances: their files and folders fsynced together, then one database commit.
 
 Each C-STORE handler has written its file and given it its final name (`Spool.place_instance`); it then hands
-the file and the index record here and waits. The committer thread takes everything queued and starts the fsyncs
-of every file and each distinct folder at the same time (a thread each: the disk flushes them together, where one
-after the other would cost a flush each); meanwhile it writes the rows (when no other writer holds the lock), and
-commits them, in one transaction, only once their files and folders are durable; then it wakes the handlers,
-which only then answer Success. With one association a batch is one instance; with several, concurrent stores
-share the fsyncs' flush and the commit.
+the file and the index record here, which starts the fsyncs of the file and of its folder and the file's SHA-256
+at once, in a pool of threads (the disk flushes concurrent fsyncs together, where one after the other would cost a
+flush each), and waits. The committer thread takes everything queued, writes the rows (when no other writer holds
+the lock) and commits them, in one transaction, only once their files and folders are durable; then it wakes the
+handlers, which only then answer Success. With one association a batch is one instance; with several, concurrent
+stores share the commit, and a store that arrives while a commit runs has its fsyncs under way meanwhile.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from db.ingest import IngestIndex, InstanceRecord
@@ -30,12 +29,20 @@ FSYNC_THREADS = 8  # fsyncs (files and folders of a batch) and hashes in flight 
 class _Pending:
     record: InstanceRecord
     placed: PlacedFile
+    file_synced: Future[None] | None  # None: fsynced before it got its name
+    folder_synced: Future[None]
+    digest: Future[str]
     done: threading.Lock = field(default_factory=threading.Lock)  # held until the outcome is in (then released)
     added: bool = False
     error: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.done.acquire()
+
+    def durable(self) -> BaseException | None:
+        """Wait for the file's and the folder's fsync; the error that keeps the record from being committed."""
+        file_error = self.file_synced.exception() if self.file_synced is not None else None
+        return file_error or self.folder_synced.exception()
 
 
 class GroupCommitter:
@@ -65,9 +72,16 @@ class GroupCommitter:
     def submit(self, record: InstanceRecord, placed: PlacedFile) -> bool:
         """Make the record's file durable and index it (with the file's SHA-256, computed here: the record's own
         `sha256` is not used); blocks until committed. False if a duplicate."""
-        if self._thread is None:
+        pool = self._fsyncs
+        if self._thread is None or pool is None:
             raise RuntimeError("committer not started")
-        pending = _Pending(record, placed)
+        pending = _Pending(
+            record,
+            placed,
+            pool.submit(placed.settle) if placed.fd is not None else None,
+            pool.submit(self.spool.sync_folder, placed.folder),
+            pool.submit(placed.digest),
+        )
         self._queue.put(pending)
         pending.done.acquire()  # until the committer releases it
         if pending.error is not None:
@@ -95,15 +109,12 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
-        settled = None
+        def settled() -> list[BaseException | None]:
+            return [pending.durable() for pending in batch]
+
         try:
-            settled = self._settle(batch)  # the fsyncs run while the rows are written (IngestIndex.add_instances)
-            assert self._fsyncs is not None
-            # ... and while the files are hashed for the rows: the first here, the others in the pool (hashlib runs
-            # without the GIL, so they hash at the same time)
-            digests = [self._fsyncs.submit(p.placed.digest) for p in batch[1:]]
-            sums = [batch[0].placed.digest(), *(d.result() for d in digests)]
-            records = [replace(p.record, sha256=digest) for p, digest in zip(batch, sums, strict=True)]
+            # the fsyncs run while the rows are written (IngestIndex.add_instances)
+            records = [replace(p.record, sha256=p.digest.result()) for p in batch]
             results = self.index.add_instances(records, ready=settled)
             for pending, outcome in zip(batch, results, strict=True):
                 if isinstance(outcome, BaseException):
@@ -112,27 +123,9 @@ class GroupCommitter:
                     pending.added = outcome
         except BaseException as exc:  # every waiting handler gets the error and answers a failure
             log.exception("group commit of %d instance(s) failed", len(batch))
-            if settled is not None:
-                settled()  # the handlers close (and may remove) their files: not while an fsync runs on one
+            settled()  # the handlers close (and may remove) their files: not while an fsync runs on one
             for pending in batch:
                 pending.error = pending.error or exc
         finally:
             for pending in batch:
                 pending.done.release()
-
-    def _settle(self, batch: list[_Pending]) -> Callable[[], list[BaseException | None]]:
-        """Start the fsyncs of every file and folder of the batch at once; returns what waits for them and says,
-        per record, which error (of its file's or its folder's fsync) keeps it from being committed."""
-        assert self._fsyncs is not None
-        pool = self._fsyncs
-        files = [pool.submit(p.placed.settle) if p.placed.fd is not None else None for p in batch]
-        folders = {p.placed.folder: pool.submit(self.spool.sync_folder, p.placed.folder) for p in batch}
-
-        def settled() -> list[BaseException | None]:
-            folder_errors = {folder: future.exception() for folder, future in folders.items()}
-            return [
-                (future.exception() if future is not None else None) or folder_errors[p.placed.folder]
-                for p, future in zip(batch, files, strict=True)
-            ]
-
-        return settled
