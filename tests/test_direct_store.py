@@ -25,6 +25,7 @@ from node.app import EdgeNode
 from node.direct_store import (
     COMMAND,
     LAST_FRAGMENT,
+    AcceptedTransferSyntaxes,
     InvalidCommandSet,
     StoreRequest,
     read_command_set,
@@ -108,6 +109,22 @@ def test_a_c_store_command_set_is_read_as_pynetdicom_writes_it() -> None:
     assert store_request(verification_store, 5, {5: EXPLICIT}) is None  # not a storage SOP class
     with pytest.raises(InvalidCommandSet):
         read_command_set(_command_set(_store_primitive(CT, "1.2.3"))[:-3])
+
+
+def test_accepted_transfer_syntaxes_read_pynetdicoms_accepted_contexts() -> None:
+    accepted = {}
+    for context_id, transfer in ((1, EXPLICIT), (3, "1.2.840.10008.1.2")):
+        context = PresentationContext()
+        context.context_id = context_id
+        context.abstract_syntax = CT
+        context.transfer_syntax = [transfer]
+        accepted[context_id] = context
+    syntaxes = AcceptedTransferSyntaxes(accepted)
+    assert syntaxes.get(3) == "1.2.840.10008.1.2" and syntaxes.get(5) is None and 5 not in syntaxes
+    assert dict(syntaxes) == {1: EXPLICIT, 3: "1.2.840.10008.1.2"} and len(syntaxes) == 2
+    elements = read_command_set(_command_set(_store_primitive(CT, "1.2.3.45")))
+    assert store_request(elements, 1, syntaxes) == StoreRequest(1, CT, "1.2.3.45", 1, 1, EXPLICIT)
+    assert store_request(elements, 5, syntaxes) is None
 
 
 # --- a raw DICOM client: PDUs split, mixed and broken as no library sends them -------------------------------
