@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pynetdicom.acse
 import pynetdicom.fsm
+import pynetdicom.presentation
 from pynetdicom import evt
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -204,7 +205,7 @@ def send_accept(dul: DULServiceProvider) -> str:
     return "Sta6"
 
 
-_pynetdicom_negotiate: Negotiate = pynetdicom.acse.negotiate_as_acceptor
+_pynetdicom_negotiate: Negotiate = pynetdicom.presentation.negotiate_as_acceptor  # where ACSE imports it from
 _install_lock = threading.Lock()
 
 
