@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pynetdicom.presentation import PresentationContext
 
 MAX_REQUESTS = 64  # distinct requests remembered per listener process (each holds its ~130 contexts, ~0.2 MB)
+MAX_VARIANTS = 8  # negotiations (or accepts) remembered per request; one each in practice (fixed configuration)
 A_ASSOCIATE_RQ_TYPE = 0x01
 EVT6_REQUEST_RECEIVED = "Evt6"  # the state machine's event for a received A-ASSOCIATE-RQ (PS3.8 9.2)
 ACCEPT_ACTION = "AE-7"
@@ -102,7 +103,7 @@ class RememberedRequest(A_ASSOCIATE_RQ):
             return list(contexts), list(role_items)
         result = negotiate(self._primitive.presentation_context_definition_list, supported, roles)
         with self._lock:
-            self._negotiations[key] = (result, list(supported))
+            _bounded(self._negotiations)[key] = (result, list(supported))
         return list(result[0]), list(result[1])
 
     def accept(self, primitive: A_ASSOCIATE) -> bytes:
@@ -125,8 +126,16 @@ class RememberedRequest(A_ASSOCIATE_RQ):
             return known[0]
         encoded = A_ASSOCIATE_AC(primitive).encode()
         with self._lock:
-            self._accepts[key] = (encoded, list(results))  # the contexts kept: their identities stay theirs
+            _bounded(self._accepts)[key] = (encoded, list(results))  # the contexts kept: their identities stay theirs
         return encoded
+
+
+def _bounded(remembered: dict[Hashable, Any]) -> dict[Hashable, Any]:
+    """`remembered`, emptied when full: a configuration that made new supported contexts per association (not this
+    listener's) would otherwise pin them all."""
+    if len(remembered) >= MAX_VARIANTS:
+        remembered.clear()
+    return remembered
 
 
 class RememberedAccept(A_ASSOCIATE_AC):

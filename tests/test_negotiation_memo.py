@@ -4,6 +4,7 @@ senders are answered from memory from their second association on."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import struct
@@ -22,7 +23,14 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.presentation import negotiate_as_acceptor as pynetdicom_negotiate
 
 from node.app import EdgeNode
-from node.negotiation_memo import NegotiationMemo, Proposal, RememberedRequest, install, negotiate_as_acceptor
+from node.negotiation_memo import (
+    MAX_VARIANTS,
+    NegotiationMemo,
+    Proposal,
+    RememberedRequest,
+    install,
+    negotiate_as_acceptor,
+)
 from node.scp import build_ae
 from tests.dicomgen import make_ct_series, write_datasets
 from tests.ingest_support import SENDER_AE, node_settings, running_node
@@ -269,3 +277,13 @@ def test_install_leaves_other_negotiations_to_pynetdicom(supported: list[Present
     assert _contexts(negotiate_as_acceptor(rq, supported, {})[0]) == _contexts(
         pynetdicom_negotiate(rq, supported, {})[0]
     )
+
+
+def test_what_a_request_remembers_is_bounded(storescu_request: bytes, supported: list[PresentationContext]) -> None:
+    """Supported contexts made anew for every association (not the listener's way) must not pile up."""
+    request = RememberedRequest(storescu_request)
+    proposal = request.to_primitive().presentation_context_definition_list
+    for _ in range(MAX_VARIANTS * 3):
+        copies = [copy.copy(cx) for cx in supported[:3]]
+        negotiate_as_acceptor(proposal, copies, {})
+        assert len(request._negotiations) <= MAX_VARIANTS
