@@ -203,3 +203,18 @@ HostWriteLock(__import__("pathlib").Path({path!r})).acquire()
 print("held", flush=True)
 time.sleep(600)
 """
+
+
+def test_audit_events_share_the_kept_connection_and_survive_a_failed_one(index: IngestIndex) -> None:
+    index.record_event("association.accepted", calling_ae="CT1", peer_address="10.0.0.5", detail="128 contexts")
+    assert index.add_instances([record("9.1")]) == [True]
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own error for a value it cannot bind
+        index.record_event("association.released", calling_ae=object())
+    index.record_event("association.released", calling_ae="CT1", peer_address="10.0.0.5")
+    with index.db.engine.connect() as conn:  # another connection: committed
+        events = conn.execute(select(AuditEvent.event_type, AuditEvent.calling_ae).order_by(AuditEvent.id)).all()
+    assert [tuple(e) for e in events] == [
+        ("association.accepted", "CT1"),
+        ("instance.stored", "CT1"),
+        ("association.released", "CT1"),
+    ]
