@@ -1,12 +1,16 @@
 """Ingest throughput: the same CT series sent with dcmtk storescu to edgenode, dcmtk storescp and Orthanc.
 
     PYTHONPATH=. .venv/bin/python benchmarks/ingest.py [--slices 100] [--size 512] [--repeats 2] [--listeners auto]
+        [--running]
 
-Each run starts the receiver fresh (empty storage, so nothing is a duplicate), sends the series
-uncompressed (Explicit VR Little Endian) over 1 or 4 concurrent associations (the files split evenly),
-and times from the first storescu start to the last exit. The receivers take turns (run 1 of each, then
-run 2 of each, ...); the best run per cell and the median are reported (this VM's speed drifts by tens of per
-cent within minutes: the median says more than the best). Durability differs and is shown: edgenode fsyncs file +
+Each run sends a CT series uncompressed (Explicit VR Little Endian) over 1 or 4 concurrent associations (the files
+split evenly) and times from the first storescu start to the last exit. By default each run starts the receiver
+fresh (empty storage, so nothing is a duplicate, and nothing warmed up); with --running each receiver is started
+once and kept running, as a node in service is, and each run sends a series of its own. The receivers take turns
+(run 1 of each, then run 2 of each, ...; kept running, in alternating order). Reported per cell: the best run, the
+median run, and against Orthanc the best runs' ratio and the median over runs of run r's ratio (run r of each
+receiver ran one after the other: this VM's speed drifts by tens of per cent within minutes, and the paired
+ratio is the least swayed by it). Durability differs and is shown: edgenode fsyncs file +
 folder and commits to SQLite (synchronous=FULL) before each Success, three syncs per instance (fewer when
 concurrent stores share a batch); Orthanc with SyncStorageArea=true fdatasyncs each file and syncs neither the
 folder nor its SQLite index's commits (WAL: synced at checkpoints only), one sync per instance (strace of Orthanc
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
@@ -143,6 +147,9 @@ def send(aet: str, port: int, files: list[Path], associations: int) -> float:
     return elapsed
 
 
+Cell = tuple[str, int]  # (receiver, associations)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=100)
@@ -152,6 +159,11 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--listeners", default="auto", help='edgenode\'s [node] listeners (a number or "auto")')
+    parser.add_argument(
+        "--running",
+        action="store_true",
+        help="start each receiver once and keep it running (a series of its own per run), instead of fresh per run",
+    )
     args = parser.parse_args()
     processes = listener_processes(args.listeners)
 
@@ -159,80 +171,119 @@ def main() -> int:
     try:
         files = write_datasets(make_ct_series(args.slices, args.size, args.size), root / "series")
         megabytes = sum(p.stat().st_size for p in files) / 1e6
+        mode = "kept running" if args.running else "started fresh for every run"
         print(
-            f"series: {len(files)} CT images {args.size}x{args.size}, {megabytes:.1f} MB; storage under {root}",
+            f"series: {len(files)} CT images {args.size}x{args.size}, {megabytes:.1f} MB; receivers {mode}; "
+            f"storage under {root}",
             flush=True,
         )
-        # Run r of every cell before run r+1 of any: the receivers take turns, so a change in the machine's load
-        # (a shared machine) falls on all of them rather than on whichever ran last.
-        timings: dict[tuple[str, int], list[float]] = {
+        factories = {
+            target: functools.partial(edgenode, listeners=args.listeners) if target == "edgenode" else factory
+            for target, (factory, _) in TARGETS.items()
+        }
+        timings: dict[Cell, list[float]] = {
             (target, associations): [] for target in args.targets for associations in args.associations
         }
-        cpu: dict[tuple[str, int], list[float]] = {cell: [] for cell in timings}
-        for repeat in range(args.repeats):
-            for associations in args.associations:
-                for target in args.targets:
-                    factory, _ = TARGETS[target]
-                    if target == "edgenode":
-                        factory = functools.partial(edgenode, listeners=args.listeners)
-                    workdir = root / f"{target}-{associations}-{repeat}"
-                    workdir.mkdir()
-                    with factory(workdir) as (aet, port, count, pid):
-                        before = cpu_seconds(pid)
-                        seconds = send(aet, port, files, associations)
-                        received = count()
-                        cpu_ms = 1000 * (cpu_seconds(pid) - before) / len(files)
-                    if received != len(files):
-                        raise RuntimeError(f"{target}: {received} of {len(files)} instances stored")
-                    timings[(target, associations)].append(seconds)
-                    cpu[(target, associations)].append(cpu_ms)
-                    print(
-                        f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s, "
-                        f"receiver CPU {cpu_ms:.2f} ms per instance",
-                        flush=True,
-                    )
-                    shutil.rmtree(workdir, ignore_errors=True)
-
-        header = (
-            "| receiver | durability | listener processes | assoc. | seconds | instances/s | MB/s | vs Orthanc "
-            "| median instances/s | vs Orthanc (medians) | receiver CPU ms/instance |"
-        )
-        print()
-        print(header)
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        rows = []
-        results = {cell: min(times) for cell, times in timings.items()}
-        medians = {cell: statistics.median(times) for cell, times in timings.items()}
-        for (target, associations), seconds in results.items():
-            reference = results.get(("orthanc", associations))
-            ratio = f"{reference / seconds:.2f}x" if reference else "-"
-            median = medians[(target, associations)]
-            reference_median = medians.get(("orthanc", associations))
-            median_ratio = f"{reference_median / median:.2f}x" if reference_median else "-"
-            rate = len(files) / seconds
-            listeners = str(processes) if target == "edgenode" else "-"
-            cpu_ms = statistics.median(cpu[(target, associations)])
-            print(
-                f"| {target} | {TARGETS[target][1]} | {listeners} | {associations} | {seconds:.2f} | {rate:.1f} | "
-                f"{megabytes / seconds:.1f} | {ratio} | {len(files) / median:.1f} | {median_ratio} | {cpu_ms:.2f} |"
-            )
-            rows.append(
-                {
-                    "receiver": target,
-                    "associations": associations,
-                    "listener_processes": processes if target == "edgenode" else None,
-                    "seconds": seconds,
-                    "instances_per_s": rate,
-                    "median_instances_per_s": len(files) / median,
-                    "mb_per_s": megabytes / seconds,
-                    "receiver_cpu_ms_per_instance": cpu_ms,
-                }
-            )
+        cpu: dict[Cell, list[float]] = {cell: [] for cell in timings}
+        with ExitStack() as running:
+            receivers = {
+                target: running.enter_context(factories[target](_folder(root / f"{target}-running")))
+                for target in (args.targets if args.running else [])
+            }
+            # Run r of every cell before run r+1 of any: the receivers take turns, so a change in the machine's load
+            # (a shared machine) falls on all of them rather than on whichever ran last; kept running, they take
+            # turns in alternating order.
+            for repeat in range(args.repeats):
+                for associations in args.associations:
+                    series = files
+                    if args.running and (repeat, associations) != (0, args.associations[0]):
+                        series = write_datasets(  # a running receiver would take the same images as duplicates
+                            make_ct_series(args.slices, args.size, args.size), root / f"series-{repeat}-{associations}"
+                        )
+                    order = args.targets if repeat % 2 == 0 or not args.running else args.targets[::-1]
+                    for target in order:
+                        if args.running:
+                            receiver = receivers[target]
+                            before = receiver[2]()
+                            seconds, cpu_ms, received = _run(receiver, series, associations)
+                            received -= before
+                        else:
+                            workdir = _folder(root / f"{target}-{associations}-{repeat}")
+                            with factories[target](workdir) as receiver:
+                                seconds, cpu_ms, received = _run(receiver, series, associations)
+                            shutil.rmtree(workdir, ignore_errors=True)
+                        if received != len(series):
+                            raise RuntimeError(f"{target}: {received} of {len(series)} instances stored")
+                        timings[(target, associations)].append(seconds)
+                        cpu[(target, associations)].append(cpu_ms)
+                        print(
+                            f"  {target:9s} x{associations}: run {repeat + 1}: {seconds:6.2f} s, "
+                            f"receiver CPU {cpu_ms:.2f} ms per instance",
+                            flush=True,
+                        )
+                    if series is not files:
+                        shutil.rmtree(series[0].parent, ignore_errors=True)
+        rows = _table(timings, cpu, processes, len(files), megabytes)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _run(receiver: Receiver, files: list[Path], associations: int) -> tuple[float, float, int]:
+    """(seconds, receiver CPU ms per instance, instances the receiver holds afterwards) for one send."""
+    aet, port, count, pid = receiver
+    before = cpu_seconds(pid)
+    seconds = send(aet, port, files, associations)
+    received = count()
+    return seconds, 1000 * (cpu_seconds(pid) - before) / len(files), received
+
+
+def _table(
+    timings: dict[Cell, list[float]], cpu: dict[Cell, list[float]], processes: int, images: int, megabytes: float
+) -> list[dict[str, object]]:
+    """Print the results table; the rows as data."""
+    header = (
+        "| receiver | durability | listener processes | assoc. | seconds | instances/s | MB/s | vs Orthanc "
+        "| median instances/s | vs Orthanc (median of runs) | receiver CPU ms/instance |"
+    )
+    print()
+    print(header)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows: list[dict[str, object]] = []
+    for (target, associations), times in timings.items():
+        seconds, median = min(times), statistics.median(times)
+        reference = timings.get(("orthanc", associations))
+        ratio = f"{min(reference) / seconds:.2f}x" if reference else "-"
+        # Run r of Orthanc against run r of this receiver (they ran one after the other): the median of those
+        # ratios, less swayed by the machine's drift than a ratio of medians.
+        paired = f"{statistics.median(o / t for o, t in zip(reference, times, strict=True)):.2f}x" if reference else "-"
+        listeners = str(processes) if target == "edgenode" else "-"
+        cpu_ms = statistics.median(cpu[(target, associations)])
+        print(
+            f"| {target} | {TARGETS[target][1]} | {listeners} | {associations} | {seconds:.2f} "
+            f"| {images / seconds:.1f} | {megabytes / seconds:.1f} | {ratio} | {images / median:.1f} | {paired} "
+            f"| {cpu_ms:.2f} |"
+        )
+        rows.append(
+            {
+                "receiver": target,
+                "associations": associations,
+                "listener_processes": processes if target == "edgenode" else None,
+                "seconds": seconds,
+                "instances_per_s": images / seconds,
+                "median_instances_per_s": images / median,
+                "mb_per_s": megabytes / seconds,
+                "receiver_cpu_ms_per_instance": cpu_ms,
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

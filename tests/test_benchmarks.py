@@ -143,6 +143,15 @@ def test_ingest_benchmark_compares_receivers_and_their_cpu_per_instance() -> Non
     assert all(float(rows[("edgenode", n)][10]) > 0 for n in (1, 2))  # a Python listener always spends some
 
 
+def test_ingest_benchmark_with_receivers_kept_running_sends_each_run_a_series_of_its_own() -> None:
+    args = ("--slices", "4", "--size", "32", "--repeats", "2", "--associations", "1", "2", "--running")
+    out = run_script("benchmarks/ingest.py", *args, "--targets", "edgenode", "storescp").stdout
+    assert "receivers kept running" in out
+    rows = {(row[0], int(row[3])): row for row in table(out)}
+    assert set(rows) == {("edgenode", 1), ("edgenode", 2), ("storescp", 1), ("storescp", 2)}
+    assert all(float(row[5]) >= float(row[8]) > 0 for row in rows.values())  # every run stored all its images
+
+
 def test_association_benchmark_reports_what_an_association_costs_each_receiver() -> None:
     args = ("--images", "6", "--repeats", "1", "--targets", "edgenode", "storescp")
     out = run_script("benchmarks/associations.py", *args).stdout
