@@ -4,9 +4,11 @@
 
 Each receiver (started fresh, as in benchmarks/ingest.py) gets the same small CT images (64x64, so that the images
 themselves cost little) twice: all over one association, then each over an association of its own (dcmtk
-storescu, which proposes its 120 default presentation contexts, as a PACS sending with dcmtk does). The CPU of the
+storescu, which proposes its 128 default presentation contexts, as a PACS sending with dcmtk does). The CPU of the
 receiver's processes (user + system, psutil) over the second send, less the first, divided by the extra
-associations, is what an association costs; the first send divided by the images is what an image costs. Over
+associations, is what an association costs; the first send divided by the images is what an image costs. Two
+untimed associations go first: an edgenode listener process that has not seen the sender's request before
+negotiates it in full once (~16 ms; node/negotiation_memo.py), as a node in service did long ago. Over
 benchmarks/ingest.py's four associations of 25 images, an association's cost weighs on every image: per image it
 adds cost / 25. The median over the repeats is reported.
 """
@@ -39,6 +41,7 @@ def main() -> int:
         root = Path(folder)
         together = write_datasets(make_ct_series(args.images, 64, 64, seed=1), root / "together")
         apart = write_datasets(make_ct_series(args.images, 64, 64, seed=2), root / "apart")
+        warm_up = write_datasets(make_ct_series(2 * args.repeats * len(args.targets), 64, 64, seed=3), root / "warm")
         per_association: dict[str, list[float]] = {target: [] for target in args.targets}
         per_image: dict[str, list[float]] = {target: [] for target in args.targets}
         for repeat in range(args.repeats):
@@ -47,6 +50,8 @@ def main() -> int:
                 workdir = root / f"{target}-{repeat}"
                 workdir.mkdir()
                 with factory(workdir) as (aet, port, count, pid):
+                    for _ in range(2):  # untimed: the listener processes have (most likely both) seen the request
+                        send(aet, port, [warm_up.pop()], 1)
                     start = cpu_seconds(pid)
                     send(aet, port, together, 1)
                     one = cpu_seconds(pid) - start
@@ -55,8 +60,8 @@ def main() -> int:
                         send(aet, port, [path], 1)
                     many = cpu_seconds(pid) - start
                     stored = count()
-                if stored != 2 * args.images:
-                    raise RuntimeError(f"{target}: {stored} of {2 * args.images} instances stored")
+                if stored != 2 * args.images + 2:
+                    raise RuntimeError(f"{target}: {stored} of {2 * args.images + 2} instances stored")
                 per_association[target].append(1000 * (many - one) / (args.images - 1))
                 per_image[target].append(1000 * one / args.images)
                 print(
