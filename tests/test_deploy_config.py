@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,21 @@ def test_multinode_compose_nodes_validate_and_share_database_and_spool(monkeypat
     for name, settings in loaded.items():
         assert [(p.ae_title, p.host, p.port) for p in settings.peers] == [("PACS", "orthanc", pacs["DicomPort"])], name
         assert settings.node.ae_title and pacs["DicomAet"] == "PACS"
+
+
+@pytest.mark.parametrize("compose", ["deploy/compose.multinode.yaml", "deploy/triton/compose.yaml"])
+def test_compose_files_follow_the_compose_specification(compose: str, tmp_path: Path) -> None:
+    """Checked against the Compose Specification's JSON schema (as vendored by check-jsonschema): no Docker daemon
+    is needed, where running the file is not possible (CI and this workplace have none)."""
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        args = ["--builtin-schema", "vendor.compose-spec", str(path)]
+        return subprocess.run([sys.executable, "-m", "check_jsonschema", *args], capture_output=True, text=True)
+
+    checked = check(REPO_ROOT / compose)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = tmp_path / "compose.yaml"  # the check itself refuses what Compose would: a service with a typo'd key
+    spec = yaml.safe_load((REPO_ROOT / compose).read_text())
+    next(iter(spec["services"].values()))["enviroment"] = {"A": "1"}
+    broken.write_text(yaml.safe_dump(spec))
+    assert check(broken).returncode != 0
