@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from pynetdicom.presentation import PresentationContext
 
 MAX_REQUESTS = 64  # distinct requests remembered per listener process (each holds its ~130 contexts, ~0.2 MB)
+MAX_REMEMBERED_BYTES = 64 * 1024  # larger requests are negotiated but not kept (dcmtk's 128 contexts: ~10 KB)
 MAX_VARIANTS = 8  # negotiations (or accepts) remembered per request; one each in practice (fixed configuration)
 A_ASSOCIATE_RQ_TYPE = 0x01
 EVT6_REQUEST_RECEIVED = "Evt6"  # the state machine's event for a received A-ASSOCIATE-RQ (PS3.8 9.2)
@@ -167,6 +168,8 @@ class NegotiationMemo:
                 self.hits += 1
                 return known
         request = RememberedRequest(encoded)
+        if len(encoded) > MAX_REMEMBERED_BYTES:  # 64 of the largest the gate lets through would be hundreds of MB
+            return request
         with self._lock:
             self._requests[encoded] = request
             while len(self._requests) > self.capacity:

@@ -24,6 +24,7 @@ from pynetdicom.presentation import negotiate_as_acceptor as pynetdicom_negotiat
 
 from node.app import EdgeNode
 from node.negotiation_memo import (
+    MAX_REMEMBERED_BYTES,
     MAX_VARIANTS,
     NegotiationMemo,
     Proposal,
@@ -287,3 +288,14 @@ def test_what_a_request_remembers_is_bounded(storescu_request: bytes, supported:
         copies = [copy.copy(cx) for cx in supported[:3]]
         negotiate_as_acceptor(proposal, copies, {})
         assert len(request._negotiations) <= MAX_VARIANTS
+
+
+def test_a_request_too_large_to_keep_is_negotiated_but_not_kept(storescu_request: bytes) -> None:
+    memo = NegotiationMemo()
+    padding = b"\x55\x00" + struct.pack(">H", 16) + b"A" * 16  # implementation version items, repeated
+    items = storescu_request[6:] + padding * (MAX_REMEMBERED_BYTES // len(padding))
+    large = storescu_request[:2] + struct.pack(">L", len(items)) + items
+    assert len(large) > MAX_REMEMBERED_BYTES
+    first = memo.request(large)
+    assert len(first.to_primitive().presentation_context_definition_list) == 128
+    assert memo.request(large) is not first and memo.hits == 0
