@@ -22,7 +22,7 @@ from node.spool import PlacedFile, Spool
 
 log = logging.getLogger(__name__)
 
-FSYNC_THREADS = 8  # fsyncs (files and folders of a batch) and hashes in flight at once
+FSYNC_THREADS = 8  # pool threads for the stores in flight: each puts its file fsync, folder fsync and digest here
 
 
 @dataclass
