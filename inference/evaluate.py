@@ -129,7 +129,7 @@ class Row:
     ensemble: int = 1
     steps: int | None = 10  # None: every timestep
     model: str = "shipped"  # which weights: "shipped", or an ablation model's name (see ABLATION_MODELS)
-    median: bool = True  # the 3x3 median filter of the error map (PipelineSettings.median_size)
+    median: bool = True  # the median filters of the error and score maps (PipelineSettings.median_size, score_...)
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
     max_slices: int | None = None  # and on n slices of each: centred on the lesion, or central lung slices
     note: str = ""
@@ -266,7 +266,8 @@ def evaluate_row(
                 noise=row.noise,  # type: ignore[arg-type]
                 use_mask_condition=row.condition,
                 adaptive_threshold=row.adaptive,
-                median_size=3 if row.median else 1,
+                median_size=defaults.median_size if row.median else 1,
+                score_median_size=defaults.score_median_size if row.median else 1,
             )
             det = detect(case.image, case.anatomy, denoiser, settings, case.modality)
             amap, seg, scores = det.anomaly_map, det.segmentation, det.slice_scores

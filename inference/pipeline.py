@@ -58,6 +58,7 @@ class PipelineSettings:
     fixed_threshold: float = 0.05
     restrict_to_mask: bool = True
     median_size: int = 3  # per-slice median filter of the error map, model-grid pixels (1: off)
+    score_median_size: int = 5  # the same for the map the slice scores pool (postprocess.py)
     opening: int = 1
     closing: int = 1
     min_component_size: int = 4  # voxels on the model grid
@@ -179,7 +180,10 @@ def detect(
     timings["reconstruct"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    error = median_filtered(ens.anomaly_map.numpy(), settings.median_size)
+    squared = ens.anomaly_map.numpy()
+    error = median_filtered(squared, settings.median_size)
+    same = settings.score_median_size == settings.median_size
+    scored = error if same else median_filtered(squared, settings.score_median_size)
     det = detect_anomalies(
         error,
         mask_np,
@@ -190,6 +194,7 @@ def detect(
         opening=settings.opening,
         closing=settings.closing,
         min_component_size=settings.min_component_size,
+        score_map=scored,
     )
     timings["postprocess"] = time.perf_counter() - start
     return ModelGridDetection(

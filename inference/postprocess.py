@@ -12,9 +12,13 @@ Definitions (docs/method.md repeats them):
 - segmentation = (E > alpha), inside the anatomy mask when `restrict_to_mask`, then per-slice binary opening and
   closing (3x3 cross, `iterations` each), then removal of 3D components (face-connected) smaller than
   `min_component_size` voxels.
-- slice score = 99th percentile (numpy linear interpolation) of E over the slice's in-mask voxels, divided by alpha;
-  0 for a slice without mask voxels. Above 1 means the worst 1 % of the anatomy exceeds the threshold.
-- study score = max of the slice scores (a single focal lesion must rank the study; a volume-wide percentile would
+- the score map S is the same squared error median-filtered over a wider `score_median_size` neighbourhood (5 x 5):
+  ranking a study needs evidence pooled over a lesion-sized patch, while the map shown and segmented keeps its
+  outline (S is E when the sizes are equal).
+- slice score = mean of the SCORE_TOP_K largest values of S over the slice's in-mask voxels (all of them when the
+  slice has fewer); 0 for a slice without mask voxels. Not divided by alpha: on validation phantoms dividing by
+  the background's error ranked studies by their background as much as by their lungs (docs/method.md).
+- study score = max of the slice scores (a single focal lesion must rank the study; a volume-wide statistic would
   dilute it over hundreds of slices).
 - anomalous fraction = segmented voxels / anatomy-mask voxels.
 """
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-SCORE_PERCENTILE = 99.0
+SCORE_TOP_K = 20  # model-grid pixels per slice: about a small nodule's area on the 64 grid
 _CROSS_2D = ndimage.generate_binary_structure(2, 1)[None]  # (1, 3, 3): no erosion across slices
 _FACES_3D = ndimage.generate_binary_structure(3, 1)
 
@@ -78,14 +82,15 @@ def clean_segmentation(
     return out
 
 
-def slice_scores(error: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
-    """Per slice: 99th percentile of the in-mask error / threshold (0 where the slice has no mask voxels)."""
-    alpha = max(threshold, 1e-12)
-    scores = np.zeros(error.shape[0], dtype=np.float32)
-    for k in range(error.shape[0]):
-        values = error[k][mask[k]]
+def slice_scores(score_map: np.ndarray, mask: np.ndarray, top_k: int = SCORE_TOP_K) -> np.ndarray:
+    """Per slice: mean of the top_k largest in-mask values (all when fewer; 0 where the slice has no mask voxels)."""
+    scores = np.zeros(score_map.shape[0], dtype=np.float32)
+    for k in range(score_map.shape[0]):
+        values = score_map[k][mask[k]]
+        if values.size > top_k:
+            values = np.partition(values, values.size - top_k)[-top_k:]
         if values.size:
-            scores[k] = np.percentile(values, SCORE_PERCENTILE) / alpha
+            scores[k] = values.mean(dtype=np.float64)
     return scores
 
 
@@ -100,12 +105,19 @@ def detect_anomalies(
     opening: int = 1,
     closing: int = 1,
     min_component_size: int = 0,
+    score_map: np.ndarray | None = None,
 ) -> Detection:
-    """Threshold (background-adaptive, or `fixed_threshold` for the ablation), clean and score an anomaly map."""
+    """Threshold (background-adaptive, or `fixed_threshold` for the ablation), clean and score an anomaly map.
+
+    `score_map`: what the slice scores are computed from (the wider-filtered error); the anomaly map itself if None.
+    """
     error = np.asarray(error, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
-    if error.shape != mask.shape:
-        raise ValueError(f"anomaly map {error.shape} and mask {mask.shape} differ in shape")
+    score_map = error if score_map is None else np.asarray(score_map, dtype=np.float32)
+    if error.shape != mask.shape or score_map.shape != mask.shape:
+        raise ValueError(
+            f"anomaly map {error.shape}, score map {score_map.shape} and mask {mask.shape} differ in shape"
+        )
     alpha = background_threshold(error, mask, lam) if adaptive_threshold else float(fixed_threshold)
     raw = error > alpha
     if restrict_to_mask:
@@ -113,7 +125,7 @@ def detect_anomalies(
     seg = clean_segmentation(raw, opening, closing, min_component_size)
     if restrict_to_mask:
         seg &= mask
-    scores = slice_scores(error, mask, alpha)
+    scores = slice_scores(score_map, mask)
     mask_voxels = int(mask.sum())
     return Detection(
         threshold=alpha,
