@@ -15,9 +15,11 @@ Definitions (docs/method.md repeats them):
 - the score map S is the same squared error median-filtered over a wider `score_median_size` neighbourhood (5 x 5):
   ranking a study needs evidence pooled over a lesion-sized patch, while the map shown and segmented keeps its
   outline (S is E when the sizes are equal).
-- slice score = mean of the SCORE_TOP_K largest values of S over the slice's in-mask voxels (all of them when the
-  slice has fewer); 0 for a slice without mask voxels. Not divided by alpha: on validation phantoms dividing by
-  the background's error ranked studies by their background as much as by their lungs (docs/method.md).
+- slice score = square root of the mean of the SCORE_TOP_K largest values of S over the slice's in-mask voxels (all
+  of them when the slice has fewer); 0 for a slice without mask voxels. An RMS difference from the pseudo-healthy
+  reconstruction in normalised intensity (half the CT window, 700 HU, is 1), over the slice's most abnormal patch.
+  Not divided by alpha: on validation phantoms dividing by the background's error ranked studies by their
+  background as much as by their lungs (docs/method.md).
 - study score = max of the slice scores (a single focal lesion must rank the study; a volume-wide statistic would
   dilute it over hundreds of slices).
 - anomalous fraction = segmented voxels / anatomy-mask voxels.
@@ -83,14 +85,15 @@ def clean_segmentation(
 
 
 def slice_scores(score_map: np.ndarray, mask: np.ndarray, top_k: int = SCORE_TOP_K) -> np.ndarray:
-    """Per slice: mean of the top_k largest in-mask values (all when fewer; 0 where the slice has no mask voxels)."""
+    """Per slice: root of the mean of the top_k largest in-mask values of a squared-error map (all when fewer; 0
+    where the slice has no mask voxels)."""
     scores = np.zeros(score_map.shape[0], dtype=np.float32)
     for k in range(score_map.shape[0]):
         values = score_map[k][mask[k]]
         if values.size > top_k:
             values = np.partition(values, values.size - top_k)[-top_k:]
         if values.size:
-            scores[k] = values.mean(dtype=np.float64)
+            scores[k] = np.sqrt(values.mean(dtype=np.float64))
     return scores
 
 

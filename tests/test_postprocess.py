@@ -28,11 +28,11 @@ def test_slice_scores_hand_computed() -> None:
     error[3, 0, :5] = [1, 2, 3, 4, 5]
     error[3, 0, 5:] = 1000.0  # outside the mask: never counted
     scores = slice_scores(error, mask)
-    np.testing.assert_allclose(scores, [90.5, 2.0, 0.0, 3.0])
+    np.testing.assert_allclose(scores, np.sqrt([90.5, 2.0, 0.0, 3.0]), rtol=1e-6)
     # only in-mask voxels count: mask out 51..100 -> 0..50, the 20 largest 31..50, mean 40.5
     mask[0, 0, :50] = False
-    assert slice_scores(error, mask)[0] == pytest.approx(40.5)
-    assert slice_scores(error, mask, top_k=1)[0] == pytest.approx(50.0)
+    assert slice_scores(error, mask)[0] == pytest.approx(np.sqrt(40.5))
+    assert slice_scores(error, mask, top_k=1)[0] == pytest.approx(np.sqrt(50.0))
 
 
 def test_morphology_and_min_component_size() -> None:
@@ -69,7 +69,7 @@ def test_detect_anomalies_end_to_end_hand_values() -> None:
     assert det.segmentation[1, 12:18, 12:18].sum() >= 32 and not det.segmentation[0].any()
     assert not det.segmentation[~mask].any()
     assert det.anomalous_fraction == pytest.approx(det.segmentation.sum() / mask.sum())
-    expected_scores = [np.sort(error[k][mask[k]])[-20:].mean() for k in range(2)]
+    expected_scores = [np.sqrt(np.sort(error[k][mask[k]])[-20:].mean()) for k in range(2)]
     np.testing.assert_allclose(det.slice_scores, expected_scores, rtol=1e-5)
     assert det.study_score == pytest.approx(max(expected_scores), rel=1e-5)
     assert det.slice_scores[1] == pytest.approx(1.0)  # the lesion fills the slice's top 20
@@ -77,7 +77,7 @@ def test_detect_anomalies_end_to_end_hand_values() -> None:
     wider = np.zeros_like(error)
     wider[0, 10, 10] = 40.0
     other = detect_anomalies(error, mask, 3.0, opening=1, closing=1, min_component_size=10, score_map=wider)
-    np.testing.assert_allclose(other.slice_scores, [2.0, 0.0])
+    np.testing.assert_allclose(other.slice_scores, [np.sqrt(2.0), 0.0])
     assert np.array_equal(other.segmentation, det.segmentation) and other.threshold == det.threshold
     with pytest.raises(ValueError, match="differ in shape"):
         detect_anomalies(error, mask, 3.0, score_map=wider[:1])
