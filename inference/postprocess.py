@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-SCORE_TOP_K = 20  # model-grid pixels per slice: about a small nodule's area on the 64 grid
+SCORE_TOP_K = 20  # model-grid pixels pooled per slice: a patch 4-5 pixels across (a lesion; a vessel is thinner)
 _CROSS_2D = ndimage.generate_binary_structure(2, 1)[None]  # (1, 3, 3): no erosion across slices
 _FACES_3D = ndimage.generate_binary_structure(3, 1)
 
