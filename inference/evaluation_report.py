@@ -447,10 +447,10 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
 - CT model: `{info.model_id}` (grid {grid}x{grid}, trained {training.get("steps")} steps on
   {training.get("data")}, {training.get("noise")} noise, mask-conditioned: {training.get("conditioned")}).
 - **Study score** (the triage decision): exactly the score the node ranks its worklist by and sends in its SR, the
-  pipeline's `study_score` = the maximum of the slice scores, a slice score being the mean of the 20 largest
-  in-mask values of the squared error median-filtered over 5 x 5 pixels (docs/method.md). For the threshold
-  baselines: the maximum over slices of the 99th percentile of the value (HU, or radiograph brightness) inside
-  the node's mask.
+  pipeline's `study_score` = the maximum of the slice scores, a slice score being the root of the mean of
+  the 20 largest in-mask values of the squared error median-filtered over 5 x 5 pixels (docs/method.md). For the
+  threshold baselines: the maximum over slices of the 99th percentile of the value (HU, or radiograph
+  brightness) inside the node's mask.
 - **Study AUROC**: P(a lesion study scores above a healthy one). **Sensitivity at {SPECIFICITY:.0%} specificity**:
   lesion studies flagged (score above the threshold column) when the threshold is the lowest that leaves
   {SPECIFICITY:.0%} of the healthy studies unflagged. Brackets: 95 % percentile bootstrap intervals over studies
