@@ -6,9 +6,9 @@ Renders CT studies from `make_ct_cases`' stream with a seed the evaluation does 
 seed of either held-out set of the evaluation's seed 0, or a training seed of the model), reconstructs each study
 once with the node's defaults (except the ensemble size), and scores the same reconstructions every candidate way:
 the error map's median filter (3 x 3, 5 x 5) times the per-slice statistic (99th percentile over the adaptive
-threshold alpha, as the node scored before; mean of the 20 largest values, as it scores now). Prints study AUROC,
-sensitivity at 90 % specificity and slice AUROC per candidate, and each one's paired difference in study AUROC
-to the node's score. docs/method.md records the figures that chose the node's score.
+threshold alpha, as the node scored before; root of the mean of the 20 largest values, as it scores now). Prints
+study AUROC, sensitivity at 90 % specificity and slice AUROC per candidate, and each one's paired difference in
+study AUROC to the node's score. docs/method.md records the figures that chose the node's score.
 """
 
 from __future__ import annotations
@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from inference.heldout import MAX_TRIES, Case, assert_held_out, heldout_seed
-from inference.postprocess import background_threshold, median_filtered, slice_scores
+from inference.postprocess import median_filtered, slice_scores
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
 
 EVALUATION_SEED = 0  # the held-out sets' seed (docs/EVALUATION.md): a validation seed must differ from it
 CANDIDATE_MEDIANS = (3, 5)
+EVALUATION_MAX_CASES = 60  # per kind of study and set: above what docs/EVALUATION.md's command draws (30 and 15)
 
 
 def percentile_over_alpha(score_map: np.ndarray, mask: np.ndarray, alpha: float) -> np.ndarray:
@@ -47,14 +48,13 @@ class Candidate:
     def name(self) -> str:
         return f"{self.median}x{self.median} median, {self.statistic}"
 
-    def add(self, squared_error: np.ndarray, mask: np.ndarray, lam: float) -> None:
+    def add(self, squared_error: np.ndarray, mask: np.ndarray, alpha: float) -> None:
+        """One study's slice scores; `alpha` is the node's threshold for the study (its detection's)."""
         score_map = median_filtered(squared_error, self.median)
         if self.statistic == "top20":
             self.per_study.append(slice_scores(score_map, mask))
         else:
-            # alpha from the segmentation's map (3 x 3), as the node computed it
-            alpha = max(background_threshold(median_filtered(squared_error, 3), mask, lam), 1e-12)
-            self.per_study.append(percentile_over_alpha(score_map, mask, alpha))
+            self.per_study.append(percentile_over_alpha(score_map, mask, max(alpha, 1e-12)))
 
     def study_scores(self) -> np.ndarray:
         return np.array([s.max() if s.size else 0.0 for s in self.per_study])
@@ -68,7 +68,11 @@ def evaluation_seeds(lesion_cases: int, healthy_cases: int) -> set[int]:
 
 def check_disjoint(cases: Sequence[Case], training: Sequence[int]) -> None:
     seeds = [c.seed for c in cases]
-    assert_held_out(seeds, evaluation_seeds(60, 60), "validation set vs the evaluation's held-out sets")
+    assert_held_out(
+        seeds,
+        evaluation_seeds(EVALUATION_MAX_CASES, EVALUATION_MAX_CASES),
+        "validation set vs the evaluation's held-out sets",
+    )
     assert_held_out(seeds, training, "validation set vs the model's training phantoms")
 
 
@@ -121,7 +125,6 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     )
     check_disjoint(cases, model_training_seeds(info.training))
     settings = PipelineSettings(ensemble=args.ensemble)
-    lam = settings.lambda_for("CT")
     # the node's own score last: every paired difference is taken against it
     candidates = [Candidate(m, "p99/alpha") for m in CANDIDATE_MEDIANS] + [Candidate(3, "top20")]
     candidates.append(Candidate(settings.score_median_size, "top20"))
@@ -130,7 +133,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         det = detect(case.image, case.anatomy, denoiser, settings, "CT")
         squared = ((case.image - det.reconstruction) ** 2).astype(np.float32)
         for c in candidates:
-            c.add(squared, case.anatomy, lam)
+            c.add(squared, case.anatomy, det.threshold)
         if not np.allclose(candidates[-1].per_study[-1], det.slice_scores, rtol=1e-5, atol=1e-8):
             raise AssertionError("the last candidate must be the node's own slice scores")
         if n % 10 == 0 or n == len(cases):
