@@ -180,6 +180,7 @@ class ModelDenoiser:
         self.dtype = torch.float32
         self.max_batch = max_batch
         self.model_id = info.model_id
+        self.training = info.training  # its noise spectrum (PipelineSettings.for_model)
         self.name = f"torch-{self.device.type}-fp32"
 
     def __call__(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -268,7 +269,7 @@ def evaluate_row(
                 adaptive_threshold=row.adaptive,
                 median_size=defaults.median_size if row.median else 1,
                 score_median_size=defaults.score_median_size if row.median else 1,
-            )
+            ).for_model(denoiser.training)
             det = detect(case.image, case.anatomy, denoiser, settings, case.modality)
             amap, seg, scores = det.anomaly_map, det.segmentation, det.slice_scores
             study_score = det.study_score  # exactly what the node sends in its SR and ranks the worklist by

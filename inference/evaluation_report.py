@@ -303,9 +303,8 @@ def figure(ct: SetResult, path: Path, denoiser: ModelDenoiser, seed: int) -> Non
     cases = ct.cases
     case = next((c for c in cases if c.kind != "none" and c.lesion.any()), cases[0])
     k = int(np.argmax(case.lesion.sum(axis=(1, 2))))
-    det = detect(
-        case.image[k : k + 1], case.anatomy[k : k + 1], denoiser, PipelineSettings(ensemble=3, seed=seed), "CT"
-    )
+    settings = PipelineSettings(ensemble=3, seed=seed).for_model(denoiser.training)
+    det = detect(case.image[k : k + 1], case.anatomy[k : k + 1], denoiser, settings, "CT")
     panels = [
         ("input", case.image[k], "gray"),
         ("reconstruction (mean)", det.reconstruction[0], "gray"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +73,20 @@ class PipelineSettings:
 
     def lambda_for(self, modality: str) -> float:
         return float(self.threshold_lambda.get(modality, 3.0))
+
+    def for_model(self, training: dict[str, object]) -> PipelineSettings:
+        """These settings with the simplex spectrum the model was trained with (its metadata's `noise_spectrum`):
+        a model predicts the noise it saw in training, so the spectrum belongs to the model, not the site. A
+        model without the key was trained with the defaults."""
+        spectrum = training.get("noise_spectrum")
+        if not isinstance(spectrum, dict):
+            return self
+        return replace(
+            self,
+            octaves=int(spectrum.get("octaves", self.octaves)),
+            base_frequency=float(spectrum.get("base_frequency", self.base_frequency)),
+            persistence=float(spectrum.get("persistence", self.persistence)),
+        )
 
     def noise_source(self) -> NoiseSource:
         return NoiseSource(self.noise, self.octaves, self.base_frequency, self.persistence)
@@ -223,6 +237,7 @@ def run_pipeline(
         if progress is not None:
             progress(stage, fraction)
 
+    settings = settings.for_model(model_info.training)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     report("load", 0.0)

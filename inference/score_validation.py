@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         args.seed, args.lesion_cases, args.healthy_cases, info.config.image_size, args.source_size, args.slices
     )
     check_disjoint(cases, model_training_seeds(info.training))
-    settings = PipelineSettings(ensemble=args.ensemble)
+    settings = PipelineSettings(ensemble=args.ensemble).for_model(info.training)
     # the node's own score last: every paired difference is taken against it
     candidates = [Candidate(m, "p99/alpha") for m in CANDIDATE_MEDIANS] + [Candidate(3, "top20")]
     candidates.append(Candidate(settings.score_median_size, "top20"))

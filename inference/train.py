@@ -55,6 +55,10 @@ class TrainConfig:
     ema_decay: float = 0.995
     t_max: int = 350  # timesteps drawn from [0, t_max); inference uses t_start <= t_max
     noise: str = "simplex"  # simplex | gaussian (ablation)
+    # The simplex spectrum (NoiseSource): the pipeline diffuses with the spectrum its model was trained with.
+    noise_octaves: int = 6
+    noise_base_frequency: float = 2**-6
+    noise_persistence: float = 0.8
     conditioned: bool = True  # False: the condition channel is all zeros (ablation)
     seed: int = 0
     subjects: int = 120  # phantom subjects in the training pool
@@ -408,7 +412,7 @@ def train(
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = LinearSchedule()
-    noise = NoiseSource(kind=cfg.noise)  # type: ignore[arg-type]
+    noise = NoiseSource(cfg.noise, cfg.noise_octaves, cfg.noise_base_frequency, cfg.noise_persistence)  # type: ignore[arg-type]
     losses: list[float] = []
     step, wall_before = 0, 0.0
     if saved is not None:
@@ -507,15 +511,25 @@ def _initial_weights(path: Path, unet_cfg: UNetConfig) -> UNet:
     return model.train()
 
 
+def noise_spectrum_metadata(cfg: TrainConfig) -> dict[str, float]:
+    """The simplex spectrum as the weights' metadata records it (`PipelineSettings.for_model` reads it back)."""
+    return {
+        "octaves": cfg.noise_octaves,
+        "base_frequency": cfg.noise_base_frequency,
+        "persistence": cfg.noise_persistence,
+    }
+
+
 def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> Path:
     """Write the EMA weights with the training metadata the model card and the pipeline read, and the loss curve
     beside them (`training_report.loss_curve_path`); returns the curve's path."""
     threads = torch.get_num_threads()
     device = f"cuda {torch.cuda.get_device_name()}" if torch.cuda.is_available() else f"cpu x{threads}"
-    metadata = {
+    metadata: dict[str, object] = {
         "t_start": 250,
         "t_max": cfg.t_max,
         "noise": cfg.noise,
+        **({"noise_spectrum": noise_spectrum_metadata(cfg)} if cfg.noise == "simplex" else {}),
         "conditioned": cfg.conditioned,
         "grid": result.model.config.image_size,
         "preset": cfg.preset,

@@ -186,3 +186,16 @@ def test_mixed_depth_settings_give_a_second_schedule_between_t_start_and_T() -> 
     assert settings.deeper_timesteps("CT") == [[550, 275, 0]] and settings.deeper_timesteps("DX") == []
     with pytest.raises(ValueError, match="between t_start and T"):
         PipelineSettings(t_start={"CT": 250}, deep_t_start={"CT": 200}).deeper_timesteps("CT")
+
+
+def test_the_pipeline_diffuses_with_the_noise_spectrum_its_model_was_trained_with(tmp_path: Path) -> None:
+    _, sick_files, _, _ = nodule_series(tmp_path)
+    spectrum = {"octaves": 3, "base_frequency": 0.125, "persistence": 0.5}
+    trained = replace(TINY_INFO, training={"noise": "simplex", "noise_spectrum": spectrum})
+    settings = fast_settings(ensemble=1)
+    result = run_pipeline(sick_files, TinyUNetDenoiser(max_batch=4), trained, settings)
+    assert {k: result.settings[k] for k in spectrum} == spectrum
+    # A model whose metadata predates the key was trained with the defaults: the settings stay as they are.
+    older = run_pipeline(sick_files, TinyUNetDenoiser(max_batch=4), TINY_INFO, settings)
+    assert (older.settings["octaves"], older.settings["persistence"]) == (settings.octaves, settings.persistence)
+    assert not np.allclose(older.anomaly_map, result.anomaly_map)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from inference.pipeline import PipelineSettings
 from inference.train import TrainConfig, phantom_slices, ship, train
 from inference.unet import load_model
 
@@ -34,8 +35,23 @@ def test_loss_falls_and_weights_ship(tmp_path) -> None:
     ship(result, cfg, path, "tiny-smoke")
     model, info = load_model(path)
     assert info.training["steps"] == 60 and info.training["noise"] == "simplex"
+    assert info.training["noise_spectrum"] == {"octaves": 6, "base_frequency": 2**-6, "persistence": 0.8}
     x = torch.zeros(1, 1, 32, 32)
     assert model(x, x, torch.zeros(1)).shape == (1, 1, 32, 32)
+
+
+def test_the_noise_spectrum_trained_with_is_the_one_the_pipeline_uses(tmp_path) -> None:
+    pool = phantom_slices(seed=1, subjects=1, size=48, slices=2, grid=32)
+    cfg = tiny_config(steps=2, noise_octaves=4, noise_persistence=0.5)
+    other = train(tiny_config(steps=2), pool=pool, progress=False)
+    result = train(cfg, pool=pool, progress=False)
+    assert result.losses != other.losses  # the same steps and data under another noise
+    path = tmp_path / "m.safetensors"
+    ship(result, cfg, path, "tiny-spectrum")
+    _, info = load_model(path)
+    assert info.training["noise_spectrum"] == {"octaves": 4, "base_frequency": 2**-6, "persistence": 0.5}
+    settings = PipelineSettings().for_model(info.training)
+    assert (settings.octaves, settings.base_frequency, settings.persistence) == (4, 2**-6, 0.5)
 
 
 @pytest.mark.slow

@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--t-max", type=int, default=350, help="train on timesteps below this")
     parser.add_argument("--noise", choices=["simplex", "gaussian"], default="simplex")
+    parser.add_argument("--noise-octaves", type=int, default=6, help="simplex octaves")
+    parser.add_argument("--noise-base-frequency", type=float, default=2**-6, help="simplex cycles/pixel")
+    parser.add_argument(
+        "--noise-persistence", type=float, default=0.8, help="simplex weight ratio of each octave to the one below"
+    )
     parser.add_argument("--unconditioned", action="store_true", help="zero condition channel (ablation)")
     parser.add_argument("--subjects", type=int, default=120, help="phantom subjects in the pool")
     parser.add_argument("--phantom-size", type=int, default=256)
@@ -82,6 +87,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lr=args.lr,
         t_max=args.t_max,
         noise=args.noise,
+        noise_octaves=args.noise_octaves,
+        noise_base_frequency=args.noise_base_frequency,
+        noise_persistence=args.noise_persistence,
         conditioned=not args.unconditioned,
         seed=args.seed,
         subjects=args.subjects,
