@@ -430,6 +430,11 @@ def write_report(
         resamples,
     )
     training = info.training
+    trained = training.get("noise_spectrum")
+    spectrum = ""
+    if isinstance(trained, dict):
+        spectrum = f" (persistence {trained['persistence']}, {trained['octaves']} octaves)"
+    started = f", fine-tuned from `{training['init_from_model']}`" if training.get("init_from_model") else ""
     sections = []
     for s in results:
         if s.modality == "CT":
@@ -444,7 +449,8 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
     {command}
 
 - CT model: `{info.model_id}` (grid {grid}x{grid}, trained {training.get("steps")} steps on
-  {training.get("data")}, {training.get("noise")} noise, mask-conditioned: {training.get("conditioned")}).
+  {training.get("data")}{started}, {training.get("noise")} noise{spectrum}, mask-conditioned:
+  {training.get("conditioned")}).
 - **Study score** (the triage decision): exactly the score the node ranks its worklist by and sends in its SR, the
   pipeline's `study_score` = the maximum of the slice scores, a slice score being the root of the mean of
   the 20 largest in-mask values of the squared error median-filtered over 5 x 5 pixels (docs/method.md). For the

@@ -35,7 +35,7 @@ from inference.hardware import cpu_info
 from inference.phantoms import make_ct
 from inference.simplex import NoiseSource, splitmix64
 from inference.training_report import PROGRESS_EVERY_S, ProgressLine, loss_curve_path, write_loss_curve
-from inference.unet import PRESETS, UNet, UNetConfig, save_model
+from inference.unet import PRESETS, UNet, UNetConfig, read_model_info, save_model
 from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
 log = logging.getLogger(__name__)
@@ -544,6 +544,9 @@ def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> Path:
         "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
         "config": json.dumps(asdict(cfg)),
     }
+    if cfg.init_from and Path(cfg.init_from).is_file():
+        # by identity: the path may be the very file this run's weights replace
+        metadata["init_from_model"] = read_model_info(Path(cfg.init_from)).model_id
     save_model(result.model, path, name, metadata, modalities=cfg.modalities, body_part=cfg.body_part)
     subtitle = (
         f"{result.steps_done} steps of {cfg.batch_size}, {result.wall_s / 60:.0f} min, {result.precision}, "

@@ -85,9 +85,13 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
     trained = train(tiny_config(), pool=pool, progress=False)
     path = tmp_path / "m.safetensors"
     ship(trained, tiny_config(), path, "tiny-smoke")
+    file_sha256_before = load_model(path)[1].sha256[:12]
     fresh = train(tiny_config(steps=3, lr=1e-9), pool=pool, progress=False)
     tuned = train(tiny_config(steps=3, lr=1e-9, init_from=str(path)), pool=pool, progress=False)
     assert np.mean(tuned.losses) < 0.7 * np.mean(fresh.losses)
+    tuned_cfg = tiny_config(steps=3, lr=1e-9, init_from=str(path))
+    ship(tuned, tuned_cfg, path, "tiny-tuned")  # replaces the file it started from: the identity stays known
+    assert load_model(path)[1].training["init_from_model"] == f"tiny-smoke-{file_sha256_before}"
     with pytest.raises(ValueError, match="architecture"):
         train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)
 
