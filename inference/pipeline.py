@@ -45,7 +45,7 @@ class PipelineSettings:
     steps: int = 10  # visited timesteps = U-Net calls per member (ignored when stride is set)
     stride: int | None = None  # visit every stride-th timestep instead
     ensemble: int = 7
-    threshold_lambda: dict[str, float] = field(default_factory=lambda: {"CT": 6.0, "CR": 3.0, "DX": 3.0})
+    threshold_lambda: dict[str, float] = field(default_factory=lambda: {"CT": 8.0, "CR": 3.0, "DX": 3.0})
     max_batch: int | None = None  # cap below the denoiser's own max_batch (None: the denoiser's)
     seed: int = 0
     sampler: Sampler = "ddim"

@@ -167,7 +167,7 @@ class RoutingRule(Section):
 
 
 T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
-LAMBDA_DEFAULTS = {"CT": 6.0, "CR": 3.0, "DX": 3.0}
+LAMBDA_DEFAULTS = {"CT": 8.0, "CR": 3.0, "DX": 3.0}
 MODEL_DEFAULTS = {"CT": "bundled", "CR": "bundled", "DX": "bundled"}  # the bundled model is trained for CT only
 SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.PipelineSettings.schedule_T
 

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-slices", type=int, default=6, help="central lung slices per case there")
     parser.add_argument("--every-step-cases", type=int, default=2)
     parser.add_argument("--every-step-slices", type=int, default=2)
-    parser.add_argument("--lambda", dest="lam", type=float, default=6.0, help="adaptive threshold lambda (CT default)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=8.0, help="adaptive threshold lambda (CT default)")
     parser.add_argument(
         "--lambda-cr", dest="lam_cr", type=float, default=3.0, help="adaptive threshold lambda (CR/DX default)"
     )
