@@ -1,0 +1,140 @@
+"""How a shipped model (and its CT lambda) was chosen: models side by side on validation phantoms, not held-out sets.
+
+    python -m inference.model_validation --seed 888 --lesion-cases 40 --healthy-cases 50 \
+        --model old.safetensors --model inference/weights/chest-ct-small.safetensors --lambdas 6,8,10
+
+Renders CT studies from `make_ct_cases`' stream with a seed the evaluation does not use (checked against both
+held-out sets and every model's training phantoms, as `score_validation` does), runs each model through the node's
+`detect` with its own noise spectrum (K members, the node's study score), and prints per model: study AUROC,
+sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error, study AUROC
+per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same reconstructions) and the
+paired difference in study AUROC to the first model. docs/method.md records the figures that chose the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from inference.heldout import Case
+from inference.score_validation import EVALUATION_SEED, check_disjoint
+from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
+
+KINDS = ("nodule", "ggo", "consolidation", "reticular", "mixed")
+
+
+@dataclass
+class ModelRun:
+    """One model's results over the validation studies, in case order."""
+
+    name: str
+    study_scores: list[float] = field(default_factory=list)
+    slice_scores: list[np.ndarray] = field(default_factory=list)
+    healthy_rmse: list[float] = field(default_factory=list)
+    dice: dict[float, list[float]] = field(default_factory=dict)  # lambda -> one Dice per lesion study
+
+
+def segment_dice(error: np.ndarray, case: Case, lam: float, min_component_size: int) -> float:
+    """The node's segmentation at this lambda (postprocess.detect_anomalies on the detection's error map), scored
+    inside lungs, anatomy mask and lesion as the evaluation scores it."""
+    from inference.evaluate import dice
+    from inference.postprocess import detect_anomalies
+
+    seg = detect_anomalies(error, case.anatomy, lam, min_component_size=min_component_size).segmentation
+    inside = case.anatomy | case.lung | case.lesion
+    return dice(seg[inside], case.lesion[inside])
+
+
+def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[float], resamples: int) -> str:
+    from inference.evaluate import auroc
+
+    labels = np.array([c.lesion_study for c in cases])
+    kinds = np.array([c.kind for c in cases])
+    slice_truth = np.concatenate([c.lesion.any(axis=(1, 2)) for c in cases])
+    first = np.array(runs[0].study_scores)
+    head = "| model | study AUROC | sens. at 90 % spec. | slice AUROC | healthy RMSE | "
+    head += " | ".join([f"{k} study AUROC" for k in KINDS] + [f"Dice lambda {lam:g}" for lam in lambdas])
+    head += " | study AUROC vs the first [95 % CI] |"
+    lines = [head, "|---|" + "---:|" * (4 + len(KINDS) + len(lambdas) + 1)]
+    for run in runs:
+        s = np.array(run.study_scores)
+        by_kind = []
+        for k in KINDS:
+            keep = (kinds == k) | ~labels
+            by_kind.append(f"{study_auroc(s[keep], labels[keep]):.3f}" if (kinds == k).any() else "-")
+        diff, lo, hi = paired_difference(study_auroc, s, first, labels, resamples, 0)
+        dice_cells = [f"{np.mean(run.dice[lam]):.3f}" if run.dice[lam] else "-" for lam in lambdas]
+        lines.append(
+            f"| {run.name} | {study_auroc(s, labels):.3f} | {sensitivity_at_specificity(s, labels):.3f} | "
+            f"{auroc(np.concatenate(run.slice_scores), slice_truth):.3f} | {np.mean(run.healthy_rmse):.4f} | "
+            + " | ".join(by_kind + dice_cells)
+            + f" | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) -> int:
+    import torch
+
+    from inference.evaluate import ModelDenoiser
+    from inference.heldout import make_ct_cases
+    from inference.pipeline import PipelineSettings, detect
+    from inference.train import model_training_seeds
+    from inference.unet import load_model
+
+    parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, required=True, help="validation seed (not the evaluation's 0)")
+    parser.add_argument("--model", type=Path, action="append", required=True, help="CT weights; repeat to compare")
+    parser.add_argument("--lesion-cases", type=int, default=40)
+    parser.add_argument("--healthy-cases", type=int, default=50)
+    parser.add_argument("--lambdas", default="6,8,10", help="adaptive-threshold lambdas to score Dice at")
+    parser.add_argument("--ensemble", type=int, default=3)
+    parser.add_argument("--source-size", type=int, default=192)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if args.seed == EVALUATION_SEED:
+        parser.error(f"seed {EVALUATION_SEED} draws the evaluation's held-out sets: choose another")
+    lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    torch.set_num_threads(args.threads)
+    loaded = [load_model(p) for p in args.model]
+    grids = {info.config.image_size for _, info in loaded}
+    if len(grids) != 1:
+        parser.error(f"the models' grids differ ({sorted(grids)}): compare models of one grid")
+    cases = make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grids.pop(), args.source_size, args.slices)
+    runs = []
+    start = time.perf_counter()
+    for model, info in loaded:
+        check_disjoint(cases, model_training_seeds(info.training))
+        settings = PipelineSettings(ensemble=args.ensemble).for_model(info.training)
+        run = ModelRun(f"{info.model_id} (persistence {settings.persistence:g})", dice={lam: [] for lam in lambdas})
+        denoiser = ModelDenoiser(model, info)
+        for n, case in enumerate(cases, 1):
+            det = detect(case.image, case.anatomy, denoiser, settings, "CT")
+            run.study_scores.append(det.study_score)
+            run.slice_scores.append(det.slice_scores)
+            if case.lesion_study:
+                for lam in lambdas:
+                    run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size))
+            else:
+                inside = case.anatomy.astype(bool)
+                run.healthy_rmse.append(float(np.sqrt(np.mean((case.image - det.reconstruction)[inside] ** 2))))
+            if n % 10 == 0 or n == len(cases):
+                out(f"{info.model_id}: {n}/{len(cases)} studies ({time.perf_counter() - start:.0f} s)")
+        runs.append(run)
+    labels = np.array([c.lesion_study for c in cases])
+    studies = f"{labels.sum()} lesion / {(~labels).sum()} healthy studies"
+    out(f"\nValidation seed {args.seed}: {studies}, K = {args.ensemble}")
+    out(table(runs, cases, lambdas, args.bootstrap))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
