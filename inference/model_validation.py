@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from inference.heldout import Case
-from inference.score_validation import EVALUATION_SEED, check_disjoint
+from inference.score_validation import check_disjoint, parse_validation_args
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
 
 KINDS = ("nodule", "ggo", "consolidation", "reticular", "mixed")
@@ -89,19 +89,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     from inference.unet import load_model
 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, required=True, help="validation seed (not the evaluation's 0)")
     parser.add_argument("--model", type=Path, action="append", required=True, help="CT weights; repeat to compare")
-    parser.add_argument("--lesion-cases", type=int, default=40)
-    parser.add_argument("--healthy-cases", type=int, default=50)
     parser.add_argument("--lambdas", default="6,8,10", help="adaptive-threshold lambdas to score Dice at")
-    parser.add_argument("--ensemble", type=int, default=3)
-    parser.add_argument("--source-size", type=int, default=192)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    args = parser.parse_args(argv)
-    if args.seed == EVALUATION_SEED:
-        parser.error(f"seed {EVALUATION_SEED} draws the evaluation's held-out sets: choose another")
+    args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50)
     lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]

@@ -76,6 +76,25 @@ def check_disjoint(cases: Sequence[Case], training: Sequence[int]) -> None:
     assert_held_out(seeds, training, "validation set vs the model's training phantoms")
 
 
+def parse_validation_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, lesion_cases: int, healthy_cases: int
+) -> argparse.Namespace:
+    """The options every validation tool shares (seed, studies, K, phantom size, threads, bootstrap), parsed;
+    refuses the evaluation's seed."""
+    parser.add_argument("--seed", type=int, required=True, help="validation seed (not the evaluation's 0)")
+    parser.add_argument("--lesion-cases", type=int, default=lesion_cases)
+    parser.add_argument("--healthy-cases", type=int, default=healthy_cases)
+    parser.add_argument("--ensemble", type=int, default=3)
+    parser.add_argument("--source-size", type=int, default=192)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    args = parser.parse_args(argv)
+    if args.seed == EVALUATION_SEED:
+        parser.error(f"seed {EVALUATION_SEED} draws the evaluation's held-out sets: choose another")
+    return args
+
+
 def table(candidates: Sequence[Candidate], labels: np.ndarray, slice_truth: np.ndarray, resamples: int) -> str:
     from inference.evaluate import auroc
 
@@ -105,18 +124,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     from inference.unet import load_model
 
     parser = argparse.ArgumentParser(prog="python -m inference.score_validation", description=__doc__.split("\n")[0])
-    parser.add_argument("--seed", type=int, required=True, help="validation seed (not the evaluation's 0)")
-    parser.add_argument("--lesion-cases", type=int, default=100)
-    parser.add_argument("--healthy-cases", type=int, default=50)
-    parser.add_argument("--ensemble", type=int, default=3)
     parser.add_argument("--model", type=Path, default=Path("inference/weights/chest-ct-small.safetensors"))
-    parser.add_argument("--source-size", type=int, default=192)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    args = parser.parse_args(argv)
-    if args.seed == EVALUATION_SEED:
-        parser.error(f"seed {EVALUATION_SEED} draws the evaluation's held-out sets: choose another")
+    args = parse_validation_args(parser, argv, lesion_cases=100, healthy_cases=50)
     torch.set_num_threads(args.threads)
     model, info = load_model(args.model)
     denoiser = ModelDenoiser(model, info)
