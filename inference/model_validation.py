@@ -5,15 +5,16 @@
 
 Renders CT studies from `make_ct_cases`' stream with a seed the evaluation does not use (checked against both
 held-out sets and every model's training phantoms, as `score_validation` does), runs each model through the node's
-`detect` with its own noise spectrum (K members, the node's study score), and prints per model: study AUROC,
-sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error, study AUROC
-per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same reconstructions) and the
-paired difference in study AUROC to the first model. docs/method.md records the figures that chose the model.
+`detect` with its own noise spectrum (K members, each --steps count, the node's study score), and prints per run:
+study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error,
+study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
+reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures that chose the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,8 +92,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", required=True, help="CT weights; repeat to compare")
     parser.add_argument("--lambdas", default="6,8,10", help="adaptive-threshold lambdas to score Dice at")
+    parser.add_argument("--steps", default="10", help="reverse steps per member; a list runs each model with each")
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50)
     lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+    step_counts = [int(v) for v in args.steps.split(",") if v.strip()]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
     grids = {info.config.image_size for _, info in loaded}
@@ -101,10 +104,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     cases = make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grids.pop(), args.source_size, args.slices)
     runs = []
     start = time.perf_counter()
-    for model, info in loaded:
+    for (model, info), steps in itertools.product(loaded, step_counts):
         check_disjoint(cases, model_training_seeds(info.training))
-        settings = PipelineSettings(ensemble=args.ensemble).for_model(info.training)
-        run = ModelRun(f"{info.model_id} (persistence {settings.persistence:g})", dice={lam: [] for lam in lambdas})
+        settings = PipelineSettings(ensemble=args.ensemble, steps=steps).for_model(info.training)
+        name = f"{info.model_id} (persistence {settings.persistence:g}, {steps} steps)"
+        run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):
             det = detect(case.image, case.anatomy, denoiser, settings, "CT")
@@ -117,7 +121,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
                 inside = case.anatomy.astype(bool)
                 run.healthy_rmse.append(float(np.sqrt(np.mean((case.image - det.reconstruction)[inside] ** 2))))
             if n % 10 == 0 or n == len(cases):
-                out(f"{info.model_id}: {n}/{len(cases)} studies ({time.perf_counter() - start:.0f} s)")
+                out(f"{name}: {n}/{len(cases)} studies ({time.perf_counter() - start:.0f} s)")
         runs.append(run)
     labels = np.array([c.lesion_study for c in cases])
     studies = f"{labels.sum()} lesion / {(~labels).sum()} healthy studies"

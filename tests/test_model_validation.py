@@ -20,7 +20,7 @@ def test_compares_models_each_with_its_own_noise_spectrum() -> None:
     assert "2 lesion / 2 healthy studies, K = 1" in text
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 2
-    assert "(persistence 0.5)" in rows[0] and "(persistence 0.8)" in rows[1]  # the shipped model's; the ablation's
+    assert "(persistence 0.5, 10 steps)" in rows[0] and "(persistence 0.8, 10 steps)" in rows[1]  # shipped; ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first model against itself
     cells = rows[1].split(" | ")
     assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
