@@ -8,7 +8,8 @@ held-out sets and every model's training phantoms, as `score_validation` does), 
 `detect` with its own noise spectrum (K members, each --steps count, the node's study score), and prints per run:
 study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error,
 study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
-reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures that chose the model.
+reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures
+that chose the model.
 """
 
 from __future__ import annotations
