@@ -35,7 +35,7 @@ from inference.hardware import cpu_info
 from inference.phantoms import make_ct
 from inference.simplex import NoiseSource, splitmix64
 from inference.training_report import PROGRESS_EVERY_S, ProgressLine, loss_curve_path, write_loss_curve
-from inference.unet import PRESETS, UNet, UNetConfig, read_model_info, save_model
+from inference.unet import PRESETS, UNet, UNetConfig, save_model
 from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,7 @@ class TrainResult:
     wall_s: float
     pool_source: str
     precision: str = "fp32"  # "bf16": autocast (weights, optimiser and loss stay fp32)
+    init_from_model: str = ""  # identity of the weights a fine-tuning run started from
 
 
 # Settings a checkpoint may be resumed with when they differ: how long and where the run goes, not what it learns.
@@ -405,8 +406,10 @@ def train(
     if pool is None:
         pool = cached_training_pool(cfg, unet_cfg.image_size, pool_cache_path(checkpoint) if checkpoint else None)
     model = UNet(unet_cfg).to(device)
+    init_from_model = ""
     if cfg.init_from:
-        model = _initial_weights(Path(cfg.init_from), unet_cfg).to(device)
+        initial, init_from_model = _initial_weights(Path(cfg.init_from), unet_cfg)
+        model = initial.to(device)
     ema = UNet(unet_cfg).to(device)
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
@@ -420,6 +423,8 @@ def train(
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         step, losses, wall_before = saved["step"], saved["losses"], saved["wall_s"]
+        # the start as the first run saw it: the --init file may since have been replaced by this run's weights
+        init_from_model = saved.get("init_from_model", init_from_model)
         log.info("resumed from %s at step %d", checkpoint, step)
         del saved
 
@@ -434,6 +439,7 @@ def train(
             "losses": losses,
             "wall_s": wall_before + time.monotonic() - t0,
             "config": asdict(cfg),
+            "init_from_model": init_from_model,
         }
         _save_atomically(state, checkpoint)
 
@@ -497,18 +503,20 @@ def train(
     lines.update(step, losses, "done" + (f", checkpoint {checkpoint}" if checkpoint else ""), force=True)
     ema.eval()
     precision = "bf16" if use_amp else "fp32"
-    return TrainResult(ema, losses, step, wall_before + time.monotonic() - t0, pool.source, precision)
+    wall = wall_before + time.monotonic() - t0
+    return TrainResult(ema, losses, step, wall, pool.source, precision, init_from_model)
 
 
-def _initial_weights(path: Path, unet_cfg: UNetConfig) -> UNet:
-    """The weights to fine-tune from; their architecture must be the run's (a mismatch is a clear error)."""
+def _initial_weights(path: Path, unet_cfg: UNetConfig) -> tuple[UNet, str]:
+    """The weights to fine-tune from and their identity; their architecture must be the run's (a mismatch is a
+    clear error)."""
     from inference.unet import load_model
 
     model, info = load_model(path)
     if info.config != unet_cfg:
         raise ValueError(f"--init {path}: its architecture {info.config} differs from this run's {unet_cfg}")
     log.info("starting from %s (%s)", path, info.model_id)
-    return model.train()
+    return model.train(), info.model_id
 
 
 def noise_spectrum_metadata(cfg: TrainConfig) -> dict[str, float]:
@@ -544,9 +552,8 @@ def ship(result: TrainResult, cfg: TrainConfig, path: Path, name: str) -> Path:
         "hardware": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {device}",
         "config": json.dumps(asdict(cfg)),
     }
-    if cfg.init_from and Path(cfg.init_from).is_file():
-        # by identity: the path may be the very file this run's weights replace
-        metadata["init_from_model"] = read_model_info(Path(cfg.init_from)).model_id
+    if result.init_from_model:  # by identity: the --init path may be the very file these weights replace
+        metadata["init_from_model"] = result.init_from_model
     save_model(result.model, path, name, metadata, modalities=cfg.modalities, body_part=cfg.body_part)
     subtitle = (
         f"{result.steps_done} steps of {cfg.batch_size}, {result.wall_s / 60:.0f} min, {result.precision}, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -92,6 +94,13 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
     tuned_cfg = tiny_config(steps=3, lr=1e-9, init_from=str(path))
     ship(tuned, tuned_cfg, path, "tiny-tuned")  # replaces the file it started from: the identity stays known
     assert load_model(path)[1].training["init_from_model"] == f"tiny-smoke-{file_sha256_before}"
+    # A resumed fine-tuning run keeps the start its first run saw, though the --init file has changed since.
+    start = load_model(path)[1].model_id
+    ckpt = tmp_path / "tuned.ckpt"
+    train(replace(tuned_cfg, steps=2), checkpoint=ckpt, pool=pool, progress=False, stop_after=1)
+    ship(trained, tiny_config(), path, "tiny-other")
+    resumed = train(replace(tuned_cfg, steps=2), checkpoint=ckpt, pool=pool, progress=False)
+    assert resumed.steps_done == 2 and resumed.init_from_model == start
     with pytest.raises(ValueError, match="architecture"):
         train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)
 
