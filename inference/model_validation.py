@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.heldout import Case
+from inference.heldout import KINDS, Case
 from inference.score_validation import check_disjoint, parse_validation_args
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
-
-KINDS = ("nodule", "ggo", "consolidation", "reticular", "mixed")
 
 
 @dataclass
