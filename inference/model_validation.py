@@ -97,16 +97,26 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     step_counts = [int(v) for v in args.steps.split(",") if v.strip()]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
-    grids = {info.config.image_size for _, info in loaded}
-    if len(grids) != 1:
-        parser.error(f"the models' grids differ ({sorted(grids)}): compare models of one grid")
-    cases = make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grids.pop(), args.source_size, args.slices)
+    for path, (_, info) in zip(args.model, loaded, strict=True):
+        if info.modalities and "CT" not in info.modalities:  # none: a file from before the metadata, CT-only
+            parser.error(f"{path} is a model for {info.describe_training()}, not CT")
+    # The same phantoms on each model's own grid (a study's truth and scores do not depend on the grid, so the
+    # paired study AUROC difference holds across grids; Dice is scored on each model's grid, as the evaluation does).
+    cases_on = {
+        grid: make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.source_size, args.slices)
+        for grid in sorted({info.config.image_size for _, info in loaded})
+    }
+    cases = next(iter(cases_on.values()))
+    if any([c.seed for c in other] != [c.seed for c in cases] for other in cases_on.values()):
+        raise RuntimeError("the validation studies differ between grids")
     runs = []
     start = time.perf_counter()
     for (model, info), steps in itertools.product(loaded, step_counts):
+        cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
         settings = PipelineSettings(ensemble=args.ensemble, steps=steps).for_model(info.training)
-        name = f"{info.model_id} (persistence {settings.persistence:g}, {steps} steps)"
+        grid = info.config.image_size
+        name = f"{info.model_id} ({grid}x{grid} grid, persistence {settings.persistence:g}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):

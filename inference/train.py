@@ -509,12 +509,21 @@ def train(
 
 def _initial_weights(path: Path, unet_cfg: UNetConfig) -> tuple[UNet, str]:
     """The weights to fine-tune from and their identity; their architecture must be the run's (a mismatch is a
-    clear error)."""
+    clear error).
+
+    The model grid may differ: the U-Net is convolutional and its attention has no positional terms, so weights
+    trained on a 64 grid are a sound start for a 96 or 128 grid (a finer grid costs more per step; starting from
+    the coarser model saves most of the steps).
+    """
     from inference.unet import load_model
 
-    model, info = load_model(path)
-    if info.config != unet_cfg:
+    loaded, info = load_model(path)
+    if replace(info.config, image_size=unet_cfg.image_size) != unet_cfg:
         raise ValueError(f"--init {path}: its architecture {info.config} differs from this run's {unet_cfg}")
+    model = UNet(unet_cfg)
+    model.load_state_dict(loaded.state_dict())
+    if info.config.image_size != unet_cfg.image_size:
+        log.info("model grid %d -> %d", info.config.image_size, unet_cfg.image_size)
     log.info("starting from %s (%s)", path, info.model_id)
     return model.train(), info.model_id
 

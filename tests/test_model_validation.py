@@ -20,15 +20,42 @@ def test_compares_models_each_with_its_own_noise_spectrum() -> None:
     assert "2 lesion / 2 healthy studies, K = 1" in text
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 2
-    assert "(persistence 0.5, 10 steps)" in rows[0] and "(persistence 0.8, 10 steps)" in rows[1]  # shipped; ablation
+    assert "(64x64 grid, persistence 0.5, 10 steps)" in rows[0]  # shipped
+    assert "(64x64 grid, persistence 0.8, 10 steps)" in rows[1]  # ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first model against itself
     cells = rows[1].split(" | ")
     assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
 
 
-def test_refuses_the_evaluation_seed_and_models_of_other_grids() -> None:
+def test_compares_models_of_different_grids_on_the_same_studies(tmp_path) -> None:
+    """A model moved to a finer grid is compared with its start: the same phantoms, each on its model's grid."""
+    from dataclasses import replace
+
+    import torch
+
+    from inference.unet import PRESETS, UNet, save_model
+
+    torch.manual_seed(0)
+    model = UNet(PRESETS["tiny"])
+    paths = []
+    for grid in (32, 48):
+        moved = UNet(replace(PRESETS["tiny"], image_size=grid))
+        moved.load_state_dict(model.state_dict())
+        path = tmp_path / f"g{grid}.safetensors"
+        save_model(moved, path, f"tiny-{grid}")
+        paths += ["--model", str(path)]
+    lines: list[str] = []
+    argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1", "--lambdas", "8"]
+    argv += ["--source-size", "64", "--slices", "4", "--threads", "1", "--bootstrap", "20", "--steps", "2", *paths]
+    assert model_validation.main(argv, out=lines.append) == 0
+    rows = [line for line in lines[-1].splitlines() if line.startswith("| tiny-")]
+    assert "(32x32 grid" in rows[0] and "(48x48 grid" in rows[1]
+
+
+def test_refuses_the_evaluation_seed_and_models_for_other_modalities(capsys) -> None:
     with pytest.raises(SystemExit):
         model_validation.main(["--seed", "0", "--model", str(bundled_model_path())], out=lambda _: None)
     radiograph = "inference/weights/radiograph/chest-rx-small.safetensors"
     with pytest.raises(SystemExit):
         model_validation.main(["--seed", "5", "--model", str(bundled_model_path()), "--model", radiograph])
+    assert "is a model for CR, DX CHEST, not CT" in capsys.readouterr().err

@@ -102,7 +102,22 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path) -> None:
     resumed = train(replace(tuned_cfg, steps=2), checkpoint=ckpt, pool=pool, progress=False)
     assert resumed.steps_done == 2 and resumed.init_from_model == start
     with pytest.raises(ValueError, match="architecture"):
-        train(tiny_config(steps=1, image_size=48, init_from=str(path)), pool=pool, progress=False)
+        train(tiny_config(steps=1, preset="small", image_size=32, init_from=str(path)), pool=pool, progress=False)
+
+
+@pytest.mark.slow
+def test_fine_tuning_moves_a_model_to_a_finer_grid(tmp_path) -> None:
+    """--init across grids: the convolutional weights carry over, so a model moved from a 32 to a 48 grid starts
+    near its trained loss there, far below a fresh model's."""
+    coarse = phantom_slices(seed=1, subjects=2, size=64, slices=6, grid=32)
+    trained = train(tiny_config(), pool=coarse, progress=False)
+    path = tmp_path / "m.safetensors"
+    ship(trained, tiny_config(), path, "tiny-smoke")
+    fine = phantom_slices(seed=1, subjects=2, size=64, slices=6, grid=48)
+    fresh = train(tiny_config(steps=3, lr=1e-9, image_size=48), pool=fine, progress=False)
+    moved = train(tiny_config(steps=3, lr=1e-9, image_size=48, init_from=str(path)), pool=fine, progress=False)
+    assert moved.model.config.image_size == 48
+    assert np.mean(moved.losses) < 0.7 * np.mean(fresh.losses)
 
 
 @pytest.mark.slow
