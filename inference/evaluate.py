@@ -180,6 +180,7 @@ class ModelDenoiser:
         self.dtype = torch.float32
         self.max_batch = max_batch
         self.model_id = info.model_id
+        self.grid = info.config.image_size
         self.training = info.training  # its noise spectrum (PipelineSettings.for_model)
         self.name = f"torch-{self.device.type}-fp32"
 

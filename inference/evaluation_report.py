@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,8 @@ class SetResult:
     modality: str  # "CT" or "DX"
     ranges: str  # "training" or "shifted"
     cases: list[Case]
+    # the same phantoms on the grid of an ablation model trained on another grid than the shipped model's
+    cases_on_grid: dict[int, list[Case]] = field(default_factory=dict)
     results: list[RowResult] = field(default_factory=list)
     row_numbers: list[int] = field(default_factory=list)  # the row's number in the full ladder (CT set A)
     seconds: float = 0.0
@@ -95,12 +97,13 @@ def load_models(model_path: Path, ablations: Path | None, radiograph_model: Path
         path = ablations / filename if ablations else None
         if path is not None and path.exists():
             abl_model, abl_info = load_model(path)
-            if abl_info.config.image_size != grid:
-                raise ValueError(f"{path}: model grid {abl_info.config.image_size} differs from the shipped {grid}")
             by_row[key] = ModelDenoiser(abl_model, abl_info)
             t = abl_info.training
+            abl_grid = abl_info.config.image_size
+            on_grid = f"{abl_grid}x{abl_grid} grid, " if abl_grid != grid else ""
             described[key] = (
-                f"`{abl_info.model_id}` ({t.get('steps')} steps, {t.get('noise')}, cond {t.get('conditioned')})"
+                f"`{abl_info.model_id}` ({on_grid}{t.get('steps')} steps, {t.get('noise')}, "
+                f"cond {t.get('conditioned')})"
             )
             infos.append(abl_info)
         else:
@@ -141,7 +144,14 @@ def run_set(
         denoiser = models.radiograph if result.modality != "CT" else models.by_row[row.model]
         if row.method == "intensity":
             denoiser = None
-        r = evaluate_row(row, result.cases, denoiser, seed, lam, resamples)
+        cases = result.cases
+        if denoiser is not None and denoiser.grid in result.cases_on_grid:
+            # an ablation model of another grid: the same studies on its grid (Dice and pixel metrics count its
+            # grid's pixels; the study and slice metrics compare with the other rows as they are)
+            cases = result.cases_on_grid[denoiser.grid]
+            on_grid = f"{denoiser.grid}x{denoiser.grid} grid"
+            row = replace(row, note=f"{row.note}; {on_grid}" if row.note else on_grid)
+        r = evaluate_row(row, cases, denoiser, seed, lam, resamples)
         result.results.append(r)
         result.row_numbers.append(number)
         study = f", study AUROC {r.study.auroc:.3f}" if r.study else ""
@@ -389,8 +399,14 @@ def write_report(
         cases = make_ct_cases(seed, lesion_cases, healthy_cases, grid, grid_source_size, slices, ranges)
         assert_held_out([c.seed for c in cases], excluded, f"CT set {ranges_name}")
         ct = SetResult(f"Chest CT, held-out set {_letter(ranges_name)}", "CT", ranges_name, cases)
-        log(f"[{ct.title}] {len(cases)} studies rendered in {time.perf_counter() - t0:.1f} s")
         rows = numbered if ranges_name == "training" else ood_rows
+        for other in sorted({models.by_row[r.model].grid for _, r in rows if r.method != "intensity"} - {grid}):
+            ct.cases_on_grid[other] = make_ct_cases(
+                seed, lesion_cases, healthy_cases, other, grid_source_size, slices, ranges
+            )
+            if [c.seed for c in ct.cases_on_grid[other]] != [c.seed for c in cases]:
+                raise ValueError(f"CT set {ranges_name}: the studies on the {other} grid differ")
+        log(f"[{ct.title}] {len(cases)} studies rendered in {time.perf_counter() - t0:.1f} s")
         results.append(run_set(ct, rows, models, seed, lam, resamples, log))
     rx_rows = radiograph_rows(ensemble, threshold, models.radiograph is not None)
     for ranges_name in sets:

@@ -1,15 +1,17 @@
-"""How a shipped model (and its CT lambda) was chosen: models side by side on validation phantoms, not held-out sets.
+"""How a shipped model (and its lambda) was chosen: models side by side on validation phantoms, not held-out sets.
 
     python -m inference.model_validation --seed 888 --lesion-cases 40 --healthy-cases 50 \
         --model old.safetensors --model inference/weights/chest-ct-small.safetensors --lambdas 6,8,10
 
-Renders CT studies from `make_ct_cases`' stream with a seed the evaluation does not use (checked against both
-held-out sets and every model's training phantoms, as `score_validation` does), runs each model through the node's
-`detect` with its own noise spectrum (K members, each --steps count, the node's study score), and prints per run:
-study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error,
-study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
-reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures
-that chose the model.
+Renders studies of the models' modality (CT studies from `make_ct_cases`' stream; radiographs from
+`make_radiograph_cases`' for CR/DX models) with a seed the evaluation does not use (checked against both held-out
+sets of that modality and every model's training phantoms, as `score_validation` does), runs each model through
+the node's `detect` with its own noise spectrum (or --persistence in its place, to try a spectrum without
+retraining) on its own grid (K members, each --steps count, the node's study score), and prints per run: study
+AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error, study
+AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same reconstructions)
+and the paired difference in study AUROC to the first run. docs/method.md records the figures that chose the
+models.
 """
 
 from __future__ import annotations
@@ -19,14 +21,31 @@ import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from inference.heldout import KINDS, Case
 from inference.score_validation import check_disjoint, parse_validation_args
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
+
+if TYPE_CHECKING:
+    from inference.unet import ModelInfo
+
+
+DEFAULT_LAMBDAS = {"CT": "6,8,10", "DX": "2,3,4"}
+
+
+def model_modality(info: ModelInfo) -> str:
+    """ "CT" or "DX" (a CR/DX model: radiograph phantoms serve both); a file without modality metadata is CT-only,
+    as the node takes it."""
+    if not info.modalities or "CT" in info.modalities:
+        return "CT"
+    if {"CR", "DX"} & set(info.modalities):
+        return "DX"
+    raise ValueError(f"a model for {info.describe_training()}: no validation phantoms of that modality")
 
 
 @dataclass
@@ -83,29 +102,35 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     import torch
 
     from inference.evaluate import ModelDenoiser
-    from inference.heldout import make_ct_cases
+    from inference.heldout import make_ct_cases, make_radiograph_cases
     from inference.pipeline import PipelineSettings, detect
     from inference.train import model_training_seeds
     from inference.unet import load_model
 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, action="append", required=True, help="CT weights; repeat to compare")
-    parser.add_argument("--lambdas", default="6,8,10", help="adaptive-threshold lambdas to score Dice at")
+    parser.add_argument("--model", type=Path, action="append", required=True, help="weights; repeat to compare")
+    parser.add_argument("--lambdas", help="adaptive-threshold lambdas to score Dice at (default: CT 6,8,10; DX 2,3,4)")
     parser.add_argument("--steps", default="10", help="reverse steps per member; a list runs each model with each")
+    parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
+    parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50)
-    lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
     step_counts = [int(v) for v in args.steps.split(",") if v.strip()]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
-    for path, (_, info) in zip(args.model, loaded, strict=True):
-        if info.modalities and "CT" not in info.modalities:  # none: a file from before the metadata, CT-only
-            parser.error(f"{path} is a model for {info.describe_training()}, not CT")
+    modality = {model_modality(info) for _, info in loaded}
+    if len(modality) != 1:
+        parser.error("the models are for different modalities (CT and CR/DX): compare models of one")
+    modality_name = modality.pop()
+    lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
+
+    def render(grid: int) -> list[Case]:
+        if modality_name == "CT":
+            return make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.source_size, args.slices)
+        return make_radiograph_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.radiograph_size)
+
     # The same phantoms on each model's own grid (a study's truth and scores do not depend on the grid, so the
     # paired study AUROC difference holds across grids; Dice is scored on each model's grid, as the evaluation does).
-    cases_on = {
-        grid: make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.source_size, args.slices)
-        for grid in sorted({info.config.image_size for _, info in loaded})
-    }
+    cases_on = {grid: render(grid) for grid in sorted({info.config.image_size for _, info in loaded})}
     cases = next(iter(cases_on.values()))
     if any([c.seed for c in other] != [c.seed for c in cases] for other in cases_on.values()):
         raise RuntimeError("the validation studies differ between grids")
@@ -115,12 +140,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
         settings = PipelineSettings(ensemble=args.ensemble, steps=steps).for_model(info.training)
+        if args.persistence is not None:
+            settings = replace(settings, persistence=args.persistence)
         grid = info.config.image_size
         name = f"{info.model_id} ({grid}x{grid} grid, persistence {settings.persistence:g}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):
-            det = detect(case.image, case.anatomy, denoiser, settings, "CT")
+            det = detect(case.image, case.anatomy, denoiser, settings, modality_name)
             run.study_scores.append(det.study_score)
             run.slice_scores.append(det.slice_scores)
             if case.lesion_study:

@@ -60,19 +60,21 @@ class Candidate:
         return np.array([s.max() if s.size else 0.0 for s in self.per_study])
 
 
-def evaluation_seeds(lesion_cases: int, healthy_cases: int) -> set[int]:
-    """Every seed the evaluation's CT sets can draw (each planned study may try MAX_TRIES seeds)."""
+def evaluation_seeds(lesion_cases: int, healthy_cases: int, modality: str = "CT") -> set[int]:
+    """Every seed the evaluation's sets of this modality ("CT" or "DX") can draw (each planned study may try
+    MAX_TRIES seeds)."""
     draws = (lesion_cases + healthy_cases) * MAX_TRIES
-    return {heldout_seed("CT", r, EVALUATION_SEED, i) for r in ("training", "shifted") for i in range(draws)}
+    return {heldout_seed(modality, r, EVALUATION_SEED, i) for r in ("training", "shifted") for i in range(draws)}
 
 
 def check_disjoint(cases: Sequence[Case], training: Sequence[int]) -> None:
     seeds = [c.seed for c in cases]
-    assert_held_out(
-        seeds,
-        evaluation_seeds(EVALUATION_MAX_CASES, EVALUATION_MAX_CASES),
-        "validation set vs the evaluation's held-out sets",
-    )
+    for modality in sorted({c.modality for c in cases}):
+        assert_held_out(
+            seeds,
+            evaluation_seeds(EVALUATION_MAX_CASES, EVALUATION_MAX_CASES, modality),
+            "validation set vs the evaluation's held-out sets",
+        )
     assert_held_out(seeds, training, "validation set vs the model's training phantoms")
 
 

@@ -50,7 +50,9 @@ def test_overlapping_seeds_are_refused() -> None:
         assert_held_out([1, 2, 3], [3, 4], "set")
 
 
-def _tiny_model(path: Path, modalities: tuple[str, ...], data_seed: int = 0, subjects: int = 4) -> Path:
+def _tiny_model(
+    path: Path, modalities: tuple[str, ...], data_seed: int = 0, subjects: int = 4, grid: int = 16
+) -> Path:
     torch.manual_seed(0)
     training: dict[str, object] = {
         "steps": 0,
@@ -58,7 +60,7 @@ def _tiny_model(path: Path, modalities: tuple[str, ...], data_seed: int = 0, sub
         "config": json.dumps({"seed": data_seed, "subjects": subjects, "data_dir": ""}),
     }
     # the smallest U-Net the code builds (16x16 grid, no attention): the report's structure is under test here
-    config = replace(PRESETS["tiny"], image_size=16, attention_levels=())
+    config = replace(PRESETS["tiny"], image_size=grid, attention_levels=())
     save_model(UNet(config), path, "tiny", training, modalities=modalities)
     return path
 
@@ -181,6 +183,18 @@ def test_report_without_a_radiograph_model_shows_the_baseline_only(tmp_path: Pat
     assert "No radiograph model was given" in text
     assert "## Chest radiographs (CR/DX), held-out set A" in text and "held-out set B" not in text
     assert "| 2 |" not in text.split("## Chest radiographs")[1]
+
+
+def test_ablation_rows_of_another_grid_run_on_the_same_studies_on_their_grid(tmp_path: Path) -> None:
+    """A shipped model moved to a finer grid keeps its ablation models: their rows run on the same phantoms
+    resampled to the ablation models' grid, and the report says so."""
+    ablations = tmp_path / "ablations"
+    _tiny_model(ablations / "ablation-gaussian.safetensors", ("CT",), grid=24)
+    text = _report(tmp_path, ablations=ablations, only_rows=[1, 2, 7], sets=("training",))
+    assert "| 2 | DDPM, Gaussian noise [24x24 grid] |" in text
+    assert "(24x24 grid, 0 steps, None, cond None)" in text  # weights per row
+    shipped = [line for line in text.splitlines() if line.startswith("| 3 | Simplex + mask + adaptive")]
+    assert shipped and not any("grid]" in line for line in shipped)  # the shipped model's rows: its own grid
 
 
 def test_a_ct_model_is_not_taken_for_a_radiograph_model(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from inference import model_validation
 from inference.weights import bundled_model_path
 
 ABLATION = "inference/weights/ablations/ablation-simplex.safetensors"
+RADIOGRAPH = "inference/weights/radiograph/chest-rx-small.safetensors"
 
 
 def test_compares_models_each_with_its_own_noise_spectrum() -> None:
@@ -52,10 +53,21 @@ def test_compares_models_of_different_grids_on_the_same_studies(tmp_path) -> Non
     assert "(32x32 grid" in rows[0] and "(48x48 grid" in rows[1]
 
 
-def test_refuses_the_evaluation_seed_and_models_for_other_modalities(capsys) -> None:
+def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
+    """A CR/DX model is validated on radiographs (its lambdas, its grid); --persistence overrides its spectrum."""
+    lines: list[str] = []
+    argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1", "--steps", "2"]
+    argv += ["--radiograph-size", "96", "--threads", "1", "--bootstrap", "20", "--persistence", "0.5"]
+    argv += ["--model", RADIOGRAPH]
+    assert model_validation.main(argv, out=lines.append) == 0
+    table = lines[-1]
+    assert "| Dice lambda 2 | Dice lambda 3 | Dice lambda 4 |" in table
+    assert "(96x96 grid, persistence 0.5, 2 steps)" in table
+
+
+def test_refuses_the_evaluation_seed_and_mixed_modalities(capsys) -> None:
     with pytest.raises(SystemExit):
         model_validation.main(["--seed", "0", "--model", str(bundled_model_path())], out=lambda _: None)
-    radiograph = "inference/weights/radiograph/chest-rx-small.safetensors"
     with pytest.raises(SystemExit):
-        model_validation.main(["--seed", "5", "--model", str(bundled_model_path()), "--model", radiograph])
-    assert "is a model for CR, DX CHEST, not CT" in capsys.readouterr().err
+        model_validation.main(["--seed", "5", "--model", str(bundled_model_path()), "--model", RADIOGRAPH])
+    assert "the models are for different modalities" in capsys.readouterr().err
