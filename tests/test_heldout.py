@@ -50,9 +50,7 @@ def test_overlapping_seeds_are_refused() -> None:
         assert_held_out([1, 2, 3], [3, 4], "set")
 
 
-def _tiny_model(
-    path: Path, modalities: tuple[str, ...], data_seed: int = 0, subjects: int = 4, grid: int = 16
-) -> Path:
+def _tiny_model(path: Path, modalities: tuple[str, ...], data_seed: int = 0, subjects: int = 4, grid: int = 16) -> Path:
     torch.manual_seed(0)
     training: dict[str, object] = {
         "steps": 0,
