@@ -1,7 +1,7 @@
 """Per-study inference time at the node's default settings, for each U-Net backend this machine offers.
 
 One phantom chest CT with nodules (80 x 512x512 by default) goes through `inference.pipeline.run_pipeline`
-as a worker runs it: the bundled model, `[inference]` defaults (ensemble 7, 10 steps, lambda 8), batches of
+as a worker runs it: the bundled model, `[inference]` defaults (ensemble 7, 5 steps, lambda 8), batches of
 `--max-batch` images per U-Net call. With `--modality dx`, one phantom PA chest radiograph (2048 x 2048 by
 default, typical acquisition variation, nodules) instead, with a radiograph model: `--model`, or with
 `--grids 64 96 128` untrained models of `--preset` on those grids, one table each (the time does not depend on

@@ -42,10 +42,10 @@ from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_g
 
 log = logging.getLogger(__name__)
 
-PROBE_VERSION = 1  # bump when the guard set, its settings or the timing change: cached outcomes then expire
+PROBE_VERSION = 2  # bump when the guard set, its settings or the timing change: cached outcomes then expire
 GUARD_DICE = 0.98
 GUARD_SCORE_TOLERANCE = 0.02
-# The node's default detection (K = 7, 10 steps, t_start, lambda, morphology): 8 slices x 7 members are two
+# The node's default detection (K = 7, 5 steps, t_start, lambda, morphology): 8 slices x 7 members are two
 # full batches of 28 per step. A shorter ensemble exaggerates low-precision noise: on the bundled model
 # OpenVINO bf16 moved a healthy slice's score by 2.8 % with K = 3 and 5 steps, by at most 0.75 % at the
 # defaults, which are what the node computes.

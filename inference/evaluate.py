@@ -29,6 +29,7 @@ import torch
 from scipy.stats import rankdata
 
 from inference.heldout import GT_FRACTION, Case
+from inference.pipeline import PipelineSettings
 from inference.study_metrics import BOOTSTRAP_RESAMPLES, StudyMetrics, study_metrics
 from inference.unet import ModelInfo, UNet
 
@@ -43,6 +44,7 @@ ABLATION_MODELS = {
     "simplex": "ablation-simplex.safetensors",  # simplex noise, mask condition (the method, same budget)
 }
 CT_THRESHOLD_HU = -400.0  # the CT baseline: lung denser than this is abnormal
+NODE_STEPS = PipelineSettings().steps  # the node's reverse steps per member: the rows that stand for the node use it
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class Row:
     condition: bool = True
     adaptive: bool = True
     ensemble: int = 1
-    steps: int | None = 10  # None: every timestep
+    steps: int | None = NODE_STEPS  # None: every timestep
     model: str = "shipped"  # which weights: "shipped", or an ablation model's name (see ABLATION_MODELS)
     median: bool = True  # the median filters of the error and score maps (PipelineSettings.median_size, score_...)
     max_cases: int | None = None  # evaluate on the first n lesion cases and n healthy ones only (costly rows)
@@ -242,7 +244,7 @@ def evaluate_row(
     resamples: int = BOOTSTRAP_RESAMPLES,
 ) -> RowResult:
     """Run one row on its cases; metrics per case, slice level over all slices, study level over all studies."""
-    from inference.pipeline import PipelineSettings, detect
+    from inference.pipeline import detect
 
     chosen = _subset(cases, row)
     per_case = []
@@ -343,6 +345,8 @@ def default_rows(
         f"subset: {every_step_cases} lesion + {every_step_cases} healthy cases, "
         f"{every_step_slices} slices each ({where})"
     )
+    steps = NODE_STEPS
+    other = 10 if steps != 10 else 5
     return [
         Row("Intensity threshold (> -400 HU in lung)", method="intensity", key="baseline"),
         Row("DDPM, Gaussian noise", noise="gaussian", condition=False, adaptive=False, model="gaussian", key="ddpm"),
@@ -350,8 +354,8 @@ def default_rows(
         Row("Simplex + mask conditioning", condition=True, adaptive=False, model="simplex", key="mask"),
         Row("Simplex + adaptive threshold", condition=False, adaptive=True, model="uncond", key="adaptive"),
         Row("Simplex + mask + adaptive threshold", condition=True, adaptive=True, model="simplex", key="mask+adaptive"),
-        Row(f"Simplex + mask + adaptive + K={k} ensemble, 10 steps", ensemble=k, steps=10, key="full"),
-        Row(f"Full method, K={k}, 5 steps", ensemble=k, steps=5, key="steps-5"),
+        Row(f"Simplex + mask + adaptive + K={k} ensemble, {steps} steps", ensemble=k, steps=steps, key="full"),
+        Row(f"Full method, K={k}, {other} steps", ensemble=k, steps=other, key="steps-other"),
         Row(
             f"Full method, K={k}, 10 steps (subset)",
             ensemble=k,
@@ -389,9 +393,9 @@ def default_rows(
             key="every-step",
         ),
         Row(
-            f"Full method without the median filter, K={k}, 10 steps",
+            f"Full method without the median filter, K={k}, {steps} steps",
             ensemble=k,
-            steps=10,
+            steps=steps,
             median=False,
             key="no-median",
         ),
@@ -404,16 +408,16 @@ def deep_rows(ensemble: int) -> list[Row]:
     k = ensemble
     return [
         Row(
-            f"Full method, K={k}, 10 steps, all members from t_start {DEEP_T_START}",
+            f"Full method, K={k}, {NODE_STEPS} steps, all members from t_start {DEEP_T_START}",
             ensemble=k,
-            steps=10,
+            steps=NODE_STEPS,
             t_start=DEEP_T_START,
             key="deep",
         ),
         Row(
-            f"Full method, K={k}, 10 steps, mixed depth: members alternate t_start 250 / {DEEP_T_START}",
+            f"Full method, K={k}, {NODE_STEPS} steps, mixed depth: members alternate t_start 250 / {DEEP_T_START}",
             ensemble=k,
-            steps=10,
+            steps=NODE_STEPS,
             deep_t_start=DEEP_T_START,
             key="mixed",
         ),
@@ -439,9 +443,9 @@ def radiograph_rows(ensemble: int, brightness_threshold: float, with_model: bool
     return [
         baseline,
         Row(
-            f"Radiograph model: simplex + mask + adaptive + K={ensemble}, 10 steps",
+            f"Radiograph model: simplex + mask + adaptive + K={ensemble}, {NODE_STEPS} steps",
             ensemble=ensemble,
-            steps=10,
+            steps=NODE_STEPS,
             key="full",
         ),
     ]

@@ -128,7 +128,7 @@ COMPARISONS = (
     ("mask+adaptive", "mask", "Adaptive threshold (conditioned)"),
     ("full", "mask+adaptive", "K-ensemble (and the shipped weights, when rows 2-6 use ablation models)"),
     ("full", "no-median", "Median filter of the error map"),
-    ("full", "steps-5", "10 instead of 5 reverse steps"),
+    ("full", "steps-other", "The node's count of reverse steps instead of the other (the rows' labels)"),
     ("subset-25", "subset-10", "25 instead of 10 reverse steps (subset)"),
     ("subset-50", "subset-10", "50 instead of 10 reverse steps (subset)"),
     ("deep", "full", "All members from t_start 550 instead of 250"),

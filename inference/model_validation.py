@@ -110,11 +110,13 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", required=True, help="weights; repeat to compare")
     parser.add_argument("--lambdas", help="adaptive-threshold lambdas to score Dice at (default: CT 6,8,10; DX 2,3,4)")
-    parser.add_argument("--steps", default="10", help="reverse steps per member; a list runs each model with each")
+    parser.add_argument(
+        "--steps", help="reverse steps per member (default: the node's); a list runs each model with each"
+    )
     parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
     parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50)
-    step_counts = [int(v) for v in args.steps.split(",") if v.strip()]
+    step_counts = [int(v) for v in args.steps.split(",") if v.strip()] if args.steps else [PipelineSettings().steps]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
     modality = {model_modality(info) for _, info in loaded}

@@ -182,7 +182,7 @@ class InferenceSettings(Section):
     # NoDecode: EDGENODE_INFERENCE__MODEL=/path arrives as the plain string (not parsed as JSON); a table from the
     # environment is JSON ({"CR": "/path"}) or one variable per key (EDGENODE_INFERENCE__MODEL__CR).
     model: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: dict(MODEL_DEFAULTS))
-    steps: int = Field(10, ge=1)  # reverse-process U-Net calls per member
+    steps: int = Field(5, ge=1)  # reverse-process U-Net calls per member (docs/method.md: 5 scores as 10)
     t_start: dict[str, int] = Field(default_factory=lambda: dict(T_START_DEFAULTS))
     # A mixed-depth ensemble for the modalities named (docs/method.md): every other member starts this deep, between
     # t_start and T, e.g. {CT = 550}; the model must have been trained that deep. Empty: every member from t_start.

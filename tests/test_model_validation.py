@@ -21,8 +21,8 @@ def test_compares_models_each_with_its_own_noise_spectrum() -> None:
     assert "2 lesion / 2 healthy studies, K = 1" in text
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 2
-    assert "(64x64 grid, persistence 0.5, 10 steps)" in rows[0]  # shipped
-    assert "(64x64 grid, persistence 0.8, 10 steps)" in rows[1]  # ablation
+    assert "(64x64 grid, persistence 0.5, 5 steps)" in rows[0]  # shipped, the node's steps
+    assert "(64x64 grid, persistence 0.8, 5 steps)" in rows[1]  # ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first model against itself
     cells = rows[1].split(" | ")
     assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
