@@ -55,6 +55,7 @@ class ModelRun:
     name: str
     study_scores: list[float] = field(default_factory=list)
     slice_scores: list[np.ndarray] = field(default_factory=list)
+    slice_truth: list[np.ndarray] = field(default_factory=list)  # on this run's grid: a small lesion may not survive
     healthy_rmse: list[float] = field(default_factory=list)
     dice: dict[float, list[float]] = field(default_factory=dict)  # lambda -> one Dice per lesion study
 
@@ -75,7 +76,6 @@ def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[flo
 
     labels = np.array([c.lesion_study for c in cases])
     kinds = np.array([c.kind for c in cases])
-    slice_truth = np.concatenate([c.lesion.any(axis=(1, 2)) for c in cases])
     first = np.array(runs[0].study_scores)
     head = "| model | study AUROC | sens. at 90 % spec. | slice AUROC | healthy RMSE | "
     head += " | ".join([f"{k} study AUROC" for k in KINDS] + [f"Dice lambda {lam:g}" for lam in lambdas])
@@ -91,7 +91,8 @@ def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[flo
         dice_cells = [f"{np.mean(run.dice[lam]):.3f}" if run.dice[lam] else "-" for lam in lambdas]
         lines.append(
             f"| {run.name} | {study_auroc(s, labels):.3f} | {sensitivity_at_specificity(s, labels):.3f} | "
-            f"{auroc(np.concatenate(run.slice_scores), slice_truth):.3f} | {np.mean(run.healthy_rmse):.4f} | "
+            f"{auroc(np.concatenate(run.slice_scores), np.concatenate(run.slice_truth)):.3f} | "
+            f"{np.mean(run.healthy_rmse):.4f} | "
             + " | ".join(by_kind + dice_cells)
             + f" | {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] |"
         )
@@ -133,8 +134,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     # The same phantoms on each model's own grid (a study's truth and scores do not depend on the grid, so the
     # paired study AUROC difference holds across grids; Dice is scored on each model's grid, as the evaluation does).
     cases_on = {grid: render(grid) for grid in sorted({info.config.image_size for _, info in loaded})}
-    cases = next(iter(cases_on.values()))
-    if any([c.seed for c in other] != [c.seed for c in cases] for other in cases_on.values()):
+    if len({tuple(c.seed for c in cases) for cases in cases_on.values()}) != 1:
         raise RuntimeError("the validation studies differ between grids")
     runs = []
     start = time.perf_counter()
@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             det = detect(case.image, case.anatomy, denoiser, settings, modality_name)
             run.study_scores.append(det.study_score)
             run.slice_scores.append(det.slice_scores)
+            run.slice_truth.append(np.asarray(case.lesion.any(axis=(1, 2))))
             if case.lesion_study:
                 for lam in lambdas:
                     run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size))
