@@ -7,11 +7,11 @@ Renders studies of the models' modality (CT studies from `make_ct_cases`' stream
 `make_radiograph_cases`' for CR/DX models) with a seed the evaluation does not use (checked against both held-out
 sets of that modality and every model's training phantoms, as `score_validation` does), runs each model through
 the node's `detect` with its own noise spectrum (or --persistence in its place, to try a spectrum without
-retraining) on its own grid (K members, each --steps count, the node's study score), and prints per run: study
-AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction error, study
-AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same reconstructions)
-and the paired difference in study AUROC to the first run. docs/method.md records the figures that chose the
-models.
+retraining) on its own grid (each --ensemble K with each --steps count, the node's study score), and prints per
+run: study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction
+error, study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
+reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures
+that chose the models.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from inference.heldout import KINDS, Case
-from inference.score_validation import check_disjoint, parse_validation_args
+from inference.score_validation import check_disjoint, int_list, parse_validation_args
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
 
 if TYPE_CHECKING:
@@ -112,12 +112,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser.add_argument("--model", type=Path, action="append", required=True, help="weights; repeat to compare")
     parser.add_argument("--lambdas", help="adaptive-threshold lambdas to score Dice at (default: CT 6,8,10; DX 2,3,4)")
     parser.add_argument(
-        "--steps", help="reverse steps per member (default: the node's); a list runs each model with each"
+        "--steps",
+        type=int_list,
+        help="reverse steps per member (default: the node's); a list runs each model with each",
     )
     parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
     parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
-    args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50)
-    step_counts = [int(v) for v in args.steps.split(",") if v.strip()] if args.steps else [PipelineSettings().steps]
+    args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50, several_ensembles=True)
+    step_counts = args.steps or [PipelineSettings().steps]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
     modality = {model_modality(info) for _, info in loaded}
@@ -138,14 +140,15 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         raise RuntimeError("the validation studies differ between grids")
     runs = []
     start = time.perf_counter()
-    for (model, info), steps in itertools.product(loaded, step_counts):
+    for (model, info), members, steps in itertools.product(loaded, args.ensemble, step_counts):
         cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
-        settings = PipelineSettings(ensemble=args.ensemble, steps=steps).for_model(info.training)
+        settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
         if args.persistence is not None:
             settings = replace(settings, persistence=args.persistence)
         grid = info.config.image_size
-        name = f"{info.model_id} ({grid}x{grid} grid, persistence {settings.persistence:g}, {steps} steps)"
+        spectrum = f"persistence {settings.persistence:g}"
+        name = f"{info.model_id} ({grid}x{grid} grid, {spectrum}, K = {members}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         runs.append(run)
     labels = np.array([c.lesion_study for c in cases])
     studies = f"{labels.sum()} lesion / {(~labels).sum()} healthy studies"
-    out(f"\nValidation seed {args.seed}: {studies}, K = {args.ensemble}")
+    out(f"\nValidation seed {args.seed}: {studies}")
     out(table(runs, cases, lambdas, args.bootstrap))
     return 0
 

@@ -78,15 +78,32 @@ def check_disjoint(cases: Sequence[Case], training: Sequence[int]) -> None:
     assert_held_out(seeds, training, "validation set vs the model's training phantoms")
 
 
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of positive integers ("3,7")."""
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
 def parse_validation_args(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None, lesion_cases: int, healthy_cases: int
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    lesion_cases: int,
+    healthy_cases: int,
+    several_ensembles: bool = False,
 ) -> argparse.Namespace:
     """The options every validation tool shares (seed, studies, K, phantom size, threads, bootstrap), parsed;
-    refuses the evaluation's seed."""
+    refuses the evaluation's seed. With `several_ensembles`, --ensemble takes a list (args.ensemble: list[int])."""
     parser.add_argument("--seed", type=int, required=True, help="validation seed (not the evaluation's 0)")
     parser.add_argument("--lesion-cases", type=int, default=lesion_cases)
     parser.add_argument("--healthy-cases", type=int, default=healthy_cases)
-    parser.add_argument("--ensemble", type=int, default=3)
+    if several_ensembles:
+        parser.add_argument(
+            "--ensemble", type=int_list, default=[3], help="members K (default 3); a list runs each model with each"
+        )
+    else:
+        parser.add_argument("--ensemble", type=int, default=3, help="members K")
     parser.add_argument("--source-size", type=int, default=192)
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)

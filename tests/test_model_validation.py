@@ -11,20 +11,21 @@ ABLATION = "inference/weights/ablations/ablation-simplex.safetensors"
 RADIOGRAPH = "inference/weights/radiograph/chest-rx-small.safetensors"
 
 
-def test_compares_models_each_with_its_own_noise_spectrum() -> None:
+def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size() -> None:
     lines: list[str] = []
-    argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1", "--lambdas", "6,8"]
+    argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1,2", "--lambdas", "6,8"]
     argv += ["--source-size", "96", "--slices", "6", "--threads", "1", "--bootstrap", "20"]
     argv += ["--model", str(bundled_model_path()), "--model", ABLATION]
     assert model_validation.main(argv, out=lines.append) == 0
     text = "\n".join(lines)
-    assert "2 lesion / 2 healthy studies, K = 1" in text
+    assert "2 lesion / 2 healthy studies" in text
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
-    assert len(rows) == 2
-    assert "(64x64 grid, persistence 0.5, 5 steps)" in rows[0]  # shipped, the node's steps
-    assert "(64x64 grid, persistence 0.8, 5 steps)" in rows[1]  # ablation
-    assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first model against itself
-    cells = rows[1].split(" | ")
+    assert len(rows) == 4
+    assert "(64x64 grid, persistence 0.5, K = 1, 5 steps)" in rows[0]  # shipped, the node's steps
+    assert "(64x64 grid, persistence 0.5, K = 2, 5 steps)" in rows[1]
+    assert "(64x64 grid, persistence 0.8, K = 1, 5 steps)" in rows[2]  # ablation
+    assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first run against itself
+    cells = rows[2].split(" | ")
     assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
 
 
@@ -62,7 +63,7 @@ def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
     assert model_validation.main(argv, out=lines.append) == 0
     table = lines[-1]
     assert "| Dice lambda 2 | Dice lambda 3 | Dice lambda 4 |" in table
-    assert "(96x96 grid, persistence 0.5, 2 steps)" in table
+    assert "(96x96 grid, persistence 0.5, K = 1, 2 steps)" in table
 
 
 def test_refuses_the_evaluation_seed_and_mixed_modalities(capsys) -> None:
@@ -71,3 +72,6 @@ def test_refuses_the_evaluation_seed_and_mixed_modalities(capsys) -> None:
     with pytest.raises(SystemExit):
         model_validation.main(["--seed", "5", "--model", str(bundled_model_path()), "--model", RADIOGRAPH])
     assert "the models are for different modalities" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        model_validation.main(["--seed", "5", "--ensemble", "3,0", "--model", str(bundled_model_path())])
+    assert "expected positive integers" in capsys.readouterr().err
