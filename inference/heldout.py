@@ -50,6 +50,7 @@ class Case:
     seed: int = 0  # the phantom seed
     acquisition: str = ""  # scanner / kernel, or the radiograph's acquisition
     lesion_sizes_mm: tuple[float, ...] = ()  # the phantom's lesions as drawn (what the set's ranges produced)
+    healthy_image: np.ndarray | None = None  # the same phantom and noise without its lesions, when asked for
 
     @property
     def lesion_study(self) -> bool:
@@ -101,13 +102,15 @@ def make_ct_cases(
     size: int = 256,
     slices: int = 20,
     ranges: Ranges = TRAINING,
+    keep_healthy: bool = False,
 ) -> list[Case]:
-    """Held-out CT studies drawn in `ranges`, resampled to the model grid with the node's own lung mask."""
+    """Held-out CT studies drawn in `ranges`, resampled to the model grid with the node's own lung mask
+    (`keep_healthy`: each with its lesion-free twin, `Case.healthy_image`)."""
     from inference.lungmask import anatomy_mask
     from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
     def render(case_seed: int, kind: str) -> Case | None:
-        ph = make_ct(case_seed, size, size, slices, kind, ranges=ranges)
+        ph = make_ct(case_seed, size, size, slices, kind, ranges=ranges, keep_healthy=keep_healthy)
         if kind != "none" and not ph.lesion_mask.any():
             return None
         mapping = GridMapping(rows=size, cols=size, size=grid)
@@ -126,6 +129,9 @@ def make_ct_cases(
             seed=case_seed,
             acquisition=f"{ph.scanner.name} {ph.scanner.kernel}",
             lesion_sizes_mm=tuple(les.size_mm for les in ph.lesions),
+            healthy_image=None
+            if ph.healthy_hu is None
+            else resample_to_grid(normalise(ph.healthy_hu, "CT"), mapping, fill=-1.0),
         )
 
     return _draw_cases("CT", ranges.name, seed, plan(lesion_cases, healthy_cases), render)
@@ -141,9 +147,11 @@ def make_radiograph_cases(
     grid: int,
     size: int = 256,
     shifted: bool = False,
+    keep_healthy: bool = False,
 ) -> list[Case]:
     """Held-out PA chest radiographs (make_radiograph at native size, as training renders them), acquired within the
-    typical ranges (set A) or SHIFTED_RADIOGRAPHS (set B), on the model grid with the node's own lung-field mask."""
+    typical ranges (set A) or SHIFTED_RADIOGRAPHS (set B), on the model grid with the node's own lung-field mask
+    (`keep_healthy`: each with its lesion-free twin, `Case.healthy_image`)."""
     from inference.lungmask import anatomy_mask
     from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
@@ -151,7 +159,7 @@ def make_radiograph_cases(
 
     def render(case_seed: int, kind: str) -> Case | None:
         acquired = SHIFTED_RADIOGRAPHS if shifted else TYPICAL_RADIOGRAPHS
-        rx = make_radiograph(case_seed, size, size, kind, native=size, ranges=acquired)
+        rx = make_radiograph(case_seed, size, size, kind, native=size, ranges=acquired, keep_healthy=keep_healthy)
         if kind != "none" and not rx.lesion_mask.any():
             return None
         acquisition = rx.acquisition.describe() if rx.acquisition is not None else ""
@@ -170,6 +178,9 @@ def make_radiograph_cases(
             seed=case_seed,
             acquisition=acquisition,
             lesion_sizes_mm=tuple(les.size_mm for les in rx.lesions),
+            healthy_image=None
+            if rx.healthy_image is None
+            else resample_to_grid(normalise(rx.healthy_image[None], "DX"), mapping, fill=-1.0),
         )
 
     return _draw_cases("DX", ranges, seed, plan(lesion_cases, healthy_cases), render)
