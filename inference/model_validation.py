@@ -32,10 +32,27 @@ from inference.score_validation import check_disjoint, int_list, parse_validatio
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
 
 if TYPE_CHECKING:
+    from inference.pipeline import PipelineSettings
     from inference.unet import ModelInfo
 
 
 DEFAULT_LAMBDAS = {"CT": "6,8,10", "DX": "2,3,4"}
+SIZES_GRID = 64  # the model grid the pipeline's sizes in pixels (median filters, minimum component) were chosen on
+
+
+def sizes_for_grid(settings: PipelineSettings, grid: int) -> PipelineSettings:
+    """`settings` with its pixel sizes scaled from SIZES_GRID to `grid`, keeping their physical extent: median
+    windows to the nearest odd width, the minimum component by area."""
+
+    def odd(width: int) -> int:
+        return max(1, 2 * round((width * grid / SIZES_GRID - 1) / 2) + 1)
+
+    return replace(
+        settings,
+        median_size=odd(settings.median_size),
+        score_median_size=odd(settings.score_median_size),
+        min_component_size=max(1, round(settings.min_component_size * (grid / SIZES_GRID) ** 2)),
+    )
 
 
 def model_modality(info: ModelInfo) -> str:
@@ -117,6 +134,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         help="reverse steps per member (default: the node's); a list runs each model with each",
     )
     parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
+    parser.add_argument(
+        "--scale-sizes",
+        action="store_true",
+        help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid",
+    )
     parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50, several_ensembles=True)
     step_counts = args.steps or [PipelineSettings().steps]
@@ -146,8 +168,12 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
         if args.persistence is not None:
             settings = replace(settings, persistence=args.persistence)
+        if args.scale_sizes:
+            settings = sizes_for_grid(settings, info.config.image_size)
         grid = info.config.image_size
         spectrum = f"persistence {settings.persistence:g}"
+        if args.scale_sizes:
+            spectrum += f", medians {settings.median_size}/{settings.score_median_size}"
         name = f"{info.model_id} ({grid}x{grid} grid, {spectrum}, K = {members}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)

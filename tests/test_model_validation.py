@@ -49,9 +49,19 @@ def test_compares_models_of_different_grids_on_the_same_studies(tmp_path) -> Non
     lines: list[str] = []
     argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1", "--lambdas", "8"]
     argv += ["--source-size", "64", "--slices", "4", "--threads", "1", "--bootstrap", "20", "--steps", "2", *paths]
-    assert model_validation.main(argv, out=lines.append) == 0
+    assert model_validation.main([*argv, "--scale-sizes"], out=lines.append) == 0
     rows = [line for line in lines[-1].splitlines() if line.startswith("| tiny-")]
     assert "(32x32 grid" in rows[0] and "(48x48 grid" in rows[1]
+    assert "medians 1/3," in rows[0] and "medians 3/3," in rows[1]  # the 64 grid's 3 / 5, scaled
+
+
+def test_pixel_sizes_scale_with_the_grid_keeping_their_physical_extent() -> None:
+    from inference.pipeline import PipelineSettings
+
+    base = PipelineSettings()
+    assert model_validation.sizes_for_grid(base, model_validation.SIZES_GRID) == base
+    finer = model_validation.sizes_for_grid(base, 96)
+    assert (finer.median_size, finer.score_median_size, finer.min_component_size) == (5, 7, 9)
 
 
 def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
