@@ -3,10 +3,10 @@
     python -m inference.lesion_contrast --seed 888 --lesion-cases 40
 
 Why: a reconstruction method finds a lesion only where the lesion changes the image by more than the model's
-error on healthy tissue, and that error cannot be smaller than the fine structure (noise, vessels, ribs) the model
-must redraw. Each phantom is rendered twice with the same subject, acquisition and noise, with and without its
-lesions (`keep_healthy`), on the model grid in the model's normalised units ([-1, 1]: 2 = the CT window's width or
-the radiograph's full presentation range). Per lesion study:
+error on healthy tissue; and a lesion fainter than the image's fine texture (noise, vessels, ribs) is found only by
+a model that redraws that texture almost exactly. Each phantom is rendered twice with the same subject,
+acquisition and noise, with and without its lesions (`keep_healthy`), on the model grid in the model's normalised
+units ([-1, 1]: 2 = the CT window's width or the radiograph's full presentation range). Per lesion study:
 
 - contrast: the mean |with - without| over the ground-truth lesion pixels (what the lesion adds where it is);
 - peak: the 90th percentile of it (a lesion's densest part);
@@ -88,6 +88,10 @@ def measure(case: Case, sigma: float, reconstruct: Reconstruct | None = None) ->
     )
 
 
+def median(values: Sequence[float]) -> float:
+    return float(np.median(values))
+
+
 def table(rows: Sequence[tuple[str, Sequence[LesionContrast]]]) -> str:
     with_model = any(m.model_error is not None for _, measured in rows for m in measured)
     head = "| modality | lesion kind | studies | lesion pixels | contrast | peak | texture | contrast / texture "
@@ -100,10 +104,6 @@ def table(rows: Sequence[tuple[str, Sequence[LesionContrast]]]) -> str:
             chosen = [m for m in measured if kind in ("all", m.kind)]
             if not chosen:
                 continue
-
-            def median(values: Sequence[float]) -> float:
-                return float(np.median(values))
-
             above = sum(m.ratio >= 1.0 for m in chosen)
             line = (
                 f"| {modality} | {kind} | {len(chosen)} | {median([m.pixels for m in chosen]):.0f} | "

@@ -171,10 +171,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if args.scale_sizes:
             settings = sizes_for_grid(settings, info.config.image_size)
         grid = info.config.image_size
-        spectrum = f"persistence {settings.persistence:g}"
+        variant = f"persistence {settings.persistence:g}"
         if args.scale_sizes:
-            spectrum += f", medians {settings.median_size}/{settings.score_median_size}"
-        name = f"{info.model_id} ({grid}x{grid} grid, {spectrum}, K = {members}, {steps} steps)"
+            variant += f", medians {settings.median_size}/{settings.score_median_size}"
+        name = f"{info.model_id} ({grid}x{grid} grid, {variant}, K = {members}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in lambdas})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):
