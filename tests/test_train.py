@@ -271,3 +271,12 @@ def test_training_images_are_the_same_rendered_on_one_process_or_two() -> None:
 
     one, two = radiograph_slices(3, 3, 48, 16), radiograph_slices(3, 3, 48, 16, workers=2)
     assert torch.equal(one.images, two.images) and torch.equal(one.masks, two.masks)
+
+
+def test_the_medium_preset_is_the_small_layout_at_twice_the_width() -> None:
+    from inference.unet import PRESETS, UNet
+
+    small, medium = PRESETS["small"], PRESETS["medium"]
+    assert replace(medium, base_channels=small.base_channels) == small
+    ratio = sum(p.numel() for p in UNet(medium).parameters()) / sum(p.numel() for p in UNet(small).parameters())
+    assert 3.5 < ratio < 4.1  # convolutions scale with width squared

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(phantom radiographs); a --data folder must hold only these",
     )
     parser.add_argument("--body-part", default="CHEST", help="body part it is trained for (metadata)")
-    parser.add_argument("--preset", default="small", help="U-Net preset: tiny, small, base")
+    parser.add_argument("--preset", default="small", help="U-Net preset: tiny, small, medium, base")
     parser.add_argument("--image-size", type=int, default=None, help="model grid (overrides the preset)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
