@@ -35,7 +35,6 @@ from scipy import ndimage
 from inference.heldout import KINDS, Case
 from inference.score_validation import EVALUATION_SEED, check_disjoint
 
-MODEL_GRIDS = {"CT": 64, "DX": 96}  # the shipped models' grids (a --model brings its own)
 Reconstruct = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image, anatomy mask) -> pseudo-healthy image
 
 
@@ -119,6 +118,16 @@ def table(rows: Sequence[tuple[str, Sequence[LesionContrast]]]) -> str:
     return "\n".join(lines)
 
 
+def shipped_grid(modality: str) -> int:
+    """The model grid of the weights shipped for `modality` (from their metadata): without a --model, lesions are
+    measured on the grid the node would analyse them on."""
+    from inference.unet import read_model_info
+    from inference.weights import WEIGHTS_DIR, bundled_model_path
+
+    path = bundled_model_path() if modality == "CT" else WEIGHTS_DIR / "radiograph" / "chest-rx-small.safetensors"
+    return read_model_info(path).config.image_size
+
+
 @dataclass(frozen=True)
 class ModelUnderTest:
     """A --model: its grid, its training seeds (kept out of the phantoms) and its reconstruction."""
@@ -178,7 +187,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     rows = []
     for modality in ("CT", "DX") if args.modality == "both" else (args.modality,):
         chosen = models.get(modality)
-        grid = chosen.grid if chosen else MODEL_GRIDS[modality]
+        grid = chosen.grid if chosen else shipped_grid(modality)
         if modality == "CT":
             cases = make_ct_cases(
                 args.seed, args.lesion_cases, 0, grid, args.source_size, args.slices, keep_healthy=True

@@ -45,3 +45,10 @@ def test_refuses_the_evaluation_seed_and_two_models_of_one_modality() -> None:
     model = str(bundled_model_path())
     with pytest.raises(SystemExit):
         lesion_contrast.main(["--seed", "5", "--model", model, "--model", model], out=lambda _: None)
+
+
+def test_without_a_model_lesions_are_measured_on_the_shipped_models_grid() -> None:
+    lines: list[str] = []
+    argv = ["--seed", "5", "--lesion-cases", "1", "--source-size", "96", "--slices", "6", "--modality", "CT"]
+    assert lesion_contrast.main(argv, out=lines.append) == 0
+    assert "| CT (64x64) | nodule | 1 |" in lines[-1] and "model error" not in lines[-1]
