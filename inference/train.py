@@ -75,6 +75,9 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast where there are bf16 units: CUDA GPUs, CPUs with AVX512-BF16 or AMX
     time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
+    # > 0: train as many steps as fit in this many seconds (at most `steps`), timed over the warm-up, so the
+    # cosine schedule ends when the time does on hardware of unknown speed (a lent GPU); see `fitted_steps`
+    fit_time_s: float = 0.0
     init_from: str = ""  # start from these weights (.safetensors: fine-tuning, e.g. on a site's healthy series)
     checkpoint_every: int = 200  # steps between checkpoints ...
     checkpoint_minutes: float = 5.0  # ... or minutes, whichever comes first (0: steps only)
@@ -300,6 +303,17 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def fitted_steps(cfg: TrainConfig, spent_s: float, seconds_per_step: float) -> int:
+    """The run's length when it must end `cfg.fit_time_s` after it began: the steps done (`warmup_steps`) plus
+    as many as the time left holds at the measured pace, never more than `cfg.steps` nor fewer than the warm-up.
+
+    Why at the end of the warm-up: the learning rate there does not depend on the run's length
+    (`lr_at`), so fixing the length then gives the same schedule as a run told that length at the start.
+    """
+    left = max(0.0, cfg.fit_time_s - spent_s)
+    return max(cfg.warmup_steps, min(cfg.steps, cfg.warmup_steps + int(left / max(seconds_per_step, 1e-9))))
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,10 +335,14 @@ class TrainResult:
     pool_source: str
     precision: str = "fp32"  # "bf16": autocast (weights, optimiser and loss stay fp32)
     init_from_model: str = ""  # identity of the weights a fine-tuning run started from
+    config: TrainConfig | None = None  # the run's settings as it ended (its length fitted to `fit_time_s`)
 
 
 # Settings a checkpoint may be resumed with when they differ: how long and where the run goes, not what it learns.
-RESUMABLE_CHANGES = frozenset({"steps", "time_limit_s", "checkpoint_every", "checkpoint_minutes", "device", "amp"})
+RESUMABLE_CHANGES = frozenset(
+    {"steps", "time_limit_s", "fit_time_s", "checkpoint_every", "checkpoint_minutes", "device", "amp"}
+)
+FIT_SKIP_STEPS = 10  # steps left out of the timing that fits a run to its time: allocation, kernel choice
 POOL_KEYS = ("seed", "subjects", "phantom_size", "phantom_slices", "data_dir", "modalities", "body_part")
 
 
@@ -342,7 +360,7 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
             saved = torch.load(cache, weights_only=True)
             if saved["key"] == key:
                 log.info("training images from %s", cache)
-                return SlicePool(saved["images"], saved["masks"], saved["source"])
+                return SlicePool(saved["images"], saved["masks"].float(), saved["source"])
             log.info("%s holds another run's images: building them", cache)
         except (OSError, RuntimeError, KeyError, EOFError) as exc:  # a damaged cache is rebuilt, never trusted
             log.warning("cannot read %s (%s): building the training images", cache, exc)
@@ -353,7 +371,9 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
     pool = training_pool(cfg, grid, workers)
     log.info("%d training images in %.0f s", len(pool), time.monotonic() - started)
     if cache is not None:
-        _save_atomically({"key": key, "images": pool.images, "masks": pool.masks, "source": pool.source}, cache)
+        binary = bool(((pool.masks == 0) | (pool.masks == 1)).all())  # stored as bytes: a quarter of the size
+        masks = pool.masks.bool() if binary else pool.masks
+        _save_atomically({"key": key, "images": pool.images, "masks": masks, "source": pool.source}, cache)
     return pool
 
 
@@ -396,6 +416,8 @@ def train(
     """
     from tqdm import tqdm
 
+    if cfg.fit_time_s and cfg.warmup_steps < 2 * FIT_SKIP_STEPS:
+        raise ValueError(f"fitting the run to its time needs a warm-up of at least {2 * FIT_SKIP_STEPS} steps")
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     unet_cfg = cfg.unet_config()
@@ -423,6 +445,8 @@ def train(
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
         step, losses, wall_before = saved["step"], saved["losses"], saved["wall_s"]
+        if cfg.fit_time_s and step >= cfg.warmup_steps:  # the length the first run fitted stays
+            cfg = replace(cfg, steps=int(saved["config"]["steps"]))
         # the start as the first run saw it: the --init file may since have been replaced by this run's weights
         init_from_model = saved.get("init_from_model", init_from_model)
         log.info("resumed from %s at step %d", checkpoint, step)
@@ -453,6 +477,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, disable=not bar_wanted, unit="step", dynamic_ncols=True)
     lines = ProgressLine(cfg.steps, cfg.batch_size, step, wall_before, label, enabled=progress and not bar_wanted)
     model.train()
+    fit_from: tuple[int, float] | None = None  # (step, time) the pace is timed from
     while step < min(cfg.steps, stop_after or cfg.steps):
         if cfg.time_limit_s and wall_before + time.monotonic() - t0 > cfg.time_limit_s:
             log.info("time limit reached at step %d", step)
@@ -482,6 +507,13 @@ def train(
                 pe.lerp_(pm, 1 - decay)
         losses.append(loss.item())
         step += 1
+        if cfg.fit_time_s and FIT_SKIP_STEPS <= step < cfg.warmup_steps and fit_from is None:
+            fit_from = (step, time.monotonic())
+        elif cfg.fit_time_s and step == cfg.warmup_steps and fit_from is not None:
+            pace = (time.monotonic() - fit_from[1]) / (step - fit_from[0])
+            cfg = replace(cfg, steps=fitted_steps(cfg, wall_before + time.monotonic() - t0, pace))
+            log.info("%.1f ms per step: %d steps fit in %.0f s", 1000 * pace, cfg.steps, cfg.fit_time_s)
+            lines.total = bar.total = cfg.steps
         elapsed = time.monotonic() - t0
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{n * bar.n / max(elapsed, 1e-9):.1f}")
@@ -504,7 +536,7 @@ def train(
     ema.eval()
     precision = "bf16" if use_amp else "fp32"
     wall = wall_before + time.monotonic() - t0
-    return TrainResult(ema, losses, step, wall, pool.source, precision, init_from_model)
+    return TrainResult(ema, losses, step, wall, pool.source, precision, init_from_model, cfg)
 
 
 def _initial_weights(path: Path, unet_cfg: UNetConfig) -> tuple[UNet, str]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.pipeline import PipelineSettings
-from inference.train import TrainConfig, phantom_slices, ship, train
+from inference.train import TrainConfig, fitted_steps, lr_at, phantom_slices, ship, train
 from inference.unet import load_model
 
 
@@ -54,6 +54,29 @@ def test_the_noise_spectrum_trained_with_is_the_one_the_pipeline_uses(tmp_path) 
     assert info.training["noise_spectrum"] == {"octaves": 4, "base_frequency": 2**-6, "persistence": 0.5}
     settings = PipelineSettings().for_model(info.training)
     assert (settings.octaves, settings.base_frequency, settings.persistence) == (4, 2**-6, 0.5)
+
+
+def test_a_run_fitted_to_its_time_takes_the_steps_the_time_left_holds() -> None:
+    cfg = tiny_config(steps=5000, warmup_steps=100, fit_time_s=100.0)
+    assert fitted_steps(cfg, spent_s=10.0, seconds_per_step=0.1) == 100 + 900
+    assert fitted_steps(cfg, spent_s=10.0, seconds_per_step=0.001) == 5000  # never past --steps
+    assert fitted_steps(cfg, spent_s=150.0, seconds_per_step=0.1) == 100  # out of time: the warm-up alone
+
+
+def test_a_run_fitted_to_its_time_ends_its_schedule_where_it_stops(tmp_path) -> None:
+    pool = phantom_slices(seed=2, subjects=1, size=48, slices=2, grid=32)
+    cfg = tiny_config(steps=100_000, warmup_steps=20, fit_time_s=10.0)
+    result = train(cfg, pool=pool, progress=False)
+    assert result.config is not None and 20 < result.config.steps < 100_000
+    # the cosine schedule is the fitted length's, and the run stopped at its end, not at a time limit
+    assert result.steps_done == result.config.steps == len(result.losses)
+    assert lr_at(result.steps_done, result.config) == 0.0 < lr_at(result.steps_done, cfg)
+    path = tmp_path / "m.safetensors"
+    ship(result, result.config, path, "tiny-fitted")
+    _, info = load_model(path)
+    assert info.training["steps"] == result.steps_done
+    with pytest.raises(ValueError, match="warm-up of at least"):
+        train(tiny_config(fit_time_s=3.0), pool=pool, progress=False)
 
 
 @pytest.mark.slow
@@ -256,6 +279,9 @@ def test_a_run_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path) -> None
         modalities=("CR", "DX"), device="cpu", checkpoint_every=every,
     )  # fmt: skip
     pool = cached_training_pool(cfg, 32, pool_cache_path(ckpt))
+    # the binary lung masks are cached as bytes and read back as the float condition the model takes
+    assert torch.load(pool_cache_path(ckpt), weights_only=True)["masks"].dtype == torch.bool
+    assert pool.masks.dtype == torch.float32 and set(pool.masks.unique().tolist()) == {0.0, 1.0}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command ran
     try:

@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--time-limit", type=float, default=0.0, help="stop and save after this many seconds")
+    parser.add_argument(
+        "--fit-time",
+        type=float,
+        default=0.0,
+        help="train as many steps as fit in this many seconds (at most --steps), timed over the warm-up",
+    )
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     parser.add_argument(
         "--checkpoint-minutes", type=float, default=5.0, help="minutes between checkpoints (whichever comes first)"
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         flip=args.flip,
         device=args.device,
         time_limit_s=args.time_limit,
+        fit_time_s=args.fit_time,
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         init_from=str(args.init or ""),
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"edgenode train: {exc}")
         return 2
-    curve = ship(result, cfg, args.out, args.name)
+    curve = ship(result, result.config or cfg, args.out, args.name)
     final = f"final loss {result.losses[-1]:.4f}" if result.losses else "no steps"
     print(
         f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s ({result.precision}), {final}; "
