@@ -80,6 +80,17 @@ def test_a_run_fitted_to_its_time_ends_its_schedule_where_it_stops(tmp_path) -> 
 
 
 @pytest.mark.slow
+def test_a_fitted_run_resumes_with_the_length_it_fitted(tmp_path) -> None:
+    pool = phantom_slices(seed=2, subjects=1, size=48, slices=2, grid=32)
+    cfg = tiny_config(steps=100_000, warmup_steps=20, fit_time_s=10.0)
+    ckpt = tmp_path / "ckpt.pt"
+    first = train(cfg, checkpoint=ckpt, pool=pool, progress=False, stop_after=25)
+    assert first.config is not None and first.steps_done == 25 < first.config.steps < 100_000
+    resumed = train(cfg, checkpoint=ckpt, pool=pool, progress=False)  # not timed again: the same length
+    assert resumed.config is not None and resumed.steps_done == resumed.config.steps == first.config.steps
+
+
+@pytest.mark.slow
 def test_resume_matches_an_unbroken_run(tmp_path) -> None:
     pool = phantom_slices(seed=2, subjects=1, size=48, slices=4, grid=32)
     unbroken = train(tiny_config(steps=8), pool=pool, progress=False)
