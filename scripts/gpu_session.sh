@@ -3,12 +3,14 @@
 # (benchmarks/gpu.sh) first, then two radiograph-model runs side by side on the GPU (the `small` preset, as
 # shipped, and the `medium` preset at twice the width), each fitted to the time left (`edgenode train
 # --fit-time`), from the shipped radiograph model's training images (a cache made here saves rendering them
-# there). Why both runs at once: each small U-Net step is a few hundred short kernels, which leaves most of the
-# GPU idle; two processes share it at little cost to each.
+# there). Why both runs at once: a step of these small U-Nets is a few hundred short kernels, launch-bound on
+# a large GPU, so a second process uses what the first leaves idle (side by side on an H200 each trained ~1,100
+# radiographs/s, benchmarks/RESULTS.md; a lone run's rate was not measured).
 #
 # Usage: bash scripts/gpu_session.sh OUT_DIR SECONDS [POOL_CACHE]
 #   SECONDS     the wall time the script must end in (the device call's limit, less the transfers)
-#   POOL_CACHE  a `<checkpoint>.pool.pt` of the radiograph runs' data settings (else they render it: ~2 min)
+#   POOL_CACHE  a `<checkpoint>.pool.pt` that `edgenode train` left beside a checkpoint of a run with these data
+#               settings (600 radiographs, 256 px, seed 0, 96 grid); without it each run renders its own
 # Writes OUT_DIR/bench/{machine,tests,engines,pipeline}.txt and OUT_DIR/rx-{small,medium}.tar (weights, loss
 # curve, log). Needs what benchmarks/gpu.sh needs plus matplotlib and the node's CLI packages (pydantic,
 # pydantic-settings); it installs nothing.
