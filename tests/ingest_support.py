@@ -96,9 +96,13 @@ class ServeProcess:
         return self.proc.wait(timeout=timeout)
 
     def spawned(self) -> list[psutil.Process]:
-        """The processes serve started through multiprocessing (workers, listener processes)."""
+        """The processes serve started through multiprocessing (workers, listener processes): its own children only.
+
+        Why not their descendants too: a worker (or a library in it) that runs a program forks first, and until the
+        fork's exec its copy shows the worker's command line: a busy machine counted one such copy as a third
+        worker (seen 2026-12-04 in the slow tier)."""
         assert self.proc is not None
-        children = psutil.Process(self.proc.pid).children(recursive=True)
+        children = psutil.Process(self.proc.pid).children(recursive=False)
         return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
 
     def kill_and_expect_descendants_to_end(self, descendants: list[psutil.Process], timeout: float) -> None:
