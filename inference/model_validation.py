@@ -77,13 +77,15 @@ class ModelRun:
     dice: dict[float, list[float]] = field(default_factory=dict)  # lambda -> one Dice per lesion study
 
 
-def segment_dice(error: np.ndarray, case: Case, lam: float, min_component_size: int) -> float:
-    """The node's segmentation at this lambda (postprocess.detect_anomalies on the detection's error map), scored
-    inside lungs, anatomy mask and lesion as the evaluation scores it."""
+def segment_dice(
+    error: np.ndarray, case: Case, lam: float, min_component_size: int, keep: np.ndarray | None = None
+) -> float:
+    """The node's segmentation at this lambda (postprocess.detect_anomalies on the detection's error map, `keep`
+    as the node's segment polarity gives it), scored inside lungs, anatomy mask and lesion as the evaluation does."""
     from inference.evaluate import dice
     from inference.postprocess import detect_anomalies
 
-    seg = detect_anomalies(error, case.anatomy, lam, min_component_size=min_component_size).segmentation
+    seg = detect_anomalies(error, case.anatomy, lam, min_component_size=min_component_size, keep=keep).segmentation
     inside = case.anatomy | case.lung | case.lesion
     return dice(seg[inside], case.lesion[inside])
 
@@ -135,6 +137,9 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     )
     parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
     parser.add_argument(
+        "--segment-polarity", choices=["both", "denser"], help="what the segmentation outlines (default: the node's)"
+    )
+    parser.add_argument(
         "--scale-sizes",
         action="store_true",
         help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid",
@@ -168,10 +173,12 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
         if args.persistence is not None:
             settings = replace(settings, persistence=args.persistence)
+        if args.segment_polarity is not None:
+            settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
         if args.scale_sizes:
             settings = sizes_for_grid(settings, info.config.image_size)
         grid = info.config.image_size
-        variant = f"persistence {settings.persistence:g}"
+        variant = f"persistence {settings.persistence:g}, outlines {settings.polarity_for(modality_name)}"
         if args.scale_sizes:
             variant += f", medians {settings.median_size}/{settings.score_median_size}"
         name = f"{info.model_id} ({grid}x{grid} grid, {variant}, K = {members}, {steps} steps)"
@@ -183,8 +190,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             run.slice_scores.append(det.slice_scores)
             run.slice_truth.append(np.asarray(case.lesion.any(axis=(1, 2))))
             if case.lesion_study:
+                denser = settings.polarity_for(modality_name) == "denser"
+                keep = case.image > det.reconstruction if denser else None
                 for lam in lambdas:
-                    run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size))
+                    run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size, keep))
             else:
                 inside = case.anatomy.astype(bool)
                 run.healthy_rmse.append(float(np.sqrt(np.mean((case.image - det.reconstruction)[inside] ** 2))))

@@ -109,10 +109,13 @@ def detect_anomalies(
     closing: int = 1,
     min_component_size: int = 0,
     score_map: np.ndarray | None = None,
+    keep: np.ndarray | None = None,
 ) -> Detection:
     """Threshold (background-adaptive, or `fixed_threshold` for the ablation), clean and score an anomaly map.
 
     `score_map`: what the slice scores are computed from (the wider-filtered error); the anomaly map itself if None.
+    `keep`: the voxels the segmentation may hold (e.g. only those denser than the reconstruction), applied before
+    the cleaning; the threshold and the scores do not change with it.
     """
     error = np.asarray(error, dtype=np.float32)
     mask = np.asarray(mask, dtype=bool)
@@ -125,6 +128,8 @@ def detect_anomalies(
     raw = error > alpha
     if restrict_to_mask:
         raw &= mask
+    if keep is not None:
+        raw &= np.asarray(keep, dtype=bool)
     seg = clean_segmentation(raw, opening, closing, min_component_size)
     if restrict_to_mask:
         seg &= mask

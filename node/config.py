@@ -168,6 +168,9 @@ class RoutingRule(Section):
 
 T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
 LAMBDA_DEFAULTS = {"CT": 8.0, "CR": 3.0, "DX": 3.0}
+SegmentPolarity = Literal["both", "denser"]
+# = inference.pipeline.PipelineSettings.segment_polarity
+POLARITY_DEFAULTS: dict[str, SegmentPolarity] = {"CT": "denser", "CR": "both", "DX": "both"}
 MODEL_DEFAULTS = {"CT": "bundled", "CR": "bundled", "DX": "bundled"}  # the bundled model is trained for CT only
 SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.PipelineSettings.schedule_T
 
@@ -188,12 +191,15 @@ class InferenceSettings(Section):
     # t_start and T, e.g. {CT = 550}; the model must have been trained that deep. Empty: every member from t_start.
     deep_t_start: dict[str, int] = Field(default_factory=dict)
     threshold_lambda: dict[str, float] = Field(default_factory=lambda: dict(LAMBDA_DEFAULTS))
+    # What the SEG outlines, per modality: "denser" (opacities: only voxels denser than the pseudo-healthy
+    # reconstruction) or "both"; the study and slice scores always count both (docs/method.md).
+    segment_polarity: dict[str, SegmentPolarity] = Field(default_factory=lambda: dict(POLARITY_DEFAULTS))
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
     seed: int = 0
     min_ct_slices: int = Field(3, ge=1)  # fewer usable slices (damaged ones left out): the CT series is skipped
     workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
 
-    @field_validator("t_start", "threshold_lambda", "model", mode="before")
+    @field_validator("t_start", "threshold_lambda", "segment_polarity", "model", mode="before")
     @classmethod
     def _per_modality(cls, value: object, info: ValidationInfo) -> object:
         """A partial table changes only the modalities it names (`t_start = {CR = 200}` keeps CT's and DX's
@@ -210,7 +216,11 @@ class InferenceSettings(Section):
             return {m: str(value) for m in MODEL_DEFAULTS}
         if not isinstance(value, dict):
             return value  # pydantic names the type error
-        per_field: dict[str, dict[str, Any]] = {"t_start": T_START_DEFAULTS, "threshold_lambda": LAMBDA_DEFAULTS}
+        per_field: dict[str, dict[str, Any]] = {
+            "t_start": T_START_DEFAULTS,
+            "threshold_lambda": LAMBDA_DEFAULTS,
+            "segment_polarity": POLARITY_DEFAULTS,
+        }
         defaults = per_field.get(str(info.field_name), MODEL_DEFAULTS)
         merged: dict[str, object] = dict(defaults)
         for key, item in value.items():

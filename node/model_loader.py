@@ -33,6 +33,7 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
         steps=inference.steps,
         ensemble=inference.ensemble,
         threshold_lambda=dict(inference.threshold_lambda),
+        segment_polarity=dict(inference.segment_polarity),
         max_batch=max_batch,
         seed=inference.seed,
         min_ct_slices=inference.min_ct_slices,

@@ -158,6 +158,11 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
     assert s.inference.t_start == {"CT": 250, "CR": 250, "DX": 200}
     monkeypatch.setenv("EDGENODE_INFERENCE__T_START__CT", "100")  # arrives as {"ct": "100"}
     assert load_settings(path).inference.t_start == {"CT": 100, "CR": 250, "DX": 200}  # merged with the file
+    path.write_text('[inference]\nsegment_polarity = { CT = "both" }\n')
+    assert load_settings(path).inference.segment_polarity == {"CT": "both", "CR": "both", "DX": "both"}
+    path.write_text('[inference]\nsegment_polarity = { CR = "darker" }\n')
+    with pytest.raises(ConfigError, match="segment_polarity"):
+        load_settings(path)
     path.write_text("[inference]\nthreshold_lambda = { MR = 2 }\n")
     with pytest.raises(ConfigError, match="inference.threshold_lambda: unknown modality 'MR'"):
         load_settings(path)

@@ -21,9 +21,9 @@ def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size
     assert "2 lesion / 2 healthy studies" in text
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 4
-    assert "(64x64 grid, persistence 0.5, K = 1, 5 steps)" in rows[0]  # shipped, the node's steps
-    assert "(64x64 grid, persistence 0.5, K = 2, 5 steps)" in rows[1]
-    assert "(64x64 grid, persistence 0.8, K = 1, 5 steps)" in rows[2]  # ablation
+    assert "(64x64 grid, persistence 0.5, outlines denser, K = 1, 5 steps)" in rows[0]  # shipped, the node's steps
+    assert "(64x64 grid, persistence 0.5, outlines denser, K = 2, 5 steps)" in rows[1]
+    assert "(64x64 grid, persistence 0.8, outlines denser, K = 1, 5 steps)" in rows[2]  # ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first run against itself
     cells = rows[2].split(" | ")
     assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
@@ -73,7 +73,7 @@ def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
     assert model_validation.main(argv, out=lines.append) == 0
     table = lines[-1]
     assert "| Dice lambda 2 | Dice lambda 3 | Dice lambda 4 |" in table
-    assert "(96x96 grid, persistence 0.5, K = 1, 2 steps)" in table
+    assert "(96x96 grid, persistence 0.5, outlines both, K = 1, 2 steps)" in table
 
 
 def test_refuses_the_evaluation_seed_and_mixed_modalities(capsys) -> None:

@@ -163,6 +163,27 @@ def test_detect_on_model_grid_and_switches() -> None:
         detect(x0.numpy(), mask[:, :8], oracle, fast_settings())
 
 
+def test_ct_outlines_only_what_is_denser_than_the_reconstruction_and_scores_both() -> None:
+    healthy = torch.full((2, 24, 24), -0.6)
+    mask = np.zeros((2, 24, 24), bool)
+    mask[:, 2:22, 2:22] = True
+    sick = healthy.clone()
+    sick[0, 6:11, 6:11] += 0.8  # an opacity: denser than the healthy reconstruction
+    sick[1, 12:17, 12:17] -= 0.3  # a darker patch (a cyst, say)
+    found = {}
+    for polarity in ("denser", "both"):
+        oracle = OracleDenoiser(healthy[:, None].repeat(2, 1, 1, 1), LinearSchedule(), max_batch=64)
+        settings = fast_settings(segment_polarity={"CT": polarity})
+        found[polarity] = detect(sick.numpy(), mask, oracle, settings, "CT")
+    denser, both = found["denser"], found["both"]
+    assert denser.segmentation[0, 7:10, 7:10].all() and not denser.segmentation[1].any()  # (corners: the opening)
+    assert both.segmentation[0, 7:10, 7:10].all() and both.segmentation[1, 13:16, 13:16].all()
+    # the darker patch still ranks its slice: the scores and the threshold do not depend on the polarity
+    np.testing.assert_allclose(denser.slice_scores, both.slice_scores)
+    assert denser.slice_scores[1] > 0.2 and denser.threshold == both.threshold
+    assert PipelineSettings().polarity_for("CT") == "denser" and PipelineSettings().polarity_for("DX") == "both"
+
+
 def test_max_batch_setting_caps_the_denoiser() -> None:
     x0 = torch.zeros(3, 8, 8)
     mask = np.ones((3, 8, 8), bool)

@@ -83,6 +83,22 @@ def test_detect_anomalies_end_to_end_hand_values() -> None:
         detect_anomalies(error, mask, 3.0, score_map=wider[:1])
 
 
+def test_keep_limits_the_segmentation_and_nothing_else() -> None:
+    error = np.zeros((1, 16, 16), np.float32)
+    error[0, 2:6, 2:6] = 1.0
+    error[0, 9:14, 9:14] = 1.0
+    mask = np.ones((1, 16, 16), bool)
+    keep = np.zeros_like(mask)
+    keep[0, :8, :8] = True  # only the first patch may be outlined
+    free = detect_anomalies(error, mask, 3.0, adaptive_threshold=False, fixed_threshold=0.5, opening=0, closing=0)
+    kept = detect_anomalies(
+        error, mask, 3.0, adaptive_threshold=False, fixed_threshold=0.5, opening=0, closing=0, keep=keep
+    )
+    assert free.segmentation[0, 9:14, 9:14].all() and not kept.segmentation[0, 8:, 8:].any()
+    assert np.array_equal(kept.segmentation, free.segmentation & keep)
+    np.testing.assert_array_equal(kept.slice_scores, free.slice_scores)
+
+
 def test_fixed_threshold_and_unrestricted() -> None:
     error = np.zeros((1, 8, 8), np.float32)
     error[0, :3, :3] = 5.0
