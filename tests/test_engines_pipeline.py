@@ -34,8 +34,9 @@ def test_masks_and_scores_agree_across_fp32_backends(tmp_path: Path) -> None:
     files = write_datasets(make_ct_series(4, 48, 48, seed=7), tmp_path / "ct")
     # An untrained model: a low threshold so the masks hold a real decision to agree on.
     settings = PipelineSettings(
-        t_start={"CT": 200}, steps=3, ensemble=3, threshold_lambda={"CT": 2.0}, min_component_size=2, seed=11
-    )
+        t_start={"CT": 200}, steps=3, ensemble=3, threshold_lambda={"CT": 2.0}, min_component_size=2, seed=11,
+        segment_polarity={"CT": "both"},  # an untrained model's errors have no sign to keep to
+    )  # fmt: skip
     results = {}
     for plan in fp32_plans():
         denoiser = build_denoiser(plan, model, info, max_batch=8, cache_dir=tmp_path / "engines")

@@ -92,8 +92,9 @@ def served(python: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 def test_pipeline_through_triton_gives_the_local_onnxruntime_findings(served: Served, tmp_path: Path) -> None:
     files = write_datasets(make_ct_series(4, 48, 48, seed=7), tmp_path / "ct")
     settings = PipelineSettings(
-        t_start={"CT": 200}, steps=3, ensemble=3, threshold_lambda={"CT": 2.0}, min_component_size=2, seed=11
-    )
+        t_start={"CT": 200}, steps=3, ensemble=3, threshold_lambda={"CT": 2.0}, min_component_size=2, seed=11,
+        segment_polarity={"CT": "both"},  # an untrained model's errors have no sign to keep to
+    )  # fmt: skip
     local = run_pipeline(files, OrtDenoiser(served.onnx, max_batch=8), served.info, settings)
     # micro-batches of 3 from 8-image calls: three requests in flight per call, for the dynamic batcher to merge
     remote_denoiser = TritonDenoiser(served.endpoint(in_flight=3, micro_batch=3), served.info, max_batch=8)
