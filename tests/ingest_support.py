@@ -92,8 +92,19 @@ class ServeProcess:
         self.proc.send_signal(signum)
 
     def wait(self, timeout: float = 60.0) -> int:
+        """The exit code; on a timeout serve is asked for its threads' stacks (SIGUSR2) first, so the log the
+        failing test shows says where it hung."""
         assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGUSR2)
+                time.sleep(1.0)
+            raise AssertionError(f"serve did not exit within {timeout:.0f} s; its log:\n{self.log_tail()}") from None
+
+    def log_tail(self, chars: int = 20_000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def spawned(self) -> list[psutil.Process]:
         """The processes serve started through multiprocessing (workers, listener processes): its own children only.

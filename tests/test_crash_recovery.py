@@ -146,6 +146,27 @@ def test_sigterm_finishes_in_flight_stores_and_exits_zero(tmp_path: Path, listen
     check_spool_against_index(settings.data_dir, acked)
 
 
+@pytest.mark.slow  # an `edgenode serve` process
+def test_sigusr2_writes_every_threads_stack_to_the_log_and_serve_goes_on(tmp_path: Path) -> None:
+    """What an operator (and a test whose serve will not stop) asks a hung node: where each thread waits."""
+    import time
+
+    settings = node_settings(tmp_path / "var")
+    serve = ServeProcess(write_toml(settings, tmp_path / "edgenode.toml"), settings.node.port, tmp_path / "serve.log")
+    serve.start()
+    try:
+        serve.signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 30
+        while "Current thread" not in serve.log_tail() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dump = serve.log_tail()
+        assert "Current thread" in dump and "Thread 0x" in dump and 'File "' in dump, dump[-3000:]
+        assert serve.proc is not None and serve.proc.poll() is None  # still serving
+    finally:
+        serve.signal(signal.SIGTERM)
+    assert serve.wait() == 0
+
+
 def test_a_component_that_fails_to_stop_leaves_no_clean_stop_marker(tmp_path: Path) -> None:
     from node.app import EdgeNode
 

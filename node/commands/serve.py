@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
+import sys
 import threading
 
 from node.config import Settings
@@ -33,6 +35,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A node that does not stop, or stops answering: `kill -USR2 <pid>` writes every thread's stack to its log
+    # (stderr), which says what it waits for. (Workers use SIGUSR1 for their parent's death.)
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
     node = EdgeNode(settings)
     try:
         node.start()
