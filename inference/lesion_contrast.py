@@ -122,9 +122,9 @@ def shipped_grid(modality: str) -> int:
     """The model grid of the weights shipped for `modality` (from their metadata): without a --model, lesions are
     measured on the grid the node would analyse them on."""
     from inference.unet import read_model_info
-    from inference.weights import WEIGHTS_DIR, bundled_model_path
+    from inference.weights import bundled_model_path, radiograph_model_path
 
-    path = bundled_model_path() if modality == "CT" else WEIGHTS_DIR / "radiograph" / "chest-rx-small.safetensors"
+    path = bundled_model_path() if modality == "CT" else radiograph_model_path()
     return read_model_info(path).config.image_size
 
 

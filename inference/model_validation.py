@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
 
     from inference.evaluate import ModelDenoiser
     from inference.heldout import make_ct_cases, make_radiograph_cases
-    from inference.pipeline import PipelineSettings, detect
+    from inference.pipeline import PipelineSettings, detect, segment_keep
     from inference.train import model_training_seeds
     from inference.unet import load_model
 
@@ -190,8 +190,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             run.slice_scores.append(det.slice_scores)
             run.slice_truth.append(np.asarray(case.lesion.any(axis=(1, 2))))
             if case.lesion_study:
-                denser = settings.polarity_for(modality_name) == "denser"
-                keep = case.image > det.reconstruction if denser else None
+                keep = segment_keep(settings, modality_name, case.image, det.reconstruction)
                 for lam in lambdas:
                     run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size, keep))
             else:

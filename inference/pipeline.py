@@ -169,6 +169,13 @@ def model_fit_problems(training: dict[str, object], settings: PipelineSettings) 
     return problems
 
 
+def segment_keep(
+    settings: PipelineSettings, modality: str, image: np.ndarray, reconstruction: np.ndarray
+) -> np.ndarray | None:
+    """The voxels the segmentation may hold under the modality's `segment_polarity` (None: any)."""
+    return image > reconstruction if settings.polarity_for(modality) == "denser" else None
+
+
 def detect(
     volume_norm: np.ndarray | torch.Tensor,
     mask: np.ndarray | torch.Tensor,
@@ -220,7 +227,7 @@ def detect(
         closing=settings.closing,
         min_component_size=settings.min_component_size,
         score_map=scored,
-        keep=(x0 > ens.mean).numpy() if settings.polarity_for(modality) == "denser" else None,
+        keep=segment_keep(settings, modality, x0.numpy(), ens.mean.numpy()),
     )
     timings["postprocess"] = time.perf_counter() - start
     return ModelGridDetection(

@@ -333,9 +333,9 @@ class TrainResult:
     steps_done: int
     wall_s: float
     pool_source: str
+    config: TrainConfig  # the run's settings as it ended (its length fitted to `fit_time_s`)
     precision: str = "fp32"  # "bf16": autocast (weights, optimiser and loss stay fp32)
     init_from_model: str = ""  # identity of the weights a fine-tuning run started from
-    config: TrainConfig | None = None  # the run's settings as it ended (its length fitted to `fit_time_s`)
 
 
 # Settings a checkpoint may be resumed with when they differ: how long and where the run goes, not what it learns.
@@ -536,7 +536,7 @@ def train(
     ema.eval()
     precision = "bf16" if use_amp else "fp32"
     wall = wall_before + time.monotonic() - t0
-    return TrainResult(ema, losses, step, wall, pool.source, precision, init_from_model, cfg)
+    return TrainResult(ema, losses, step, wall, pool.source, cfg, precision, init_from_model)
 
 
 def _initial_weights(path: Path, unet_cfg: UNetConfig) -> tuple[UNet, str]:

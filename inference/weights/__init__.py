@@ -19,3 +19,8 @@ def bundled_model_path() -> Path:
             "train one (edgenode train) or set [inference] model to a weights file"
         )
     return found[0]
+
+
+def radiograph_model_path() -> Path:
+    """The shipped chest radiograph (CR/DX) model: not loaded by default (docs/model-card.md), configured by path."""
+    return WEIGHTS_DIR / "radiograph" / "chest-rx-small.safetensors"

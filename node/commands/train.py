@@ -133,7 +133,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"edgenode train: {exc}")
         return 2
-    curve = ship(result, result.config or cfg, args.out, args.name)
+    curve = ship(result, result.config, args.out, args.name)
     final = f"final loss {result.losses[-1]:.4f}" if result.losses else "no steps"
     print(
         f"{args.out}: {result.steps_done} steps in {result.wall_s:.0f} s ({result.precision}), {final}; "
