@@ -76,7 +76,8 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast where there are bf16 units: CUDA GPUs, CPUs with AVX512-BF16 or AMX
     time_limit_s: float = 0.0  # stop (and save) after this much wall time; 0 = no limit
     # > 0: train as many steps as fit in this many seconds (at most `steps`), timed over the warm-up, so the
-    # cosine schedule ends when the time does on hardware of unknown speed (a lent GPU); see `fitted_steps`
+    # cosine schedule ends when the time does on hardware of unknown speed (a lent GPU); the seconds count from
+    # the call of `train`, building the training images included (a minute on a GPU machine); see `fitted_steps`
     fit_time_s: float = 0.0
     init_from: str = ""  # start from these weights (.safetensors: fine-tuning, e.g. on a site's healthy series)
     checkpoint_every: int = 200  # steps between checkpoints ...
@@ -416,6 +417,7 @@ def train(
     """
     from tqdm import tqdm
 
+    began = time.monotonic()  # what --fit-time counts from: building the images is part of the run's time
     if cfg.fit_time_s and cfg.warmup_steps < 2 * FIT_SKIP_STEPS:
         raise ValueError(f"fitting the run to its time needs a warm-up of at least {2 * FIT_SKIP_STEPS} steps")
     torch.manual_seed(cfg.seed)
@@ -516,7 +518,7 @@ def train(
             fit_from = (step, time.monotonic())
         elif cfg.fit_time_s and step == cfg.warmup_steps and fit_from is not None:
             pace = (time.monotonic() - fit_from[1]) / (step - fit_from[0])
-            cfg = replace(cfg, steps=fitted_steps(cfg, wall_before + time.monotonic() - t0, pace))
+            cfg = replace(cfg, steps=fitted_steps(cfg, wall_before + time.monotonic() - began, pace))
             log.info("%.1f ms per step: %d steps fit in %.0f s", 1000 * pace, cfg.steps, cfg.fit_time_s)
             lines.total = bar.total = cfg.steps
         elapsed = time.monotonic() - t0

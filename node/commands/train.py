@@ -60,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fit-time",
         type=float,
         default=0.0,
-        help="train as many steps as fit in this many seconds (at most --steps), timed over the warm-up",
+        help="train as many steps as fit in this many seconds (at most --steps), timed over the warm-up and counted "
+        "from the start, building the training images included",
     )
     parser.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     parser.add_argument(
