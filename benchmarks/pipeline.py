@@ -48,10 +48,12 @@ from engines.select import (  # noqa: E402
 )
 from inference.anomaly_result import AnomalyResult  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
+from inference.lung_refiner import LungRefiner, load_refiner  # noqa: E402
 from inference.phantoms import ct_datasets, make_ct, radiograph_dataset, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from inference.radiograph_phantoms import make_radiograph  # noqa: E402
 from inference.unet import PRESETS, ModelInfo, UNet, save_model  # noqa: E402
+from inference.weights import lung_refiner_path  # noqa: E402
 
 
 @dataclass
@@ -153,9 +155,15 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=80)
     parser.add_argument("--size", type=int, default=None, help="rows = columns (default: CT 512, DX 2048)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these backends (names in the table)")
+    parser.add_argument(
+        "--lung-refiner", default="bundled", help='CT lung refiner: "bundled" (the node\'s default), a path, or "off"'
+    )
     args = parser.parse_args()
 
     defaults = PipelineSettings()  # = the node's [inference] defaults (tests/test_config.py)
+    refiner = None
+    if args.lung_refiner != "off":
+        refiner = load_refiner(lung_refiner_path() if args.lung_refiner == "bundled" else Path(args.lung_refiner))
     modality = "CT" if args.modality == "ct" else "DX"
     size = args.size or (512 if args.modality == "ct" else 2048)
     chosen = plans(args.device)
@@ -167,7 +175,8 @@ def main() -> int:
     print(f"CPU: {cpu_info().describe()}")
     print(
         f"[inference] defaults: ensemble {defaults.ensemble}, steps {defaults.steps}, "
-        f"t_start {defaults.t_start_for(modality)}, lambda {defaults.lambda_for(modality)}",
+        f"t_start {defaults.t_start_for(modality)}, lambda {defaults.lambda_for(modality)}, "
+        f"lung refiner {refiner.model_id if refiner is not None else 'off'}",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="edgenode-bench-pipeline-") as tmp:
@@ -177,7 +186,7 @@ def main() -> int:
         for source in sources:
             model, info = load_source(source)
             print(f"\nmodel {info.model_id}: {info.config.image_size}x{info.config.image_size} grid", flush=True)
-            rows = time_backends(files, model, info, chosen, args.max_batch, args.repeats, defaults, folder)
+            rows = time_backends(files, model, info, chosen, args.max_batch, args.repeats, defaults, folder, refiner)
             print()
             print_table(rows)
     print("\nmap diff: max |anomaly map - first row's| / max of the first row's; Dice and score against the first row")
@@ -194,6 +203,7 @@ def time_backends(
     repeats: int,
     defaults: PipelineSettings,
     folder: Path,
+    refiner: LungRefiner | None = None,
 ) -> list[Row]:
     rows: list[Row] = []
     runs = [(name, plan, b) for b in max_batches for name, plan in chosen.items()]
@@ -206,12 +216,13 @@ def time_backends(
                 bar.update(repeats + 1)
                 continue
             settings = replace(defaults, max_batch=max_batch)
-            run_pipeline(files, denoiser, info, settings)  # warm-up: export, graph capture, kernel choice
+            # warm-up: export, graph capture, kernel choice
+            run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
             bar.update()
             row = Row(name, max_batch, [], [], 0, None)  # type: ignore[arg-type]
             for _ in range(repeats):
                 start = time.perf_counter()
-                result = run_pipeline(files, denoiser, info, settings)
+                result = run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
                 row.seconds.append(time.perf_counter() - start)
                 row.unet.append(result.timings["reconstruct"])
                 bar.update()

@@ -40,6 +40,7 @@ from inference.heldout import (
     make_ct_cases,
     make_radiograph_cases,
 )
+from inference.lung_refiner import load_refiner, refiner_phantom_seeds
 from inference.phantoms import SHIFTED, TRAINING, Ranges, Span
 from inference.radiograph_phantoms import SHIFTED_FIELDS, SHIFTED_RADIOGRAPHS, TYPICAL_RADIOGRAPHS
 from inference.study_metrics import BOOTSTRAP_RESAMPLES, SPECIFICITY
@@ -357,9 +358,11 @@ def write_report(
     sets: Sequence[str] = SETS,
     resamples: int = BOOTSTRAP_RESAMPLES,
     calibration_subjects: int = CALIBRATION_SUBJECTS,
+    lung_refiner: Path | None = None,
     log: Log = log_stderr,
 ) -> list[SetResult]:
-    """Build the held-out sets, run the rows, write the Markdown report and the figure; the sets' results."""
+    """Build the held-out sets, run the rows, write the Markdown report and the figure; the sets' results.
+    `lung_refiner`: the CT lung refiner every CT row's mask is refined with, as the node's (None: threshold mask)."""
     from inference.train import TrainConfig, training_seeds
 
     wall = time.perf_counter()
@@ -372,6 +375,9 @@ def write_report(
     grid = info.config.image_size
     rx_grid = models.radiograph_info.config.image_size if models.radiograph_info else grid
     excluded = training_seeds_of(models.infos)
+    refiner = load_refiner(lung_refiner) if lung_refiner is not None else None
+    if refiner is not None:  # its training phantoms are not held out either
+        excluded |= refiner_phantom_seeds(refiner.info)
     # the radiograph baseline's threshold, from healthy training-seed radiographs (the radiograph model's own when
     # given, else the default training run's)
     rx_training = sorted(training_seeds_of([models.radiograph_info])) if models.radiograph_info else []
@@ -396,13 +402,15 @@ def write_report(
     for ranges_name in sets:
         t0 = time.perf_counter()
         ranges = TRAINING if ranges_name == "training" else SHIFTED
-        cases = make_ct_cases(seed, lesion_cases, healthy_cases, grid, grid_source_size, slices, ranges)
+        cases = make_ct_cases(
+            seed, lesion_cases, healthy_cases, grid, grid_source_size, slices, ranges, refiner=refiner
+        )
         assert_held_out([c.seed for c in cases], excluded, f"CT set {ranges_name}")
         ct = SetResult(f"Chest CT, held-out set {_letter(ranges_name)}", "CT", ranges_name, cases)
         rows = numbered if ranges_name == "training" else ood_rows
         for other in sorted({models.by_row[r.model].grid for _, r in rows if r.method != "intensity"} - {grid}):
             ct.cases_on_grid[other] = make_ct_cases(
-                seed, lesion_cases, healthy_cases, other, grid_source_size, slices, ranges
+                seed, lesion_cases, healthy_cases, other, grid_source_size, slices, ranges, refiner=refiner
             )
             if [c.seed for c in ct.cases_on_grid[other]] != [c.seed for c in cases]:
                 raise ValueError(f"CT set {ranges_name}: the studies on the {other} grid differ")
@@ -444,6 +452,7 @@ def write_report(
         only_rows,
         sets,
         resamples,
+        lung_refiner,
     )
     training = info.training
     trained = training.get("noise_spectrum")
@@ -451,6 +460,9 @@ def write_report(
     if isinstance(trained, dict):
         spectrum = f" (persistence {trained['persistence']}, {trained['octaves']} octaves)"
     started = f", fine-tuned from `{training['init_from_model']}`" if training.get("init_from_model") else ""
+    mask_text = "the threshold mask alone (`--lung-refiner off`)"
+    if refiner is not None:
+        mask_text = f"the threshold mask refined by `{refiner.model_id}` (inference/lung_refiner.py), as the node's"
     sections = []
     for s in results:
         if s.modality == "CT":
@@ -464,6 +476,7 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
 
     {command}
 
+- CT lung mask (every CT row's condition and inside): {mask_text}.
 - CT model: `{info.model_id}` (grid {grid}x{grid}, trained {training.get("steps")} steps on
   {training.get("data")}{started}, {training.get("noise")} noise{spectrum}, mask-conditioned:
   {training.get("conditioned")}).
@@ -543,6 +556,7 @@ def _command(
     only_rows: Sequence[int] | None,
     sets: Sequence[str],
     resamples: int,
+    lung_refiner: Path | None = None,
 ) -> str:
     """The command line that reproduces the run (paths relative to the working directory when inside it)."""
     parts = [f"edgenode evaluate --threads {torch.get_num_threads()} --model {_rel(model_path)}"]
@@ -561,6 +575,7 @@ def _command(
         parts.append("--rows " + ",".join(str(r) for r in only_rows))
     if tuple(sets) != SETS:
         parts.append("--sets " + ",".join(sets))
+    parts.append(f"--lung-refiner {_rel(lung_refiner) if lung_refiner is not None else 'off'}")
     return " \\\n        ".join(parts)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from inference.phantoms import (
 )
 from inference.radiograph_phantoms import SHIFTED_RADIOGRAPHS, TYPICAL_RADIOGRAPHS, make_radiograph
 from inference.simplex import splitmix64
+
+if TYPE_CHECKING:
+    from inference.lung_refiner import LungRefiner
 
 GT_FRACTION = 0.25  # a model-grid pixel is a lesion pixel when >= this fraction of its area is lesion
 KINDS = (*LESION_KINDS, "mixed")  # lesion studies take these in rotation
@@ -103,9 +107,10 @@ def make_ct_cases(
     slices: int = 20,
     ranges: Ranges = TRAINING,
     keep_healthy: bool = False,
+    refiner: LungRefiner | None = None,
 ) -> list[Case]:
-    """Held-out CT studies drawn in `ranges`, resampled to the model grid with the node's own lung mask
-    (`keep_healthy`: each with its lesion-free twin, `Case.healthy_image`)."""
+    """Held-out CT studies drawn in `ranges`, resampled to the model grid with the node's own lung mask, refined
+    by `refiner` as the node refines it (`keep_healthy`: each with its lesion-free twin, `Case.healthy_image`)."""
     from inference.lungmask import anatomy_mask
     from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
 
@@ -116,7 +121,7 @@ def make_ct_cases(
         mapping = GridMapping(rows=size, cols=size, size=grid)
         # phantom slices run feet to head, like an axial series sorted along its normal (0, 0, 1)
         spacing = ph.grid.spacing
-        anatomy = anatomy_mask(ph.hu, "CT", (spacing[1], spacing[2]), np.array([0.0, 0.0, 1.0]), spacing[0])
+        anatomy = anatomy_mask(ph.hu, "CT", (spacing[1], spacing[2]), np.array([0.0, 0.0, 1.0]), spacing[0], refiner)
         return Case(
             name="",
             kind=kind,

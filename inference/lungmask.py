@@ -19,10 +19,13 @@ inference).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from inference.lung_refiner import LungRefiner
 
 AIR_THRESHOLD_HU = -320.0
 SECOND_LUNG_FRACTION = 0.1
@@ -354,14 +357,19 @@ def anatomy_mask(
     pixel_spacing: tuple[float, float],
     normal: np.ndarray | None = None,
     slice_spacing_mm: float | None = None,
+    refiner: LungRefiner | None = None,
 ) -> np.ndarray:
     """The condition mask for a volume on the source grid: lungs for CT, lung fields for CR/DX.
 
     `normal`: the slice normal the volume is sorted along (None: orientation unknown); `slice_spacing_mm`: the
-    distance between slices (None: a single slice, or unknown).
+    distance between slices (None: a single slice, or unknown); `refiner`: a CT lung refiner that adds the lung
+    filled by opacities (`inference.lung_refiner`; None: the threshold mask alone).
     """
     if modality == "CT":
-        return ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)
+        mask = ct_lung_mask(pixels, pixel_spacing, feet=feet_side(normal), slice_spacing_mm=slice_spacing_mm)
+        if refiner is None:
+            return mask
+        return refiner.refine(np.asarray(pixels, dtype=np.float32).reshape(mask.shape), mask)  # 2D: one slice
     from inference.lung_fields import radiograph_lung_mask  # it builds on this module's helpers
 
     return radiograph_lung_mask(pixels, pixel_spacing)

@@ -90,6 +90,23 @@ def segment_dice(
     return dice(seg[inside], case.lesion[inside])
 
 
+def mask_line(cases: Sequence[Case]) -> str:
+    """What the anatomy mask holds, on the model grid: the lesion voxels inside it (all, and per kind) and the share
+    of the healthy studies' masks that is not lung (where the model, told "lung", would draw lung)."""
+    lesion = [c for c in cases if c.lesion_study]
+    healthy = [c for c in cases if not c.lesion_study]
+
+    def held(group: Sequence[Case]) -> str:
+        total = sum(int(c.lesion.sum()) for c in group)
+        return f"{sum(int((c.lesion & c.anatomy).sum()) for c in group) / total:.3f}" if total else "-"
+
+    kinds = ", ".join(f"{k} {held([c for c in lesion if c.kind == k])}" for k in KINDS)
+    masked = sum(int(c.anatomy.sum()) for c in healthy)
+    outside = sum(int((c.anatomy & ~c.lung).sum()) for c in healthy)
+    share = f"{outside / masked:.3f}" if masked else "-"
+    return f"Mask: lesion voxels inside {held(lesion)} ({kinds}); healthy masks not lung {share}"
+
+
 def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[float], resamples: int) -> str:
     from inference.evaluate import auroc
 
@@ -123,9 +140,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
 
     from inference.evaluate import ModelDenoiser
     from inference.heldout import make_ct_cases, make_radiograph_cases
+    from inference.lung_refiner import load_refiner, refiner_phantom_seeds
     from inference.pipeline import PipelineSettings, detect, segment_keep
     from inference.train import model_training_seeds
     from inference.unet import load_model
+    from inference.weights import lung_refiner_path
 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", required=True, help="weights; repeat to compare")
@@ -145,6 +164,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid",
     )
     parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
+    parser.add_argument(
+        "--lung-refiner",
+        default="bundled",
+        help='CT lung refiner: "bundled" (the node\'s default), a path, or "off" (the threshold mask alone)',
+    )
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50, several_ensembles=True)
     step_counts = args.steps or [PipelineSettings().steps]
     torch.set_num_threads(args.threads)
@@ -155,9 +179,15 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     modality_name = modality.pop()
     lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
 
+    refiner = None
+    if modality_name == "CT" and args.lung_refiner != "off":
+        refiner = load_refiner(lung_refiner_path() if args.lung_refiner == "bundled" else Path(args.lung_refiner))
+
     def render(grid: int) -> list[Case]:
         if modality_name == "CT":
-            return make_ct_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.source_size, args.slices)
+            return make_ct_cases(
+                args.seed, args.lesion_cases, args.healthy_cases, grid, args.source_size, args.slices, refiner=refiner
+            )
         return make_radiograph_cases(args.seed, args.lesion_cases, args.healthy_cases, grid, args.radiograph_size)
 
     # The same phantoms on each model's own grid (a study's truth and scores do not depend on the grid, so the
@@ -170,6 +200,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     for (model, info), members, steps in itertools.product(loaded, args.ensemble, step_counts):
         cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
+        if refiner is not None:
+            check_disjoint(cases, sorted(refiner_phantom_seeds(refiner.info)))
         settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
         if args.persistence is not None:
             settings = replace(settings, persistence=args.persistence)
@@ -202,6 +234,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     labels = np.array([c.lesion_study for c in cases])
     studies = f"{labels.sum()} lesion / {(~labels).sum()} healthy studies"
     out(f"\nValidation seed {args.seed}: {studies}")
+    out(mask_line(cases) + (f" (refined by {refiner.model_id})" if refiner is not None else " (threshold mask)"))
     out(table(runs, cases, lambdas, args.bootstrap))
     return 0
 

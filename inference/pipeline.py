@@ -20,6 +20,7 @@ from inference.anomaly_result import AnomalyResult
 from inference.denoiser import Denoiser
 from inference.diffusion import LinearSchedule, Sampler, strided_timesteps
 from inference.ensemble import ensemble_reconstruct
+from inference.lung_refiner import LungRefiner
 from inference.lungmask import anatomy_mask
 from inference.postprocess import detect_anomalies, median_filtered
 from inference.simplex import NoiseSource
@@ -249,8 +250,10 @@ def run_pipeline(
     model_info: ModelInfo,
     settings: PipelineSettings,
     progress: Progress | None = None,
+    lung_refiner: LungRefiner | None = None,
 ) -> AnomalyResult:
-    """One series' files -> AnomalyResult on the source grid (slice k <-> source_sop_instance_uids[k])."""
+    """One series' files -> AnomalyResult on the source grid (slice k <-> source_sop_instance_uids[k]);
+    `lung_refiner` refines a CT series' lung mask (`inference.lung_refiner`)."""
 
     def report(stage: str, fraction: float) -> None:
         if progress is not None:
@@ -270,7 +273,9 @@ def run_pipeline(
 
     start = time.perf_counter()
     report("mask", 0.0)
-    mask = anatomy_mask(volume.pixels, volume.modality, volume.pixel_spacing, volume.normal, volume.slice_spacing)
+    mask = anatomy_mask(
+        volume.pixels, volume.modality, volume.pixel_spacing, volume.normal, volume.slice_spacing, lung_refiner
+    )
     timings["mask"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -311,6 +316,7 @@ def run_pipeline(
         "segment_polarity": settings.polarity_for(modality),
         "timesteps": settings.timesteps(modality),
         "engine": denoiser.name,
+        "lung_refiner": lung_refiner.model_id if lung_refiner is not None and modality == "CT" else "",
     }
     return AnomalyResult(
         model_id=model_info.model_id,

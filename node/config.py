@@ -195,6 +195,9 @@ class InferenceSettings(Section):
     # reconstruction) or "both"; the study and slice scores always count both (docs/method.md).
     segment_polarity: dict[str, SegmentPolarity] = Field(default_factory=lambda: dict(POLARITY_DEFAULTS))
     max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
+    # The CT lung mask's learned refinement (inference/lung_refiner.py: takes in lung filled by opacities, which the
+    # threshold mask leaves out): "bundled", a path to a refiner .safetensors, or "off" (the threshold mask alone).
+    lung_refiner: str = "bundled"
     seed: int = 0
     min_ct_slices: int = Field(3, ge=1)  # fewer usable slices (damaged ones left out): the CT series is skipped
     workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
@@ -239,6 +242,14 @@ class InferenceSettings(Section):
             if empty:
                 raise ValueError(f'no model given for {", ".join(empty)}: "bundled" or a path to a .safetensors file')
         return merged
+
+    @field_validator("lung_refiner")
+    @classmethod
+    def _refiner_named(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError('empty: give "bundled", "off" or a path to a lung refiner .safetensors file')
+        return "off" if value.lower() == "off" else value
 
     @field_validator("deep_t_start", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from node.config import InferenceSettings, Settings
 if TYPE_CHECKING:
     from inference.anomaly_result import AnomalyResult
     from inference.denoiser import Denoiser
+    from inference.lung_refiner import LungRefiner
     from inference.pipeline import PipelineSettings
     from inference.unet import ModelInfo
     from node.models import ServingModel
@@ -38,6 +39,17 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
         seed=inference.seed,
         min_ct_slices=inference.min_ct_slices,
     )
+
+
+def load_lung_refiner(inference: InferenceSettings) -> LungRefiner | None:
+    """The CT lung refiner `[inference] lung_refiner` names, or None ("off"); a missing or wrong file raises
+    (FileNotFoundError, ValueError) so that the worker refuses to start rather than run without it."""
+    if inference.lung_refiner == "off":
+        return None
+    from inference.lung_refiner import load_refiner
+    from inference.weights import lung_refiner_path
+
+    return load_refiner(lung_refiner_path() if inference.lung_refiner == "bundled" else Path(inference.lung_refiner))
 
 
 def pin_worker_gpu(slot: int, device: str) -> int | None:
@@ -64,6 +76,16 @@ class LoadedModel:
         self.settings = settings
         self.models = ModelSet(settings)  # each model checked against its training before it serves
         self.max_batch = settings.inference.max_batch  # halved on each CUDA out-of-memory
+        self._lung_refiner: LungRefiner | None = None
+        self._lung_refiner_loaded = False
+
+    @property
+    def lung_refiner(self) -> LungRefiner | None:
+        """The CT lung refiner, loaded on first use (None when `[inference] lung_refiner = "off"`)."""
+        if not self._lung_refiner_loaded:
+            self._lung_refiner = load_lung_refiner(self.settings.inference)
+            self._lung_refiner_loaded = True
+        return self._lung_refiner
 
     def load(self) -> tuple[Denoiser, ModelInfo]:
         """Load every configured model that serves a modality; the first one is returned (the start-up log
@@ -71,6 +93,7 @@ class LoadedModel:
         from node.job_series import IMAGE_MODALITIES
 
         first = self.models.load_all()
+        _ = self.lung_refiner  # a missing refiner stops the start, not the first CT study
         if not first:
             refusals = "; ".join(self.models.refusal(m) for m in IMAGE_MODALITIES)
             raise ValueError(f"no configured model is trained for any modality: {refusals}")
@@ -94,7 +117,14 @@ class LoadedModel:
         while True:
             settings = pipeline_settings(self.settings.inference, self.max_batch)
             try:
-                return run_pipeline(paths, served.denoiser, served.info, settings, progress=lambda *_: check())
+                return run_pipeline(  # the refiner applies to CT series only (anatomy_mask)
+                    paths,
+                    served.denoiser,
+                    served.info,
+                    settings,
+                    progress=lambda *_: check(),
+                    lung_refiner=self.lung_refiner,
+                )
             except torch.cuda.OutOfMemoryError:
                 if self.max_batch <= 1:
                     raise

@@ -21,6 +21,11 @@ def bundled_model_path() -> Path:
     return found[0]
 
 
+def lung_refiner_path() -> Path:
+    """The shipped CT lung-mask refiner (`inference.lung_refiner`), used by default (`[inference] lung_refiner`)."""
+    return WEIGHTS_DIR / "lung" / "ct-lung-refiner.safetensors"
+
+
 def radiograph_model_path() -> Path:
     """The shipped chest radiograph (CR/DX) model: not loaded by default (docs/model-card.md), configured by path."""
     return WEIGHTS_DIR / "radiograph" / "chest-rx-small.safetensors"

@@ -36,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lambda-cr", dest="lam_cr", type=float, default=3.0, help="adaptive threshold lambda (CR/DX default)"
     )
+    parser.add_argument(
+        "--lung-refiner",
+        default="bundled",
+        help='CT lung refiner: "bundled" (the node\'s default), a path, or "off" (the threshold mask alone)',
+    )
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the study intervals")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
     from inference.evaluation_report import write_report
-    from inference.weights import bundled_model_path
+    from inference.weights import bundled_model_path, lung_refiner_path
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -73,6 +78,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     if not sets or not set(sets) <= {"training", "shifted"}:
         print(f"edgenode evaluate: --sets {args.sets!r}: choose training and/or shifted")
+        return 2
+    refiner = {"bundled": lung_refiner_path(), "off": None}.get(args.lung_refiner, Path(args.lung_refiner))
+    if refiner is not None and not refiner.is_file():
+        print(f"edgenode evaluate: lung refiner {refiner} not found")
         return 2
     figure = args.figure or args.out.with_name("evaluation.png")
     try:
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             radiograph_size=args.radiograph_size,
             sets=sets,
             resamples=args.bootstrap,
+            lung_refiner=refiner,
         )
     except ValueError as exc:  # a model that is not for CR/DX, a set that is not held out
         print(f"edgenode evaluate: {exc}")
