@@ -15,12 +15,9 @@ out=${1:?usage: bash scripts/gpu_session.sh OUT_DIR SECONDS [POOL_CACHE]}
 budget=${2:?usage: bash scripts/gpu_session.sh OUT_DIR SECONDS [POOL_CACHE]}
 pool=${3:-}
 deadline=$(($(date +%s) + budget))
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+mkdir -p "$out" && out=$(cd "$out" && pwd)
 [ -z "$pool" ] || pool=$(cd "$(dirname "$pool")" && pwd)/$(basename "$pool")
-cd "$(dirname "$0")/.."
-py=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."  # gpu.sh and gpu_train.sh set their own environment
 
 # The checks and tables get at most half the time: they are the session's first duty, the runs its second.
 timeout -k 10 $((budget / 2)) bash benchmarks/gpu.sh "$out/bench"
