@@ -48,12 +48,11 @@ from engines.select import (  # noqa: E402
 )
 from inference.anomaly_result import AnomalyResult  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
-from inference.lung_refiner import LungRefiner, load_refiner  # noqa: E402
+from inference.lung_refiner import LungRefiner, chosen_refiner  # noqa: E402
 from inference.phantoms import ct_datasets, make_ct, radiograph_dataset, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from inference.radiograph_phantoms import make_radiograph  # noqa: E402
 from inference.unet import PRESETS, ModelInfo, UNet, save_model  # noqa: E402
-from inference.weights import lung_refiner_path  # noqa: E402
 
 
 @dataclass
@@ -161,9 +160,7 @@ def main() -> int:
     args = parser.parse_args()
 
     defaults = PipelineSettings()  # = the node's [inference] defaults (tests/test_config.py)
-    refiner = None
-    if args.lung_refiner != "off":
-        refiner = load_refiner(lung_refiner_path() if args.lung_refiner == "bundled" else Path(args.lung_refiner))
+    refiner = chosen_refiner(args.lung_refiner)
     modality = "CT" if args.modality == "ct" else "DX"
     size = args.size or (512 if args.modality == "ct" else 2048)
     chosen = plans(args.device)

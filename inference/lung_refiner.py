@@ -92,6 +92,23 @@ def load_refiner(path: Path) -> LungRefiner:
     return LungRefiner(model, info)
 
 
+def refiner_file(choice: str) -> Path | None:
+    """The file a setting names: "bundled" (the shipped refiner), "off" (None: the threshold mask alone) or a path."""
+    from inference.weights import lung_refiner_path
+
+    choice = choice.strip()
+    if choice.lower() == "off":
+        return None
+    return lung_refiner_path() if choice == "bundled" else Path(choice)
+
+
+def chosen_refiner(choice: str) -> LungRefiner | None:
+    """The refiner a setting names (`refiner_file`), loaded; a missing or wrong file raises (FileNotFoundError,
+    ValueError)."""
+    path = refiner_file(choice)
+    return None if path is None else load_refiner(path)
+
+
 def refiner_phantom_seeds(info: ModelInfo) -> set[int]:
     """The phantom seeds a refiner was trained on (from its metadata), which no held-out set may use."""
     first, count = info.training.get("first_phantom_seed"), info.training.get("phantoms")

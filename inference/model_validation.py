@@ -140,11 +140,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
 
     from inference.evaluate import ModelDenoiser
     from inference.heldout import make_ct_cases, make_radiograph_cases
-    from inference.lung_refiner import load_refiner, refiner_phantom_seeds
+    from inference.lung_refiner import chosen_refiner, refiner_phantom_seeds
     from inference.pipeline import PipelineSettings, detect, segment_keep
     from inference.train import model_training_seeds
     from inference.unet import load_model
-    from inference.weights import lung_refiner_path
 
     parser = argparse.ArgumentParser(prog="python -m inference.model_validation", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, action="append", required=True, help="weights; repeat to compare")
@@ -179,9 +178,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     modality_name = modality.pop()
     lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
 
-    refiner = None
-    if modality_name == "CT" and args.lung_refiner != "off":
-        refiner = load_refiner(lung_refiner_path() if args.lung_refiner == "bundled" else Path(args.lung_refiner))
+    refiner = chosen_refiner(args.lung_refiner) if modality_name == "CT" else None
 
     def render(grid: int) -> list[Case]:
         if modality_name == "CT":

@@ -44,12 +44,9 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
 def load_lung_refiner(inference: InferenceSettings) -> LungRefiner | None:
     """The CT lung refiner `[inference] lung_refiner` names, or None ("off"); a missing or wrong file raises
     (FileNotFoundError, ValueError) so that the worker refuses to start rather than run without it."""
-    if inference.lung_refiner == "off":
-        return None
-    from inference.lung_refiner import load_refiner
-    from inference.weights import lung_refiner_path
+    from inference.lung_refiner import chosen_refiner
 
-    return load_refiner(lung_refiner_path() if inference.lung_refiner == "bundled" else Path(inference.lung_refiner))
+    return chosen_refiner(inference.lung_refiner)
 
 
 def pin_worker_gpu(slot: int, device: str) -> int | None:

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
     from inference.evaluation_report import write_report
-    from inference.weights import bundled_model_path, lung_refiner_path
+    from inference.lung_refiner import refiner_file
+    from inference.weights import bundled_model_path
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not sets or not set(sets) <= {"training", "shifted"}:
         print(f"edgenode evaluate: --sets {args.sets!r}: choose training and/or shifted")
         return 2
-    refiner = {"bundled": lung_refiner_path(), "off": None}.get(args.lung_refiner, Path(args.lung_refiner))
+    refiner = refiner_file(args.lung_refiner)
     if refiner is not None and not refiner.is_file():
         print(f"edgenode evaluate: lung refiner {refiner} not found")
         return 2
