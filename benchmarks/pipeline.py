@@ -160,8 +160,8 @@ def main() -> int:
     args = parser.parse_args()
 
     defaults = PipelineSettings()  # = the node's [inference] defaults (tests/test_config.py)
-    refiner = chosen_refiner(args.lung_refiner)
     modality = "CT" if args.modality == "ct" else "DX"
+    refiner = chosen_refiner(args.lung_refiner) if modality == "CT" else None  # a CT mask's, not a radiograph's
     size = args.size or (512 if args.modality == "ct" else 2048)
     chosen = plans(args.device)
     if args.only:

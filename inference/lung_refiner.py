@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from inference.unet import PRESETS, ModelInfo, UNet, load_model, save_model
+
+if TYPE_CHECKING:
+    from inference.volume import GridMapping
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +58,17 @@ class LungRefiner:
     def model_id(self) -> str:
         return self.info.model_id
 
+    def grid_mapping(self, hu: np.ndarray) -> GridMapping:
+        """A (Z, rows, cols) volume's mapping onto the refiner's grid."""
+        from inference.volume import GridMapping
+
+        return GridMapping(rows=hu.shape[1], cols=hu.shape[2], size=self.info.config.image_size)
+
     def lung_probability(self, hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """(Z, GRID, GRID) probability of lung from a CT volume in HU (Z, rows, cols) and its threshold mask."""
-        from inference.volume import GridMapping, mask_to_grid, normalise, resample_to_grid
+        from inference.volume import mask_to_grid, normalise, resample_to_grid
 
-        mapping = GridMapping(rows=hu.shape[1], cols=hu.shape[2], size=self.info.config.image_size)
+        mapping = self.grid_mapping(hu)
         x = torch.from_numpy(resample_to_grid(normalise(hu, "CT"), mapping, fill=-1.0))[:, None]
         cond = torch.from_numpy(mask_to_grid(mask, mapping).astype(np.float32))[:, None]
         out = []
@@ -71,7 +81,7 @@ class LungRefiner:
     def refine(self, hu: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """The threshold `mask` (Z, rows, cols) plus the refiner's lung (probability >= 0.5, back on the source
         grid, eroded by EROSION_PIXELS in-plane)."""
-        from inference.volume import GridMapping, mask_from_grid
+        from inference.volume import mask_from_grid
 
         hu = np.asarray(hu, dtype=np.float32)
         mask = np.asarray(mask, dtype=bool)
@@ -79,8 +89,7 @@ class LungRefiner:
             raise ValueError(f"refine wants a (Z, rows, cols) volume and its mask, not {hu.shape} and {mask.shape}")
         if not mask.any():  # no lungs found at all: nothing to refine (and no condition for the refiner)
             return mask
-        mapping = GridMapping(rows=hu.shape[1], cols=hu.shape[2], size=self.info.config.image_size)
-        lung = mask_from_grid(self.lung_probability(hu, mask) >= 0.5, mapping)
+        lung = mask_from_grid(self.lung_probability(hu, mask) >= 0.5, self.grid_mapping(hu))
         return mask | ndimage.binary_erosion(lung, _IN_PLANE, iterations=EROSION_PIXELS)
 
 

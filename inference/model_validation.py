@@ -231,7 +231,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     labels = np.array([c.lesion_study for c in cases])
     studies = f"{labels.sum()} lesion / {(~labels).sum()} healthy studies"
     out(f"\nValidation seed {args.seed}: {studies}")
-    out(mask_line(cases) + (f" (refined by {refiner.model_id})" if refiner is not None else " (threshold mask)"))
+    how = "lung fields" if modality_name != "CT" else "threshold mask"
+    out(mask_line(cases) + (f" (refined by {refiner.model_id})" if refiner is not None else f" ({how})"))
     out(table(runs, cases, lambdas, args.bootstrap))
     return 0
 

@@ -6,6 +6,7 @@ settings, or the series' modality) has one place, checked before any job is clai
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,16 +74,11 @@ class LoadedModel:
         self.settings = settings
         self.models = ModelSet(settings)  # each model checked against its training before it serves
         self.max_batch = settings.inference.max_batch  # halved on each CUDA out-of-memory
-        self._lung_refiner: LungRefiner | None = None
-        self._lung_refiner_loaded = False
 
-    @property
+    @functools.cached_property
     def lung_refiner(self) -> LungRefiner | None:
         """The CT lung refiner, loaded on first use (None when `[inference] lung_refiner = "off"`)."""
-        if not self._lung_refiner_loaded:
-            self._lung_refiner = load_lung_refiner(self.settings.inference)
-            self._lung_refiner_loaded = True
-        return self._lung_refiner
+        return load_lung_refiner(self.settings.inference)
 
     def load(self) -> tuple[Denoiser, ModelInfo]:
         """Load every configured model that serves a modality; the first one is returned (the start-up log

@@ -19,6 +19,7 @@ def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size
     assert model_validation.main(argv, out=lines.append) == 0
     text = "\n".join(lines)
     assert "2 lesion / 2 healthy studies" in text
+    assert "Mask: lesion voxels inside" in text and "(refined by ct-lung-refiner-" in text  # the node's CT mask
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 4
     assert "(64x64 grid, persistence 0.5, outlines denser, K = 1, 5 steps)" in rows[0]  # shipped, the node's steps
@@ -72,6 +73,7 @@ def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
     argv += ["--model", RADIOGRAPH]
     assert model_validation.main(argv, out=lines.append) == 0
     table = lines[-1]
+    assert lines[-2].startswith("Mask: ") and lines[-2].endswith("(lung fields)")  # no CT refiner for radiographs
     assert "| Dice lambda 2 | Dice lambda 3 | Dice lambda 4 |" in table
     assert "(96x96 grid, persistence 0.5, outlines both, K = 1, 2 steps)" in table
 
