@@ -7,10 +7,10 @@ default, typical acquisition variation, nodules) instead, with a radiograph mode
 `--grids 64 96 128` untrained models of `--preset` on those grids, one table each (the time does not depend on
 the weights), to choose the radiograph model's grid.
 
-The table splits each study's seconds into the U-Net (reverse diffusion, noise, ensemble) and the rest (load,
-mask, model grid, threshold, map back), gives the U-Net images/s, and compares each backend's result with the
-first row's (the fp32 reference): the largest anomaly-map difference relative to that map's maximum, the Dice
-of the segmentations, and the study score.
+The table splits each study's seconds into the U-Net (reverse diffusion, noise, ensemble), the lung mask (with the
+CT lung refiner, `--lung-refiner`) and the rest (load, model grid, threshold, map back), gives the U-Net images/s,
+and compares each backend's result with the first row's (the fp32 reference): the largest anomaly-map difference
+relative to that map's maximum, the Dice of the segmentations, and the study score.
 
 On a CPU it runs every candidate of `engines.select`'s probe this CPU can run (torch fp32 first, the reference,
 then ONNX Runtime fp32, OpenVINO fp32, and torch/OpenVINO bf16 where the CPU has bf16 units), all in one run;
@@ -61,11 +61,12 @@ class Row:
     max_batch: int
     seconds: list[float]  # whole pipeline, per repeat
     unet: list[float]  # `reconstruct` stage, per repeat
+    mask: list[float]  # `mask` stage (the lung mask, with the CT lung refiner when it runs), per repeat
     images: int  # U-Net image evaluations per study
     result: AnomalyResult
 
     def cells(self, reference: AnomalyResult) -> list[str]:
-        total, unet = statistics.median(self.seconds), statistics.median(self.unet)
+        total, unet, mask = (statistics.median(v) for v in (self.seconds, self.unet, self.mask))
         scale = float(reference.anomaly_map.max()) or 1.0
         diff = float(np.abs(self.result.anomaly_map - reference.anomaly_map).max()) / scale
         a, b = self.result.segmentation, reference.segmentation
@@ -76,7 +77,8 @@ class Row:
             str(self.max_batch),
             f"{total:.2f}",
             f"{unet:.2f}",
-            f"{total - unet:.2f}",
+            f"{mask:.2f}",
+            f"{total - unet - mask:.2f}",
             f"{self.images / unet:.0f}",
             f"{diff:.1e}",
             f"{dice:.4f}",
@@ -85,7 +87,18 @@ class Row:
 
 
 DEFAULT_MAX_BATCH = 28  # [inference] max_batch default
-HEADER = ["backend", "max batch", "study s", "U-Net s", "rest s", "U-Net images/s", "map diff", "Dice", "score"]
+HEADER = [
+    "backend",
+    "max batch",
+    "study s",
+    "U-Net s",
+    "mask s",
+    "rest s",
+    "U-Net images/s",
+    "map diff",
+    "Dice",
+    "score",
+]
 
 
 def plans(device: str) -> dict[str, Plan]:
@@ -216,12 +229,13 @@ def time_backends(
             # warm-up: export, graph capture, kernel choice
             run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
             bar.update()
-            row = Row(name, max_batch, [], [], 0, None)  # type: ignore[arg-type]
+            row = Row(name, max_batch, [], [], [], 0, None)  # type: ignore[arg-type]
             for _ in range(repeats):
                 start = time.perf_counter()
                 result = run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
                 row.seconds.append(time.perf_counter() - start)
                 row.unet.append(result.timings["reconstruct"])
+                row.mask.append(result.timings["mask"])
                 bar.update()
             row.result = result
             row.images = defaults.ensemble * defaults.steps * result.anatomy_mask.shape[0]  # every slice

@@ -35,10 +35,11 @@ def test_pipeline_benchmark_compares_the_cpu_backends() -> None:
     rows = table(out)
     assert [r[0] for r in rows] == ["torch-cpu-fp32", "onnxruntime-cpu-fp32", "openvino-cpu-fp32"]
     reference, *others = rows
-    assert float(reference[6]) == 0.0  # the first row is the reference
+    assert float(reference[7]) == 0.0  # the first row is the reference
     for row in others:
-        assert float(row[6]) < 1e-4 and row[8] == reference[8]  # same map to fp32 rounding, same score
+        assert float(row[7]) < 1e-4 and row[9] == reference[9]  # same map to fp32 rounding, same score
     assert all(float(r[2]) >= float(r[3]) > 0 for r in rows)  # the study includes its U-Net time
+    assert all(float(r[4]) >= 0 and float(r[5]) >= 0 for r in rows)  # and its mask time, and the rest
     assert "CPU: " in out
 
 
