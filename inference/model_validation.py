@@ -10,7 +10,8 @@ the node's `detect` with its own noise spectrum (or --persistence in its place, 
 retraining) on its own grid (each --ensemble K with each --steps count, the node's study score), and prints per
 run: study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction
 error, study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
-reconstructions) and the paired difference in study AUROC to the first run. docs/method.md records the figures
+reconstructions), mean Dice per lesion kind at the node's lambda (the goal has a floor per kind) and the paired
+difference in study AUROC to the first run. docs/method.md records the figures
 that chose the models.
 """
 
@@ -107,16 +108,23 @@ def mask_line(cases: Sequence[Case]) -> str:
     return f"Mask: lesion voxels inside {held(lesion)} ({kinds}); healthy masks not lung {share}"
 
 
-def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[float], resamples: int) -> str:
+def table(
+    runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[float], node_lambda: float, resamples: int
+) -> str:
     from inference.evaluate import auroc
 
     labels = np.array([c.lesion_study for c in cases])
     kinds = np.array([c.kind for c in cases])
+    lesion_kinds = kinds[labels]
     first = np.array(runs[0].study_scores)
     head = "| model | study AUROC | sens. at 90 % spec. | slice AUROC | healthy RMSE | "
-    head += " | ".join([f"{k} study AUROC" for k in KINDS] + [f"Dice lambda {lam:g}" for lam in lambdas])
+    head += " | ".join(
+        [f"{k} study AUROC" for k in KINDS]
+        + [f"Dice lambda {lam:g}" for lam in lambdas]
+        + [f"{k} Dice (lambda {node_lambda:g})" for k in KINDS]
+    )
     head += " | study AUROC vs the first [95 % CI] |"
-    lines = [head, "|---|" + "---:|" * (4 + len(KINDS) + len(lambdas) + 1)]
+    lines = [head, "|---|" + "---:|" * (4 + 2 * len(KINDS) + len(lambdas) + 1)]
     for run in runs:
         s = np.array(run.study_scores)
         by_kind = []
@@ -125,6 +133,9 @@ def table(runs: Sequence[ModelRun], cases: Sequence[Case], lambdas: Sequence[flo
             by_kind.append(f"{study_auroc(s[keep], labels[keep]):.3f}" if (kinds == k).any() else "-")
         diff, lo, hi = paired_difference(study_auroc, s, first, labels, resamples, 0)
         dice_cells = [f"{np.mean(run.dice[lam]):.3f}" if run.dice[lam] else "-" for lam in lambdas]
+        kind_dice = np.array(run.dice[node_lambda])
+        for k in KINDS:
+            dice_cells.append(f"{kind_dice[lesion_kinds == k].mean():.3f}" if (lesion_kinds == k).any() else "-")
         lines.append(
             f"| {run.name} | {study_auroc(s, labels):.3f} | {sensitivity_at_specificity(s, labels):.3f} | "
             f"{auroc(np.concatenate(run.slice_scores), np.concatenate(run.slice_truth)):.3f} | "
@@ -177,6 +188,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         parser.error("the models are for different modalities (CT and CR/DX): compare models of one")
     modality_name = modality.pop()
     lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
+    node_lambda = PipelineSettings().lambda_for(modality_name)
 
     refiner = chosen_refiner(args.lung_refiner) if modality_name == "CT" else None
 
@@ -211,7 +223,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if args.scale_sizes:
             variant += f", medians {settings.median_size}/{settings.score_median_size}"
         name = f"{info.model_id} ({grid}x{grid} grid, {variant}, K = {members}, {steps} steps)"
-        run = ModelRun(name, dice={lam: [] for lam in lambdas})
+        run = ModelRun(name, dice={lam: [] for lam in {*lambdas, node_lambda}})
         denoiser = ModelDenoiser(model, info)
         for n, case in enumerate(cases, 1):
             det = detect(case.image, case.anatomy, denoiser, settings, modality_name)
@@ -220,7 +232,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             run.slice_truth.append(np.asarray(case.lesion.any(axis=(1, 2))))
             if case.lesion_study:
                 keep = segment_keep(settings, modality_name, case.image, det.reconstruction)
-                for lam in lambdas:
+                for lam in run.dice:
                     run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size, keep))
             else:
                 inside = case.anatomy.astype(bool)
@@ -233,7 +245,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     out(f"\nValidation seed {args.seed}: {studies}")
     how = "lung fields" if modality_name != "CT" else "threshold mask"
     out(mask_line(cases) + (f" (refined by {refiner.model_id})" if refiner is not None else f" ({how})"))
-    out(table(runs, cases, lambdas, args.bootstrap))
+    out(table(runs, cases, lambdas, node_lambda, args.bootstrap))
     return 0
 
 

@@ -27,7 +27,8 @@ def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size
     assert "(64x64 grid, persistence 0.8, outlines denser, K = 1, 5 steps)" in rows[2]  # ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first run against itself
     cells = rows[2].split(" | ")
-    assert len(cells) == 1 + 4 + len(model_validation.KINDS) + 2 + 1
+    assert len(cells) == 1 + 4 + 2 * len(model_validation.KINDS) + 2 + 1
+    assert "| nodule Dice (lambda 8) |" in text  # per kind at the node's lambda
 
 
 def test_compares_models_of_different_grids_on_the_same_studies(tmp_path) -> None:
