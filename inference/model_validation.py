@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from inference.heldout import KINDS, Case
+from inference.pipeline import SEGMENTATION_SIZES, PipelineSettings, segmentation_sizes
 from inference.score_validation import check_disjoint, int_list, parse_validation_args
 from inference.study_metrics import paired_difference, sensitivity_at_specificity, study_auroc
 
 if TYPE_CHECKING:
-    from inference.pipeline import PipelineSettings
     from inference.unet import ModelInfo
 
 
@@ -54,6 +54,15 @@ def sizes_for_grid(settings: PipelineSettings, grid: int) -> PipelineSettings:
         score_median_size=odd(settings.score_median_size),
         min_component_size=max(1, round(settings.min_component_size * (grid / SIZES_GRID) ** 2)),
     )
+
+
+def segmentation_arg(text: str) -> dict[str, int]:
+    """--segmentation's "key=value,..." as checked sizes."""
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item.strip())
+        return segmentation_sizes({k.strip(): int(v) for k, v in pairs.items()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def model_modality(info: ModelInfo) -> str:
@@ -79,14 +88,23 @@ class ModelRun:
 
 
 def segment_dice(
-    error: np.ndarray, case: Case, lam: float, min_component_size: int, keep: np.ndarray | None = None
+    error: np.ndarray, case: Case, lam: float, settings: PipelineSettings, keep: np.ndarray | None = None
 ) -> float:
-    """The node's segmentation at this lambda (postprocess.detect_anomalies on the detection's error map, `keep`
-    as the node's segment polarity gives it), scored inside lungs, anatomy mask and lesion as the evaluation does."""
+    """The node's segmentation at this lambda (postprocess.detect_anomalies on the detection's error map with the
+    settings' cleaning, `keep` as the node's segment polarity gives it), scored inside lungs, anatomy mask and
+    lesion as the evaluation does."""
     from inference.evaluate import dice
     from inference.postprocess import detect_anomalies
 
-    seg = detect_anomalies(error, case.anatomy, lam, min_component_size=min_component_size, keep=keep).segmentation
+    seg = detect_anomalies(
+        error,
+        case.anatomy,
+        lam,
+        opening=settings.opening,
+        closing=settings.closing,
+        min_component_size=settings.min_component_size,
+        keep=keep,
+    ).segmentation
     inside = case.anatomy | case.lung | case.lesion
     return dice(seg[inside], case.lesion[inside])
 
@@ -152,7 +170,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     from inference.evaluate import ModelDenoiser
     from inference.heldout import make_ct_cases, make_radiograph_cases
     from inference.lung_refiner import chosen_refiner, refiner_phantom_seeds
-    from inference.pipeline import PipelineSettings, detect, segment_keep
+    from inference.pipeline import detect, segment_keep
     from inference.train import model_training_seeds
     from inference.unet import load_model
 
@@ -172,6 +190,12 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         "--scale-sizes",
         action="store_true",
         help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid",
+    )
+    parser.add_argument(
+        "--segmentation",
+        type=segmentation_arg,
+        help="segmentation pixel sizes instead of each model's, e.g. median_size=1,opening=0,closing=0,"
+        "min_component_size=9 (keys: " + ", ".join(SEGMENTATION_SIZES) + ")",
     )
     parser.add_argument("--radiograph-size", type=int, default=256, help="radiograph phantoms' native size")
     parser.add_argument(
@@ -218,10 +242,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
         if args.scale_sizes:
             settings = sizes_for_grid(settings, info.config.image_size)
+        if args.segmentation:
+            settings = settings.with_segmentation(args.segmentation)
         grid = info.config.image_size
         variant = f"persistence {settings.persistence:g}, outlines {settings.polarity_for(modality_name)}"
-        if args.scale_sizes:
+        if args.scale_sizes or args.segmentation or "segmentation" in info.training:
             variant += f", medians {settings.median_size}/{settings.score_median_size}"
+            variant += f", opening/closing {settings.opening}/{settings.closing}"
+            variant += f", components >= {settings.min_component_size}"
         name = f"{info.model_id} ({grid}x{grid} grid, {variant}, K = {members}, {steps} steps)"
         run = ModelRun(name, dice={lam: [] for lam in {*lambdas, node_lambda}})
         denoiser = ModelDenoiser(model, info)
@@ -233,7 +261,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             if case.lesion_study:
                 keep = segment_keep(settings, modality_name, case.image, det.reconstruction)
                 for lam in run.dice:
-                    run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings.min_component_size, keep))
+                    run.dice[lam].append(segment_dice(det.anomaly_map, case, lam, settings, keep))
             else:
                 inside = case.anatomy.astype(bool)
                 run.healthy_rmse.append(float(np.sqrt(np.mean((case.image - det.reconstruction)[inside] ** 2))))

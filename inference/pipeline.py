@@ -37,6 +37,27 @@ Progress = Callable[[str, float], None]
 SegmentPolarity = Literal["both", "denser"]
 
 
+SEGMENTATION_SIZES = ("median_size", "opening", "closing", "min_component_size")  # model-grid pixels
+
+
+def segmentation_sizes(sizes: object) -> dict[str, int]:
+    """A model's `segmentation` metadata (or an override) checked: known keys, whole numbers >= 0, an odd median
+    (1 = off). ValueError names what is wrong."""
+    if not isinstance(sizes, dict):
+        raise ValueError(f"segmentation sizes must be a table, not {sizes!r}")
+    unknown = sorted(set(sizes) - set(SEGMENTATION_SIZES))
+    if unknown:
+        raise ValueError(f"unknown segmentation sizes {unknown}; known: {', '.join(SEGMENTATION_SIZES)}")
+    checked: dict[str, int] = {}
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"segmentation {key} must be a whole number >= 0, not {value!r}")
+        checked[key] = value
+    if checked.get("median_size", 1) % 2 == 0:
+        raise ValueError(f"segmentation median_size must be odd (1 = off), not {checked['median_size']}")
+    return checked
+
+
 @dataclass
 class PipelineSettings:
     """Everything that changes what the pipeline computes (node config maps onto it; evaluation ablates it)."""
@@ -87,18 +108,27 @@ class PipelineSettings:
         return self.segment_polarity.get(modality, "both")
 
     def for_model(self, training: dict[str, object]) -> PipelineSettings:
-        """These settings with the simplex spectrum the model was trained with (its metadata's `noise_spectrum`):
-        a model predicts the noise it saw in training, so the spectrum belongs to the model, not the site. A
-        model without the key was trained with the defaults."""
+        """These settings with the simplex spectrum the model was trained with (its metadata's `noise_spectrum`)
+        and the segmentation's pixel sizes chosen for its grid (its metadata's `segmentation`, if any).
+
+        A model predicts the noise it saw in training, so the spectrum belongs to the model, not the site; a model
+        without the key was trained with the defaults. The median filter, opening / closing and minimum component
+        are in model-grid pixels, so what suits a 64 grid erases a 96 grid's thin findings (docs/method.md): a
+        model chosen with other sizes carries them."""
+        settings = self.with_segmentation(segmentation_sizes(training.get("segmentation", {})))
         spectrum = training.get("noise_spectrum")
         if not isinstance(spectrum, dict):
-            return self
+            return settings
         return replace(
-            self,
+            settings,
             octaves=int(spectrum.get("octaves", self.octaves)),
             base_frequency=float(spectrum.get("base_frequency", self.base_frequency)),
             persistence=float(spectrum.get("persistence", self.persistence)),
         )
+
+    def with_segmentation(self, sizes: dict[str, int]) -> PipelineSettings:
+        """These settings with some of SEGMENTATION_SIZES replaced (checked by `segmentation_sizes`)."""
+        return replace(self, **segmentation_sizes(sizes))
 
     def noise_source(self) -> NoiseSource:
         return NoiseSource(self.noise, self.octaves, self.base_frequency, self.persistence)

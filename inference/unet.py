@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -293,6 +293,21 @@ def save_model(
 def stamp_modalities(path: Path, modalities: Iterable[str], body_part: str = "") -> ModelInfo:
     """Write what a model was trained on into its metadata, for files made before edgenode recorded it. The
     tensors are written back unchanged (same bytes); the file, and so its SHA-256 identity, changes."""
+    return _rewrite_metadata(path, lambda metadata: metadata.update(modality_metadata(modalities, body_part)))
+
+
+def stamp_training(path: Path, update: dict[str, object]) -> ModelInfo:
+    """Merge `update` into a model's training metadata (what the pipeline reads from it: `PipelineSettings.for_model`)
+    with its tensors unchanged; the file, and so its identity, changes."""
+
+    def merge(metadata: dict[str, str]) -> None:
+        training = json.loads(metadata.get("edgenode.training", "{}"))
+        metadata["edgenode.training"] = json.dumps({**training, **update}, default=str)
+
+    return _rewrite_metadata(path, merge)
+
+
+def _rewrite_metadata(path: Path, change: Callable[[dict[str, str]], None]) -> ModelInfo:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
@@ -300,7 +315,7 @@ def stamp_modalities(path: Path, modalities: Iterable[str], body_part: str = "")
         state = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
     if "edgenode.config" not in metadata:
         raise ValueError(f"{path} is not an edgenode model (no edgenode.config metadata)")
-    metadata.update(modality_metadata(modalities, body_part))
+    change(metadata)
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=metadata)
     tmp.chmod(path.stat().st_mode)

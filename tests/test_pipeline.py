@@ -220,3 +220,47 @@ def test_the_pipeline_diffuses_with_the_noise_spectrum_its_model_was_trained_wit
     older = run_pipeline(sick_files, TinyUNetDenoiser(max_batch=4), TINY_INFO, settings)
     assert (older.settings["octaves"], older.settings["persistence"]) == (settings.octaves, settings.persistence)
     assert not np.allclose(older.anomaly_map, result.anomaly_map)
+
+
+def test_the_pipeline_segments_with_the_pixel_sizes_its_model_carries(tmp_path: Path) -> None:
+    """A model chosen with other segmentation sizes (a finer grid) carries them; the result records them."""
+    _, sick_files, _, _ = nodule_series(tmp_path)
+    sizes = {"median_size": 1, "opening": 0, "closing": 0, "min_component_size": 9}
+    chosen = replace(TINY_INFO, training={"segmentation": sizes})
+    settings = fast_settings(ensemble=1)
+    result = run_pipeline(sick_files, TinyUNetDenoiser(max_batch=4), chosen, settings)
+    assert {k: result.settings[k] for k in sizes} == sizes
+    plain = run_pipeline(sick_files, TinyUNetDenoiser(max_batch=4), TINY_INFO, settings)
+    assert plain.settings["median_size"] == settings.median_size and plain.settings["opening"] == settings.opening
+    assert not np.array_equal(plain.anomaly_map, result.anomaly_map)  # the error map is no longer median-filtered
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"median": 3}, "unknown segmentation sizes"),
+        ({"median_size": 2}, "must be odd"),
+        ({"opening": -1}, "whole number >= 0"),
+        ({"closing": 1.5}, "whole number >= 0"),
+        ([1, 2], "must be a table"),
+    ],
+)
+def test_segmentation_sizes_that_make_no_sense_are_refused_saying_why(sizes: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PipelineSettings().for_model({"segmentation": sizes})
+
+
+def test_stamping_a_models_training_metadata_keeps_its_tensors_and_changes_its_identity(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from inference.unet import UNet, load_model, stamp_training
+
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    before = save_model(UNet(PRESETS["tiny"]), path, "m", {"steps": 3, "noise": "simplex"})
+    tensors = load_file(str(path))
+    after = stamp_training(path, {"segmentation": {"median_size": 1}})
+    assert after.training == {"steps": 3, "noise": "simplex", "segmentation": {"median_size": 1}}
+    assert after.model_id != before.model_id and after.config == before.config
+    assert all(torch.equal(tensors[k], v) for k, v in load_file(str(path)).items())
+    assert PipelineSettings().for_model(load_model(path)[1].training).median_size == 1
