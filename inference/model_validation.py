@@ -189,7 +189,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     parser.add_argument(
         "--scale-sizes",
         action="store_true",
-        help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid",
+        help=f"scale the median filters and minimum component from the {SIZES_GRID} grid to each model's grid "
+        "(models that carry no sizes of their own)",
     )
     parser.add_argument(
         "--segmentation",
@@ -240,7 +241,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             settings = replace(settings, persistence=args.persistence)
         if args.segment_polarity is not None:
             settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
-        if args.scale_sizes:
+        if args.scale_sizes and "segmentation" not in info.training:  # a model's own sizes are for its grid
             settings = sizes_for_grid(settings, info.config.image_size)
         if args.segmentation:
             settings = settings.with_segmentation(args.segmentation)

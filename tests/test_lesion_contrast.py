@@ -31,7 +31,7 @@ def test_tabulates_contrast_against_texture_and_each_models_error() -> None:
     assert lesion_contrast.main(argv, out=lines.append) == 0
     rows = [line for line in lines[-1].splitlines() if line.startswith("| CT") or line.startswith("| DX")]
     assert [r.split(" | ")[1] for r in rows] == ["nodule", "ggo", "consolidation", "reticular", "mixed", "all"] * 2
-    assert rows[0].startswith("| CT (64x64) |") and rows[6].startswith("| DX (96x96) |")
+    assert rows[0].startswith("| CT (96x96) |") and rows[6].startswith("| DX (96x96) |")
     for row in rows:
         cells = row.strip("| ").split(" | ")
         assert len(cells) == 11
@@ -51,4 +51,4 @@ def test_without_a_model_lesions_are_measured_on_the_shipped_models_grid() -> No
     lines: list[str] = []
     argv = ["--seed", "5", "--lesion-cases", "1", "--source-size", "96", "--slices", "6", "--modality", "CT"]
     assert lesion_contrast.main(argv, out=lines.append) == 0
-    assert "| CT (64x64) | nodule | 1 |" in lines[-1] and "model error" not in lines[-1]
+    assert "| CT (96x96) | nodule | 1 |" in lines[-1] and "model error" not in lines[-1]

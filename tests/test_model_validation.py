@@ -22,8 +22,9 @@ def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size
     assert "Mask: lesion voxels inside" in text and "(refined by ct-lung-refiner-" in text  # the node's CT mask
     rows = [line for line in text.splitlines() if line.startswith("| chest-ct-small-")]
     assert len(rows) == 4
-    assert "(64x64 grid, persistence 0.5, outlines denser, K = 1, 5 steps)" in rows[0]  # shipped, the node's steps
-    assert "(64x64 grid, persistence 0.5, outlines denser, K = 2, 5 steps)" in rows[1]
+    shipped = "(96x96 grid, persistence 0.5, outlines denser, medians 1/5, opening/closing 0/0, components >= 9"
+    assert f"{shipped}, K = 1, 5 steps)" in rows[0]  # the node's steps, the sizes the shipped model carries
+    assert f"{shipped}, K = 2, 5 steps)" in rows[1]
     assert "(64x64 grid, persistence 0.8, outlines denser, K = 1, 5 steps)" in rows[2]  # ablation
     assert rows[0].endswith("+0.000 [+0.000, +0.000] |")  # the first run against itself
     cells = rows[2].split(" | ")
