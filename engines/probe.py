@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -161,6 +162,47 @@ def guard_verdict(ref: ModelGridDetection, got: ModelGridDetection) -> GuardVerd
     return GuardVerdict(d, score_error, ranking, d >= GUARD_DICE and score_error <= GUARD_SCORE_TOLERANCE and ranking)
 
 
+class Verdict(Protocol):
+    @property
+    def passed(self) -> bool: ...
+
+    def describe(self) -> str: ...
+
+
+class Guard(Protocol):
+    """What a candidate must reproduce of torch fp32's output on fixed inputs before it may be chosen: the
+    diffusion model's findings (DetectionGuard), or another network's own output (engines.refiner's guard)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def run(self, denoiser: Denoiser) -> Any: ...
+
+    def verdict(self, ref: Any, got: Any) -> Verdict: ...
+
+    def summary(self, ref: Any) -> dict[str, object]: ...
+
+
+@dataclass(frozen=True)
+class DetectionGuard:
+    """The diffusion model's guard: the node's detection on the guard slices (module docstring)."""
+
+    size: int
+    name: str = "detection"
+
+    def run(self, denoiser: Denoiser) -> ModelGridDetection:
+        return guard_detection(denoiser, self.size)
+
+    def verdict(self, ref: ModelGridDetection, got: ModelGridDetection) -> GuardVerdict:
+        return guard_verdict(ref, got)
+
+    def summary(self, ref: ModelGridDetection) -> dict[str, object]:
+        return {
+            "slice_scores": [round(float(v), 5) for v in ref.slice_scores],
+            "segmented_voxels": int(ref.segmentation.sum()),
+        }
+
+
 @dataclass
 class ProbeRow:
     candidate: str
@@ -200,11 +242,14 @@ def _version(package: str) -> str:
         return ""
 
 
-def probe_key(info: ModelInfo, candidates: list[Candidate], max_batch: int, threads: int | None) -> dict[str, object]:
+def probe_key(
+    info: ModelInfo, candidates: list[Candidate], max_batch: int, threads: int | None, guard: str = "detection"
+) -> dict[str, object]:
     """Everything a probe's outcome depends on."""
     cpu = cpu_info()
     return {
         "probe_version": PROBE_VERSION,
+        "guard": guard,
         "model_sha256": info.sha256,
         "cpu_model": cpu.model,
         "cpu_flags": sorted(cpu.flags),
@@ -277,9 +322,12 @@ def probe_cpu(
     threads: int | None,
     cache_dir: Path | None,
     force: bool = False,
+    guard: Guard | None = None,
 ) -> ProbeOutcome:
-    """The fastest candidate that passes the guard, built; from the cache unless `force` or the key changed."""
-    key = probe_key(info, candidates, max_batch, threads)
+    """The fastest candidate that passes the guard (default: the diffusion model's detection guard), built; from
+    the cache unless `force` or the key changed."""
+    checked: Guard = guard if guard is not None else DetectionGuard(info.config.image_size)
+    key = probe_key(info, candidates, max_batch, threads, checked.name)
     cached = None if force else read_probe(cache_dir, info, key)
     if cached is not None:
         try:
@@ -299,7 +347,7 @@ def probe_cpu(
             rows[cand] = ProbeRow(cand.name, None, None, f"not built: {exc}")
     seconds = _time_candidates(denoisers, max_batch, size)
     reference = denoisers[REFERENCE] if REFERENCE in denoisers else build(REFERENCE)
-    ref = guard_detection(reference, size)
+    ref = checked.run(reference)
     chosen: Candidate | None = None
     for cand in sorted(denoisers, key=seconds.__getitem__):
         s = seconds[cand]
@@ -309,7 +357,7 @@ def probe_cpu(
             verdict, chosen = "reference", cand
         else:
             try:
-                result = guard_verdict(ref, guard_detection(denoisers[cand], size))
+                result = checked.verdict(ref, checked.run(denoisers[cand]))
             except Exception as exc:  # noqa: BLE001 - a candidate that fails on real slices is not chosen
                 log.warning("probe: %s failed on the guard slices: %s", cand.name, exc)
                 verdict = f"FAIL: {type(exc).__name__}: {exc}"
@@ -333,10 +381,7 @@ def probe_cpu(
         rows=ordered,
         probed_at=datetime.now(UTC).isoformat(timespec="seconds"),
         probe_s=round(time.perf_counter() - start, 2),
-        reference={
-            "slice_scores": [round(float(v), 5) for v in ref.slice_scores],
-            "segmented_voxels": int(ref.segmentation.sum()),
-        },
+        reference=checked.summary(ref),
     )
     if cache_dir is not None:
         _write_probe(cache_dir, info, record)

@@ -23,7 +23,7 @@ from torch import nn
 from engines.onnx_export import Exporter, OnnxModel, cached_onnx
 from engines.openvino_backend import OpenVinoDenoiser, openvino_precisions, openvino_version
 from engines.ort_backend import OrtDenoiser, ort_providers
-from engines.probe import Candidate, ProbeRecord, cpu_candidates, probe_cpu
+from engines.probe import Candidate, Guard, ProbeRecord, cpu_candidates, probe_cpu
 from engines.tensorrt_backend import TensorRTDenoiser, tensorrt_version
 from engines.torch_backend import TorchDenoiser
 from engines.triton_backend import TritonDenoiser, TritonEndpoint, TritonUnavailable, tritonclient_version
@@ -331,12 +331,13 @@ def select(
     micro_batch: int | None = None,
     exporter: Exporter = "dynamo",
     triton: TritonEndpoint | None = None,
+    guard: Guard | None = None,
 ) -> Selection:
     """Plan, load and build the denoiser.
 
     On a CPU with backend "auto", `probe` "cached" (the default) reuses the probe's cached
     outcome for this model and machine and probes when there is none, "force" probes again, "off" takes
-    the static preference.
+    the static preference. `guard`: what a candidate must reproduce (default: the diffusion model's findings).
     """
     if probe not in PROBE_MODES:
         raise ValueError(f"probe must be one of {', '.join(PROBE_MODES)}, got {probe!r}")
@@ -355,7 +356,7 @@ def select(
             candidate_plan = Plan(candidate.backend, "cpu", candidate.precision, False, "")
             return build_denoiser(candidate_plan, model, info, max_batch, work_dir, threads, micro_batch, exporter)
 
-        outcome = probe_cpu(info, candidates, build, max_batch, threads, cache_dir, force=probe == "force")
+        outcome = probe_cpu(info, candidates, build, max_batch, threads, cache_dir, force=probe == "force", guard=guard)
     record = outcome.record
     how = f"cached probe of {record.probed_at}" if outcome.cached else f"probe ({record.probe_s:.1f} s)"
     reason = (

@@ -33,6 +33,7 @@ from scipy import ndimage
 from inference.unet import PRESETS, ModelInfo, UNet, load_model, save_model
 
 if TYPE_CHECKING:
+    from inference.denoiser import Denoiser
     from inference.volume import GridMapping
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,15 @@ _IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
 
 @dataclass
 class LungRefiner:
-    """A loaded refiner: `refine(hu, mask)` -> the mask with the lung it adds."""
+    """A loaded refiner: `refine(hu, mask)` -> the mask with the lung it adds. `engine`: what runs its U-Net (a
+    backend from engines/ that reproduces its output, `with_engine`); None runs `model` in fp32 torch."""
 
     model: UNet
     info: ModelInfo
+    engine: Denoiser | None = None
+
+    def with_engine(self, engine: Denoiser) -> LungRefiner:
+        return replace(self, engine=engine)
 
     @property
     def model_id(self) -> str:
@@ -71,11 +77,15 @@ class LungRefiner:
         mapping = self.grid_mapping(hu)
         x = torch.from_numpy(resample_to_grid(normalise(hu, "CT"), mapping, fill=-1.0))[:, None]
         cond = torch.from_numpy(mask_to_grid(mask, mapping).astype(np.float32))[:, None]
+        net = self.engine if self.engine is not None else self.model
+        device = self.engine.device if self.engine is not None else torch.device("cpu")
+        chunk = min(SLICES_PER_CALL, self.engine.max_batch) if self.engine is not None else SLICES_PER_CALL
         out = []
         with torch.inference_mode():
-            for start in range(0, x.shape[0], SLICES_PER_CALL):
-                xs, cs = x[start : start + SLICES_PER_CALL], cond[start : start + SLICES_PER_CALL]
-                out.append(torch.sigmoid(self.model(xs, cs, torch.zeros(xs.shape[0]))[:, 0]))
+            for start in range(0, x.shape[0], chunk):
+                xs, cs = x[start : start + chunk].to(device), cond[start : start + chunk].to(device)
+                logits = net(xs, cs, torch.zeros(xs.shape[0], device=device))
+                out.append(torch.sigmoid(logits.float())[:, 0].cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, mapping.size, mapping.size), np.float32)
 
     def refine(self, hu: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -128,7 +128,14 @@ class PipelineSettings:
 
     def with_segmentation(self, sizes: dict[str, int]) -> PipelineSettings:
         """These settings with some of SEGMENTATION_SIZES replaced (checked by `segmentation_sizes`)."""
-        return replace(self, **segmentation_sizes(sizes))
+        checked = segmentation_sizes(sizes)
+        return replace(
+            self,
+            median_size=checked.get("median_size", self.median_size),
+            opening=checked.get("opening", self.opening),
+            closing=checked.get("closing", self.closing),
+            min_component_size=checked.get("min_component_size", self.min_component_size),
+        )
 
     def noise_source(self) -> NoiseSource:
         return NoiseSource(self.noise, self.octaves, self.base_frequency, self.persistence)

@@ -105,6 +105,37 @@ def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[st
     return [f"probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
 
 
+def _refiner_lines(args: argparse.Namespace, settings: Settings, probes: bool) -> list[str]:
+    """The CT lung refiner: which one (or off), and its engine: probed now (--probe) or the cached probe."""
+    from engines.probe import cpu_candidates, probe_key, read_probe
+    from engines.refiner import GUARD_NAME, refiner_backend, refiner_selection
+    from inference.lung_refiner import SLICES_PER_CALL, load_refiner, refiner_file
+
+    inf = settings.inference
+    path = refiner_file(inf.lung_refiner)
+    if path is None:
+        return ["lung refiner (CT): off, the threshold lung mask alone ([inference] lung_refiner)"]
+    try:
+        refiner = load_refiner(path)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        return [f"lung refiner (CT): {path}: {exc}"]
+    lines = [f"lung refiner (CT): {refiner.model_id} ({path})"]
+    if args.probe:
+        selection = refiner_selection(
+            refiner, inf.device, inf.backend, inf.precision, engines_dir(settings), "force", args.threads
+        )
+        table = selection.probe.table() if selection.probe is not None else []
+        return [*lines, f"  probe: {selection.denoiser.name}: {selection.reason}", *table]
+    if not probes:
+        return lines
+    candidates = cpu_candidates(refiner_backend(inf.backend), inf.precision)
+    key = probe_key(refiner.info, candidates, SLICES_PER_CALL, args.threads, GUARD_NAME)
+    record = read_probe(engines_dir(settings), refiner.info, key)
+    if record is None:
+        return [*lines, "  probe: none cached; the first inference worker start runs it"]
+    return [*lines, f"  probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
+
+
 def _model_lines(settings: Settings) -> list[str]:
     """Which model analyses which modality, and which modalities none does (their series are skipped)."""
     from node.models import modality_plans
@@ -154,6 +185,7 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
             print("\n".join(selection.probe.table()))
     elif probes:
         print("\n".join(_cached_probe_lines(args, settings)))
+    print("\n".join(_refiner_lines(args, settings, probes)))
     print(f"cache {engines_dir(settings)}:")
     print("\n".join(_cache_lines(engines_dir(settings))))
     return EXIT_OK
