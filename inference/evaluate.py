@@ -270,9 +270,9 @@ def evaluate_row(
                 noise=row.noise,  # type: ignore[arg-type]
                 use_mask_condition=row.condition,
                 adaptive_threshold=row.adaptive,
-                median_size=defaults.median_size if row.median else 1,
-                score_median_size=defaults.score_median_size if row.median else 1,
-            ).for_model(denoiser.training)
+            ).for_model(denoiser.training)  # the model's noise spectrum and segmentation sizes
+            if not row.median:
+                settings = replace(settings, median_size=1, score_median_size=1)
             det = detect(case.image, case.anatomy, denoiser, settings, case.modality)
             amap, seg, scores = det.anomaly_map, det.segmentation, det.slice_scores
             study_score = det.study_score  # exactly what the node sends in its SR and ranks the worklist by

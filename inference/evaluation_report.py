@@ -460,6 +460,16 @@ def write_report(
     if isinstance(trained, dict):
         spectrum = f" (persistence {trained['persistence']}, {trained['octaves']} octaves)"
     started = f", fine-tuned from `{training['init_from_model']}`" if training.get("init_from_model") else ""
+    from inference.pipeline import PipelineSettings
+
+    sizes = PipelineSettings().for_model(training)
+    whose = "the CT model's own, from its metadata" if "segmentation" in training else "the pipeline's defaults"
+    cleaning = (
+        f"CT segmentation: a {sizes.median_size}x{sizes.median_size} median filter of the error map (1x1 = none), "
+        f"opening / closing {sizes.opening} / {sizes.closing} iteration(s), components of at least "
+        f"{sizes.min_component_size} voxels ({whose}; the ablation rows' models and the radiograph model use the "
+        "pipeline's defaults)"
+    )
     mask_text = "the threshold mask alone (`--lung-refiner off`)"
     if refiner is not None:
         mask_text = f"the threshold mask refined by `{refiner.model_id}` (inference/lung_refiner.py), as the node's"
@@ -496,10 +506,9 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
   rotation.
 - Ground truth on the model grid: a pixel is a lesion pixel when >= {GT_FRACTION:.0%} of its area is lesion; a
   study is a lesion study when its phantom holds lesion voxels.
-- The node's settings, nothing tuned on these sets: t_start 250 (of T = 1000), DDIM sampler, 3x3 median filter of
-  the error map, lambda = {lam} (CT) / {lam_radiograph} (CR/DX), morphology and minimum component size as the
-  pipeline's defaults. Fixed-threshold rows (no adaptive threshold) use the pipeline's `fixed_threshold` (0.05 on
-  the squared error).
+- The node's settings, nothing tuned on these sets: t_start 250 (of T = 1000), DDIM sampler, lambda = {lam} (CT) /
+  {lam_radiograph} (CR/DX); {cleaning}. Fixed-threshold rows (no adaptive threshold) use the pipeline's
+  `fixed_threshold` (0.05 on the squared error).
 - Pixel metrics: mean (std) over the lesion cases, over the exact lungs together with the node's anatomy mask
   (lesions the node's mask leaves out count as misses); FPR over all cases. Slice level (CT): every slice is an
   image (positive: holds lesion pixels); F1 of "slice has a segmented pixel".
