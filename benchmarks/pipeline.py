@@ -8,9 +8,10 @@ default, typical acquisition variation, nodules) instead, with a radiograph mode
 the weights), to choose the radiograph model's grid.
 
 The table splits each study's seconds into the U-Net (reverse diffusion, noise, ensemble), the lung mask (with the
-CT lung refiner, `--lung-refiner`) and the rest (load, model grid, threshold, map back), gives the U-Net images/s,
-and compares each backend's result with the first row's (the fp32 reference): the largest anomaly-map difference
-relative to that map's maximum, the Dice of the segmentations, and the study score.
+CT lung refiner, `--lung-refiner`, whose U-Net runs on the row's backend) and the rest (load, model grid,
+threshold, map back), gives the U-Net images/s, and compares each backend's result with the first row's (the fp32
+reference): the largest anomaly-map difference relative to that map's maximum, the Dice of the segmentations, and
+the study score.
 
 On a CPU it runs every candidate of `engines.select`'s probe this CPU can run (torch fp32 first, the reference,
 then ONNX Runtime fp32, OpenVINO fp32, and torch/OpenVINO bf16 where the CPU has bf16 units), all in one run;
@@ -48,7 +49,7 @@ from engines.select import (  # noqa: E402
 )
 from inference.anomaly_result import AnomalyResult  # noqa: E402
 from inference.hardware import cpu_info  # noqa: E402
-from inference.lung_refiner import LungRefiner, chosen_refiner  # noqa: E402
+from inference.lung_refiner import SLICES_PER_CALL, LungRefiner, chosen_refiner  # noqa: E402
 from inference.phantoms import ct_datasets, make_ct, radiograph_dataset, synthetic_study  # noqa: E402
 from inference.pipeline import PipelineSettings, run_pipeline  # noqa: E402
 from inference.radiograph_phantoms import make_radiograph  # noqa: E402
@@ -221,18 +222,23 @@ def time_backends(
         for name, plan, max_batch in runs:
             try:
                 denoiser = build_denoiser(plan, model, info, max_batch, folder / "engines")
+                # the refiner on the row's backend too (the node probes it on its own; benchmarks/RESULTS.md)
+                row_refiner = None
+                if refiner is not None:
+                    refiner_net = build_denoiser(plan, refiner.model, refiner.info, SLICES_PER_CALL, folder / "engines")
+                    row_refiner = refiner.with_engine(refiner_net)
             except BackendUnavailable as exc:
                 print(f"{name}: skipped ({exc})", file=sys.stderr)
                 bar.update(repeats + 1)
                 continue
             settings = replace(defaults, max_batch=max_batch)
             # warm-up: export, graph capture, kernel choice
-            run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
+            run_pipeline(files, denoiser, info, settings, lung_refiner=row_refiner)
             bar.update()
             row = Row(name, max_batch, [], [], [], 0, None)  # type: ignore[arg-type]
             for _ in range(repeats):
                 start = time.perf_counter()
-                result = run_pipeline(files, denoiser, info, settings, lung_refiner=refiner)
+                result = run_pipeline(files, denoiser, info, settings, lung_refiner=row_refiner)
                 row.seconds.append(time.perf_counter() - start)
                 row.unet.append(result.timings["reconstruct"])
                 row.mask.append(result.timings["mask"])
