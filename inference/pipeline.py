@@ -37,7 +37,7 @@ Progress = Callable[[str, float], None]
 SegmentPolarity = Literal["both", "denser"]
 
 
-SEGMENTATION_SIZES = ("median_size", "opening", "closing", "min_component_size")  # model-grid pixels
+SEGMENTATION_SIZES = ("median_size", "score_median_size", "opening", "closing", "min_component_size")  # pixels
 
 
 def segmentation_sizes(sizes: object) -> dict[str, int]:
@@ -53,8 +53,9 @@ def segmentation_sizes(sizes: object) -> dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"segmentation {key} must be a whole number >= 0, not {value!r}")
         checked[key] = value
-    if checked.get("median_size", 1) % 2 == 0:
-        raise ValueError(f"segmentation median_size must be odd (1 = off), not {checked['median_size']}")
+    for key in ("median_size", "score_median_size"):
+        if checked.get(key, 1) % 2 == 0:
+            raise ValueError(f"segmentation {key} must be odd (1 = off), not {checked[key]}")
     return checked
 
 
@@ -109,7 +110,8 @@ class PipelineSettings:
 
     def for_model(self, training: dict[str, object]) -> PipelineSettings:
         """These settings with the simplex spectrum the model was trained with (its metadata's `noise_spectrum`)
-        and the segmentation's pixel sizes chosen for its grid (its metadata's `segmentation`, if any).
+        and the pixel sizes of the maps' filters and cleaning chosen for its grid (its metadata's `segmentation`,
+        if any).
 
         A model predicts the noise it saw in training, so the spectrum belongs to the model, not the site; a model
         without the key was trained with the defaults. The median filter, opening / closing and minimum component
@@ -132,6 +134,7 @@ class PipelineSettings:
         return replace(
             self,
             median_size=checked.get("median_size", self.median_size),
+            score_median_size=checked.get("score_median_size", self.score_median_size),
             opening=checked.get("opening", self.opening),
             closing=checked.get("closing", self.closing),
             min_component_size=checked.get("min_component_size", self.min_component_size),

@@ -60,12 +60,15 @@ def test_info_probes_on_request_and_then_shows_the_cached_table(tmp_path: Path) 
     probed = _edgenode(data_dir, "engine", "info", "--probe", "--exporter", "torchscript", *model)
     assert probed.returncode == 0, probed.stderr
     assert "accuracy guard vs torch-fp32" in probed.stdout and "<- chosen" in probed.stdout
-    assert len(list((data_dir / "engines").glob("probe-*.json"))) == 1
+    assert len(list((data_dir / "engines").glob(f"probe-{info.model_id}-*.json"))) == 1
+    # the CT lung refiner is probed too, with its own guard, cached apart
+    assert "lung refiner (CT): ct-lung-refiner-" in probed.stdout and "lung mask Dice" in probed.stdout
+    assert len(list((data_dir / "engines").glob("probe-ct-lung-refiner-*.json"))) == 1
 
     shown = _edgenode(data_dir, "engine", "info", *model)  # no probe: the cached table
     assert shown.returncode == 0, shown.stderr
-    table = [line for line in shown.stdout.splitlines() if "<- chosen" in line or "reference" in line]
-    assert table and all(line in probed.stdout for line in table)
+    chosen = [line for line in shown.stdout.splitlines() if "<- chosen" in line]
+    assert len(chosen) == 2 and all(line in probed.stdout for line in chosen)  # the model's and the refiner's
 
 
 @pytest.mark.slow  # subprocess nodes / real runs: the whole suite, not the fast tier

@@ -240,6 +240,7 @@ def test_the_pipeline_segments_with_the_pixel_sizes_its_model_carries(tmp_path: 
     [
         ({"median": 3}, "unknown segmentation sizes"),
         ({"median_size": 2}, "must be odd"),
+        ({"score_median_size": 4}, "score_median_size must be odd"),
         ({"opening": -1}, "whole number >= 0"),
         ({"closing": 1.5}, "whole number >= 0"),
         ([1, 2], "must be a table"),
