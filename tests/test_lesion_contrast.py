@@ -7,9 +7,9 @@ import pytest
 
 from inference import lesion_contrast
 from inference.heldout import make_ct_cases
-from inference.weights import bundled_model_path
+from inference.weights import bundled_model_path, radiograph_model_path
 
-RADIOGRAPH = "inference/weights/radiograph/chest-rx-small.safetensors"
+RADIOGRAPH = str(radiograph_model_path())
 
 
 def test_a_lesion_studys_healthy_twin_differs_only_where_the_lesion_is() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from inference import model_validation
-from inference.weights import bundled_model_path
+from inference.weights import ablations_dir, bundled_model_path, radiograph_model_path
 
-ABLATION = "inference/weights/ablations/ablation-simplex.safetensors"
-RADIOGRAPH = "inference/weights/radiograph/chest-rx-small.safetensors"
+ABLATION = str(ablations_dir() / "ablation-simplex.safetensors")
+RADIOGRAPH = str(radiograph_model_path())
 
 
 def test_compares_models_each_with_its_own_noise_spectrum_and_each_ensemble_size() -> None:

@@ -183,8 +183,9 @@ def test_a_radiograph_series_with_views_of_two_sizes_is_analysed_per_size(tmp_pa
 
 def test_a_model_trained_for_other_settings_is_refused_at_load(tmp_path: Path) -> None:
     from inference.pipeline import PipelineSettings, model_fit_problems
+    from inference.weights import ablations_dir
 
-    gaussian = Path(__file__).resolve().parent.parent / "inference/weights/ablations/ablation-gaussian.safetensors"
+    gaussian = ablations_dir() / "ablation-gaussian.safetensors"
     settings = node_settings(tmp_path / "var", inference={"model": str(gaussian), "device": "cpu"})
     with pytest.raises(ValueError, match="does not fit \\[inference\\]: it was trained with gaussian noise"):
         JobRunner(settings, "worker-1-0.1").model.load()

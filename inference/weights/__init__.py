@@ -29,3 +29,9 @@ def lung_refiner_path() -> Path:
 def radiograph_model_path() -> Path:
     """The shipped chest radiograph (CR/DX) model: not loaded by default (docs/model-card.md), configured by path."""
     return WEIGHTS_DIR / "radiograph" / "chest-rx-small.safetensors"
+
+
+def ablations_dir() -> Path:
+    """The evaluation's ablation models (docs/EVALUATION.md rows 2-6; `edgenode evaluate --ablations`): not loaded
+    by the node."""
+    return WEIGHTS_DIR / "ablations"
