@@ -317,3 +317,10 @@ def test_the_medium_preset_is_the_small_layout_at_twice_the_width() -> None:
     assert replace(medium, base_channels=small.base_channels) == small
     ratio = sum(p.numel() for p in UNet(medium).parameters()) / sum(p.numel() for p in UNet(small).parameters())
     assert 3.5 < ratio < 4.1  # convolutions scale with width squared
+
+
+def test_the_train_commands_preset_choices_are_the_unets_presets() -> None:
+    from inference.unet import PRESETS
+    from node.commands.train import PRESET_NAMES
+
+    assert tuple(PRESETS) == PRESET_NAMES

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from node.config import Settings
 
+# inference.unet.PRESETS' names, written out so that parsing the command line does not import torch; a test keeps
+# the two the same
+PRESET_NAMES = ("tiny", "small", "medium", "base")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the EMA weights (.safetensors)")
@@ -31,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(phantom radiographs); a --data folder must hold only these",
     )
     parser.add_argument("--body-part", default="CHEST", help="body part it is trained for (metadata)")
-    parser.add_argument("--preset", default="small", help="U-Net preset: tiny, small, medium, base")
+    parser.add_argument("--preset", default="small", choices=PRESET_NAMES, help="U-Net preset (inference.unet.PRESETS)")
     parser.add_argument("--image-size", type=int, default=None, help="model grid (overrides the preset)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=16)
