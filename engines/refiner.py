@@ -12,20 +12,17 @@ runs on this machine with the backend "auto" would pick.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from engines.probe import dice
+from engines.probe import ProbeRecord, cpu_candidates, dice, probe_key, read_probe
 from engines.select import Selection, select
 from inference.denoiser import Denoiser
 from inference.lung_refiner import SLICES_PER_CALL, LungRefiner
 from inference.lungmask import anatomy_mask
 from inference.phantoms import make_ct
-
-log = logging.getLogger(__name__)
 
 REFINER_GUARD_DICE = 0.995  # the lung the refiner adds is a few hundred voxels per slice; 0.5 % of it may move
 GUARD_NAME = "lung-refiner"  # in its probe's cache key, apart from the diffusion model's
@@ -82,7 +79,8 @@ def refiner_selection(
     probe: str = "cached",
     threads: int | None = None,
 ) -> Selection:
-    """The engine that runs the refiner here, with why (and the probe's table on a CPU)."""
+    """The engine that runs the refiner here, with why (logged by `select`, and the probe's table on a CPU);
+    `refiner.with_engine(selection.denoiser)` runs it."""
     return select(
         (refiner.model, refiner.info),
         device=device,
@@ -96,14 +94,10 @@ def refiner_selection(
     )
 
 
-def refiner_engine(
-    refiner: LungRefiner,
-    device: str = "auto",
-    backend: str = "auto",
-    precision: str = "auto",
-    cache_dir: Path | None = None,
-) -> LungRefiner:
-    """The refiner with the engine that runs it here (logged with the reason, as the diffusion model's is)."""
-    selection = refiner_selection(refiner, device, backend, precision, cache_dir)
-    log.info("lung refiner %s runs on %s: %s", refiner.model_id, selection.denoiser.name, selection.reason)
-    return refiner.with_engine(selection.denoiser)
+def cached_refiner_probe(
+    refiner: LungRefiner, backend: str, precision: str, cache_dir: Path, threads: int | None
+) -> ProbeRecord | None:
+    """The probe `refiner_selection` would read from the cache for these settings (None: none cached)."""
+    candidates = cpu_candidates(refiner_backend(backend), precision)
+    key = probe_key(refiner.info, candidates, SLICES_PER_CALL, threads, GUARD_NAME)
+    return read_probe(cache_dir, refiner.info, key)

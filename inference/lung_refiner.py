@@ -20,7 +20,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,9 +77,10 @@ class LungRefiner:
         mapping = self.grid_mapping(hu)
         x = torch.from_numpy(resample_to_grid(normalise(hu, "CT"), mapping, fill=-1.0))[:, None]
         cond = torch.from_numpy(mask_to_grid(mask, mapping).astype(np.float32))[:, None]
-        net = self.engine if self.engine is not None else self.model
-        device = self.engine.device if self.engine is not None else torch.device("cpu")
-        chunk = min(SLICES_PER_CALL, self.engine.max_batch) if self.engine is not None else SLICES_PER_CALL
+        net: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = self.model
+        device, chunk = torch.device("cpu"), SLICES_PER_CALL
+        if self.engine is not None:
+            net, device, chunk = self.engine, self.engine.device, min(SLICES_PER_CALL, self.engine.max_batch)
         out = []
         with torch.inference_mode():
             for start in range(0, x.shape[0], chunk):

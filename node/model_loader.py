@@ -80,19 +80,20 @@ class LoadedModel:
         """The CT lung refiner, loaded on first use (None when `[inference] lung_refiner = "off"`) and run by the
         engine chosen for it as for the diffusion model (`engines.refiner`: same device, backend and precision
         settings, its own accuracy guard and probe cache)."""
-        from engines.refiner import refiner_engine
+        from engines.refiner import refiner_selection
 
         refiner = load_lung_refiner(self.settings.inference)
         if refiner is None:
             return None
         inference = self.settings.inference
-        return refiner_engine(
+        selection = refiner_selection(
             refiner,
             device=inference.device,
             backend=inference.backend,
             precision=inference.precision,
             cache_dir=self.settings.data_dir / "engines",
         )
+        return refiner.with_engine(selection.denoiser)
 
     def load(self) -> tuple[Denoiser, ModelInfo]:
         """Load every configured model that serves a modality; the first one is returned (the start-up log

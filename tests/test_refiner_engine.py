@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from engines.probe import Candidate, probe_cpu
-from engines.refiner import GUARD_NAME, RefinerGuard, guard_volume, refiner_backend, refiner_engine, refiner_selection
+from engines.refiner import (
+    GUARD_NAME,
+    RefinerGuard,
+    cached_refiner_probe,
+    guard_volume,
+    refiner_backend,
+    refiner_selection,
+)
 from engines.torch_backend import TorchDenoiser
 from inference.lung_refiner import SLICES_PER_CALL, load_refiner
 from inference.weights import lung_refiner_path
@@ -67,6 +74,7 @@ def test_the_refiner_is_probed_cached_apart_and_its_engine_gives_the_eager_mask(
     (stored,) = cache.glob(f"probe-{refiner.model_id}-*.json")
     second = refiner_selection(refiner, device="cpu", cache_dir=cache, threads=1)
     assert "cached probe" in second.reason and second.probe == first.probe
+    assert cached_refiner_probe(refiner, "auto", "auto", cache, 1) == first.probe  # what engine info shows
 
     hu, mask = guard_volume()
     engined = refiner.with_engine(first.denoiser)
@@ -87,4 +95,15 @@ def test_the_worker_runs_the_refiner_on_the_engine_chosen_for_it(tmp_path: Path)
     assert list((tmp_path / "engines").glob(f"probe-{loaded.model_id}-*.json"))  # probed and cached there
     hu, mask = guard_volume()
     assert np.array_equal(loaded.refine(hu, mask) | mask, loaded.refine(hu, mask))
-    assert refiner_engine(loaded, device="cpu", backend="torch", precision="fp32").engine is not None
+    forced = refiner_selection(loaded, device="cpu", backend="torch", precision="fp32")
+    assert forced.probe is None and forced.denoiser.name.startswith("torch")  # a forced backend: no probe
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_refiner_runs_there_and_gives_the_eager_mask() -> None:
+    refiner = load_refiner(lung_refiner_path())
+    selection = refiner_selection(refiner, device="auto")
+    assert selection.denoiser.device.type == "cuda"
+    hu, mask = guard_volume()
+    eager, on_gpu = refiner.refine(hu, mask) & ~mask, refiner.with_engine(selection.denoiser).refine(hu, mask) & ~mask
+    assert eager.sum() > 0 and 2 * (eager & on_gpu).sum() / (eager.sum() + on_gpu.sum()) >= 0.98

@@ -11,9 +11,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.config import Settings
 from node.inference_server import triton_endpoint, uses_triton
+
+if TYPE_CHECKING:
+    from engines.probe import ProbeRecord
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -102,14 +106,18 @@ def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[st
             f"probe: none cached for {info.model_id} on this machine; the first inference worker start runs it "
             "(or `edgenode engine info --probe` now)"
         ]
-    return [f"probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
+    return _record_lines(record)
+
+
+def _record_lines(record: ProbeRecord, indent: str = "") -> list[str]:
+    """A cached probe: when, how long, what it chose, and its table."""
+    return [f"{indent}probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
 
 
 def _refiner_lines(args: argparse.Namespace, settings: Settings, probes: bool) -> list[str]:
     """The CT lung refiner: which one (or off), and its engine: probed now (--probe) or the cached probe."""
-    from engines.probe import cpu_candidates, probe_key, read_probe
-    from engines.refiner import GUARD_NAME, refiner_backend, refiner_selection
-    from inference.lung_refiner import SLICES_PER_CALL, load_refiner, refiner_file
+    from engines.refiner import cached_refiner_probe, refiner_selection
+    from inference.lung_refiner import load_refiner, refiner_file
 
     inf = settings.inference
     path = refiner_file(inf.lung_refiner)
@@ -128,12 +136,10 @@ def _refiner_lines(args: argparse.Namespace, settings: Settings, probes: bool) -
         return [*lines, f"  probe: {selection.denoiser.name}: {selection.reason}", *table]
     if not probes:
         return lines
-    candidates = cpu_candidates(refiner_backend(inf.backend), inf.precision)
-    key = probe_key(refiner.info, candidates, SLICES_PER_CALL, args.threads, GUARD_NAME)
-    record = read_probe(engines_dir(settings), refiner.info, key)
+    record = cached_refiner_probe(refiner, inf.backend, inf.precision, engines_dir(settings), args.threads)
     if record is None:
         return [*lines, "  probe: none cached; the first inference worker start runs it"]
-    return [*lines, f"  probe ({record.probed_at}, {record.probe_s:.1f} s): {record.chosen}", *record.table()]
+    return [*lines, *_record_lines(record, indent="  ")]
 
 
 def _model_lines(settings: Settings) -> list[str]:
