@@ -7,12 +7,12 @@ Renders studies of the models' modality (CT studies from `make_ct_cases`' stream
 `make_radiograph_cases`' for CR/DX models) with a seed the evaluation does not use (checked against both held-out
 sets of that modality and every model's training phantoms, as `score_validation` does), runs each model through
 the node's `detect` with its own noise spectrum (or --persistence in its place, to try a spectrum without
-retraining) on its own grid (each --ensemble K with each --steps count, the node's study score), and prints per
-run: study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies' in-mask RMS reconstruction
-error, study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive threshold's, from the same
-reconstructions), mean Dice per lesion kind at the node's lambda (the goal has a floor per kind) and the paired
-difference in study AUROC to the first run. docs/method.md records the figures
-that chose the models.
+retraining) on its own grid (each --ensemble K with each --steps count and each --t-start, the node's study
+score), and prints per run: study AUROC, sensitivity at 90 % specificity, slice AUROC, the healthy studies'
+in-mask RMS reconstruction error, study AUROC per lesion kind, mean lesion Dice at each lambda (the adaptive
+threshold's, from the same reconstructions), mean Dice per lesion kind at the node's lambda (the goal has a floor
+per kind) and the paired difference in study AUROC to the first run. docs/method.md records the figures that
+chose the models.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     from inference.evaluate import ModelDenoiser
     from inference.heldout import make_ct_cases, make_radiograph_cases
     from inference.lung_refiner import chosen_refiner, refiner_phantom_seeds
-    from inference.pipeline import detect, segment_keep
+    from inference.pipeline import detect, model_fit_problems, segment_keep
     from inference.train import model_training_seeds
     from inference.unet import load_model
 
@@ -181,6 +181,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         "--steps",
         type=int_list,
         help="reverse steps per member (default: the node's); a list runs each model with each",
+    )
+    parser.add_argument(
+        "--t-start",
+        type=int_list,
+        help="diffuse each slice to this timestep (default: the node's for the modality); a list runs each with each",
     )
     parser.add_argument("--persistence", type=float, help="diffuse with this simplex persistence, not the model's")
     parser.add_argument(
@@ -206,6 +211,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     )
     args = parse_validation_args(parser, argv, lesion_cases=40, healthy_cases=50, several_ensembles=True)
     step_counts = args.steps or [PipelineSettings().steps]
+    starts: list[int | None] = list(args.t_start) if args.t_start else [None]
     torch.set_num_threads(args.threads)
     loaded = [load_model(p) for p in args.model]
     modality = {model_modality(info) for _, info in loaded}
@@ -215,6 +221,10 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
     node_lambda = PipelineSettings().lambda_for(modality_name)
 
+    for (_, info), t_start in itertools.product(loaded, args.t_start or []):  # refused before any rendering
+        deeper = replace(PipelineSettings().for_model(info.training), t_start={modality_name: t_start})
+        if problems := model_fit_problems(info.training, deeper):
+            parser.error(f"--t-start {t_start} for {info.model_id}: " + "; ".join(problems))
     refiner = chosen_refiner(args.lung_refiner) if modality_name == "CT" else None
 
     def render(grid: int) -> list[Case]:
@@ -231,7 +241,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         raise RuntimeError("the validation studies differ between grids")
     runs = []
     start = time.perf_counter()
-    for (model, info), members, steps in itertools.product(loaded, args.ensemble, step_counts):
+    for (model, info), members, steps, t_start in itertools.product(loaded, args.ensemble, step_counts, starts):
         cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
         if refiner is not None:
@@ -239,6 +249,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
         if args.persistence is not None:
             settings = replace(settings, persistence=args.persistence)
+        if t_start is not None:
+            settings = replace(settings, t_start={**settings.t_start, modality_name: t_start})
         if args.segment_polarity is not None:
             settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
         if args.scale_sizes and "segmentation" not in info.training:  # a model's own sizes are for its grid
@@ -247,6 +259,8 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
             settings = settings.with_segmentation(args.segmentation)
         grid = info.config.image_size
         variant = f"persistence {settings.persistence:g}, outlines {settings.polarity_for(modality_name)}"
+        if t_start is not None:
+            variant = f"t_start {t_start}, " + variant
         if args.scale_sizes or args.segmentation or "segmentation" in info.training:
             variant += f", medians {settings.median_size}/{settings.score_median_size}"
             variant += f", opening/closing {settings.opening}/{settings.closing}"

@@ -68,16 +68,19 @@ def test_pixel_sizes_scale_with_the_grid_keeping_their_physical_extent() -> None
 
 
 def test_validates_radiograph_models_on_radiograph_phantoms() -> None:
-    """A CR/DX model is validated on radiographs (its lambdas, its grid); --persistence overrides its spectrum."""
+    """A CR/DX model is validated on radiographs (its lambdas, its grid); --persistence overrides its spectrum,
+    --t-start its depth (one run per start)."""
     lines: list[str] = []
     argv = ["--seed", "5", "--lesion-cases", "2", "--healthy-cases", "2", "--ensemble", "1", "--steps", "2"]
+    argv += ["--t-start", "150,250"]
     argv += ["--radiograph-size", "96", "--threads", "1", "--bootstrap", "20", "--persistence", "0.5"]
     argv += ["--model", RADIOGRAPH, "--segmentation", "opening=0,min_component_size=2"]
     assert model_validation.main(argv, out=lines.append) == 0
     table = lines[-1]
     assert lines[-2].startswith("Mask: ") and lines[-2].endswith("(lung fields)")  # no CT refiner for radiographs
     assert "| Dice lambda 2 | Dice lambda 3 | Dice lambda 4 |" in table
-    assert "(96x96 grid, persistence 0.5, outlines both, medians 3/5, opening/closing 0/1" in table
+    assert "(96x96 grid, t_start 150, persistence 0.5, outlines both, medians 3/5, opening/closing 0/1" in table
+    assert "(96x96 grid, t_start 250, persistence 0.5," in table
     assert "components >= 2, K = 1, 2 steps)" in table
 
 
@@ -91,5 +94,8 @@ def test_refuses_the_evaluation_seed_and_mixed_modalities(capsys) -> None:
         model_validation.main(["--seed", "5", "--ensemble", "3,0", "--model", str(bundled_model_path())])
     with pytest.raises(SystemExit):
         model_validation.main(["--seed", "5", "--segmentation", "median_size=2", "--model", str(bundled_model_path())])
+    with pytest.raises(SystemExit):  # the radiograph model was trained on timesteps up to 300
+        model_validation.main(["--seed", "5", "--t-start", "400", "--model", RADIOGRAPH])
     err = capsys.readouterr().err
     assert "expected positive integers" in err and "median_size must be odd" in err
+    assert "--t-start 400 for chest-rx-small-" in err and "trained on timesteps up to 300" in err
