@@ -4,7 +4,7 @@ Not the evaluation (docs/EVALUATION.md has that): a quick look, right after trai
 end to end on held-out phantoms. Held-out: case seeds come from `--seed` (default 7001), disjoint from training's
 (`splitmix64(data_seed, i)` in inference/train.py, data seed 0), rendered with the typical acquisition variation
 at `--size` pixels, as DX DICOM through the node's own loader (`run_pipeline`: lung fields, model grid, the
-ensemble at the node's defaults K = 7, 5 steps, t_start 250, lambda 3). Per case: the study score and the
+ensemble at the node's defaults K = 7, 5 steps, t_start 25, lambda 3). Per case: the study score and the
 lesion Dice; the table gives each kind's mean score and Dice, the image AUROC (lesion vs healthy) of the model's
 study score, and that of a brightness baseline inside the lung fields (the 99th percentile of the image there).
 

@@ -326,6 +326,7 @@ def triage(
 
 
 DEEP_T_START = 550  # SAC-Diff's T_s (of T = 1000): deep enough to heal large diffuse findings
+RADIOGRAPH_EARLIER_T_START = 250  # the radiographs' depth until validation chose a shallower one (docs/method.md)
 
 
 def default_rows(
@@ -404,8 +405,8 @@ def default_rows(
 
 
 def deep_rows(ensemble: int) -> list[Row]:
-    """Item 4 of the models issue: every member from DEEP_T_START, and members alternating 250 / DEEP_T_START."""
-    k = ensemble
+    """Item 4 of the models issue: every member from DEEP_T_START, and members alternating CT's t_start and it."""
+    k, shallow = ensemble, PipelineSettings().t_start_for("CT")
     return [
         Row(
             f"Full method, K={k}, {NODE_STEPS} steps, all members from t_start {DEEP_T_START}",
@@ -415,7 +416,8 @@ def deep_rows(ensemble: int) -> list[Row]:
             key="deep",
         ),
         Row(
-            f"Full method, K={k}, {NODE_STEPS} steps, mixed depth: members alternate t_start 250 / {DEEP_T_START}",
+            f"Full method, K={k}, {NODE_STEPS} steps, mixed depth: members alternate t_start {shallow} / "
+            f"{DEEP_T_START}",
             ensemble=k,
             steps=NODE_STEPS,
             deep_t_start=DEEP_T_START,
@@ -431,7 +433,8 @@ def triage_rows(ensemble: int, trained_t_max: int | None = None) -> list[Row]:
 
 
 def radiograph_rows(ensemble: int, brightness_threshold: float, with_model: bool) -> list[Row]:
-    """Radiograph rows: the lung-field brightness threshold, and the radiograph model's full method when given."""
+    """Radiograph rows: the lung-field brightness threshold, and the radiograph model's full method when given,
+    beside the same from the depth radiographs started at before (its row in the comparisons)."""
     baseline = Row(
         f"Brightness threshold (> {brightness_threshold:.3f} in the lung field)",
         method="intensity",
@@ -440,12 +443,20 @@ def radiograph_rows(ensemble: int, brightness_threshold: float, with_model: bool
     )
     if not with_model:
         return [baseline]
+    method = f"Radiograph model: simplex + mask + adaptive + K={ensemble}, {NODE_STEPS} steps"
     return [
         baseline,
         Row(
-            f"Radiograph model: simplex + mask + adaptive + K={ensemble}, {NODE_STEPS} steps",
+            f"{method}, t_start {PipelineSettings().t_start_for('DX')}",
             ensemble=ensemble,
             steps=NODE_STEPS,
             key="full",
+        ),
+        Row(
+            f"{method}, t_start {RADIOGRAPH_EARLIER_T_START}",
+            ensemble=ensemble,
+            steps=NODE_STEPS,
+            t_start=RADIOGRAPH_EARLIER_T_START,
+            key="radiograph-earlier-depth",
         ),
     ]

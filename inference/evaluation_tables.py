@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.evaluate import RowResult
+from inference.evaluate import DEEP_T_START, RADIOGRAPH_EARLIER_T_START, RowResult
+from inference.pipeline import PipelineSettings
 from inference.study_metrics import BOOTSTRAP_RESAMPLES, paired_difference, study_auroc, with_interval
 
 
@@ -120,6 +121,7 @@ def kind_table(results: Sequence[RowResult]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+_T_CT, _T_RADIOGRAPH = PipelineSettings().t_start_for("CT"), PipelineSettings().t_start_for("DX")
 # What each comparison asks: (with, without, question). Rows missing from a run (--rows) are skipped.
 COMPARISONS = (
     ("simplex", "ddpm", "Simplex instead of Gaussian noise"),
@@ -131,8 +133,13 @@ COMPARISONS = (
     ("full", "steps-other", "The node's count of reverse steps instead of the other (the rows' labels)"),
     ("subset-25", "subset-10", "25 instead of 10 reverse steps (subset)"),
     ("subset-50", "subset-10", "50 instead of 10 reverse steps (subset)"),
-    ("deep", "full", "All members from t_start 550 instead of 250"),
-    ("mixed", "full", "Mixed depth (members alternate 250 / 550) instead of all from 250"),
+    ("deep", "full", f"All members from t_start {DEEP_T_START} instead of {_T_CT}"),
+    ("mixed", "full", f"Mixed depth (members alternate {_T_CT} / {DEEP_T_START}) instead of all from {_T_CT}"),
+    (
+        "full",
+        "radiograph-earlier-depth",
+        f"Radiographs from t_start {_T_RADIOGRAPH} instead of {RADIOGRAPH_EARLIER_T_START}",
+    ),
     ("full", "baseline", "The full method instead of the threshold baseline"),
 )
 NO_CHANGE = 0.01  # a metric moving by less than this counts as unchanged

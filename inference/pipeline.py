@@ -63,7 +63,9 @@ def segmentation_sizes(sizes: object) -> dict[str, int]:
 class PipelineSettings:
     """Everything that changes what the pipeline computes (node config maps onto it; evaluation ablates it)."""
 
-    t_start: dict[str, int] = field(default_factory=lambda: {"CT": 250, "CR": 250, "DX": 250})
+    # Radiographs start shallow: the radiograph model's error on healthy lung fields grows with depth faster than
+    # what it heals of a lesion (validation radiographs, docs/method.md "Radiograph depth").
+    t_start: dict[str, int] = field(default_factory=lambda: {"CT": 250, "CR": 25, "DX": 25})
     # A mixed-depth ensemble for these modalities: every other member (1, 3, ...) starts this deep instead.
     deep_t_start: dict[str, int] = field(default_factory=dict)
     # visited timesteps = U-Net calls per member (ignored when stride is set); 5 scores as 10 on validation phantoms

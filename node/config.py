@@ -166,7 +166,7 @@ class RoutingRule(Section):
         return [v.strip().upper() for v in values]
 
 
-T_START_DEFAULTS = {"CT": 250, "CR": 250, "DX": 250}  # = inference.pipeline.PipelineSettings' (tested)
+T_START_DEFAULTS = {"CT": 250, "CR": 25, "DX": 25}  # = inference.pipeline.PipelineSettings' (tested)
 LAMBDA_DEFAULTS = {"CT": 8.0, "CR": 3.0, "DX": 3.0}
 SegmentPolarity = Literal["both", "denser"]
 # = inference.pipeline.PipelineSettings.segment_polarity

@@ -155,9 +155,9 @@ def test_a_partial_per_modality_table_keeps_the_other_defaults(tmp_path: Path, m
     path.write_text("[inference]\nthreshold_lambda = { cr = 4.5 }\nt_start = { DX = 200 }\n")
     s = load_settings(path)
     assert s.inference.threshold_lambda == {"CT": 8.0, "CR": 4.5, "DX": 3.0}  # CT keeps 8, not the fallback 3
-    assert s.inference.t_start == {"CT": 250, "CR": 250, "DX": 200}
+    assert s.inference.t_start == {"CT": 250, "CR": 25, "DX": 200}
     monkeypatch.setenv("EDGENODE_INFERENCE__T_START__CT", "100")  # arrives as {"ct": "100"}
-    assert load_settings(path).inference.t_start == {"CT": 100, "CR": 250, "DX": 200}  # merged with the file
+    assert load_settings(path).inference.t_start == {"CT": 100, "CR": 25, "DX": 200}  # merged with the file
     path.write_text('[inference]\nsegment_polarity = { CT = "both" }\n')
     assert load_settings(path).inference.segment_polarity == {"CT": "both", "CR": "both", "DX": "both"}
     path.write_text('[inference]\nsegment_polarity = { CR = "darker" }\n')

@@ -170,7 +170,10 @@ def test_report_has_ct_and_radiograph_sections_for_both_sets(tmp_path: Path) -> 
         assert title in text
     assert text.count("| 1 | Intensity threshold (> -400 HU in lung) |") == 4  # triage and pixel tables, A and B
     assert text.count("| 1 | Brightness threshold") == 4
-    assert text.count("| 2 | Radiograph model") == 4
+    assert text.count("| 2 | Radiograph model") == 4  # at the node's depth ...
+    assert text.count("| 3 | Radiograph model") == 4  # ... and at the depth radiographs started from before
+    assert text.count("| Radiographs from t_start 25 instead of 250 | 2 vs 3 |") == 2
+    assert "t_start 250 (CT) / 25 (CR/DX)" in text
     assert "--model-cr" in text.split("\n## ")[0] and "| CT parameter |" in text and "Radiograph acquisition" in text
     assert "Below the 30 lesion / 15 healthy studies" in text
     assert (tmp_path / "evaluation.png").stat().st_size > 0
