@@ -405,7 +405,7 @@ def default_rows(
 
 
 def deep_rows(ensemble: int) -> list[Row]:
-    """Item 4 of the models issue: every member from DEEP_T_START, and members alternating CT's t_start and it."""
+    """Item 4 of the models issue: every member from DEEP_T_START, and members alternating CT's t_start with it."""
     k, shallow = ensemble, PipelineSettings().t_start_for("CT")
     return [
         Row(
