@@ -45,6 +45,7 @@ ABLATION_MODELS = {
 }
 CT_THRESHOLD_HU = -400.0  # the CT baseline: lung denser than this is abnormal
 NODE_STEPS = PipelineSettings().steps  # the node's reverse steps per member: the rows that stand for the node use it
+NODE_T_START = PipelineSettings().t_start  # the node's depth per modality: the rows, comparisons and header name it
 
 # --- metrics ------------------------------------------------------------------------------------------------
 
@@ -406,7 +407,7 @@ def default_rows(
 
 def deep_rows(ensemble: int) -> list[Row]:
     """Item 4 of the models issue: every member from DEEP_T_START, and members alternating CT's t_start with it."""
-    k, shallow = ensemble, PipelineSettings().t_start_for("CT")
+    k, shallow = ensemble, NODE_T_START["CT"]
     return [
         Row(
             f"Full method, K={k}, {NODE_STEPS} steps, all members from t_start {DEEP_T_START}",
@@ -447,7 +448,7 @@ def radiograph_rows(ensemble: int, brightness_threshold: float, with_model: bool
     return [
         baseline,
         Row(
-            f"{method}, t_start {PipelineSettings().t_start_for('DX')}",
+            f"{method}, t_start {NODE_T_START['DX']}",
             ensemble=ensemble,
             steps=NODE_STEPS,
             key="full",

@@ -23,6 +23,7 @@ import torch
 
 from inference.evaluate import (
     ABLATION_MODELS,
+    NODE_T_START,
     ModelDenoiser,
     Row,
     RowResult,
@@ -463,7 +464,6 @@ def write_report(
     from inference.pipeline import PipelineSettings
 
     sizes = PipelineSettings().for_model(training)
-    t_ct, t_radiograph = sizes.t_start_for("CT"), sizes.t_start_for("DX")
     whose = "the CT model's own, from its metadata" if "segmentation" in training else "the pipeline's defaults"
     cleaning = (
         f"CT segmentation: a {sizes.median_size}x{sizes.median_size} median filter of the error map (1x1 = none), "
@@ -507,9 +507,9 @@ Regenerate this page and its figure (fixed seed {seed}; this run took {minutes:.
   rotation.
 - Ground truth on the model grid: a pixel is a lesion pixel when >= {GT_FRACTION:.0%} of its area is lesion; a
   study is a lesion study when its phantom holds lesion voxels.
-- The node's settings, nothing tuned on these sets: t_start {t_ct} (CT) / {t_radiograph} (CR/DX) of T = 1000, DDIM
-  sampler, lambda = {lam} (CT) / {lam_radiograph} (CR/DX); {cleaning}. Fixed-threshold rows (no adaptive threshold)
-  use the pipeline's `fixed_threshold` (0.05 on the squared error).
+- The node's settings, nothing tuned on these sets: t_start {NODE_T_START["CT"]} (CT) / {NODE_T_START["DX"]} (CR/DX) of
+  T = 1000, DDIM sampler, lambda = {lam} (CT) / {lam_radiograph} (CR/DX); {cleaning}. Fixed-threshold rows (no
+  adaptive threshold) use the pipeline's `fixed_threshold` (0.05 on the squared error).
 - Pixel metrics: mean (std) over the lesion cases, over the exact lungs together with the node's anatomy mask
   (lesions the node's mask leaves out count as misses); FPR over all cases. Slice level (CT): every slice is an
   image (positive: holds lesion pixels); F1 of "slice has a segmented pixel".

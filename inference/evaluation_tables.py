@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from inference.evaluate import DEEP_T_START, RADIOGRAPH_EARLIER_T_START, RowResult
-from inference.pipeline import PipelineSettings
+from inference.evaluate import DEEP_T_START, NODE_T_START, RADIOGRAPH_EARLIER_T_START, RowResult
 from inference.study_metrics import BOOTSTRAP_RESAMPLES, paired_difference, study_auroc, with_interval
 
 
@@ -121,7 +120,7 @@ def kind_table(results: Sequence[RowResult]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-_T_CT, _T_RADIOGRAPH = PipelineSettings().t_start_for("CT"), PipelineSettings().t_start_for("DX")
+_T_CT, _T_RADIOGRAPH = NODE_T_START["CT"], NODE_T_START["DX"]
 # What each comparison asks: (with, without, question). Rows missing from a run (--rows) are skipped.
 COMPARISONS = (
     ("simplex", "ddpm", "Simplex instead of Gaussian noise"),

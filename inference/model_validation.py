@@ -221,10 +221,27 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     lambdas = [float(v) for v in (args.lambdas or DEFAULT_LAMBDAS[modality_name]).split(",") if v.strip()]
     node_lambda = PipelineSettings().lambda_for(modality_name)
 
-    for (_, info), t_start in itertools.product(loaded, args.t_start or []):  # refused before any rendering
-        deeper = replace(PipelineSettings().for_model(info.training), t_start={modality_name: t_start})
-        if problems := model_fit_problems(info.training, deeper):
+    def run_settings(info: ModelInfo, members: int, steps: int, t_start: int | None) -> PipelineSettings:
+        """One run's settings: the node's for the model, with the command line's overrides."""
+        settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
+        if args.persistence is not None:
+            settings = replace(settings, persistence=args.persistence)
+        if t_start is not None:
+            settings = replace(settings, t_start={**settings.t_start, modality_name: t_start})
+        if args.segment_polarity is not None:
+            settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
+        if args.scale_sizes and "segmentation" not in info.training:  # a model's own sizes are for its grid
+            settings = sizes_for_grid(settings, info.config.image_size)
+        if args.segmentation:
+            settings = settings.with_segmentation(args.segmentation)
+        return settings
+
+    plans = []  # every run, planned (and a start a model was not trained for refused) before any rendering
+    for (model, info), members, steps, t_start in itertools.product(loaded, args.ensemble, step_counts, starts):
+        settings = run_settings(info, members, steps, t_start)
+        if t_start is not None and (problems := model_fit_problems(info.training, settings)):
             parser.error(f"--t-start {t_start} for {info.model_id}: " + "; ".join(problems))
+        plans.append((model, info, members, steps, t_start, settings))
     refiner = chosen_refiner(args.lung_refiner) if modality_name == "CT" else None
 
     def render(grid: int) -> list[Case]:
@@ -241,22 +258,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         raise RuntimeError("the validation studies differ between grids")
     runs = []
     start = time.perf_counter()
-    for (model, info), members, steps, t_start in itertools.product(loaded, args.ensemble, step_counts, starts):
+    for model, info, members, steps, t_start, settings in plans:
         cases = cases_on[info.config.image_size]
         check_disjoint(cases, model_training_seeds(info.training))
         if refiner is not None:
             check_disjoint(cases, sorted(refiner_phantom_seeds(refiner.info)))
-        settings = PipelineSettings(ensemble=members, steps=steps).for_model(info.training)
-        if args.persistence is not None:
-            settings = replace(settings, persistence=args.persistence)
-        if t_start is not None:
-            settings = replace(settings, t_start={**settings.t_start, modality_name: t_start})
-        if args.segment_polarity is not None:
-            settings = replace(settings, segment_polarity={modality_name: args.segment_polarity})
-        if args.scale_sizes and "segmentation" not in info.training:  # a model's own sizes are for its grid
-            settings = sizes_for_grid(settings, info.config.image_size)
-        if args.segmentation:
-            settings = settings.with_segmentation(args.segmentation)
         grid = info.config.image_size
         variant = f"persistence {settings.persistence:g}, outlines {settings.polarity_for(modality_name)}"
         if t_start is not None:
