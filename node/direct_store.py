@@ -41,6 +41,7 @@ C_STORE_RQ = 0x0001
 NO_DATA_SET = 0x0101
 STATUS_HANDLER_FAILED = 0xC211  # what pynetdicom answers when a C-STORE handler raises
 ESTABLISHED_POLL_SECONDS = 0.001  # a first request's wait for pynetdicom to finish accepting the association
+ACCEPT_WAIT_SECONDS = 30.0  # that wait's bound when the association has no ACSE timeout
 
 _BE_UL = struct.Struct(">L")
 _US, _UL, _TAG = struct.Struct("<H"), struct.Struct("<L"), struct.Struct("<HHL")
@@ -332,9 +333,20 @@ class DirectStore:
         pynetdicom's reactor thread marks it only after sending the A-ASSOCIATE-AC and running the EVT_ACCEPTED
         handlers (the node audits the accept there), and this thread may have the sender's first request before
         that: serving it then would answer nothing (pynetdicom answers only on an established association) and
-        record the store before the accept. pynetdicom's own path served nothing before either."""
-        while not self.assoc.is_established:
+        record the store before the accept. pynetdicom's own path served nothing before either.
+
+        An association being aborted or killed is not established either and never will be: `Association.kill`
+        marks it so before it waits for this thread to take the A-ABORT (Sta6 -> Sta13 -> Sta1), so waiting on for
+        the mark here would hold both threads forever (a node's stop that never returned, seen under load)."""
+        assoc = self.assoc
+        deadline = time.monotonic() + (assoc.acse_timeout or ACCEPT_WAIT_SECONDS)
+        while not assoc.is_established:
+            if assoc._kill or assoc._sent_abort or assoc.is_aborted or assoc.is_released:
+                return False
             if self.dul._kill_thread or self.dul.state_machine.current_state != "Sta6":
+                return False
+            if time.monotonic() > deadline:
+                log.warning("association from %s was never marked established; C-STORE not served", self._peer())
                 return False
             time.sleep(ESTABLISHED_POLL_SECONDS)
         return True

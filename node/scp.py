@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -109,6 +110,7 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # rejected-permanent, service-user, call
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # rejected-permanent, service-user, called AE title not recognized
 
 INSTANCE_LOCK_FILE = "instances.lock"
+ABORT_MARGIN_SECONDS = 5.0  # beyond the ARTIM timer, for a stopping node's abort of an open association
 MAX_PDU = 1 << 20  # receive PDUs up to 1 MiB: fewer round trips per image than the 16 KiB default
 
 
@@ -251,21 +253,36 @@ class StorageSCP:
             return
         self._server.shutdown()  # no new associations; connections still at the gate are closed
         self._server = None
-        deadline = threading.Event()
-        waited = 0.0
-        while any(a.is_established for a in self._acceptors()) and waited < grace_seconds:
-            deadline.wait(0.05)
-            waited += 0.05
+        grace_end = time.monotonic() + grace_seconds
+        while any(a.is_established for a in self._acceptors()) and time.monotonic() < grace_end:
+            time.sleep(0.05)
         with self._cond:
             self._draining = True
             while self._inflight:
                 self._cond.wait()
-        for assoc in self._acceptors():
-            if assoc.is_established:
-                assoc.abort()
+        self._abort_open_associations()
         self.committer.stop()
         self.index.close()
         log.info("listener stopped")
+
+    def _abort_open_associations(self) -> None:
+        """Abort the associations still open, side by side, each bounded: pynetdicom's blocking abort waits for the
+        association's DUL thread to reach Sta1 with no limit of its own, and a stop must end (no store is in flight
+        by now: the drain saw to it)."""
+        still_open = [a for a in self._acceptors() if a.is_established]
+        aborts = [threading.Thread(target=a.abort, name="abort-association", daemon=True) for a in still_open]
+        for thread in aborts:
+            thread.start()
+        bound = (self.settings.node.acse_timeout or 30.0) + ABORT_MARGIN_SECONDS  # the ARTIM timer of Sta13
+        deadline = time.monotonic() + bound
+        for assoc, thread in zip(still_open, aborts, strict=True):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning(
+                    "association from %s did not end within %.0f s of its A-ABORT; stopping without waiting for it",
+                    self._peer(assoc)[0],
+                    bound,
+                )
 
     def _acceptors(self) -> list[Association]:
         return [a for a in self.ae.active_associations if a.is_acceptor]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -26,6 +27,7 @@ from node.direct_store import (
     COMMAND,
     LAST_FRAGMENT,
     AcceptedTransferSyntaxes,
+    DirectStore,
     InvalidCommandSet,
     StoreRequest,
     read_command_set,
@@ -292,3 +294,40 @@ def test_a_first_request_that_comes_before_the_accept_is_done_waits_for_it(
         with node.db.session() as session:
             kinds = session.scalars(select(AuditEvent.event_type).order_by(AuditEvent.id)).all()
         assert kinds.index("association.accepted") < kinds.index("instance.stored")
+
+
+def test_a_store_completing_while_the_node_aborts_its_association_does_not_hold_the_abort(
+    tmp_path: Path, slices: list[Dataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's stop aborts the associations still open: pynetdicom's `kill` marks an association not established,
+    then waits for its DUL thread to take the A-ABORT. A data set whose last fragment that thread read just before
+    must not be waited on (for an establishment that never comes): the abort returns, the sender gets the A-ABORT
+    and nothing of the unanswered store is kept. Seen under load as a stop that never returned; made certain here by
+    holding the store until the abort has begun."""
+    store = DirectStore._store
+    arrived, aborting = threading.Event(), threading.Event()
+
+    def store_after_the_abort_began(direct: DirectStore, request: StoreRequest) -> None:
+        arrived.set()
+        assert aborting.wait(10)
+        deadline = time.monotonic() + 10
+        while direct.assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.001)
+        store(direct, request)
+
+    monkeypatch.setattr(DirectStore, "_store", store_after_the_abort_began)
+    with running_node(node_settings(tmp_path / "var")) as node:
+        raw = RawAssociation(node.port, {1: (CT, EXPLICIT)})
+        ds = slices[0]
+        command = _command_set(_store_primitive(CT, ds.SOPInstanceUID))
+        raw.send_pdu((1, COMMAND | LAST_FRAGMENT, command), (1, LAST_FRAGMENT, _encoded(ds)))
+        assert arrived.wait(10)
+        (assoc,) = [a for a in node.scp.ae.active_associations if a.is_acceptor]
+        abort = threading.Thread(target=assoc.abort, daemon=True)
+        abort.start()
+        aborting.set()
+        abort.join(15)
+        assert not abort.is_alive(), "the abort waits on the DUL thread, which waits on the association"
+        assert raw.read_pdu()[0] == 0x07  # A-ABORT
+        raw.sock.close()
+        assert _stored(node, ds.SOPInstanceUID) is None

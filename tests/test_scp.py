@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from sqlalchemy import func, select
 
 from db.models import AuditEvent, Instance, Series, Study
+from node.app import EdgeNode
 from node.scp import REJECT_CALLED_AE, REJECT_CALLING_AE, REJECT_LOCAL_LIMIT
 from node.spool import SPOOL_ID_FILE
 from tests.conftest import DCMTK, peer_env
@@ -303,6 +305,31 @@ def test_a_store_arriving_while_the_node_drains_is_refused_and_audited(tmp_path:
         (event,) = audit(node, "instance.rejected")
         sop = str(dcmread(ct_files[0], stop_before_pixels=True).SOPInstanceUID)
         assert (event.sop_instance_uid, event.dimse_status, event.calling_ae) == (sop, 0xA700, SENDER_AE)
+
+
+def test_a_stop_ends_though_an_open_associations_abort_never_returns(
+    tmp_path: Path, ct_files: list[Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom's blocking abort has no limit of its own; the stop gives each open association's the ARTIM time
+    and a margin, says which peer it left, and ends."""
+    node = EdgeNode(node_settings(tmp_path / "var", node={"acse_timeout": 1.0}))
+    node.start()
+    assoc = sender_ae([ct_files[0]]).associate("127.0.0.1", node.scp.port, ae_title="EDGENODE")
+    stuck = threading.Event()
+    try:
+        assert assoc.is_established and int(assoc.send_c_store(ct_files[0]).Status) == 0
+        (acceptor,) = [a for a in node.scp.ae.active_associations if a.is_acceptor]
+        monkeypatch.setattr(acceptor, "abort", lambda block=True: stuck.wait(120))  # pynetdicom sets it per instance
+        stop = threading.Thread(target=node.stop, daemon=True)
+        stop.start()
+        stop.join(60)
+        assert not stop.is_alive(), "the stop waited on an abort without a bound"
+        assert "did not end within" in caplog.text and SENDER_AE in caplog.text
+        assert instance_count(node) == 1
+    finally:
+        stuck.set()
+        monkeypatch.undo()
+        assoc.abort()
 
 
 def test_a_series_uid_reused_by_another_study_is_refused(tmp_path: Path) -> None:
