@@ -171,6 +171,11 @@ LAMBDA_DEFAULTS = {"CT": 8.0, "CR": 3.0, "DX": 3.0}
 SegmentPolarity = Literal["both", "denser"]
 # = inference.pipeline.PipelineSettings.segment_polarity
 POLARITY_DEFAULTS: dict[str, SegmentPolarity] = {"CT": "denser", "CR": "both", "DX": "both"}
+# Images per U-Net call when [inference] max_batch is unset, by the device the U-Net runs on: 28 is this CPU's best
+# (larger batches within a few per cent), 560 cut the U-Net's share of a CT study from 0.57 to 0.19 s on an H200
+# (benchmarks/RESULTS.md, "Per-study time at the node's defaults" in the GPU session). A Triton server's repository
+# may have been written for 28 (`max_batch_size`): with backend "triton" the node sends the CPU's batches.
+MAX_BATCH_DEFAULTS = {"cpu": 28, "cuda": 560}
 MODEL_DEFAULTS = {"CT": "bundled", "CR": "bundled", "DX": "bundled"}  # the bundled model is trained for CT only
 SCHEDULE_T = 1000  # the diffusion schedule's length, = inference.pipeline.PipelineSettings.schedule_T
 
@@ -194,13 +199,20 @@ class InferenceSettings(Section):
     # What the SEG outlines, per modality: "denser" (opacities: only voxels denser than the pseudo-healthy
     # reconstruction) or "both"; the study and slice scores always count both (docs/method.md).
     segment_polarity: dict[str, SegmentPolarity] = Field(default_factory=lambda: dict(POLARITY_DEFAULTS))
-    max_batch: int = Field(28, ge=1)  # images per U-Net call; OOM halves it
+    # Images per U-Net call; unset: by the device the U-Net runs on (MAX_BATCH_DEFAULTS). CUDA out-of-memory halves it.
+    max_batch: int | None = Field(None, ge=1)
     # The CT lung mask's learned refinement (inference/lung_refiner.py: takes in lung filled by opacities, which the
     # threshold mask leaves out): "bundled", a path to a refiner .safetensors, or "off" (the threshold mask alone).
     lung_refiner: str = "bundled"
     seed: int = 0
     min_ct_slices: int = Field(3, ge=1)  # fewer usable slices (damaged ones left out): the CT series is skipped
     workers: int = Field(1, ge=0)  # worker processes (worker i on GPU i mod count); 0 = this node runs no inference
+
+    def batch_on(self, device: str) -> int:
+        """Images per U-Net call on `device` ("cpu" or "cuda"): `max_batch` when set, else the device's default."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return MAX_BATCH_DEFAULTS["cpu" if self.backend == "triton" else device]
 
     @field_validator("t_start", "threshold_lambda", "segment_polarity", "model", mode="before")
     @classmethod

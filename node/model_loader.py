@@ -42,6 +42,20 @@ def pipeline_settings(inference: InferenceSettings, max_batch: int) -> PipelineS
     )
 
 
+def effective_max_batch(inference: InferenceSettings) -> int:
+    """Images per U-Net call: `[inference] max_batch`, or the default for the device the backend plan puts the U-Net
+    on (a device it cannot plan, e.g. "cuda" without a GPU, is taken as asked: the selection then says why)."""
+    from engines.select import BackendUnavailable, plan_backend
+
+    if inference.max_batch is not None or inference.backend == "triton":
+        return inference.batch_on("cpu")
+    try:
+        device = plan_backend(inference.device, inference.backend, inference.precision).device
+    except BackendUnavailable:
+        device = "cuda" if inference.device == "cuda" else "cpu"
+    return inference.batch_on(device)
+
+
 def load_lung_refiner(inference: InferenceSettings) -> LungRefiner | None:
     """The CT lung refiner `[inference] lung_refiner` names, or None ("off"); a missing or wrong file raises
     (FileNotFoundError, ValueError) so that the worker refuses to start rather than run without it."""
@@ -73,7 +87,7 @@ class LoadedModel:
 
         self.settings = settings
         self.models = ModelSet(settings)  # each model checked against its training before it serves
-        self.max_batch = settings.inference.max_batch  # halved on each CUDA out-of-memory
+        self.max_batch = effective_max_batch(settings.inference)  # halved on each CUDA out-of-memory
 
     @functools.cached_property
     def lung_refiner(self) -> LungRefiner | None:

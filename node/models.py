@@ -143,7 +143,7 @@ class ModelSet:
         from engines.select import resolve_model_path, select_denoiser
         from inference.pipeline import model_fit_problems
         from node.inference_server import triton_endpoint
-        from node.model_loader import pipeline_settings
+        from node.model_loader import effective_max_batch, pipeline_settings
 
         assert plan.info is not None
         info = plan.info
@@ -163,7 +163,7 @@ class ModelSet:
             device=inference.device,
             backend=inference.backend,
             precision=inference.precision,
-            max_batch=inference.max_batch,
+            max_batch=effective_max_batch(inference),
             cache_dir=self.settings.data_dir / "engines",
             triton=triton_endpoint(self.settings) if inference.backend == "triton" else None,
         )

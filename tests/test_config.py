@@ -231,3 +231,26 @@ def test_the_database_password_is_never_printed(tmp_path: Path) -> None:
     for action in ("check", "show"):  # systemd runs `config check` before every start: its output is in the journal
         done = subprocess.run(edgenode_cmd("config", action), env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and "S3cretPw" not in done.stdout + done.stderr and "db.internal" in done.stdout
+
+
+def test_max_batch_unset_follows_the_device_the_unet_runs_on(tmp_path: Path) -> None:
+    """28 on a CPU, 560 on a GPU (benchmarks/RESULTS.md); a set value everywhere; the CPU's to a Triton server, whose
+    repository may have been written for it."""
+    import torch
+
+    from node.config import MAX_BATCH_DEFAULTS
+    from node.model_loader import effective_max_batch
+
+    def inference(**values: object):  # type: ignore[no-untyped-def]
+        return load_settings(None, node={"data_dir": str(tmp_path)}, inference=values).inference
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert (MAX_BATCH_DEFAULTS["cpu"], MAX_BATCH_DEFAULTS["cuda"]) == (28, 560)
+    assert effective_max_batch(inference()) == MAX_BATCH_DEFAULTS[here]
+    assert effective_max_batch(inference(device="cpu")) == 28
+    assert effective_max_batch(inference(device="cuda")) == 560  # planned, or taken as asked where there is no GPU
+    assert effective_max_batch(inference(device="cpu", max_batch=7)) == 7
+    assert effective_max_batch(inference(device="cuda", max_batch=7)) == 7
+    assert effective_max_batch(inference(backend="triton", device="cuda")) == 28
+    with pytest.raises(ConfigError, match="max_batch"):
+        inference(max_batch=0)

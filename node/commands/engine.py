@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from node.config import Settings
 from node.inference_server import triton_endpoint, uses_triton
+from node.model_loader import effective_max_batch
 
 if TYPE_CHECKING:
     from engines.probe import ProbeRecord
@@ -99,7 +100,7 @@ def _cached_probe_lines(args: argparse.Namespace, settings: Settings) -> list[st
         info = read_model_info(resolve_model_path(args.model or inf.model_for("CT")))
     except FileNotFoundError as exc:
         return [f"probe: none ({exc})"]
-    key = probe_key(info, cpu_candidates(inf.backend, inf.precision), inf.max_batch, args.threads)
+    key = probe_key(info, cpu_candidates(inf.backend, inf.precision), effective_max_batch(inf), args.threads)
     record = read_probe(engines_dir(settings), info, key)
     if record is None:
         return [
@@ -176,7 +177,7 @@ def _info(args: argparse.Namespace, settings: Settings) -> int:
                 device=inf.device,
                 backend=inf.backend,
                 precision=inf.precision,
-                max_batch=inf.max_batch,
+                max_batch=effective_max_batch(inf),
                 cache_dir=engines_dir(settings),
                 probe="force",
                 threads=args.threads,
@@ -216,6 +217,7 @@ def _build_one(args: argparse.Namespace, settings: Settings, source: str) -> int
     from engines.triton_backend import tritonclient_version
 
     inf = settings.inference
+    max_batch = effective_max_batch(inf)
     cache = engines_dir(settings)
     start = time.perf_counter()
 
@@ -250,8 +252,8 @@ def _build_one(args: argparse.Namespace, settings: Settings, source: str) -> int
     if trt_ok:
         step(4, total, "building the TensorRT engine (minutes on first build)")
         precision = inf.precision if inf.precision in ("fp16", "fp32") else "fp16"
-        engine = TensorRTDenoiser(onnx_model, cache, precision=precision, max_batch=inf.max_batch)
-        print(f"  {engine.describe()}: {time_call(engine, inf.max_batch, size, repeats=5) * 1e3:.1f} ms per call")
+        engine = TensorRTDenoiser(onnx_model, cache, precision=precision, max_batch=max_batch)
+        print(f"  {engine.describe()}: {time_call(engine, max_batch, size, repeats=5) * 1e3:.1f} ms per call")
         plan = engine.path
     else:
         print("  TensorRT: not built (needs tensorrt and a CUDA GPU)")
@@ -265,14 +267,14 @@ def _build_one(args: argparse.Namespace, settings: Settings, source: str) -> int
             onnx_model,
             info,
             settings.triton.model_name,
-            inf.max_batch,
+            max_batch,
             instances=args.triton_instances,
             kind=f"KIND_{args.triton_kind.upper()}",
             plan=plan,
         )
         for repo_model in written:
             print(
-                f"  {repo_model.directory}: {repo_model.platform}, max batch {inf.max_batch}, "
+                f"  {repo_model.directory}: {repo_model.platform}, max batch {max_batch}, "
                 f"weights sha256 {info.sha256[:16]}"
             )
     print(f"done in {time.perf_counter() - start:.1f} s; cache {cache}:")
