@@ -152,6 +152,22 @@ class RefinerTraining:
     first_phantom_seed: int = 7_000_000  # apart from every other use of make_ct seeds (training uses training_seeds)
 
 
+# What a checkpoint may be resumed with when it differs: how long the run goes, not what it learns.
+RESUMABLE_CHANGES = {"steps"}
+CHECKPOINT_MINUTES = 5.0
+
+
+@dataclass
+class RefinerRun:
+    """A refiner training run's outcome: the weights, every step's loss (earlier runs' too when it continued one),
+    this run's wall time and where it started from (`init`: the refiner file it continued, with its metadata)."""
+
+    model: UNet
+    losses: list[float]
+    wall_s: float
+    init: dict[str, object] | None = None
+
+
 def training_slices(cfg: RefinerTraining) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(slices, threshold masks, true lungs) on the refiner's grid, from phantoms of every lesion kind and healthy."""
     from inference.heldout import KINDS
@@ -177,21 +193,55 @@ def training_slices(cfg: RefinerTraining) -> tuple[torch.Tensor, torch.Tensor, t
     return x, c, y
 
 
-def train_refiner(cfg: RefinerTraining) -> tuple[UNet, list[float], float]:
-    """The refiner's weights, its losses and wall time: binary cross-entropy against the true lungs, AdamW,
-    bf16 autocast on a CPU with bf16 units; batch k depends only on (seed, k)."""
+def train_refiner(cfg: RefinerTraining, checkpoint: Path | None = None, init: Path | None = None) -> RefinerRun:
+    """Train the refiner: binary cross-entropy against the true lungs, AdamW, bf16 autocast on a CPU with bf16
+    units; batch k depends only on (seed, k). With `checkpoint` the state is saved every CHECKPOINT_MINUTES and at
+    the end, and a run whose checkpoint exists resumes from it (the same settings but `steps`); with `init` the
+    run starts from that refiner's weights (a longer training of a shipped refiner), its losses and time kept."""
+    from dataclasses import asdict
+
     from inference.hardware import cpu_info
-    from inference.train import splitmix64
+    from inference.train import save_atomically, splitmix64
 
     torch.manual_seed(cfg.seed)
-    x, c, y = training_slices(cfg)
     model = UNet(replace(PRESETS[PRESET], image_size=GRID))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    amp = cpu_info().bf16_units
     losses: list[float] = []
-    started = last = time.monotonic()
+    first_step, wall_before, origin = 0, 0.0, None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        changed = {k for k, v in asdict(cfg).items() if saved["config"].get(k) != v} - RESUMABLE_CHANGES
+        if changed:
+            other = ", ".join(sorted(changed))
+            raise ValueError(f"checkpoint {checkpoint} belongs to a run with other settings ({other})")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        first_step, losses, wall_before, origin = saved["step"], saved["losses"], saved["wall_s"], saved["init"]
+        log.info("resumed from %s at step %d", checkpoint, first_step)
+    elif init is not None:
+        earlier = load_refiner(init)
+        model.load_state_dict(earlier.model.state_dict())
+        origin = {"model_id": earlier.info.model_id, **earlier.info.training}
+        log.info("continuing %s (%s steps, %s s)", earlier.info.model_id, origin.get("steps"), origin.get("wall_s"))
+    x, c, y = training_slices(cfg)
+    amp = cpu_info().bf16_units
+    started = last = last_save = time.monotonic()
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            state = {
+                "config": asdict(cfg),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "losses": losses,
+                "wall_s": wall_before + time.monotonic() - started,
+                "init": origin,
+            }
+            save_atomically(state, checkpoint)
+
     model.train()
-    for step in range(cfg.steps):
+    for step in range(first_step, cfg.steps):
         gen = torch.Generator().manual_seed(splitmix64(cfg.seed, step) % 2**63)
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
@@ -201,9 +251,13 @@ def train_refiner(cfg: RefinerTraining) -> tuple[UNet, list[float], float]:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        if time.monotonic() - last >= PROGRESS_EVERY_S or step + 1 == cfg.steps:
-            last = time.monotonic()
-            each = (last - started) / (step + 1)
+        now = time.monotonic()
+        if now - last_save >= 60 * CHECKPOINT_MINUTES:
+            save(step + 1)
+            last_save = now
+        if now - last >= PROGRESS_EVERY_S or step + 1 == cfg.steps:
+            last = now
+            each = (now - started) / (step + 1 - first_step)
             log.info(
                 "step %d/%d loss %.4f (mean of 100), %.0f s left",
                 step + 1,
@@ -211,12 +265,15 @@ def train_refiner(cfg: RefinerTraining) -> tuple[UNet, list[float], float]:
                 float(np.mean(losses[-100:])),
                 each * (cfg.steps - step - 1),
             )
+    save(cfg.steps)
     model.eval()
-    return model, losses, time.monotonic() - started
+    return RefinerRun(model, losses, wall_before + time.monotonic() - started, origin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from dataclasses import asdict
+
+    from inference.training_report import loss_curve_path, write_loss_curve
 
     parser = argparse.ArgumentParser(prog="python -m inference.lung_refiner", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the refiner (.safetensors)")
@@ -224,16 +281,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--phantoms", type=int, default=defaults.phantoms)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, help="resumable state (default: <out>.ckpt); resumed if it exists")
+    parser.add_argument("--init", type=Path, help="continue training this refiner (its weights; same phantoms)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    cfg = replace(defaults, phantoms=args.phantoms, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    model, losses, wall = train_refiner(cfg)
-    training = {**asdict(cfg), "purpose": PURPOSE, "grid": GRID, "wall_s": round(wall), "final_loss": losses[-1]}
-    info = save_model(model, args.out, PURPOSE, training, modalities=("CT",), body_part="CHEST")
-    print(f"{args.out}: {info.model_id}, {cfg.steps} steps in {wall:.0f} s, loss {np.mean(losses[-100:]):.4f}")
+    cfg = replace(
+        defaults, phantoms=args.phantoms, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+    )
+    checkpoint = args.checkpoint or args.out.with_name(args.out.name + ".ckpt")
+    run = train_refiner(cfg, checkpoint, args.init)
+    training: dict[str, object] = {
+        **asdict(cfg),
+        "purpose": PURPOSE,
+        "grid": GRID,
+        "wall_s": round(run.wall_s),
+        "final_loss": run.losses[-1],
+    }
+    title = f"CT lung refiner: {cfg.steps} steps, {run.wall_s / 60:.0f} min"
+    if run.init is not None:  # what the continued refiner was trained with, and the time both runs took
+        recorded = run.init.get("total_wall_s", run.init.get("wall_s"))
+        earlier_s = float(recorded) if isinstance(recorded, int | float) else 0.0
+        training["continued"] = {k: run.init.get(k) for k in ("model_id", "steps", "lr", "wall_s", "final_loss")}
+        training["total_wall_s"] = round(run.wall_s + earlier_s)
+        title += f" after {run.init.get('model_id')} ({earlier_s / 60:.0f} min)"
+    info = save_model(run.model, args.out, PURPOSE, training, modalities=("CT",), body_part="CHEST")
+    curve = write_loss_curve(
+        run.losses,
+        loss_curve_path(args.out),
+        f"{info.model_id}: training loss",
+        title,
+        ylabel="binary cross-entropy against the true lungs",
+    )
+    print(f"{args.out}: {info.model_id}, {title}, loss {np.mean(run.losses[-100:]):.4f}; loss curve {curve}")
     return 0
 
 

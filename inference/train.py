@@ -374,11 +374,11 @@ def cached_training_pool(cfg: TrainConfig, grid: int, cache: Path | None) -> Sli
     if cache is not None:
         binary = bool(((pool.masks == 0) | (pool.masks == 1)).all())  # stored as bytes: a quarter of the size
         masks = pool.masks.bool() if binary else pool.masks
-        _save_atomically({"key": key, "images": pool.images, "masks": masks, "source": pool.source}, cache)
+        save_atomically({"key": key, "images": pool.images, "masks": masks, "source": pool.source}, cache)
     return pool
 
 
-def _save_atomically(state: dict[str, object], path: Path) -> None:
+def save_atomically(state: dict[str, object], path: Path) -> None:
     """Write to a temporary file, flush it to disk, rename over `path`: a kill at any moment (kill -9 included)
     leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
@@ -474,7 +474,7 @@ def train(
             "config": asdict(cfg),
             "init_from_model": init_from_model,
         }
-        _save_atomically(state, checkpoint)
+        save_atomically(state, checkpoint)
 
     use_amp = uses_bf16(cfg, device)
     label = f"{device}, {'bf16 autocast' if use_amp else 'fp32'}, {torch.get_num_threads()} threads"

@@ -70,7 +70,9 @@ def loss_curve_path(weights: Path) -> Path:
     return weights.with_name(weights.name.removesuffix(".safetensors") + ".loss.png")
 
 
-def write_loss_curve(losses: list[float], path: Path, title: str, subtitle: str) -> Path:
+def write_loss_curve(
+    losses: list[float], path: Path, title: str, subtitle: str, ylabel: str = "epsilon-prediction MSE"
+) -> Path:
     """The training loss per step (faint) and its moving mean over SMOOTHING steps, log scale, as a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -89,7 +91,7 @@ def write_loss_curve(losses: list[float], path: Path, title: str, subtitle: str)
             axes.set_yscale("log")
         axes.legend(loc="upper right")
     axes.set_xlabel("optimiser step")
-    axes.set_ylabel("epsilon-prediction MSE")
+    axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=11)
     figure.text(0.5, 0.01, subtitle, ha="center", fontsize=8, color="#444")
     axes.grid(True, which="both", alpha=0.3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from inference.lung_refiner import (
     PURPOSE,
@@ -21,6 +22,7 @@ from inference.lung_refiner import (
 from inference.lungmask import anatomy_mask
 from inference.phantoms import make_ct
 from inference.pipeline import run_pipeline
+from inference.training_report import loss_curve_path
 from inference.unet import load_model, save_model
 from inference.weights import bundled_model_path, lung_refiner_path
 from node.config import InferenceSettings
@@ -75,11 +77,39 @@ def test_a_refiner_is_trained_saved_and_loaded_with_its_purpose_and_seeds(tmp_pa
 
 def test_training_depends_only_on_its_settings() -> None:
     cfg = RefinerTraining(phantoms=1, size=48, slices=2, steps=2, batch_size=2)
-    _, losses_a, _ = train_refiner(cfg)
-    _, losses_b, _ = train_refiner(cfg)
-    assert losses_a == losses_b
-    _, losses_c, _ = train_refiner(replace(cfg, seed=1))
-    assert losses_c != losses_a
+    losses_a = train_refiner(cfg).losses
+    assert train_refiner(cfg).losses == losses_a
+    assert train_refiner(replace(cfg, seed=1)).losses != losses_a
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    cfg = RefinerTraining(phantoms=1, size=48, slices=2, steps=4, batch_size=2)
+    whole = train_refiner(cfg)
+    checkpoint = tmp_path / "refiner.ckpt"
+    train_refiner(replace(cfg, steps=2), checkpoint)  # a run stopped after 2 steps, its state saved
+    resumed = train_refiner(cfg, checkpoint)
+    assert resumed.losses == whole.losses
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="lr"):
+        train_refiner(replace(cfg, lr=1e-4), checkpoint)
+
+
+def test_a_continued_refiner_starts_from_the_one_it_continues_and_says_so(tmp_path: Path) -> None:
+    first = tmp_path / "first.safetensors"
+    common = ["--phantoms", "1", "--batch-size", "2", "--threads", "1"]
+    assert main(["--out", str(first), "--steps", "2", *common]) == 0
+    earlier = load_refiner(first)
+    more = tmp_path / "more.safetensors"
+    assert main(["--out", str(more), "--steps", "1", "--lr", "0", "--init", str(first), *common]) == 0
+    continued = load_refiner(more)
+    assert continued.info.training["continued"]["model_id"] == earlier.info.model_id  # type: ignore[index]
+    total = continued.info.training["total_wall_s"]
+    assert isinstance(total, int) and total >= earlier.info.training["wall_s"]  # type: ignore[operator]
+    for name, value in earlier.model.state_dict().items():  # lr 0: one step that changes nothing
+        assert torch.equal(continued.model.state_dict()[name], value), name
+    assert loss_curve_path(more).stat().st_size > 0
+    assert (tmp_path / "more.safetensors.ckpt").exists()
 
 
 def test_a_diffusion_model_is_not_taken_for_a_refiner() -> None:
