@@ -301,7 +301,7 @@ def test_a_store_completing_while_the_node_aborts_its_association_does_not_hold_
 ) -> None:
     """The node's stop aborts the associations still open: pynetdicom's `kill` marks an association not established,
     then waits for its DUL thread to take the A-ABORT. A data set whose last fragment that thread read just before
-    must not be waited on (for an establishment that never comes): the abort returns, the sender gets the A-ABORT
+    must not be waited on (for an establishment that never comes): the abort returns, the sender is cut off
     and nothing of the unanswered store is kept. Seen under load as a stop that never returned; made certain here by
     holding the store until the abort has begun."""
     store = DirectStore._store
@@ -328,6 +328,10 @@ def test_a_store_completing_while_the_node_aborts_its_association_does_not_hold_
         aborting.set()
         abort.join(15)
         assert not abort.is_alive(), "the abort waits on the DUL thread, which waits on the association"
-        assert raw.read_pdu()[0] == 0x07  # A-ABORT
+        try:
+            ended_by = raw.read_pdu()[0]
+        except ConnectionError:  # pynetdicom's reactor may close the transport before its A-ABORT goes out
+            ended_by = None
+        assert ended_by in (0x07, None)  # an A-ABORT, or the connection closed: no answer to the store
         raw.sock.close()
         assert _stored(node, ds.SOPInstanceUID) is None
