@@ -195,6 +195,12 @@ def _fragments(data: bytes, size: int) -> list[bytes]:
     return [data[k : k + size] for k in range(0, len(data), size)]
 
 
+def _send_whole_store(raw: RawAssociation, ds: Dataset) -> None:
+    """A CT C-STORE-RQ and its whole data set in one P-DATA-TF PDU on context 1."""
+    command = _command_set(_store_primitive(CT, ds.SOPInstanceUID))
+    raw.send_pdu((1, COMMAND | LAST_FRAGMENT, command), (1, LAST_FRAGMENT, _encoded(ds)))
+
+
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[EdgeNode]:
     with running_node(node_settings(tmp_path / "var")) as running:
@@ -287,8 +293,7 @@ def test_a_first_request_that_comes_before_the_accept_is_done_waits_for_it(
     with running_node(node_settings(tmp_path / "var")) as node:
         raw = RawAssociation(node.port, {1: (CT, EXPLICIT)})
         ds = slices[0]
-        command = _command_set(_store_primitive(CT, ds.SOPInstanceUID))
-        raw.send_pdu((1, COMMAND | LAST_FRAGMENT, command), (1, LAST_FRAGMENT, _encoded(ds)))
+        _send_whole_store(raw, ds)
         assert raw.response().Status == 0
         raw.release()
         with node.db.session() as session:
@@ -319,8 +324,7 @@ def test_a_store_completing_while_the_node_aborts_its_association_does_not_hold_
     with running_node(node_settings(tmp_path / "var")) as node:
         raw = RawAssociation(node.port, {1: (CT, EXPLICIT)})
         ds = slices[0]
-        command = _command_set(_store_primitive(CT, ds.SOPInstanceUID))
-        raw.send_pdu((1, COMMAND | LAST_FRAGMENT, command), (1, LAST_FRAGMENT, _encoded(ds)))
+        _send_whole_store(raw, ds)
         assert arrived.wait(10)
         (assoc,) = [a for a in node.scp.ae.active_associations if a.is_acceptor]
         abort = threading.Thread(target=assoc.abort, daemon=True)
